@@ -1,0 +1,112 @@
+"""The coordinator: holds the global state, asks the scheme to select and merge, keeps the ledger.
+
+Plain Python; :mod:`agents.backend` runs it as a Ray actor. Updates are merged in
+scenario order whatever order they arrive in, so results do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from sim import clock
+from sim.models import build_model, get_state, set_state
+from sim.train import evaluate, local_train
+from sim.types import GLOBAL, InstitutionSpec, RoundContext, State, TrainingSpec, Update
+
+
+class Coordinator:
+    """The consortium's server: global model, scheme, and who sent what."""
+
+    def __init__(
+        self,
+        specs: Sequence[InstitutionSpec],
+        *,
+        scheme: Mapping[str, Any],
+        model: Mapping[str, Any],
+        shape: tuple[tuple[int, ...], int],
+        training: TrainingSpec,
+        seed: int,
+        global_test: tuple[np.ndarray, np.ndarray],
+        flops_per_sample: int,
+        threads: int = 1,
+    ):
+        torch.set_num_threads(threads)
+        self.specs = {s.name: s for s in specs}
+        self.seed = seed
+        self.training = training
+        self.model = build_model(model, shape[0], shape[1], seed=seed)
+        self.state: State = get_state(self.model)
+        self.global_test = global_test
+        self.flops = flops_per_sample
+        # Central training (pooled data) runs on the consortium's combined compute.
+        self.central = InstitutionSpec(
+            index=-1, name=GLOBAL, discipline=GLOBAL, share=1.0,
+            cpus=sum(s.cpus for s in specs), gpus=sum(s.gpus for s in specs),
+        )
+        self.central_work: list[tuple[int, float]] = []  # (samples processed, wall seconds) this round
+        self.scheme = instantiate(dict(scheme))
+        self.scheme.bind(self._train_central)
+
+    def current_state(self) -> State:
+        """The global state now (before round 1: also every institution's starting personal model)."""
+        return self.state
+
+    def begin_round(self, round: int, sim_time: float) -> tuple[RoundContext, State]:
+        """This round's context (cohort, local plan) and the global state to send out."""
+        everyone = RoundContext(round=round, seed=self.seed, cohort=tuple(self.specs))
+        cohort = self.scheme.select(everyone)
+        return replace(everyone, cohort=tuple(cohort), plan=self.scheme.plan(round), sim_time=sim_time), self.state
+
+    def merge(self, ctx: RoundContext, *update_lists: Sequence[Update]) -> list[dict[str, Any]]:
+        """Merge what arrived (in scenario order) and return the round's ledger rows."""
+        updates = sorted((u for lst in update_lists for u in lst), key=lambda u: u.index)
+        self.central_work = []
+        merged = self.scheme.merge(ctx, self.state, updates)
+        if merged is not None:
+            self.state = {k: np.asarray(v) for k, v in merged.items()}
+        rows = [self._ledger_row(self.specs[u.institution], u) for u in updates]
+        arrived = {u.institution for u in updates}
+        rows += [_absent(self.specs[n]) for n in self.specs if n not in arrived]
+        samples = sum(s for s, _ in self.central_work)
+        rows.append({
+            "institution": GLOBAL, "participated": bool(self.central_work), "bytes_up": 0, "bytes_down": 0,
+            "compute_seconds": sum(w for _, w in self.central_work), "samples": samples,
+            "simulated_seconds": clock.compute_seconds(self.central, samples, self.flops),
+        })
+        return rows
+
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy and loss of the global model on the global test set."""
+        set_state(self.model, self.state)
+        acc, loss = evaluate(self.model, *self.global_test)
+        return {"accuracy": acc, "loss": loss}
+
+    def _train_central(self, state: State, x: np.ndarray, y: np.ndarray, key: tuple[int, ...]) -> tuple[State, float]:
+        """The Trainer a scheme may use to train on data held centrally."""
+        t0 = time.perf_counter()
+        set_state(self.model, state)
+        plan = self.scheme.plan(key[1] if len(key) > 1 else 0)
+        loss, _ = local_train(self.model, x, y, training=self.training, plan=plan, key=key)
+        self.central_work.append((self.training.local_epochs * len(y), time.perf_counter() - t0))
+        return get_state(self.model), loss
+
+    def _ledger_row(self, spec: InstitutionSpec, u: Update) -> dict[str, Any]:
+        """Ledger entry of one update that arrived."""
+        return {
+            "institution": u.institution, "participated": True, "bytes_up": u.bytes_up, "bytes_down": u.bytes_down,
+            "compute_seconds": u.compute_seconds, "samples": u.num_samples, "train_loss": u.train_loss,
+            "simulated_seconds": clock.compute_seconds(spec, u.samples_processed, self.flops)
+            + clock.transfer_seconds(spec, u.bytes_up, u.bytes_down),
+        }
+
+
+def _absent(spec: InstitutionSpec) -> dict[str, Any]:
+    """Ledger entry of an institution that did not take part this round."""
+    return {"institution": spec.name, "participated": False, "bytes_up": 0, "bytes_down": 0,
+            "compute_seconds": 0.0, "samples": 0, "simulated_seconds": 0.0}

@@ -1,0 +1,65 @@
+"""A host carries one institution (cross-silo) or many (large populations).
+
+``Host`` is plain Python so the in-process backend and the tests use it directly;
+:mod:`agents.backend` wraps it as the Ray actor ``InstitutionHost`` with the resources
+its placement asks for. A host owns one working torch model and lends it to each of
+its institutions in turn, so memory stays flat however many it carries.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from agents.institution import Institution
+from sim.models import build_model
+from sim.types import InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update
+
+
+class Host:
+    """Institutions that share one process, trained one after the other in scenario order."""
+
+    def __init__(
+        self,
+        specs: Sequence[InstitutionSpec],
+        shards: Sequence[Shard],
+        *,
+        model: Mapping[str, Any],
+        shape: tuple[tuple[int, ...], int],
+        training: TrainingSpec,
+        seed: int,
+        initial: State,
+        global_test: tuple[np.ndarray, np.ndarray],
+        threads: int = 1,
+    ):
+        # A fixed thread count makes float reductions identical whatever the placement.
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        input_shape, num_classes = shape
+        self.model = build_model(model, input_shape, num_classes, seed=seed)
+        if any(s.gpus > 0 for s in specs) and torch.cuda.is_available():
+            self.model = self.model.to("cuda")
+        self.institutions = [
+            Institution(s, shard, training=training, seed=seed, initial=initial) for s, shard in zip(specs, shards)
+        ]
+        self.global_test = global_test
+
+    def ready(self) -> int:
+        """The host's process id, once it is up (also what a chaos test would signal)."""
+        return os.getpid()
+
+    def device(self) -> str:
+        """Where this host trains: 'cpu' or 'cuda:N'."""
+        return str(next(self.model.parameters()).device)
+
+    def train(self, ctx: RoundContext, global_state: State | None) -> list[Update]:
+        """Local step of each hosted institution that is in this round's cohort."""
+        cohort = set(ctx.cohort)
+        return [i.train(self.model, ctx, global_state) for i in self.institutions if i.spec.name in cohort]
+
+    def evaluate(self, plan: LocalPlan, global_state: State | None) -> list[tuple[str, dict[str, float]]]:
+        """Each hosted institution's test scores for the model it ends the round with."""
+        return [(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test)) for i in self.institutions]

@@ -1,0 +1,79 @@
+"""The scheme protocol and its registry.
+
+A scheme decides *who* trains each round (``select``), *what* local training looks
+like (``plan``) and *how* updates become the next global state (``merge``). The maths
+of merging lives in :mod:`agents.schemes.aggregate`; a scheme only decides.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Protocol, Sequence
+
+import numpy as np
+
+from sim.types import ConfigError, LocalPlan, RoundContext, State, Update
+
+SCHEMES: dict[str, type["Scheme"]] = {}
+"""Registry: config name (== yaml file name in conf/scheme/) -> scheme class."""
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator that registers a scheme under its config name."""
+
+    def wrap(cls: type) -> type:
+        if name in SCHEMES:
+            raise ValueError(f"scheme {name!r} registered twice")
+        cls.name = name
+        SCHEMES[name] = cls
+        return cls
+
+    return wrap
+
+
+class Trainer(Protocol):
+    """Central training a scheme may ask the coordinator for (used by ``pooled``)."""
+
+    def __call__(self, state: State, x: np.ndarray, y: np.ndarray, key: tuple[int, ...]) -> tuple[State, float]:
+        """Train ``state`` on (x, y) with an RNG seeded from ``key``; return new state and mean loss."""
+        ...
+
+
+class Scheme:
+    """Base class: every institution, every round, plain local epochs, no merge."""
+
+    name: ClassVar[str] = "base"
+
+    def bind(self, trainer: Trainer) -> None:
+        """Receive the coordinator's central trainer; only schemes that train centrally keep it."""
+
+    def plan(self, round: int) -> LocalPlan:
+        """The local step institutions run this round."""
+        return LocalPlan()
+
+    def select(self, ctx: RoundContext) -> tuple[str, ...]:
+        """Pick this round's cohort out of ``ctx.cohort`` (all institutions), in scenario order."""
+        return ctx.cohort
+
+    def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
+        """Turn the updates that arrived (in scenario order) into the next global state; None keeps ``state``."""
+        return None
+
+
+def sample_cohort(ctx: RoundContext, fraction: float) -> tuple[str, ...]:
+    """Deterministic cohort of ``ceil(fraction * n)`` institutions, seeded from (seed, round)."""
+    names = ctx.cohort
+    if fraction >= 1.0:
+        return names
+    k = max(1, int(np.ceil(fraction * len(names))))
+    rng = np.random.default_rng([ctx.seed, ctx.round, 0xC0401])
+    picked = np.sort(rng.choice(len(names), size=k, replace=False))
+    return tuple(names[i] for i in picked)
+
+
+def check_range(key: str, value: float, low: float, high: float = float("inf"), *, low_open: bool = False) -> float:
+    """Return ``value`` as a float, or raise ConfigError naming ``scheme.<key>`` when it falls outside [low, high]."""
+    v = float(value)
+    if not (low < v if low_open else low <= v) or v > high or v != v:
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ConfigError(f"scheme.{key}", f"must lie in {bound}, got {value!r}")
+    return v

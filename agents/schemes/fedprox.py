@@ -1,0 +1,25 @@
+"""FedProx: FedAvg with a proximal term that keeps local training near the global model.
+
+Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, "Federated Optimization in Heterogeneous
+Networks", MLSys 2020. Each institution minimises loss + (mu/2)*||w - w_global||^2,
+which limits client drift on skewed shards; the server step is FedAvg's.
+"""
+
+from __future__ import annotations
+
+from agents.schemes.base import check_range, register
+from agents.schemes.fedavg import FedAvg
+from sim.types import LocalPlan
+
+
+@register("fedprox")
+class FedProx(FedAvg):
+    """FedAvg whose local objective adds (mu/2)*||w - w_global||^2."""
+
+    def __init__(self, *, mu: float = 0.01, weighting: str = "samples", server_lr: float = 1.0, cohort_fraction: float = 1.0):
+        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction)
+        self.mu = check_range("mu", mu, 0.0)
+
+    def plan(self, round: int) -> LocalPlan:
+        """Local SGD from the global model with the proximal weight ``mu``."""
+        return LocalPlan(prox_mu=self.mu)

@@ -1,0 +1,79 @@
+"""Command line: ``python -m analysis report RUN_DIR... [--out DIR]`` and ``python -m analysis contribution ...``.
+
+Bad input (a missing directory, one without metrics.parquet) ends with one line on
+stderr and exit status 2, as argparse does for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from analysis.runs import RunDirError, find_run_dirs
+
+
+def report(args: argparse.Namespace) -> int:
+    """Build the HTML report of the given run directories and print its path."""
+    from analysis.report import build_report  # pandas/matplotlib only when a report is asked for
+
+    find_run_dirs(args.run_dirs)  # fail on bad input before any work
+    out = args.out if args.out is not None else Path(args.run_dirs[0])
+    path = build_report(args.run_dirs, out, include_incomplete=args.include_incomplete)
+    print(path)
+    return 0
+
+
+def contribution(args: argparse.Namespace) -> int:
+    """Compute Shapley and leave-one-out values by re-running the scenario on coalitions (runner: sim.contribution)."""
+    find_run_dirs([args.run_dir])
+    try:
+        import sim.contribution as runner  # noqa: F401  (the engine team's coalition runner; imports Ray)
+    except ModuleNotFoundError as err:
+        if err.name not in ("sim.contribution",):
+            raise
+        print("error: contribution values need the coalition runner sim.contribution, which is not installed yet", file=sys.stderr)
+        return 1
+    # TODO(engine): ask the runner for coalition values, then tabulate and report them, e.g.
+    #   values = runner.coalition_values(args.run_dir, exact_max=args.exact_max,
+    #                                    permutations=args.permutations, seed=args.seed)
+    #   table = contribution_table(values, players, exact_max=args.exact_max,
+    #                              permutations=args.permutations, seed=args.seed, value_range=(0.0, 1.0))
+    #   write_table(table, out / "tables" / "contribution.parquet")
+    #   print(build_report([args.run_dir], out, contribution=table))
+    print("error: python -m analysis contribution is not wired to sim.contribution yet", file=sys.stderr)
+    return 1
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m analysis``."""
+    p = argparse.ArgumentParser(prog="python -m analysis", description="Analyse collabsim results.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("report", help="write report.html and tables/ for one or more run directories")
+    r.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run, compare or sweep directory")
+    r.add_argument("--out", type=Path, default=None, help="output directory (default: the first RUN_DIR)")
+    r.add_argument("--include-incomplete", action="store_true", help="keep runs whose status.json is not complete")
+    r.set_defaults(func=report)
+    c = sub.add_parser("contribution", help="Shapley and leave-one-out values by re-running coalitions on Ray")
+    c.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run whose scenario is split into coalitions")
+    c.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR)")
+    c.add_argument("--exact-max", type=int, default=8, help="exact Shapley up to this many institutions")
+    c.add_argument("--permutations", type=int, default=200, help="Monte-Carlo permutations beyond --exact-max")
+    c.add_argument("--seed", type=int, default=0, help="seed of the permutation sampler")
+    c.set_defaults(func=contribution)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run the subcommand, turn bad input into one line on stderr and exit status 2."""
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RunDirError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

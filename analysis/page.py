@@ -1,0 +1,210 @@
+"""HTML building blocks of the report: number formats, column guide, tables, and the page shell.
+
+Everything is inline (CSS in a <style> block, images as data URIs) so the page opens
+without a network. Numbers are rounded for reading; the exported tables keep full precision.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from typing import Sequence
+
+import pandas as pd
+
+# column -> (heading, what it means, format). Formats: text, pct (fraction as %), pts (signed
+# accuracy points), pts_abs (unsigned points), loss (signed, 3 decimals), int, mb, sec, float, ratio,
+# bool. Missing values show as a dash.
+GUIDE: dict[str, tuple[str, str, str]] = {
+    "scenario": ("Scenario", "Name of the collaboration scenario.", "text"),
+    "scheme": ("Scheme", "How institutions collaborate: isolated = each trains alone (the baseline); pooled = all data "
+               "brought to one place; fedavg, fedprox, fedsgd = federated learning (data stays home, model updates travel).", "text"),
+    "institution": ("Institution", "", "text"),
+    "discipline": ("Discipline", "", "text"),
+    "share": ("Data share", "Fraction of all training data this institution holds.", "pct"),
+    "train_samples": ("Training samples", "", "int"),
+    "test_samples": ("Test samples", "", "int"),
+    "label_skew": ("Label skew (α)", "Dirichlet α of its mix of labels: smaller means more lopsided; — = no skew.", "float"),
+    "feature_skew": ("Feature shift", "Size of a shift added to its inputs (0 = none).", "float"),
+    "cpus": ("CPUs", "Processor cores allotted to it.", "float"),
+    "gpus": ("GPUs", "", "float"),
+    "behaviour": ("Behaviour", "honest, or a simulated misbehaviour (free-rider, noisy labels, ...).", "text"),
+    "global_accuracy": ("Global accuracy", "Accuracy of the merged model on all institutions' test data after the last "
+                        "round (— when there is no merged model).", "pct"),
+    "mean_accuracy": ("Mean accuracy", "Average over institutions of the accuracy each ends up with, on its own test data.", "pct"),
+    "worst_accuracy": ("Worst accuracy", "Accuracy of the institution that ends up worst.", "pct"),
+    "mean_gain": ("Mean gain", "Average over institutions of its accuracy minus what it reaches alone, in percentage points.", "pts"),
+    "worse_off": ("Worse off", "Number of institutions less accurate than when training alone.", "int"),
+    "megabytes": ("MB exchanged", "Megabytes sent and received in a whole run, all institutions together.", "mb"),
+    "seeds": ("Seeds", "Number of repeated runs behind the figure.", "int"),
+    "gain": ("Gain", "Accuracy under the scheme minus accuracy alone, in percentage points (mean over seeds).", "pts"),
+    "interval": ("95% interval", "Range that holds the true mean gain with 95% confidence (t-interval over seeds; "
+                 "needs at least two seeds).", "text"),
+    "loss_change": ("Loss change", "Test loss under the scheme minus test loss alone (negative = better).", "loss"),
+    "worst_institution": ("Worst off", "Institution with the smallest gain.", "text"),
+    "worst_gain": ("Its gain", "Gain of the worst-off institution, in percentage points.", "pts"),
+    "gain_std": ("Spread (SD)", "Standard deviation of gains across institutions, in points.", "pts_abs"),
+    "gain_gini": ("Gini of gains", "0 = everyone gains the same; 1 = maximally uneven. Mean absolute difference of gains "
+                  "divided by twice their mean absolute value, so it works for losses too.", "ratio"),
+    "share_better_off": ("Better off", "Share of institutions that gain.", "pct"),
+    "accuracy_parity": ("Discipline gap", "Mean accuracy of the best discipline minus the worst, in percentage points.", "pts_abs"),
+    "worst_discipline": ("Lowest discipline", "Discipline with the lowest mean accuracy.", "text"),
+    "runs": ("Runs", "Number of runs averaged.", "int"),
+    "mb_up": ("MB up", "Megabytes sent to the coordinator.", "mb"),
+    "mb_down": ("MB down", "Megabytes received from the coordinator.", "mb"),
+    "compute_seconds": ("Compute (s)", "Measured seconds of local training, summed over institutions and rounds.", "sec"),
+    "simulated_seconds": ("Busy time (s)", "Simulated seconds of work and transfer, summed over institutions.", "sec"),
+    "simulated_duration": ("Duration (s)", "Simulated length of the run: each round lasts as long as its slowest participant.", "sec"),
+    "epsilon": ("Privacy ε", "Largest differential-privacy budget spent by any institution (— = no privacy noise).", "float"),
+    "accuracy_per_mb": ("Accuracy per MB", "Mean accuracy divided by megabytes exchanged (— when nothing is exchanged).", "ratio"),
+    "pareto": ("Pareto front", "Yes when no other scheme is both more accurate and cheaper to communicate.", "bool"),
+    "shapley": ("Shapley value", "Average improvement of the merged model's accuracy when this institution joins, over all "
+                "orders of joining (accuracy points of the value function, ×100).", "pts"),
+    "shapley_bound": ("± bound", "Error bound of a Monte-Carlo estimate at 95% (0 = computed exactly).", "pts_abs"),
+    "loo": ("Leave-one-out", "Drop in the merged model's accuracy when only this institution stays out, in points.", "pts"),
+    "method": ("Method", "", "text"),
+    "directory": ("Directory", "", "text"),
+    "state": ("State", "From status.json; runs that did not complete are left out.", "text"),
+    "included": ("Included", "", "bool"),
+    "schemes": ("Schemes", "", "text"),
+    "seed_values": ("Seeds", "", "text"),
+}
+
+POINT_SCALED = {"shapley", "shapley_bound", "loo", "accuracy_parity"}  # fractions shown as points
+
+
+def fmt(value, kind: str) -> str:
+    """One value as text for reading: percentages to 1 decimal, points signed, megabytes to 3 figures."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if kind == "pct":
+        return f"{value * 100:.1f}%"
+    if kind == "pts":
+        return "0.0" if round(value, 1) == 0 else f"{value:+.1f}".replace("-", "−")
+    if kind == "loss":
+        return "0.000" if round(value, 3) == 0 else f"{value:+.3f}".replace("-", "−")
+    if kind == "pts_abs":
+        return f"{value:.1f}"
+    if kind == "int":
+        return f"{int(value):,}"
+    if kind == "mb":
+        return "0" if value == 0 else f"{value:,.1f}" if value >= 100 else f"{value:.3g}"
+    if kind == "sec":
+        return f"{value:,.1f}"
+    if kind in ("float", "ratio"):
+        return f"{value:.3g}"
+    if kind == "bool":
+        return "yes" if bool(value) else "no"
+    return str(value)
+
+
+def table(df: pd.DataFrame, columns: Sequence[str], *, row_class: Sequence[str] | None = None, guide: bool = True) -> str:
+    """An HTML table of ``columns`` with explained headings, and a short guide to the columns below it."""
+    numeric = {c for c in columns if GUIDE.get(c, ("", "", "text"))[2] not in ("text", "bool")}
+    head = "".join(
+        f'<th class="{"num" if c in numeric else ""}" title="{html.escape(GUIDE.get(c, (c, "", ""))[1])}">'
+        f"{html.escape(GUIDE.get(c, (c,))[0])}</th>" for c in columns
+    )
+    rows = []
+    for i, (_, r) in enumerate(df.iterrows()):
+        cls = f' class="{row_class[i]}"' if row_class is not None and row_class[i] else ""
+        cells = "".join(
+            f'<td class="{"num" if c in numeric else ""}">{html.escape(fmt(_scaled(c, r[c]), GUIDE.get(c, ("", "", "text"))[2]))}</td>'
+            for c in columns
+        )
+        rows.append(f"<tr{cls}>{cells}</tr>")
+    out = f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+    explained = [(GUIDE[c][0], GUIDE[c][1]) for c in columns if c in GUIDE and GUIDE[c][1]]
+    if guide and explained:
+        items = "".join(f"<dt>{html.escape(h)}</dt><dd>{html.escape(d)}</dd>" for h, d in explained)
+        out += f'<dl class="guide">{items}</dl>'
+    return out
+
+
+def gain_matrix(gains: pd.DataFrame) -> str:
+    """Institutions down, schemes across: each cell the mean gain in points over its 95% interval; losses in red."""
+    schemes = list(dict.fromkeys(gains["scheme"]))
+    head = "<th>Institution</th><th>Discipline</th>" + "".join(f'<th class="num">{html.escape(s)}</th>' for s in schemes)
+    rows = []
+    for institution, g in gains.groupby("institution", sort=False):
+        by = g.set_index("scheme")
+        cells = [f"<td>{html.escape(institution)}</td><td>{html.escape(str(g['discipline'].iloc[0]))}</td>"]
+        for s in schemes:
+            if s not in by.index:
+                cells.append('<td class="cell">—</td>')
+                continue
+            r = by.loc[s]
+            interval = (f"{fmt(r['gain_low'], 'pts')} to {fmt(r['gain_high'], 'pts')}" if pd.notna(r["gain_low"])
+                        else "no interval (one seed)")
+            loss = " loss" if r["worse_off"] else ""
+            cells.append(f'<td class="cell{loss}">{html.escape(fmt(r["gain"], "pts"))}<br><small>{html.escape(interval)}</small></td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def _scaled(column: str, value):
+    """Values kept as fractions in the tables but read as accuracy points."""
+    if column in POINT_SCALED and isinstance(value, (int, float)) and not pd.isna(value):
+        return value * 100
+    return value
+
+
+def image(png: bytes, alt: str, caption: str = "") -> str:
+    """A figure with the PNG embedded as a data URI, and an optional caption."""
+    data = base64.b64encode(png).decode("ascii")
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">{cap}</figure>'
+
+
+def section(anchor: str, title: str, body: str, intro: str = "") -> str:
+    """A titled section with an optional introductory sentence."""
+    lead = f'<p class="lead">{html.escape(intro)}</p>' if intro else ""
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{lead}{body}</section>'
+
+
+CSS = """
+:root { --ink:#1f2933; --muted:#5f6b7a; --line:#d9dee5; --accent:#1f5f99; --soft:#f4f7fa; --bad:#b03a2e; }
+* { box-sizing:border-box; }
+body { margin:0; background:#eef1f4; color:var(--ink);
+  font:15px/1.55 -apple-system, "Segoe UI", "Helvetica Neue", Arial, "DejaVu Sans", sans-serif; }
+main { max-width:1080px; margin:0 auto; background:#fff; padding:40px 56px 56px; min-height:100vh; }
+header { border-bottom:3px solid var(--accent); padding-bottom:14px; margin-bottom:24px; }
+h1 { font-size:28px; margin:0 0 4px; letter-spacing:-0.01em; }
+h2 { font-size:20px; margin:40px 0 8px; padding-bottom:4px; border-bottom:1px solid var(--line); }
+.sub { color:var(--muted); margin:0; }
+nav { font-size:13px; color:var(--muted); margin:-8px 0 20px; }
+nav a { color:var(--accent); text-decoration:none; margin-right:14px; }
+.findings { background:var(--soft); border-left:4px solid var(--accent); padding:14px 20px; margin:0 0 8px; }
+.findings h2 { margin:0 0 6px; border:0; font-size:18px; }
+.findings ul { margin:6px 0 2px; padding-left:20px; } .findings li { margin:4px 0; font-size:15.5px; }
+.warning { background:#fdf1ee; border-left:4px solid var(--bad); padding:10px 16px; margin:12px 0; }
+.lead { color:var(--muted); margin:0 0 12px; }
+.note { font-size:12.5px; color:var(--muted); margin:4px 0 14px; }
+.scroll { overflow-x:auto; }
+table { border-collapse:collapse; width:100%; font-size:13.5px; margin:8px 0 6px; }
+th, td { padding:6px 9px; border-bottom:1px solid var(--line); text-align:left; white-space:nowrap; }
+th { background:var(--soft); font-weight:600; border-bottom:2px solid var(--line); cursor:help;
+  white-space:normal; vertical-align:bottom; line-height:1.25; }
+td.cell { text-align:right; line-height:1.25; } td.cell small { color:var(--muted); font-size:11.5px; }
+td.cell.loss { background:#fbe9e6; color:var(--bad); } td.cell.loss small { color:var(--bad); }
+.num { text-align:right; font-variant-numeric:tabular-nums; }
+tr.loss td { background:#fbe9e6; } tr.loss td:first-child { box-shadow:inset 3px 0 var(--bad); }
+tr.excluded td { color:var(--muted); text-decoration:line-through; }
+dl.guide { display:grid; grid-template-columns:max-content 1fr; gap:2px 14px; font-size:12.5px;
+  color:var(--muted); margin:6px 0 14px; }
+dl.guide dt { font-weight:600; } dl.guide dd { margin:0; }
+figure { margin:14px 0; } figure img { max-width:100%; height:auto; display:block; }
+figcaption { font-size:12.5px; color:var(--muted); margin-top:4px; }
+footer { margin-top:40px; padding-top:10px; border-top:1px solid var(--line); font-size:12.5px; color:var(--muted); }
+code { background:var(--soft); padding:1px 4px; border-radius:3px; font-size:13px; }
+@media print { body { background:#fff; } main { padding:0; } }
+"""
+
+
+def page(title: str, body: str) -> str:
+    """The whole HTML document: inline CSS, no scripts, no external resources."""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head>"
+            f"<body><main>{body}</main></body></html>\n")

@@ -1,0 +1,189 @@
+"""The report: one self-contained HTML page, plus every table as CSV and Parquet.
+
+``build_report(run_dirs, out_dir)`` reads the runs (leaving out unfinished ones unless
+asked), computes gains, fairness and costs per scenario, draws the plots, writes
+``out_dir/report.html`` and ``out_dir/tables/*.{csv,parquet}``, and returns the page's path.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from analysis import findings as words
+from analysis import metrics as m
+from analysis import plots
+from analysis.page import gain_matrix, image, page, section, table
+from analysis.runs import Results, load_results
+from sim.results import write_table, write_text
+
+INSTITUTION_COLUMNS = ["institution", "discipline", "share", "train_samples", "test_samples", "label_skew",
+                       "feature_skew", "cpus", "gpus", "behaviour"]
+FAIRNESS_COLUMNS = ["scheme", "worst_institution", "worst_gain", "gain_std", "gain_gini", "share_better_off",
+                    "accuracy_parity", "worst_discipline"]
+COST_COLUMNS = ["scheme", "megabytes", "mb_up", "mb_down", "compute_seconds", "simulated_seconds",
+                "simulated_duration", "epsilon", "mean_accuracy", "accuracy_per_mb", "pareto"]
+
+
+def analyse(results: Results) -> dict[str, pd.DataFrame]:
+    """Every table of the report, computed from the runs' tables (full precision, as exported)."""
+    mt, lg = results.metrics, results.ledger
+    gains = m.gain_table(mt)
+    return {
+        "summary": m.summary(mt, lg),
+        "gains_per_run": gains,
+        "gains": m.gain_summary(gains),
+        "fairness": m.fairness_table(mt),
+        "costs": m.cost_table(mt, lg),
+        "accuracy_per_round": m.round_curve(mt),
+        "final_values": m.final_table(mt),
+        "institutions": results.institutions.drop_duplicates(["scenario", "institution"]).reset_index(drop=True),
+        "runs": results.runs,
+    }
+
+
+def build_report(
+    run_dirs: Sequence[Path],
+    out_dir: Path,
+    contribution: pd.DataFrame | None = None,
+    *,
+    include_incomplete: bool = False,
+) -> Path:
+    """Write ``out_dir/report.html`` (self-contained) and ``out_dir/tables/``; return the report's path."""
+    out_dir = Path(out_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", m.AnalysisWarning)
+        results = load_results(run_dirs, include_incomplete=include_incomplete)
+        tables = analyse(results)
+    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, m.AnalysisWarning)))
+    for w in caught:  # other warnings (a library's deprecations) are for developers, not the page
+        if not issubclass(w.category, m.AnalysisWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if contribution is not None:
+        tables["contribution"] = contribution
+    export(tables, out_dir / "tables")
+    body = _header(results, contribution is not None) + _warnings(results, notes)
+    scenarios = sorted(results.metrics["scenario"].dropna().unique())
+    for k, scenario in enumerate(scenarios):
+        body += _scenario(scenario, results, tables, tag=f"-{k + 1}" if k else "", several=len(scenarios) > 1)
+    if contribution is not None:
+        body += _contribution(contribution, tables)
+    body += _runs(results)
+    body += ('<footer>Made by collabsim <code>python -m analysis report</code>. Every table is also in the '
+             '<code>tables/</code> folder next to this file as CSV and Parquet, at full precision.</footer>')
+    path = out_dir / "report.html"
+    write_text(page("collabsim report", body), path)
+    return path
+
+
+def export(tables: dict[str, pd.DataFrame], folder: Path) -> None:
+    """Write each table as ``<name>.csv`` and ``<name>.parquet`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, df in tables.items():
+        write_table(df, folder / f"{name}.parquet")
+        write_text(df.to_csv(index=False), folder / f"{name}.csv")
+
+
+def _header(results: Results, with_contribution: bool) -> str:
+    """Title, what the report covers, and links to its sections."""
+    mt = results.metrics
+    scenarios = sorted(mt["scenario"].dropna().unique())
+    when = datetime.now(timezone.utc).strftime("%d %B %Y, %H:%M UTC")
+    sub = (f"Scenario {', '.join(scenarios) or '(none)'} · {mt['scheme'].nunique()} schemes · "
+           f"{mt['seed'].nunique()} seed(s) · {mt['run_id'].nunique()} runs · generated {when}")
+    links = [("findings", "Findings"), ("scenario", "Scenario"), ("summary", "Summary"), ("gains", "Who gains"),
+             ("fairness", "Fairness"), ("costs", "Costs"), ("rounds", "Over rounds")]
+    links += [("contribution", "Contribution")] if with_contribution else []
+    links += [("runs", "Runs")]
+    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in links)
+    return (f"<header><h1>Who gains from collaborating?</h1><p class=\"sub\">{html.escape(sub)}</p></header>"
+            f"<nav>{nav}</nav>")
+
+
+def _warnings(results: Results, notes: list[str]) -> str:
+    """A red box naming unfinished runs that were left out (or kept), and any caveats met on the way."""
+    items = [f"{html.escape(r.directory)} is not complete (state: {html.escape(r.state)}) and was left out."
+             for r in results.runs.itertuples() if not r.included]
+    items += [f"{html.escape(r.directory)} is not complete (state: {html.escape(r.state)}) but was included on request."
+              for r in results.runs.itertuples() if r.included and not r.state.startswith("complete")]
+    items += [html.escape(n) for n in notes]
+    if not items:
+        return ""
+    return '<div class="warning"><strong>Check before reading:</strong><ul>' + "".join(f"<li>{i}</li>" for i in items) + "</ul></div>"
+
+
+def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], tag: str, several: bool) -> str:
+    """All sections for one scenario: findings, the scenario, summary, gains, fairness, costs, rounds."""
+    pick = {k: v[v["scenario"] == scenario] if "scenario" in v else v for k, v in tables.items() if k != "runs"}
+    suffix = f" — {scenario}" if several else ""
+    summary = pick["summary"] if "scenario" not in tables["summary"] else pick["summary"].drop(columns="scenario")
+    mt = results.metrics[results.metrics["scenario"] == scenario]
+    configs = [c for c in results.configs.values() if _config_scenario(c) in (scenario, None)]
+    schemes = m.scheme_order(mt["scheme"].dropna())
+    order = {name: i for i, name in enumerate(dict.fromkeys(pick["institutions"]["institution"]))}
+    gains = pick["gains"].assign(_at=lambda d: d["institution"].map(order)).sort_values("_at", kind="stable")
+    gains = m.order_rows(gains.drop(columns="_at"))  # schemes in reading order, institutions in scenario order
+    described = words.describe_scenario(pick["institutions"], configs, schemes, sorted(mt["seed"].unique()))
+    items = "".join(f"<li><strong>{html.escape(topic)}:</strong> {html.escape(text)}</li>"
+                    for topic, text in words.findings(summary, gains, pick["fairness"], pick["costs"]))
+    out = (f'<section id="findings{tag}" class="findings"><h2>Key findings{html.escape(suffix)}</h2>'
+           f"<ul>{items}</ul></section>")
+    out += section(f"scenario{tag}", "The scenario" + suffix,
+                   "<p>" + " ".join(html.escape(s) for s in described) + "</p>"
+                   + table(pick["institutions"], [c for c in INSTITUTION_COLUMNS if c in pick["institutions"]]))
+    out += section(f"summary{tag}", "Summary by scheme" + suffix, table(summary, list(summary.columns)),
+                   "One row per scheme; figures are means over seeds. isolated is the baseline everyone is compared with.")
+    if len(gains):
+        body = image(plots.png_bytes(plots.gain_plot(gains)), "Gain per institution and scheme",
+                     "Bars: mean gain over seeds; whiskers: 95% interval; red outline: worse off than alone.")
+        body += gain_matrix(gains)
+        body += ('<p class="note">Each cell: mean gain in accuracy points over seeds, and below it the 95% t-interval '
+                 "(it needs two seeds or more). Red: worse off than training alone. Changes in test loss are in "
+                 "<code>tables/gains.csv</code>.</p>")
+        out += section(f"gains{tag}", "Who gains, who loses" + suffix, body,
+                       "Each institution's accuracy under a scheme minus its accuracy when training alone.")
+    out += section(f"fairness{tag}", "Fairness of the gains" + suffix, table(pick["fairness"], FAIRNESS_COLUMNS),
+                   "Are the gains shared evenly, and do some disciplines end up behind?")
+    costs = pick["costs"].assign(mb_up=lambda d: d["bytes_up"] / 1e6, mb_down=lambda d: d["bytes_down"] / 1e6)
+    cost_cols = [c for c in COST_COLUMNS if c != "epsilon" or costs["epsilon"].notna().any()]
+    out += section(f"costs{tag}", "What it costs" + suffix,
+                   image(plots.png_bytes(plots.pareto_plot(costs)), "Accuracy against megabytes exchanged",
+                         "A scheme is on the Pareto front when no other is both more accurate and cheaper to communicate.")
+                   + table(costs, cost_cols), "Communication, compute and time per run, mean over seeds.")
+    curve = pick["accuracy_per_round"]
+    if len(curve):
+        out += section(f"rounds{tag}", "Accuracy over rounds" + suffix,
+                       image(plots.png_bytes(plots.accuracy_plot(curve)), "Accuracy per round and scheme",
+                             "Lines: mean over seeds; shaded band: lowest to highest seed."))
+    return out
+
+
+def _config_scenario(config: dict) -> str | None:
+    """The scenario name a run's config records, if any."""
+    scenario = config.get("scenario")
+    return scenario.get("name") if isinstance(scenario, dict) else scenario
+
+
+def _contribution(contribution: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> str:
+    """The contribution chart and table: Shapley and leave-one-out next to data share and gain."""
+    inst = tables["institutions"]
+    fig = plots.contribution_plot(contribution, inst, tables["gains"])
+    shown = contribution.merge(inst.drop_duplicates("institution")[["institution", "share"]], on="institution", how="left")
+    body = image(plots.png_bytes(fig), "Contribution per institution",
+                 "Shapley value (whiskers: error bound), data share, and gain under the scheme with the highest mean gain.")
+    body += table(shown, ["institution", "shapley", "shapley_bound", "loo", "share", "method"])
+    return section("contribution", "Who contributes", body,
+                   "How much each institution adds to the merged model's accuracy.")
+
+
+def _runs(results: Results) -> str:
+    """Every run directory read, its state, and whether it counts."""
+    runs = results.runs
+    return section("runs", "Runs in this report",
+                   table(runs, ["directory", "state", "included", "schemes", "seed_values"], guide=False,
+                         row_class=["" if i else "excluded" for i in runs["included"]]))

@@ -1,0 +1,103 @@
+"""Find run directories, check that their runs finished, and read their tables.
+
+A run directory holds ``metrics.parquet`` (and ledger, institutions, config.yaml); a
+directory without one but with run directories directly below it (Hydra's multirun
+layout: ``0/``, ``1/``, ...) stands for those. A ``status.json`` whose ``"state"`` is
+not ``"complete"`` marks a directory as unfinished: it is left out unless asked for,
+and the report says so. A directory without ``status.json`` counts as complete (runs
+written before the engine recorded a status).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+import yaml
+
+from sim.results import read_table
+
+COMPLETE = "complete"
+NO_STATUS = "complete (no status.json)"
+
+
+class RunDirError(ValueError):
+    """A path given as a run directory that is not one; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Results:
+    """The tables of the runs taken into an analysis, and a record of every directory seen."""
+
+    metrics: pd.DataFrame
+    ledger: pd.DataFrame
+    institutions: pd.DataFrame
+    configs: dict[str, dict] = field(default_factory=dict)  # directory -> its config.yaml
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # directory, state, included, schemes, seed_values
+
+
+def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
+    """Resolve user paths to run directories (each holding metrics.parquet); raise RunDirError if one is not."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise RunDirError(f"{raw}: no such directory")
+        if (path / "metrics.parquet").is_file():
+            found.append(path)
+            continue
+        children = sorted(p for p in path.iterdir() if (p / "metrics.parquet").is_file())
+        if not children:
+            raise RunDirError(f"{raw}: no metrics.parquet here or in its subdirectories; is it a run directory?")
+        found.extend(children)
+    unique = dict.fromkeys(p.resolve() for p in found)  # the same run given twice counts once
+    return list(unique)
+
+
+def run_state(run_dir: Path) -> str:
+    """The state recorded in ``status.json``: "complete", another state, or why it cannot be read."""
+    status = Path(run_dir) / "status.json"
+    if not status.exists():
+        return NO_STATUS
+    try:
+        state = json.loads(status.read_text()).get("state")
+    except (OSError, ValueError, AttributeError):
+        return "unreadable status.json"
+    return str(state) if state else "status.json without a state"
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's resolved ``config.yaml`` as a dict ({} when missing or unreadable)."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def load_results(paths: Iterable[Path], *, include_incomplete: bool = False) -> Results:
+    """Read every table of the given run directories; unfinished runs are left out unless asked for."""
+    dirs = find_run_dirs(paths)
+    records = []
+    for d in dirs:
+        state = run_state(d)
+        complete = state in (COMPLETE, NO_STATUS)
+        records.append({"directory": str(d), "state": state, "included": complete or include_incomplete})
+    runs = pd.DataFrame(records, columns=["directory", "state", "included"])
+    taken = [Path(r["directory"]) for r in records if r["included"]]
+    # drop_duplicates: two directories may hold the same run (a compare copied into a sweep).
+    tables = {kind: read_table(kind, taken).drop_duplicates(ignore_index=True) for kind in ("metrics", "ledger", "institutions")}
+    contents = [pd.read_parquet(Path(d) / "metrics.parquet", columns=["scheme", "seed"]) for d in dirs]
+    runs["schemes"] = [_listing(c, "scheme") for c in contents]
+    runs["seed_values"] = [_listing(c, "seed") for c in contents]
+    configs = {str(d): read_config(d) for d in taken}
+    return Results(configs=configs, runs=runs, **tables)
+
+
+def _listing(df: pd.DataFrame, column: str) -> str:
+    """Distinct values of a column, comma separated, for the runs table."""
+    return ", ".join(str(v) for v in sorted(df[column].dropna().unique()))

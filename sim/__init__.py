@@ -1,0 +1,7 @@
+"""collabsim's engine: config validation, scenarios, data, models, the round loop, results, sweeps."""
+
+import warnings
+
+# Arrays arriving through Ray's object store are read-only views; torch only reads them
+# (training copies batches, set_state copies into parameters), so the warning is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -1,0 +1,119 @@
+"""Datasets and how they are split among institutions.
+
+``build_federation(data, scenario, seed)`` turns the ``data`` config group into one shard
+per institution (its own train and test split) plus the global test set, the union of
+the institutions' test splits in scenario order. ``check_data`` runs the same
+validation cheaply before any actor starts. Datasets: ``synthetic`` (FedProx/LEAF
+generator, disciplines as clusters), ``digits`` (scikit-learn) and ``table`` (the user's
+CSV or Parquet file); ``partition.py`` holds the partitioners.
+
+An institution's ``feature_skew`` adds one fixed Gaussian shift (that std, one value per
+input element, drawn from its own stream) to all its inputs, train and test: its
+instruments read differently, after labels are fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from sim.data import digits, synthetic, table
+from sim.data.partition import FEATURE_SKEW, PARTITIONS, Pool, check_sizes, stream
+from sim.types import ConfigError, Federation, Scenario, Shard
+
+DATASETS: dict[str, Callable[..., Pool]] = {
+    "synthetic": synthetic.build,
+    "digits": digits.build,
+    "table": table.build,
+}
+"""Registry: dataset name (= yaml file in conf/data/) -> builder(data, scenario, seed, smoke) -> Pool."""
+
+_MODULES = {"synthetic": synthetic, "digits": digits, "table": table}
+
+
+def defaults(name: str) -> dict:
+    """The keys a dataset takes and their defaults (mirrors conf/data/<name>.yaml)."""
+    return dict(_MODULES[name].DEFAULTS)
+
+
+def _resolve(data: Mapping) -> dict:
+    """The data config with defaults filled in; unknown dataset or key raises ConfigError."""
+    name = data.get("name")
+    if name not in DATASETS:
+        raise ConfigError("data.name", f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    known = _MODULES[name].DEFAULTS
+    for key in data:
+        if key not in known and not str(key).startswith("_"):  # _target_ and friends belong to Hydra
+            raise ConfigError(f"data.{key}", f"unknown key for dataset '{name}'; known keys: {', '.join(known)}")
+    return {**known, **data}
+
+
+def _check_scenario(scenario: Scenario) -> None:
+    """The scenario facts the data depend on: names, shares, skews."""
+    specs = scenario.institutions
+    if not specs:
+        raise ConfigError("scenario.institutions", "no institutions; list at least one")
+    names = [i.name for i in specs]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError("scenario.institutions", f"institution names must be unique; repeated: {', '.join(dup)}")
+    for i in specs:
+        if not i.share > 0:
+            raise ConfigError("scenario.institutions", f"'{i.name}' has share {i.share}; shares must be > 0")
+        if i.label_skew is not None and not i.label_skew > 0:
+            raise ConfigError("scenario.institutions", f"'{i.name}' has label_skew {i.label_skew}; "
+                              "it is a Dirichlet alpha and must be > 0 (or null for none)")
+        if not i.feature_skew >= 0:
+            raise ConfigError("scenario.institutions", f"'{i.name}' has feature_skew {i.feature_skew}; must be >= 0")
+    total = sum(i.share for i in specs)
+    if total > 1 + 1e-3:  # the slack sim.scenario allows for hand-typed shares; pools rescale them to fit
+        raise ConfigError("scenario.institutions", f"shares sum to {total:.4f}; they must sum to at most 1")
+
+
+def check_data(data: Mapping, scenario: Scenario) -> None:
+    """Validate the data config against the scenario; raises ConfigError(key, problem)."""
+    cfg = _resolve(data)
+    _check_scenario(scenario)
+    if cfg["partition"] not in PARTITIONS:
+        raise ConfigError("data.partition", f"unknown partition '{cfg['partition']}'; "
+                          f"choose one of {', '.join(PARTITIONS)}")
+    tf = cfg["test_fraction"]
+    if not isinstance(tf, (int, float)) or isinstance(tf, bool) or not 0 < tf < 1:
+        raise ConfigError("data.test_fraction", f"must be between 0 and 1 (exclusive), got {tf!r}")
+    _MODULES[cfg["name"]].check(cfg, scenario)
+
+
+def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: bool = False) -> Federation:
+    """Load the dataset named by data.name and give every institution its train and test shard."""
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError("seed", f"must be an integer >= 0, got {seed!r}")
+    check_data(data, scenario)
+    cfg = _resolve(data)
+    pool = DATASETS[cfg["name"]](cfg, scenario, int(seed), smoke)
+    check_sizes(scenario.names, [len(tr) for tr, _ in pool.parts], [len(te) for _, te in pool.parts],
+                "scenario.institutions", "raise its share or give the dataset more samples")
+    shards = []
+    for spec, (train, test) in zip(scenario.institutions, pool.parts):
+        x_train, x_test = pool.x[train], pool.x[test]  # fancy indexing copies: shards never alias
+        if spec.feature_skew > 0:
+            rng = stream(seed, FEATURE_SKEW, spec.index)
+            shift = rng.normal(0.0, spec.feature_skew, size=pool.x.shape[1:]).astype(np.float32)
+            x_train, x_test = x_train + shift, x_test + shift
+        shards.append(Shard(spec.name, x_train.astype(np.float32, copy=False), pool.y[train].astype(np.int64),
+                            x_test.astype(np.float32, copy=False), pool.y[test].astype(np.int64)))
+    return Federation(
+        shards=tuple(shards),
+        x_test=np.concatenate([s.x_test for s in shards]),
+        y_test=np.concatenate([s.y_test for s in shards]),
+        input_shape=tuple(int(d) for d in pool.x.shape[1:]),
+        num_classes=int(pool.num_classes),
+    )
+
+
+def sites_from_table(data: Mapping) -> list[tuple[str, str, int]]:
+    """(institution, discipline, n_rows) for each site of a table under partition natural."""
+    return table.sites_from_table(_resolve(data))
+
+
+__all__ = ["DATASETS", "build_federation", "check_data", "defaults", "sites_from_table"]

@@ -1,0 +1,225 @@
+"""A user's own table: one CSV or Parquet file, one row per sample.
+
+``label_column`` holds the class (any type; mapped to 0..C-1 in sorted order over the
+whole file). ``feature_columns`` lists the inputs (null = every other numeric column).
+With ``partition: natural`` institution k gets the rows whose ``institution_column``
+equals its name, and the file, not the scenario shares, decides sizes;
+``sites_from_table`` lists those institutions so a scenario can be built straight from
+the file. ``split_column`` (values train/test) fixes the split; without it each
+institution holds out ``test_fraction`` of its rows. Features are standardised with the
+mean and standard deviation of all institutions' training rows (never test rows).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from sim.data.partition import (
+    PARTITION, SMOKE, SMOKE_SAMPLES, SPLIT, Pool, check_partition, check_sizes, natural, partition,
+    smallest_workable, smoke_size, split_train_test, stream,
+)
+from sim.types import ConfigError, Scenario
+
+DEFAULTS = {
+    "name": "table",
+    "path": None,
+    "label_column": "label",
+    "institution_column": None,
+    "discipline_column": None,
+    "split_column": None,
+    "feature_columns": None,
+    "partition": "iid",
+    "test_fraction": 0.2,
+    "dirichlet_alpha": 0.5,
+    "quantity_exponent": 1.5,
+}
+NO_DISCIPLINE = "unspecified"  # discipline of every site when data.discipline_column is null
+_ROLES = ("label_column", "institution_column", "discipline_column", "split_column")
+
+
+def _path(data: Mapping) -> Path:
+    """The file behind data.path, checked to exist and to be CSV, TSV or Parquet."""
+    raw = data["path"]
+    if raw in (None, "", "???"):
+        raise ConfigError("data.path", "no file given; set data.path=/path/to/your.csv (or .parquet)")
+    path = Path(str(raw)).expanduser()
+    if not path.is_file():
+        raise ConfigError("data.path", f"file not found: {path}")
+    if not any(s in (".csv", ".tsv", ".parquet", ".pq") for s in path.suffixes):
+        raise ConfigError("data.path", f"cannot tell the format of {path.name}; use a .csv, .tsv or .parquet file")
+    return path
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.suffix in (".parquet", ".pq")
+
+
+def read(path: Path, columns: list[str] | None = None, nrows: int | None = None) -> pd.DataFrame:
+    """Read the file, or only the named columns (nrows=0: just the header, CSV only)."""
+    try:
+        if _is_parquet(path):
+            if nrows == 0:
+                return pq.read_schema(path).empty_table().to_pandas()
+            return pd.read_parquet(path, columns=columns)
+        return pd.read_csv(path, usecols=columns, nrows=nrows, sep="\t" if ".tsv" in path.suffixes else ",")
+    except (OSError, ValueError) as err:  # pandas' and pyarrow's parse errors are ValueErrors
+        raise ConfigError("data.path", f"cannot read {path.name}: {str(err).splitlines()[0]}") from err
+
+
+def _check_columns(data: Mapping, path: Path) -> None:
+    """Every column the config names exists; natural needs an institution column."""
+    header = list(read(path, nrows=0).columns)
+    shown = ", ".join(map(str, header[:20])) + (", ..." if len(header) > 20 else "")
+    for role in _ROLES:
+        if data[role] is not None and data[role] not in header:
+            raise ConfigError(f"data.{role}", f"no column '{data[role]}' in {path.name}; columns are: {shown}")
+    listed = data["feature_columns"]
+    if listed is not None and (isinstance(listed, str) or not all(isinstance(c, str) for c in listed)):
+        raise ConfigError("data.feature_columns", f"must be a list of column names or null, got {listed!r}")
+    for col in listed or []:
+        if col not in header:
+            raise ConfigError("data.feature_columns", f"no column '{col}' in {path.name}; columns are: {shown}")
+    if data["partition"] == "natural" and data["institution_column"] is None:
+        raise ConfigError("data.institution_column",
+                          "partition natural needs the column that names each row's institution")
+
+
+def _is_test(df: pd.DataFrame, column: str | None) -> np.ndarray | None:
+    """Rows the split column marks as test (None without a split column)."""
+    if column is None:
+        return None
+    values = df[column].astype(str).str.strip().str.lower()
+    bad = sorted(set(values) - {"train", "test"})
+    if bad:
+        raise ConfigError("data.split_column", f"values must be 'train' or 'test'; found {', '.join(bad[:5])}")
+    return (values == "test").to_numpy()
+
+
+def _natural_parts(df, data, scenario, seed) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) rows of each institution, by the institution column."""
+    groups = df[data["institution_column"]].astype(str).to_numpy()
+    found = list(dict.fromkeys(groups))
+    parts, is_test = [], _is_test(df, data["split_column"])
+    for spec, idx in zip(scenario.institutions, natural(groups, scenario.names)):
+        if len(idx) == 0:
+            raise ConfigError("data.institution_column", f"institution '{spec.name}' has no rows in column "
+                              f"'{data['institution_column']}'; names found: {', '.join(found[:20])}")
+        if is_test is None:
+            parts.append(split_train_test(idx, data["test_fraction"], stream(seed, SPLIT, spec.index)))
+        else:
+            parts.append((idx[~is_test[idx]], idx[is_test[idx]]))
+    return parts
+
+
+def check(data: Mapping, scenario: Scenario) -> None:
+    """Validate the file, the columns named and (natural) that every institution has enough rows."""
+    path = _path(data)
+    _check_columns(data, path)
+    if data["partition"] != "natural":
+        check_partition(data, scenario, len(read(path, [data["label_column"]])))
+        return
+    cols = [c for c in (data["institution_column"], data["split_column"]) if c is not None]
+    parts = _natural_parts(read(path, cols), data, scenario, seed=0)  # sizes do not depend on the seed
+    check_sizes(scenario.names, [len(tr) for tr, _ in parts], [len(te) for _, te in parts], "scenario.institutions",
+                f"add rows for it to {path.name} or drop it from the scenario")
+
+
+def _features(df: pd.DataFrame, data: Mapping, path: Path) -> np.ndarray:
+    """The feature matrix (float64), checked numeric and complete."""
+    columns = data["feature_columns"]
+    if columns is None:
+        roles = {data[r] for r in _ROLES}
+        columns = [c for c in df.columns if c not in roles and pd.api.types.is_numeric_dtype(df[c])]
+        if not columns:
+            raise ConfigError("data.feature_columns", f"{path.name} has no numeric columns besides "
+                              "the label; list the inputs in data.feature_columns")
+    for col in columns:
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            raise ConfigError("data.feature_columns", f"column '{col}' is not numeric ({df[col].dtype}); "
+                              "encode it as numbers or leave it out of data.feature_columns")
+        missing = int(df[col].isna().sum())
+        if missing:
+            raise ConfigError("data.path", f"column '{col}' of {path.name} has {missing} missing values; "
+                              "fill or drop them")
+    return df[list(columns)].to_numpy(dtype=np.float64)
+
+
+def _labels(df: pd.DataFrame, column: str) -> tuple[np.ndarray, int]:
+    """Labels mapped to 0..C-1 in sorted order, and C."""
+    if df[column].isna().any():
+        raise ConfigError("data.label_column", f"{int(df[column].isna().sum())} rows have no label in "
+                          f"'{column}'; drop them")
+    values = df[column].to_numpy()
+    try:
+        classes, codes = np.unique(values, return_inverse=True)
+    except TypeError:  # mixed types: sort by their text
+        classes, codes = np.unique(values.astype(str), return_inverse=True)
+    return codes.astype(np.int64), len(classes)
+
+
+def _smoke_rows(df: pd.DataFrame, data: Mapping, scenario: Scenario, seed: int) -> np.ndarray:
+    """Rows kept under smoke=True: a proportional sample of every (institution, split) group."""
+    keys = [data[c] for c in ("institution_column", "split_column") if data[c] is not None]
+    if data["partition"] != "natural":
+        keys = [k for k in keys if k == data["split_column"]]
+        target = smoke_size(scenario, data["test_fraction"], len(df))
+    else:
+        target = SMOKE_SAMPLES
+    group = df[keys].astype(str).agg("|".join, axis=1).to_numpy() if keys else np.zeros(len(df), dtype=str)
+    rng, frac, keep = stream(seed, SMOKE), min(1.0, target / max(len(df), 1)), []
+    for g in dict.fromkeys(group):
+        rows = np.flatnonzero(group == g)
+        m = min(len(rows), max(smallest_workable(data["test_fraction"]), int(np.ceil(frac * len(rows)))))
+        keep.append(rng.choice(rows, m, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def build(data: Mapping, scenario: Scenario, seed: int, smoke: bool = False) -> Pool:
+    """Load the table, split it among institutions and standardise the features."""
+    path = _path(data)
+    _check_columns(data, path)
+    df = read(path)
+    if smoke:
+        df = df.iloc[_smoke_rows(df, data, scenario, seed)].reset_index(drop=True)
+    x, (y, num_classes) = _features(df, data, path), _labels(df, data["label_column"])
+    if data["partition"] == "natural":
+        parts = _natural_parts(df, data, scenario, seed)
+    else:
+        shards = partition(y, num_classes, data, scenario, stream(seed, PARTITION))
+        is_test = _is_test(df, data["split_column"])
+        parts = [
+            split_train_test(idx, data["test_fraction"], stream(seed, SPLIT, spec.index))
+            if is_test is None else (np.sort(idx[~is_test[idx]]), np.sort(idx[is_test[idx]]))
+            for spec, idx in zip(scenario.institutions, shards)
+        ]
+    train = np.concatenate([tr for tr, _ in parts])
+    mean, std = x[train].mean(axis=0), x[train].std(axis=0)
+    x = ((x - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)  # constant columns stay 0
+    return Pool(x, y, parts, num_classes)
+
+
+def sites_from_table(data: Mapping) -> list[tuple[str, str, int]]:
+    """(institution, discipline, n_rows) per site of the file, in order of first appearance."""
+    data = {**DEFAULTS, **data}
+    if data["name"] != "table":
+        raise ConfigError("data.name", f"sites come from a table; got dataset '{data['name']}', use data=table")
+    if data["partition"] != "natural":
+        raise ConfigError("data.partition", "sites are read from the institution column; set data.partition=natural")
+    path = _path(data)
+    _check_columns(data, path)
+    inst, disc = data["institution_column"], data["discipline_column"]
+    df = read(path, [c for c in (inst, disc) if c is not None]).dropna(subset=[inst])
+    df[inst] = df[inst].astype(str)
+    sites = []
+    for name, rows in df.groupby(inst, sort=False):
+        kinds = sorted(set(rows[disc].astype(str))) if disc is not None else [NO_DISCIPLINE]
+        if len(kinds) > 1:
+            raise ConfigError("data.discipline_column", f"institution '{name}' has rows from several "
+                              f"disciplines: {', '.join(kinds[:5])}; give each institution one discipline")
+        sites.append((str(name), kinds[0], len(rows)))
+    return sites

@@ -1,0 +1,171 @@
+"""Local training, full-shard gradients and evaluation: pure torch, no Ray.
+
+Institutions and the coordinator's central trainer both call these. Arrays come in as
+numpy (float inputs, int64 labels) and results go out as numpy/floats. Batches follow
+the model: they are moved to ``next(model.parameters())``'s device and floating dtype,
+so a model the caller put on a GPU trains there.
+
+Determinism: every random draw (shuffling, dropout) comes from :func:`rng_for(key)`,
+and torch's global RNG is forked around training, so the same model, data, plan and key
+give identical weights (with ``torch.set_num_threads`` fixed by the caller) and callers'
+RNG state is left alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sim.types import LocalPlan, State, TrainingSpec
+
+_CHUNK = 4096  # samples per forward pass when a whole shard is processed at once (bounds memory)
+
+
+def rng_for(key: tuple[int, ...]) -> tuple[np.random.Generator, torch.Generator]:
+    """Independent numpy and torch generators, both seeded from ``np.random.SeedSequence(key)`` (non-negative ints)."""
+    np_seq, torch_seq = np.random.SeedSequence([int(k) for k in key]).spawn(2)
+    torch_seed = int(torch_seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))  # 63 bits: fits manual_seed
+    return np.random.default_rng(np_seq), torch.Generator().manual_seed(torch_seed)
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in what floating dtype the model's parameters live."""
+    p = next(model.parameters())
+    return p.device, (p.dtype if p.is_floating_point() else torch.float32)
+
+
+def _to_tensors(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs in the model's dtype and labels as int64, both on the model's device."""
+    device, dtype = _device_dtype(model)
+    xt = torch.as_tensor(np.asarray(x))
+    if xt.is_floating_point():
+        xt = xt.to(dtype)
+    return xt.to(device), torch.as_tensor(np.asarray(y), dtype=torch.int64).to(device)
+
+
+def _minibatches(rng: np.random.Generator, n: int, training: TrainingSpec) -> list[np.ndarray]:
+    """Index arrays of every minibatch of every local epoch, each epoch freshly shuffled."""
+    size = max(1, int(training.batch_size))
+    batches = []
+    for _ in range(training.local_epochs):
+        perm = rng.permutation(n)
+        batches += [perm[i : i + size] for i in range(0, n, size)]
+    return batches
+
+
+def local_train(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    training: TrainingSpec,
+    plan: LocalPlan,
+    key: tuple[int, ...],
+    anchor: State | None = None,
+) -> tuple[float, int]:
+    """Train ``model`` in place with SGD on (x, y); return (mean per-sample training loss, optimizer steps).
+
+    ``training.local_epochs`` passes of shuffled minibatches with cross-entropy. With
+    ``plan.prox_mu > 0`` the FedProx term (mu/2)*||w - anchor||^2 is added over the
+    parameters named in ``anchor`` (default: the weights training started from).
+    With ``plan.one_step`` a single full-batch step is taken instead of epochs.
+    The reported loss is the data loss only (no proximal term), so schemes compare.
+
+    A fresh optimizer is built every call: momentum does not carry across rounds
+    (institutions restart from a merged state that momentum buffers would not match).
+    """
+    n = len(y)
+    if n == 0:
+        return float("nan"), 0
+    np_rng, gen = rng_for(key)
+    xt, yt = _to_tensors(model, x, y)
+    device, dtype = _device_dtype(model)
+    params = dict(model.named_parameters())
+    pull: dict[str, torch.Tensor] = {}
+    if plan.prox_mu > 0:
+        source = anchor if anchor is not None else {k: p.detach() for k, p in params.items()}
+        pull = {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dtype).clone() for k, v in source.items() if k in params}
+    opt = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=training.lr,
+        momentum=training.momentum,
+        weight_decay=training.weight_decay,
+    )
+    batches = [np.arange(n)] if plan.one_step else _minibatches(np_rng, n, training)
+    if not batches:  # local_epochs == 0
+        return float("nan"), 0
+    dropout_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+
+    was_training = model.training
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on-device: no GPU sync per step
+    seen = 0
+    # Dropout and friends draw from torch's global RNG: fork it (CPU, and the model's GPU
+    # if any) and seed it from the key, so callers' RNG state is untouched.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(dropout_seed)
+        for idx in batches:
+            index = torch.from_numpy(idx).to(device)
+            xb, yb = xt.index_select(0, index), yt.index_select(0, index)
+            opt.zero_grad(set_to_none=True)
+            data_loss = F.cross_entropy(model(xb), yb)
+            loss = data_loss
+            if pull:
+                loss = loss + 0.5 * plan.prox_mu * sum(((params[k] - a) ** 2).sum() for k, a in pull.items())
+            loss.backward()
+            opt.step()
+            loss_sum += data_loss.detach().double() * len(idx)
+            seen += len(idx)
+    model.train(was_training)
+    return float(loss_sum) / seen, len(batches)
+
+
+def full_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+    """Gradient of the mean cross-entropy over the whole shard (FedSGD) and that loss; named like ``get_state``.
+
+    Only parameters that require grad are included. The shard is processed in chunks
+    to bound memory; the model is left in its mode with no ``.grad`` attached.
+    """
+    n = len(y)
+    trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if n == 0:
+        return {k: np.zeros(tuple(p.shape), np.float32) for k, p in trainable.items()}, float("nan")
+    xt, yt = _to_tensors(model, x, y)
+    was_training = model.training
+    model.train()  # the gradient a training step would see
+    for p in trainable.values():
+        p.grad = None
+    total = 0.0
+    for start in range(0, n, _CHUNK):
+        loss = F.cross_entropy(model(xt[start : start + _CHUNK]), yt[start : start + _CHUNK], reduction="sum") / n
+        loss.backward()
+        total += float(loss.detach())
+    grads = {k: p.grad.detach().cpu().float().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32) for k, p in trainable.items()}
+    for p in trainable.values():
+        p.grad = None
+    model.train(was_training)
+    return grads, total
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on (x, y), without gradients; NaNs for an empty set."""
+    n = len(y)
+    if n == 0:
+        return float("nan"), float("nan")
+    xt, yt = _to_tensors(model, x, y)
+    was_training = model.training
+    model.eval()
+    size = max(1, int(batch_size))
+    correct, loss_sum = 0, 0.0
+    with torch.no_grad():
+        for start in range(0, n, size):
+            logits = model(xt[start : start + size])
+            yb = yt[start : start + size]
+            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == yb).sum())
+    model.train(was_training)
+    return correct / n, loss_sum / n
+
+

@@ -1,0 +1,143 @@
+"""Shared types: the frozen records that cross module and actor boundaries.
+
+Everything here is plain data (numpy arrays, tuples, frozen dataclasses) so it
+pickles cheaply, ships zero-copy through Ray's object store, and can be tested
+without a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import numpy as np
+
+State = Mapping[str, np.ndarray]
+"""Model state that crosses actors: a flat ``name -> array`` mapping, never a pickled module."""
+
+GLOBAL = "global"
+"""Institution name used in results for the merged model and the global test set."""
+
+
+class ConfigError(ValueError):
+    """Bad user input, reported as one line naming the config key and the fix."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class InstitutionSpec:
+    """One institution: who it is, how much data it holds, how skewed, what compute it has."""
+
+    index: int  # position in the scenario; fixes merge order and RNG streams
+    name: str
+    discipline: str
+    share: float  # fraction of the data pool this institution holds (shares sum to 1)
+    label_skew: float | None = None  # Dirichlet alpha of its label mix; None = no label skew
+    feature_skew: float = 0.0  # std of a per-institution shift added to its inputs
+    cpus: float = 1.0  # Ray CPU request of its actor (fractions allowed)
+    gpus: float = 0.0  # Ray GPU request of its actor (fractions allowed)
+    behaviour: str = "honest"
+    bandwidth_mbps: float = 100.0  # link speed used by the simulated clock
+    latency_s: float = 0.05  # one-way latency used by the simulated clock
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Who collaborates: the institutions and the disciplines they come from."""
+
+    name: str
+    institutions: tuple[InstitutionSpec, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Institution names in scenario order."""
+        return tuple(i.name for i in self.institutions)
+
+    @property
+    def disciplines(self) -> tuple[str, ...]:
+        """Distinct disciplines in order of first appearance."""
+        return tuple(dict.fromkeys(i.discipline for i in self.institutions))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One institution's data: its own train and test split, as numpy arrays."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def num_train(self) -> int:
+        """Number of training samples."""
+        return int(len(self.y_train))
+
+
+@dataclass(frozen=True)
+class Federation:
+    """All shards of a scenario plus the global test set every scheme is scored on."""
+
+    shards: tuple[Shard, ...]  # in scenario order
+    x_test: np.ndarray  # global test set: the union of the institutions' test splits
+    y_test: np.ndarray
+    input_shape: tuple[int, ...]  # shape of one sample, e.g. (60,) or (1, 8, 8)
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Local-training hyperparameters shared by every institution."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """What a scheme asks of an institution's local step this round (the local_objective hook)."""
+
+    start: Literal["global", "personal"] = "global"  # which model local training starts from
+    upload: Literal["weights", "gradient", "data", "nothing"] = "weights"
+    evaluate: Literal["global", "personal"] = "global"  # which model is scored on test data
+    one_step: bool = False  # FedSGD: a single full-batch gradient instead of epochs
+    prox_mu: float = 0.0  # FedProx proximal weight; 0 is plain local SGD
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What everybody knows at the start of a round."""
+
+    round: int  # 1-based
+    seed: int
+    cohort: tuple[str, ...]  # institutions asked to train, in scenario order
+    plan: LocalPlan = field(default_factory=LocalPlan)
+    sim_time: float = 0.0  # simulated seconds elapsed before this round
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one institution sends up after local training."""
+
+    institution: str
+    index: int
+    state: State  # weights, gradients or raw data, per the plan's ``upload``
+    num_samples: int  # training samples behind this update
+    train_loss: float
+    compute_seconds: float  # measured wall time of local training
+    bytes_up: int  # bytes that actually cross to the coordinator
+    samples_processed: int = 0  # forward+backward passes done (drives the simulated clock)
+    bytes_down: int = 0  # bytes of global state this institution received for the round
+
+
+def state_nbytes(state: State) -> int:
+    """Bytes a state occupies on the wire (the sum of its arrays)."""
+    return int(sum(np.asarray(a).nbytes for a in state.values()))

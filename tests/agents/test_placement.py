@@ -1,0 +1,64 @@
+"""Placement: dedicated or pooled hosts, and impossible resource requests refused up front."""
+
+import pytest
+
+from agents.placement import plan_layout
+from sim.cli import compose
+from sim.config import load_spec
+from sim.types import ConfigError
+
+
+def spec_of(*overrides):
+    return load_spec(compose("config", ["smoke=true", *overrides]))
+
+
+def test_auto_uses_dedicated_actors_when_they_fit():
+    spec = spec_of()
+    layout = plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0)
+    assert layout.mode == "dedicated"
+    assert [h.indices for h in layout.hosts] == [(i,) for i in range(6)]
+    assert [h.cpus for h in layout.hosts] == [s.cpus for s in spec.scenario.institutions]
+
+
+def test_auto_pools_a_large_population_over_few_hosts():
+    spec = spec_of("scenario.num_institutions=50")
+    layout = plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0)
+    assert layout.mode == "pooled" and len(layout.hosts) == 2
+    hosted = sorted(i for h in layout.hosts for i in h.indices)
+    assert hosted == list(range(50))  # everybody hosted exactly once
+    assert sum(h.cpus for h in layout.hosts) + layout.coordinator_cpus <= 2
+
+
+def test_dedicated_request_larger_than_the_cluster_is_refused():
+    spec = spec_of("placement=dedicated", "scenario.num_institutions=20", "scenario.cpus=0.5")
+    with pytest.raises(ConfigError) as err:
+        plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0)
+    assert err.value.key == "placement"
+
+
+def test_more_gpus_than_a_gpu_cluster_has_is_refused():
+    spec = spec_of("scenario.num_institutions=3", "scenario.gpus=1", "placement=dedicated")
+    with pytest.raises(ConfigError) as err:
+        plan_layout(spec, spec.scenario.institutions, cpus=8, gpus=2)
+    assert "3 GPUs" in str(err.value)
+
+
+def test_gpu_scenario_runs_on_cpu_with_a_warning_when_the_cluster_has_no_gpu():
+    spec = spec_of("scenario.num_institutions=3", "scenario.gpus=0.5")
+    layout = plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0)
+    assert all(h.gpus == 0 for h in layout.hosts)
+    assert len(layout.warnings) == 1 and "running on CPU" in layout.warnings[0]
+
+
+def test_gpu_scenario_is_refused_without_gpu_when_required():
+    spec = spec_of("scenario.num_institutions=3", "scenario.gpus=0.5", "engine.gpu_policy=require")
+    with pytest.raises(ConfigError) as err:
+        plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0)
+    assert err.value.key == "scenario.institutions[0].gpus"
+
+
+def test_bundles_reserve_coordinator_and_every_host():
+    spec = spec_of()
+    layout = plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0)
+    assert layout.bundles[0] == {"CPU": 0.25}
+    assert len(layout.bundles) == 7
