@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from analysis.runs import RunDirError, find_run_dirs
+from sim.types import ConfigError
 
 
 def report(args: argparse.Namespace) -> int:
@@ -27,23 +28,22 @@ def report(args: argparse.Namespace) -> int:
 
 def contribution(args: argparse.Namespace) -> int:
     """Compute Shapley and leave-one-out values by re-running the scenario on coalitions (runner: sim.contribution)."""
+    from analysis.contribution import contribution_table
+    from analysis.report import build_report
+    from sim.contribution import coalition_values  # the engine's coalition runner (imports Ray lazily)
+    from sim.results import write_table
+
     find_run_dirs([args.run_dir])
-    try:
-        import sim.contribution as runner  # noqa: F401  (the engine team's coalition runner; imports Ray)
-    except ModuleNotFoundError as err:
-        if err.name not in ("sim.contribution",):
-            raise
-        print("error: contribution values need the coalition runner sim.contribution, which is not installed yet", file=sys.stderr)
-        return 1
-    # TODO(engine): ask the runner for coalition values, then tabulate and report them, e.g.
-    #   values = runner.coalition_values(args.run_dir, exact_max=args.exact_max,
-    #                                    permutations=args.permutations, seed=args.seed)
-    #   table = contribution_table(values, players, exact_max=args.exact_max,
-    #                              permutations=args.permutations, seed=args.seed, value_range=(0.0, 1.0))
-    #   write_table(table, out / "tables" / "contribution.parquet")
-    #   print(build_report([args.run_dir], out, contribution=table))
-    print("error: python -m analysis contribution is not wired to sim.contribution yet", file=sys.stderr)
-    return 1
+    out = args.out if args.out is not None else Path(args.run_dir)
+    values, players = coalition_values(args.run_dir, exact_max=args.exact_max,
+                                       permutations=args.permutations, seed=args.seed)
+    table = contribution_table(values, players, exact_max=args.exact_max, permutations=args.permutations,
+                               seed=args.seed, value_range=(0.0, 1.0))
+    write_table(table, out / "tables" / "contribution.parquet")
+    table.to_csv(out / "tables" / "contribution.csv", index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(build_report([args.run_dir], out, contribution=table))
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except RunDirError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -92,7 +92,9 @@ def findings(summary: pd.DataFrame, gains: pd.DataFrame, fairness: pd.DataFrame,
     per = gains[gains["scheme"] == best["scheme"]].dropna(subset=["gain"])
     if len(fair) and len(per):
         f = fair.iloc[0]
-        text = (f"under {best['scheme']}, {int((per['gain'] > 0).sum())} of {len(per)} institutions are better off "
+        better = int((per["gain"] > 0).sum())
+        who = f"all {len(per)} institutions are" if better == len(per) else f"{better} of {len(per)} institutions {'is' if better == 1 else 'are'}"
+        text = (f"under {best['scheme']}, {who} better off "
                 f"and the Gini of their gains is {fmt(f['gain_gini'], 'ratio')} (0 = perfectly even)")
         if pd.notna(f["accuracy_parity"]) and f["worst_discipline"]:
             text += f"; {f['worst_discipline']} trails the best discipline by {fmt(f['accuracy_parity'] * 100, 'pts_abs')} points"

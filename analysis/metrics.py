@@ -234,7 +234,9 @@ def cost_table(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     """Costs per scenario x scheme (mean over seeds), accuracy per megabyte, and membership of the Pareto front.
 
     The front maximises mean institution accuracy and minimises megabytes, and epsilon too
-    once some scheme reports it; it is taken within each scenario.
+    once some scheme reports it; it is taken within each scenario. For the front, a scheme
+    without privacy noise (epsilon NaN) counts as epsilon 0 when it exchanges nothing (the
+    data never leaves) and as unbounded epsilon otherwise (no formal guarantee).
     """
     per_run = run_costs(ledger).merge(run_accuracy(metrics)[["run_id", "mean_accuracy"]], on="run_id", how="outer")
     per_run["scenario"] = per_run["scenario"].fillna(per_run["run_id"].map(metrics.groupby("run_id")["scenario"].first()))
@@ -248,7 +250,10 @@ def cost_table(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     table["accuracy_per_mb"] = np.where(mb > 0, table["mean_accuracy"] / mb.where(mb > 0), np.nan)
     table["pareto"] = False
     for _, idx in table.groupby("scenario").groups.items():
-        front = pareto_front(table.loc[idx], maximise=["mean_accuracy"], minimise=["megabytes", "epsilon"])
+        rows = table.loc[idx]
+        if rows["epsilon"].notna().any():
+            rows = rows.assign(epsilon=rows["epsilon"].fillna(rows["megabytes"].gt(0).map({True: np.inf, False: 0.0})))
+        front = pareto_front(rows, maximise=["mean_accuracy"], minimise=["megabytes", "epsilon"])
         table.loc[idx, "pareto"] = front
     return order_rows(table[["scenario", "scheme", "runs", *values, "accuracy_per_mb", "pareto"]])
 

@@ -102,15 +102,16 @@ def fmt(value, kind: str) -> str:
 def table(df: pd.DataFrame, columns: Sequence[str], *, row_class: Sequence[str] | None = None, guide: bool = True) -> str:
     """An HTML table of ``columns`` with explained headings, and a short guide to the columns below it."""
     numeric = {c for c in columns if GUIDE.get(c, ("", "", "text"))[2] not in ("text", "bool")}
+    num = {c: ' class="num"' if c in numeric else "" for c in columns}
     head = "".join(
-        f'<th class="{"num" if c in numeric else ""}" title="{html.escape(GUIDE.get(c, (c, "", ""))[1])}">'
-        f"{html.escape(GUIDE.get(c, (c,))[0])}</th>" for c in columns
+        f'<th{num[c]} title="{html.escape(GUIDE.get(c, (c, "", ""))[1])}">{html.escape(GUIDE.get(c, (c,))[0])}</th>'
+        for c in columns
     )
     rows = []
     for i, (_, r) in enumerate(df.iterrows()):
         cls = f' class="{row_class[i]}"' if row_class is not None and row_class[i] else ""
         cells = "".join(
-            f'<td class="{"num" if c in numeric else ""}">{html.escape(fmt(_scaled(c, r[c]), GUIDE.get(c, ("", "", "text"))[2]))}</td>'
+            f"<td{num[c]}>{html.escape(fmt(_scaled(c, r[c]), GUIDE.get(c, ('', '', 'text'))[2]))}</td>"
             for c in columns
         )
         rows.append(f"<tr{cls}>{cells}</tr>")

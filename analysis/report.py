@@ -33,6 +33,11 @@ COST_COLUMNS = ["scheme", "megabytes", "mb_up", "mb_down", "compute_seconds", "s
 def analyse(results: Results) -> dict[str, pd.DataFrame]:
     """Every table of the report, computed from the runs' tables (full precision, as exported)."""
     mt, lg = results.metrics, results.ledger
+    replicates = mt.groupby(["scenario", "scheme", "seed"])["run_id"].nunique()
+    if (replicates > 1).any():
+        scenario, scheme, seed = replicates[replicates > 1].index[0]
+        warnings.warn(f"several runs of {scheme} in scenario {scenario!r} with seed {seed} (a sweep over settings?) "
+                      "are averaged as if they were repeats", m.AnalysisWarning, stacklevel=2)
     gains = m.gain_table(mt)
     return {
         "summary": m.summary(mt, lg),
@@ -71,6 +76,9 @@ def build_report(
     scenarios = sorted(results.metrics["scenario"].dropna().unique())
     for k, scenario in enumerate(scenarios):
         body += _scenario(scenario, results, tables, tag=f"-{k + 1}" if k else "", several=len(scenarios) > 1)
+    if not scenarios:
+        body += section("findings", "No results", "<p>None of the given runs is complete, so there is nothing to analyse. "
+                        "Wait for them to finish, or pass <code>--include-incomplete</code>.</p>")
     if contribution is not None:
         body += _contribution(contribution, tables)
     body += _runs(results)
@@ -94,8 +102,10 @@ def _header(results: Results, with_contribution: bool) -> str:
     mt = results.metrics
     scenarios = sorted(mt["scenario"].dropna().unique())
     when = datetime.now(timezone.utc).strftime("%d %B %Y, %H:%M UTC")
-    sub = (f"Scenario {', '.join(scenarios) or '(none)'} · {mt['scheme'].nunique()} schemes · "
-           f"{mt['seed'].nunique()} seed(s) · {mt['run_id'].nunique()} runs · generated {when}")
+    counts = [(mt["institution"][mt["institution"] != m.GLOBAL].nunique(), "institution"),
+              (mt["scheme"].nunique(), "scheme"), (mt["seed"].nunique(), "seed"), (mt["run_id"].nunique(), "run")]
+    sub = (f"Scenario {', '.join(scenarios) or '(none)'} · "
+           + " · ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in counts) + f" · generated {when}")
     links = [("findings", "Findings"), ("scenario", "Scenario"), ("summary", "Summary"), ("gains", "Who gains"),
              ("fairness", "Fairness"), ("costs", "Costs"), ("rounds", "Over rounds")]
     links += [("contribution", "Contribution")] if with_contribution else []

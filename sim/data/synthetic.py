@@ -12,7 +12,11 @@ part, z = sqrt(1 - within) * z_discipline + sqrt(within) * z_institution. So eac
 institution is still exactly a Synthetic(alpha, beta) device, but two institutions of one
 discipline differ by only ``within`` times the expected squared distance of two from
 different disciplines. within = 1 makes disciplines irrelevant (the paper's independent
-devices); within = 0 makes a discipline's institutions identical in distribution.
+devices); within = 0 makes a discipline's institutions identical in distribution. The
+discipline parts are split the same way around one common task of the consortium:
+z_discipline = sqrt(1 - between) * z_common + sqrt(between) * z_own; between = 1 (the
+paper) gives disciplines unrelated tasks, smaller values give them a shared core that
+collaboration can learn.
 
 An institution's ``label_skew`` (Dirichlet alpha) draws CANDIDATES times its sample count
 from its generator, draws a label mix ~ Dirichlet(alpha) and keeps that many of each
@@ -43,8 +47,10 @@ DEFAULTS = {
     "num_classes": 10,
     "alpha": 0.5,
     "beta": 0.5,
-    "within": 0.2,
+    "within": 0.1,
+    "between": 0.3,
 }
+CONSORTIUM = 0xC0FFEE  # RNG key of the common task every discipline is drawn around
 CANDIDATES = 10  # candidates drawn per kept sample under label_skew
 
 
@@ -76,11 +82,15 @@ def institution_models(data: Mapping, scenario: Scenario, seed: int) -> list[Mod
     """Each institution's generator (W, b, v), in scenario order."""
     dim, classes = int(data["dim"]), int(data["num_classes"])
     shared, own = math.sqrt(1.0 - data["within"]), math.sqrt(data["within"])
+    between = data.get("between", 1.0)
+    common = _normals(stream(seed, DISCIPLINE, CONSORTIUM), dim, classes)
     centres: dict[str, dict[str, np.ndarray]] = {}
     models = []
     for spec in scenario.institutions:
         if spec.discipline not in centres:
-            centres[spec.discipline] = _normals(stream(seed, DISCIPLINE, discipline_key(spec.discipline)), dim, classes)
+            # A discipline's centre = the consortium's common task plus the discipline's own part.
+            d = _normals(stream(seed, DISCIPLINE, discipline_key(spec.discipline)), dim, classes)
+            centres[spec.discipline] = {n: math.sqrt(1 - between) * common[n] + math.sqrt(between) * d[n] for n in d}
         d = centres[spec.discipline]
         k = _normals(stream(seed, INSTITUTION, spec.index), dim, classes)
         z = {name: shared * d[name] + own * k[name] for name in d}
@@ -134,8 +144,9 @@ def check(data: Mapping, scenario: Scenario) -> None:
     for key in ("alpha", "beta"):
         if not isinstance(data[key], (int, float)) or data[key] < 0:
             raise ConfigError(f"data.{key}", f"must be a number >= 0 (a standard deviation), got {data[key]!r}")
-    if not isinstance(data["within"], (int, float)) or not 0 <= data["within"] <= 1:
-        raise ConfigError("data.within", f"must be between 0 and 1, got {data['within']!r}")
+    for key in ("within", "between"):
+        if not isinstance(data[key], (int, float)) or not 0 <= data[key] <= 1:
+            raise ConfigError(f"data.{key}", f"must be between 0 and 1, got {data[key]!r}")
     sizes = apportion([i.share for i in scenario.institutions], data["num_samples"])
     tests = [num_test(n, data["test_fraction"]) for n in sizes]
     need = needed_samples(scenario, data["test_fraction"])

@@ -119,9 +119,3 @@ def small():
 def small_run(tmp_path, small):
     """The small tables written as one run directory."""
     return write_run(tmp_path / "small", *small)
-
-
-@pytest.fixture
-def demo_run(tmp_path):
-    """A plausible 5-scheme, 3-seed compare of the default scenario written as one run directory (few rounds)."""
-    return write_run(tmp_path / "compare", *demo_tables(rounds=6), config={**DEMO_CONFIG, "rounds": 6}, state="complete")

@@ -181,3 +181,31 @@ def test_empty_tables_do_not_crash():
     assert m.summary(empty_m, empty_l).empty
     assert m.cost_table(empty_m, empty_l).empty
     assert m.fairness_table(empty_m).empty
+
+
+def test_epsilon_is_the_largest_spend_and_enters_the_front(small):
+    metrics, ledger, _ = small
+    ledger = ledger.copy()
+    ledger.loc[(ledger["run_id"] == "fedavg-0") & (ledger["institution"] == "A"), "epsilon"] = 2.0
+    ledger.loc[(ledger["run_id"] == "fedavg-0") & (ledger["institution"] == "B"), "epsilon"] = 3.0
+    ledger.loc[ledger["run_id"] == "fedavg-1", "epsilon"] = 1.0
+    costs = m.cost_table(metrics, ledger).set_index("scheme")
+    assert costs.loc["fedavg", "epsilon"] == pytest.approx(2.0)  # per run max (3, 1), mean over seeds
+    assert np.isnan(costs.loc["isolated", "epsilon"])  # shown as "no noise"
+    assert costs.loc["isolated", "pareto"] and costs.loc["fedavg", "pareto"]  # isolated: nothing leaves, epsilon 0
+
+
+def _clone(tables, scheme: str, accuracy_shift: float, epsilon: float):
+    """Copy the fedavg runs of (metrics, ledger) as another scheme, shifting accuracy and setting epsilon."""
+    metrics, ledger = (t[t["scheme"] == "fedavg"].assign(scheme=scheme, run_id=lambda d: d["run_id"] + scheme) for t in tables)
+    return metrics.assign(value=metrics["value"] + accuracy_shift), ledger.assign(epsilon=epsilon)
+
+
+def test_sharing_without_noise_counts_as_unbounded_epsilon_on_the_front(small):
+    metrics, ledger, _ = small
+    dp = _clone((metrics, ledger), "dp", -0.01, 1.0)  # same bytes, a little less accurate, private
+    leaky = _clone((metrics, ledger), "leaky", -0.02, np.nan)  # same bytes, less accurate, no noise
+    costs = m.cost_table(pd.concat([metrics, dp[0], leaky[0]]), pd.concat([ledger, dp[1], leaky[1]])).set_index("scheme")
+    # fedavg has no noise but the best accuracy: on the front (NaN read as unbounded, not dropped);
+    # leaky is fedavg made worse: dominated; isolated exchanges nothing, so its epsilon counts as 0.
+    assert costs["pareto"].to_dict() == {"isolated": True, "dp": True, "fedavg": True, "leaky": False}
