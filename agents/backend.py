@@ -2,7 +2,14 @@
 
 Both drive the same :class:`~agents.host.Host` and :class:`~agents.coordinator.Coordinator`
 classes, so a result cannot depend on which backend produced it. The engine sees only
-the four methods of :class:`Backend`.
+the methods of :class:`Backend`.
+
+Process faults: on Ray a host that dies, raises or misses ``engine.round_timeout_s``
+costs its institutions that round (ledger status ``crashed`` or ``timeout``), never the
+run. The backend keeps what every institution carries between rounds (its personal
+model, whether its data was handed over) as each round ends, so a replacement host
+starts the next round exactly where the lost one stood. A coordinator that fails stops
+the run with :class:`~sim.types.RunFailed`; ``python -m sim resume=RUN_DIR`` continues it.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ from typing import Any, Protocol
 from agents.coordinator import Coordinator
 from agents.host import Host
 from agents.placement import Layout
+from sim import faults
 from sim.config import RunSpec
-from sim.types import Federation, InstitutionSpec, LocalPlan, RoundContext
+from sim.types import Federation, InstitutionSpec, LocalPlan, RoundContext, RunFailed, Snapshot
 
 log = logging.getLogger(__name__)
+START_TIMEOUT_S = 300.0  # a new actor imports torch and builds its model: slow on a busy machine, so not the round deadline
 
 
 class Backend(Protocol):
@@ -31,6 +40,12 @@ class Backend(Protocol):
 
     def evaluate(self, plan: LocalPlan) -> tuple[dict[str, float], list[tuple[str, dict[str, float]]]]:
         """Global-test scores and each institution's test scores."""
+
+    def save(self) -> Snapshot:
+        """Everything that persists between rounds, for a checkpoint."""
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Continue from a checkpoint."""
 
     def close(self) -> None:
         """Release actors."""
@@ -60,11 +75,19 @@ class InProcessBackend:
         return ctx
 
     def train_and_merge(self, ctx: RoundContext) -> list[dict[str, Any]]:
-        return self.coordinator.merge(ctx, self.host.train(ctx, self.state))
+        updates, _ = self.host.train(ctx, self.state)
+        return self.coordinator.merge(ctx, {}, updates)
 
     def evaluate(self, plan: LocalPlan):
         state = self.coordinator.current_state()  # the current global state
         return self.coordinator.evaluate(), self.host.evaluate(plan, state)
+
+    def save(self) -> Snapshot:
+        return Snapshot(*self.coordinator.snapshot(), self.host.persistent())
+
+    def restore(self, snapshot: Snapshot) -> None:
+        self.coordinator.restore(snapshot.global_state, snapshot.scheme)
+        self.host.restore(snapshot.institutions)
 
     def close(self) -> None:
         pass
@@ -77,41 +100,73 @@ class RayBackend:
         import ray
 
         self.ray = ray
+        self.timeout = spec.engine.round_timeout_s
         common, coord = _kwargs(spec, fed, flops)
-        # Ship big arrays once through the object store; actors read them zero-copy.
+        # Ship big arrays once through the object store; actors (and restarted ones) read them zero-copy.
         common["global_test"] = ray.put(common["global_test"])
         coord["global_test"] = common["global_test"]
-        env = {"env_vars": {"OMP_NUM_THREADS": str(spec.engine.threads_per_institution)}}
+        self.env = {"env_vars": {"OMP_NUM_THREADS": str(spec.engine.threads_per_institution)}}
         self.coordinator = ray.remote(Coordinator).options(
-            num_cpus=layout.coordinator_cpus, runtime_env=env
+            num_cpus=layout.coordinator_cpus, runtime_env=self.env
         ).remote(specs, **coord)
-        initial = self.coordinator.current_state.remote()
+        common["initial"] = self.coordinator.current_state.remote()  # every personal model starts here
+        self.common = common
         by_index = {s.index: s for s in specs}
-        self.hosts = [
-            ray.remote(Host).options(num_cpus=h.cpus, num_gpus=h.gpus, runtime_env=env).remote(
-                [by_index[i] for i in h.indices], [fed.shards[i] for i in h.indices], initial=initial, **common
-            )
-            for h in layout.hosts
-        ]
+        self.order = {s.name: s.index for s in specs}
+        # Kept for restarts: a replacement host gets the same institutions and shards from the object store.
+        self.layout = [(h, ray.put([by_index[i] for i in h.indices]), ray.put([fed.shards[i] for i in h.indices]))
+                       for h in layout.hosts]
+        self.hosts = [self._start_host(j) for j in range(len(self.layout))]
         self.members = [{by_index[i].name for i in h.indices} for h in layout.hosts]
-        self.pids = ray.get([h.ready.remote() for h in self.hosts])
+        self.carried: dict[str, dict] = {}  # name -> persistent state as of the last round (changed ones only)
+        self.pids = self._get([h.ready.remote() for h in self.hosts], "the host actors did not start", START_TIMEOUT_S)
         self.state_ref = None
 
     def begin_round(self, round: int, sim_time: float) -> RoundContext:
         ctx_ref, self.state_ref = self.coordinator.begin_round.options(num_returns=2).remote(round, sim_time)
-        return self.ray.get(ctx_ref)
+        return self._get(ctx_ref, f"round {round}: the coordinator could not start the round")
 
     def train_and_merge(self, ctx: RoundContext) -> list[dict[str, Any]]:
         cohort = set(ctx.cohort)
         # Fan out to every host with a cohort member; the coordinator resolves the updates itself.
-        refs = [h.train.remote(ctx, self.state_ref) for h, m in zip(self.hosts, self.members) if m & cohort]
-        return self.ray.get(self.coordinator.merge.remote(ctx, *refs))
+        calls = {j: h.train.options(num_returns=2).remote(ctx, self.state_ref)
+                 for j, (h, m) in enumerate(zip(self.hosts, self.members)) if m & cohort}
+        carried, failures = self._gather({j: c[1] for j, c in calls.items()})
+        for saved in carried.values():
+            self.carried.update(saved)
+        lost = {}
+        for j, (status, error) in failures.items():
+            names = sorted(self.members[j] & cohort, key=self.order.get)
+            log.warning("round %d: %s %s (%s); their updates are lost this round and their host restarts",
+                        ctx.round, ", ".join(names), status, error)
+            lost |= dict.fromkeys(names, status)
+            self._restart(j, list(calls[j]))
+        refs = [c[0] for j, c in calls.items() if j not in failures]
+        merged = self.coordinator.merge.remote(ctx, lost, *refs)
+        return self._get(merged, f"round {ctx.round}: the coordinator failed to merge")
 
     def evaluate(self, plan: LocalPlan):
         state = self.coordinator.current_state.remote()
-        futures = [self.coordinator.evaluate.remote()] + [h.evaluate.remote(plan, state) for h in self.hosts]
-        glob, *per_host = self.ray.get(futures)
-        return glob, [row for rows in per_host for row in rows]
+        glob = self.coordinator.evaluate.remote()
+        refs = {j: h.evaluate.remote(plan, state) for j, h in enumerate(self.hosts)}
+        scores, failures = self._gather(refs)
+        for j, (status, error) in failures.items():  # scoring changes nothing: restart and score again
+            names = ", ".join(sorted(self.members[j], key=self.order.get))
+            log.warning("scoring %s %s (%s); restarting their host", names, status, error)
+            self._restart(j, [refs[j]])
+            scores[j] = self._get(self.hosts[j].evaluate.remote(plan, state), "scoring on a restarted host failed")
+        per_host = [scores[j] for j in range(len(self.hosts))]
+        return self._get(glob, "the coordinator could not score"), [row for rows in per_host for row in rows]
+
+    def save(self) -> Snapshot:
+        state, scheme = self._get(self.coordinator.snapshot.remote(), "the coordinator could not be checkpointed")
+        return Snapshot(state, scheme, dict(self.carried))
+
+    def restore(self, snapshot: Snapshot) -> None:
+        self.carried = dict(snapshot.institutions)
+        self._get(self.coordinator.restore.remote(snapshot.global_state, snapshot.scheme), "restoring the coordinator failed")
+        self.pids = self._get([h.restore.remote(self._carried_by(j)) for j, h in enumerate(self.hosts)],
+                              "restoring the hosts failed", START_TIMEOUT_S)
 
     def devices(self) -> list[str]:
         """Where each host trains ('cpu' or 'cuda:N')."""
@@ -120,6 +175,67 @@ class RayBackend:
     def close(self) -> None:
         for a in [self.coordinator, *self.hosts]:
             self.ray.kill(a)
+
+    def _carried_by(self, j: int) -> dict[str, dict]:
+        """What host ``j``'s institutions carry, for a host that starts afresh."""
+        return {n: self.carried[n] for n in self.members[j] if n in self.carried}
+
+    def _start_host(self, j: int):
+        """A host actor for slot ``j`` of the layout, its institutions at their starting state."""
+        h, specs, shards = self.layout[j]
+        return self.ray.remote(Host).options(num_cpus=h.cpus, num_gpus=h.gpus, runtime_env=self.env).remote(
+            specs, shards, **self.common)
+
+    def _restart(self, j: int, orphans: list) -> None:
+        """Replace host ``j`` by a new actor holding the same shards and its institutions' carried state."""
+        self.ray.kill(self.hosts[j], no_restart=True)
+        self._discard(orphans)
+        self.hosts[j] = self._start_host(j)
+        self.pids[j] = self._get(self.hosts[j].restore.remote(self._carried_by(j)), f"host {j} could not be restarted",
+                                 START_TIMEOUT_S)
+
+    def _discard(self, refs: list) -> None:
+        """Collect a lost host's unfinished results (errors by now), so Ray does not report them as unhandled."""
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=10)
+        for ref in ready:
+            try:
+                self.ray.get(ref)
+            except self.ray.exceptions.RayError:
+                pass
+
+    def _gather(self, refs: dict[int, Any]) -> tuple[dict[int, Any], dict[int, tuple[str, str]]]:
+        """Results by host within the deadline, and (status, error) of hosts that crashed or timed out."""
+        ready, _ = self.ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout)
+        ready = set(ready)
+        results, failures = {}, {}
+        for j, ref in refs.items():
+            if ref not in ready:
+                failures[j] = (faults.TIMEOUT, f"no answer within engine.round_timeout_s={self.timeout:g}")
+                continue
+            try:
+                results[j] = self.ray.get(ref)  # finished already: returns at once
+            except self.ray.exceptions.RayError as e:
+                failures[j] = (faults.CRASHED, _reason(e))
+        return results, failures
+
+    def _get(self, refs, what: str, timeout: float | None = None):
+        """``ray.get`` within the round deadline (or ``timeout`` if longer); a failure stops the run with one line."""
+        limit = max(self.timeout, timeout or 0.0)
+        try:
+            return self.ray.get(refs, timeout=limit)
+        except self.ray.exceptions.GetTimeoutError:
+            raise RunFailed(f"{what}: no answer within {limit:g}s (engine.round_timeout_s)") from None
+        except self.ray.exceptions.RayError as e:
+            raise RunFailed(f"{what}: {_reason(e)}") from None
+
+
+def _reason(e: BaseException) -> str:
+    """One line on what went wrong in an actor: its own exception if it raised, else Ray's verdict."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}".rstrip(": ")
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def connect(cluster: dict[str, Any]) -> tuple[float, float]:
@@ -135,15 +251,26 @@ def connect(cluster: dict[str, Any]) -> tuple[float, float]:
             if cluster.get("temp_dir"):
                 kwargs["_temp_dir"] = str(cluster["temp_dir"])
         ray.init(**{k: v for k, v in kwargs.items() if v is not None})
-    res = ray.available_resources() if _in_placement_group() else ray.cluster_resources()
+    res = _placement_group_resources() or ray.cluster_resources()
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
 
 
-def _in_placement_group() -> bool:
-    """True inside a Tune trial or task that runs in a placement group."""
-    import ray
+def _placement_group_resources() -> dict[str, float] | None:
+    """Inside a placement group (a Tune trial): its bundles less what this process holds; None outside one.
 
-    try:
-        return ray.get_runtime_context().get_placement_group_id() is not None
-    except Exception:  # noqa: BLE001 - older Ray without the call: assume not
-        return False
+    The run must be laid out on what its trial reserved, not on the cluster's free
+    resources (other trials' reservations come and go); the trial's own bundle holds
+    this process, so it is taken off.
+    """
+    import ray
+    from ray.util import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is None:
+        return None
+    held = ray.get_runtime_context().get_assigned_resources()
+    total: dict[str, float] = {}
+    for bundle in pg.bundle_specs:
+        for k, v in bundle.items():
+            total[k] = total.get(k, 0.0) + v
+    return {k: max(0.0, v - held.get(k, 0.0)) for k, v in total.items()}

@@ -1,7 +1,9 @@
 """The coordinator: holds the global state, asks the scheme to select and merge, keeps the ledger.
 
 Plain Python; :mod:`agents.backend` runs it as a Ray actor. Updates are merged in
-scenario order whatever order they arrive in, so results do not depend on timing.
+scenario order whatever order they arrive in, so results do not depend on timing. The
+fault model (:mod:`sim.faults`) is applied here, after the scheme has chosen its cohort,
+so the scheme merges only what arrived and the ledger says why the rest did not.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from sim import clock
+from sim import clock, faults
 from sim.models import build_model, get_state, set_state
 from sim.train import evaluate, local_train
-from sim.types import GLOBAL, InstitutionSpec, RoundContext, State, TrainingSpec, Update
+from sim.types import GLOBAL, InstitutionSpec, RoundContext, State, TrainingSpec, Update, state_nbytes
 
 
 class Coordinator:
@@ -58,28 +60,47 @@ class Coordinator:
         return self.state
 
     def begin_round(self, round: int, sim_time: float) -> tuple[RoundContext, State]:
-        """This round's context (cohort, local plan) and the global state to send out."""
+        """This round's context (who trains, who drops out, the local plan) and the global state to send out."""
         everyone = RoundContext(round=round, seed=self.seed, cohort=tuple(self.specs))
-        cohort = self.scheme.select(everyone)
-        return replace(everyone, cohort=tuple(cohort), plan=self.scheme.plan(round), sim_time=sim_time), self.state
+        selected = tuple(self.scheme.select(everyone))
+        dropped = faults.dropped(self.specs.values(), selected, self.seed, round)
+        out = {name for name, _ in dropped}
+        ctx = replace(everyone, cohort=tuple(n for n in selected if n not in out), plan=self.scheme.plan(round),
+                      sim_time=sim_time, dropped=dropped)
+        return ctx, self.state
 
-    def merge(self, ctx: RoundContext, *update_lists: Sequence[Update]) -> list[dict[str, Any]]:
-        """Merge what arrived (in scenario order) and return the round's ledger rows."""
+    def merge(self, ctx: RoundContext, lost: dict[str, str], *update_lists: Sequence[Update]) -> list[dict[str, Any]]:
+        """Merge what arrived (in scenario order) and return the round's ledger rows.
+
+        ``lost`` names cohort members whose host crashed or timed out (status per name).
+        """
         updates = sorted((u for lst in update_lists for u in lst), key=lambda u: u.index)
+        sent = state_nbytes(self.state) if ctx.plan.start == "global" else 0  # what a dropped member had received
         self.central_work = []
         merged = self.scheme.merge(ctx, self.state, updates)
         if merged is not None:
             self.state = {k: np.asarray(v) for k, v in merged.items()}
-        rows = [self._ledger_row(self.specs[u.institution], u) for u in updates]
         arrived = {u.institution for u in updates}
-        rows += [_absent(self.specs[n]) for n in self.specs if n not in arrived]
+        status = {n: faults.IDLE for n in self.specs} | dict(ctx.dropped) | dict(lost)
+        rows = [self._ledger_row(self.specs[u.institution], u) for u in updates]
+        rows += [_absent(self.specs[n], status[n], sent) for n in self.specs if n not in arrived]
         samples = sum(s for s, _ in self.central_work)
         rows.append({
             "institution": GLOBAL, "participated": bool(self.central_work), "bytes_up": 0, "bytes_down": 0,
             "compute_seconds": sum(w for _, w in self.central_work), "samples": samples,
             "simulated_seconds": clock.compute_seconds(self.central, samples, self.flops),
+            "status": faults.OK if self.central_work else faults.IDLE,
         })
         return rows
+
+    def snapshot(self) -> tuple[State, dict[str, np.ndarray]]:
+        """The global state and the scheme's own state, for a checkpoint."""
+        return self.state, self.scheme.state()
+
+    def restore(self, state: State, scheme_state: dict[str, np.ndarray]) -> None:
+        """Continue from a checkpoint's global and scheme state."""
+        self.state = {k: np.asarray(v) for k, v in state.items()}
+        self.scheme.load_state(scheme_state)
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and loss of the global model on the global test set."""
@@ -103,10 +124,17 @@ class Coordinator:
             "compute_seconds": u.compute_seconds, "samples": u.num_samples, "train_loss": u.train_loss,
             "simulated_seconds": clock.compute_seconds(spec, u.samples_processed, self.flops)
             + clock.transfer_seconds(spec, u.bytes_up, u.bytes_down),
+            "status": faults.OK,
         }
 
 
-def _absent(spec: InstitutionSpec) -> dict[str, Any]:
-    """Ledger entry of an institution that did not take part this round."""
-    return {"institution": spec.name, "participated": False, "bytes_up": 0, "bytes_down": 0,
-            "compute_seconds": 0.0, "samples": 0, "simulated_seconds": 0.0}
+def _absent(spec: InstitutionSpec, status: str, sent: int) -> dict[str, Any]:
+    """Ledger entry of an institution whose update did not arrive: not selected, offline, failed or lost.
+
+    Members that failed or were lost mid-round had already received the global state
+    (``sent`` bytes), so the download is booked; offline or unselected ones cost nothing.
+    """
+    down = sent if status in (faults.FAILED, faults.CRASHED, faults.TIMEOUT) else 0
+    return {"institution": spec.name, "participated": False, "bytes_up": 0, "bytes_down": down,
+            "compute_seconds": 0.0, "samples": 0, "simulated_seconds": clock.transfer_seconds(spec, 0, down),
+            "status": status}

@@ -48,17 +48,33 @@ class Host:
         self.global_test = global_test
 
     def ready(self) -> int:
-        """The host's process id, once it is up (also what a chaos test would signal)."""
+        """The host's process id, once it is up (what the chaos tests signal)."""
         return os.getpid()
 
     def device(self) -> str:
         """Where this host trains: 'cpu' or 'cuda:N'."""
         return str(next(self.model.parameters()).device)
 
-    def train(self, ctx: RoundContext, global_state: State | None) -> list[Update]:
-        """Local step of each hosted institution that is in this round's cohort."""
+    def train(self, ctx: RoundContext, global_state: State | None) -> tuple[list[Update], dict[str, dict[str, np.ndarray]]]:
+        """Local step of each hosted institution in this round's cohort: their updates, and what they now carry.
+
+        The second part (name -> persistent state, for those that changed) is what the
+        backend keeps so that a restarted host can be given its institutions back.
+        """
         cohort = set(ctx.cohort)
-        return [i.train(self.model, ctx, global_state) for i in self.institutions if i.spec.name in cohort]
+        trained = [i for i in self.institutions if i.spec.name in cohort]
+        updates = [i.train(self.model, ctx, global_state) for i in trained]
+        return updates, {i.spec.name: p for i in trained if (p := i.persistent())}
+
+    def persistent(self) -> dict[str, dict[str, np.ndarray]]:
+        """Name -> persistent state of every hosted institution whose state changed (for checkpoints)."""
+        return {i.spec.name: p for i in self.institutions if (p := i.persistent())}
+
+    def restore(self, saved: Mapping[str, Mapping[str, np.ndarray]]) -> int:
+        """Give hosted institutions back their persistent state (after a restart or from a checkpoint); returns the pid."""
+        for i in self.institutions:
+            i.restore(saved.get(i.spec.name, {}))
+        return os.getpid()
 
     def evaluate(self, plan: LocalPlan, global_state: State | None) -> list[tuple[str, dict[str, float]]]:
         """Each hosted institution's test scores for the model it ends the round with."""

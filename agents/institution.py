@@ -9,6 +9,7 @@ hundreds of institutions in flat memory.
 from __future__ import annotations
 
 import time
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ class Institution:
         self.seed = seed
         self.personal: State = initial  # its own model; used by schemes whose plan says "personal"
         self.uploaded_data = False
+        self.changed = False  # whether anything above moved away from its starting value
 
     def train(self, model: torch.nn.Module, ctx: RoundContext, global_state: State | None) -> Update:
         """Run this round's local step on ``model`` and return what crosses to the coordinator."""
@@ -39,7 +41,7 @@ class Institution:
         if plan.upload == "data":
             # Data sharing: the shard itself crosses, once; nothing is trained locally.
             payload = {} if self.uploaded_data else {"x": shard.x_train, "y": shard.y_train}
-            self.uploaded_data = True
+            self.uploaded_data = self.changed = True
         else:
             set_state(model, start)
             if plan.one_step:
@@ -52,8 +54,8 @@ class Institution:
                 )
                 samples_processed = self.training.local_epochs * shard.num_train
                 payload = get_state(model)
-            if plan.start == "personal":
-                self.personal = get_state(model) if not plan.one_step else self.personal
+            if plan.start == "personal" and not plan.one_step:
+                self.personal, self.changed = get_state(model), True
             if plan.upload == "nothing":
                 payload = {}
         return Update(
@@ -67,6 +69,19 @@ class Institution:
             samples_processed=samples_processed,
             bytes_down=state_nbytes(global_state) if plan.start == "global" and global_state else 0,
         )
+
+    def persistent(self) -> dict[str, np.ndarray]:
+        """What it carries from round to round, as flat numpy arrays (empty while nothing changed)."""
+        if not self.changed:
+            return {}
+        return {"uploaded_data": np.asarray(self.uploaded_data)} | {f"personal/{k}": v for k, v in self.personal.items()}
+
+    def restore(self, saved: Mapping[str, np.ndarray]) -> None:
+        """Take back what :meth:`persistent` returned (after a restart or from a checkpoint)."""
+        if saved:
+            self.uploaded_data = bool(saved["uploaded_data"])
+            self.personal = {k.removeprefix("personal/"): np.asarray(v) for k, v in saved.items() if k.startswith("personal/")}
+            self.changed = True
 
     def evaluate(self, model: torch.nn.Module, plan: LocalPlan, global_state: State | None,
                  global_test: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float]:

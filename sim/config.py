@@ -8,17 +8,21 @@ objects, never raw dicts.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from sim import schema
 from sim.scenario import build_scenario
+from sim.schema import CLUSTER, ENGINE, GPU_POLICIES, PLACEMENTS, TOP, TRAINING, check_group
 from sim.types import ConfigError, Scenario, TrainingSpec
 
-PLACEMENTS = ("auto", "dedicated", "pooled")
-GPU_POLICIES = ("warn", "require")
+__all__ = ["EngineSpec", "GPU_POLICIES", "PLACEMENTS", "RunSpec", "SMOKE_ROUNDS", "load_spec"]
 SMOKE_ROUNDS = 3
 
 
@@ -31,6 +35,7 @@ class EngineSpec:
     pooled_hosts: int | None = None  # None = as many as the CPUs allow
     max_dedicated: int = 16
     gpu_policy: str = "warn"
+    round_timeout_s: float = 600.0  # a host that has not answered by then is given up on for the round
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class RunSpec:
     smoke: bool = False
     config_hash: str = ""
     only: tuple[str, ...] | None = field(default=None)  # coalition: the institutions that take part
+    checkpoint_every: int = 0  # rounds between checkpoints; 0 = none
+    resume: str | None = None  # the run directory this run continues
+    config: Mapping[str, Any] = field(default_factory=dict, compare=False)  # the validated config, as written to config.yaml
 
     @property
     def run_id(self) -> str:
@@ -69,21 +77,23 @@ class RunSpec:
 def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
     """Validate a composed config and freeze it into a RunSpec (raises ConfigError)."""
     c = cfg if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig) else OmegaConf.to_container(cfg, resolve=True)
-    c = {k: v for k, v in c.items() if k != "hydra"}
+    c = {k: v for k, v in check_group("", c, TOP, allowed=schema.OTHER_ENTRY_POINTS).items() if k != "hydra"}
+    if isinstance(c.get("resume"), str):
+        return _resumed(c["resume"])
+    if not (c.get("resume") is None or isinstance(c["resume"], bool)):
+        raise ConfigError("resume", f"expected the run directory to continue, got {c['resume']!r}")
     seed = _int(c, "seed", minimum=0)
-    smoke = bool(c.get("smoke", False))
+    smoke = c.get("smoke", False)
     rounds = _int(c, "rounds", minimum=1)
     if smoke:
         rounds = min(rounds, SMOKE_ROUNDS)
-    placement = c.get("placement", "auto")
-    if placement not in PLACEMENTS:
-        raise ConfigError("placement", f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
     scenario = build_scenario(c.get("scenario") or {}, seed)
     scheme_name = _scheme_name(c.get("scheme") or {})
+    hashed = {k: v for k, v in c.items() if k != "resume"}  # where a run was resumed from is not what it is
     spec = RunSpec(
         seed=seed,
         rounds=rounds,
-        placement=placement,
+        placement=c.get("placement", "auto"),
         scenario=scenario,
         scheme_name=scheme_name,
         scheme=c["scheme"],
@@ -91,12 +101,29 @@ def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
         data=_group(c, "data"),
         training=_training(c.get("training") or {}),
         engine=_engine(c.get("engine") or {}),
-        cluster=c.get("cluster") or {},
+        cluster=check_group("cluster", c.get("cluster") or {}, CLUSTER),
         smoke=smoke,
-        config_hash=hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:8],
+        config_hash=hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8],
+        checkpoint_every=c.get("checkpoint_every", 0),
+        config={**hashed, "resume": None},
     )
     _check_groups(spec)
     return spec
+
+
+def _resumed(run_dir: str) -> RunSpec:
+    """The spec of the run saved in ``run_dir`` (its config.yaml), marked as resumed."""
+    path = Path(run_dir).expanduser()
+    if not (path / "config.yaml").is_file():
+        why = "no such directory" if not path.is_dir() else "no config.yaml there"
+        raise ConfigError("resume", f"{run_dir}: {why}; give the run directory of the run to continue")
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file is bad input like any other
+        raise ConfigError("resume", f"{run_dir}/config.yaml cannot be read ({type(e).__name__}); the run cannot be resumed") from None
+    if not isinstance(saved, dict) or isinstance(saved.get("resume"), str):
+        raise ConfigError("resume", f"{run_dir}/config.yaml is not the config of a run")
+    return replace(load_spec(saved), resume=str(path))
 
 
 def _group(c: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -120,19 +147,49 @@ def _scheme_name(scheme: Mapping[str, Any]) -> str:
 
 def _check_groups(spec: RunSpec) -> None:
     """Build the scheme and model once in the driver so bad keys fail here, not in an actor."""
+    import torch
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    from hydra.utils import get_object, instantiate
 
     from sim.data import check_data
     from sim.models import build_model
 
+    schema.check_by_signature("scheme", spec.scheme, get_object(spec.scheme["_target_"]), schema.Field("int", 0))
     try:
         instantiate(dict(spec.scheme))
     except (InstantiationException, TypeError, ValueError) as e:
-        raise ConfigError("scheme", _first_line(e)) from None
+        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
+        raise cause or ConfigError("scheme", _first_line(e)) from None
+    schema.check_data_types(spec.data)
     check_data(spec.data, spec.scenario)
-    # Shapes are checked for real when the data is built; a small probe catches bad model keys now.
-    build_model(spec.model, (1, 8, 8) if spec.model.get("_target_", "").endswith("cnn") else (4,), 2, seed=0)
+    target = schema.check_value("model._target_", spec.model.get("_target_"), schema.Field("str"))
+    schema.check_by_signature("model", spec.model, _factory(target), schema.Field("int", 1, schema.MAX_WIDTH))
+    # Shapes are checked for real when the data is built; a probe on the meta device (no memory) catches bad keys now.
+    with torch.device("meta"):
+        build_model(spec.model, (1, 8, 8) if spec.model.get("_target_", "").endswith("cnn") else (4,), 2, seed=0)
+    _check_resources(spec)
+
+
+def _factory(target: str) -> Any:
+    """The model factory ``target`` names (imported quietly: Hydra's own lookup logs a multi-line error)."""
+    module, _, name = target.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError("model._target_", f"cannot import {target!r} ({type(e).__name__}); "
+                          "check the spelling, e.g. sim.models.mlp") from None
+    if not callable(factory):
+        raise ConfigError("model._target_", f"{target!r} is not a model factory; use e.g. sim.models.mlp")
+    return factory
+
+
+def _check_resources(spec: RunSpec) -> None:
+    """When the command names the local cluster's size, refuse layouts that cannot fit it before Ray starts."""
+    from agents.placement import plan_layout
+
+    cpus, gpus = spec.cluster.get("num_cpus"), spec.cluster.get("num_gpus")
+    if spec.cluster.get("address") is None and cpus is not None:
+        plan_layout(spec, spec.scenario.institutions, float(cpus), math.inf if gpus is None else float(gpus))
 
 
 def _first_line(e: BaseException) -> str:
@@ -142,53 +199,24 @@ def _first_line(e: BaseException) -> str:
 
 
 def _training(t: Mapping[str, Any]) -> TrainingSpec:
-    """Local-training hyperparameters, range-checked."""
-    allowed = set(TrainingSpec.__dataclass_fields__)
-    for k in t:
-        if k not in allowed:
-            raise ConfigError(f"training.{k}", f"unknown key; training takes {', '.join(sorted(allowed))}")
-    spec = TrainingSpec(
-        local_epochs=_int(t, "local_epochs", minimum=1, prefix="training.", default=1),
-        batch_size=_int(t, "batch_size", minimum=1, prefix="training.", default=32),
-        lr=_float(t, "lr", "training.", default=0.05, positive=True),
-        momentum=_float(t, "momentum", "training.", default=0.0),
-        weight_decay=_float(t, "weight_decay", "training.", default=0.0),
-    )
-    if spec.momentum >= 1:
-        raise ConfigError("training.momentum", f"must be in [0, 1), got {spec.momentum}")
-    return spec
+    """Local-training hyperparameters, typed and range-checked by the schema."""
+    check_group("training", t, TRAINING)
+    defaults = TrainingSpec()
+    return TrainingSpec(**{k: t.get(k, getattr(defaults, k)) for k in TRAINING})
 
 
 def _engine(e: Mapping[str, Any]) -> EngineSpec:
-    """Engine layout settings, range-checked."""
-    allowed = set(EngineSpec.__dataclass_fields__)
-    for k in e:
-        if k not in allowed:
-            raise ConfigError(f"engine.{k}", f"unknown key; engine takes {', '.join(sorted(allowed))}")
-    hosts = e.get("pooled_hosts", "auto")
-    policy = e.get("gpu_policy", "warn")
-    if policy not in GPU_POLICIES:
-        raise ConfigError("engine.gpu_policy", f"unknown policy {policy!r}; choose warn or require")
-    return EngineSpec(
-        threads_per_institution=_int(e, "threads_per_institution", minimum=1, prefix="engine.", default=1),
-        coordinator_cpus=_float(e, "coordinator_cpus", "engine.", default=0.25),
-        pooled_hosts=None if hosts in (None, "auto") else _int(e, "pooled_hosts", minimum=1, prefix="engine."),
-        max_dedicated=_int(e, "max_dedicated", minimum=0, prefix="engine.", default=16),
-        gpu_policy=policy,
-    )
+    """Engine layout settings, typed and range-checked by the schema."""
+    check_group("engine", e, ENGINE)
+    defaults = EngineSpec()
+    values = {k: e.get(k, getattr(defaults, k)) for k in ENGINE}
+    values["pooled_hosts"] = None if values["pooled_hosts"] == "auto" else values["pooled_hosts"]
+    return EngineSpec(**values)
 
 
-def _int(c: Mapping[str, Any], key: str, *, minimum: int, prefix: str = "", default: int | None = None) -> int:
-    """An integer config value >= minimum."""
-    v = c.get(key, default)
+def _int(c: Mapping[str, Any], key: str, *, minimum: int) -> int:
+    """A whole number >= minimum that must be present."""
+    v = c.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ConfigError(prefix + key, f"expected a whole number >= {minimum}, got {v!r}")
+        raise ConfigError(key, f"expected a whole number >= {minimum}, got {v!r}")
     return v
-
-
-def _float(c: Mapping[str, Any], key: str, prefix: str, *, default: float, positive: bool = False) -> float:
-    """A non-negative (or positive) number."""
-    v = c.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (positive and v == 0):
-        raise ConfigError(prefix + key, f"expected a number {'> 0' if positive else '>= 0'}, got {v!r}")
-    return float(v)

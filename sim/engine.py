@@ -2,7 +2,9 @@
 
 ``run(cfg)`` is a plain function; ``python -m sim`` is a thin Hydra wrapper around it.
 Read it top to bottom: validate, build data, place actors, then each round select,
-train, merge, score and book-keep.
+train, merge, score, book-keep and checkpoint. A run directory always says how far its
+run got (``status.json``); a stopped run continues from its last checkpoint
+(``python -m sim resume=RUN_DIR``) to the very numbers it would have produced.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from sim import checkpoint
+from sim.checkpoint import Progress
 from sim.config import RunSpec, load_spec
 from sim.data import build_federation
 from sim.models import build_model, model_flops
 from sim.results import frame, write_table, write_text
-from sim.types import GLOBAL, Federation, InstitutionSpec
+from sim.types import GLOBAL, Federation, InstitutionSpec, Snapshot
 
 log = logging.getLogger("collabsim")
 
@@ -45,64 +49,80 @@ def run(
     institutions: tuple[str, ...] | None = None,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
 ) -> RunResult:
-    """Run one simulation; write its run directory if ``out_dir`` is given."""
-    # 1. Validate everything before any actor starts.
-    spec = cfg if isinstance(cfg, RunSpec) else load_spec(cfg)
-    if institutions is not None:
-        spec = spec.restrict(tuple(institutions))
+    """Run one simulation; write its run directory if ``out_dir`` is given (``resume=DIR`` continues DIR)."""
+    # 1. Validate everything before any actor starts; a resumed run takes its saved config and checkpoint.
+    spec, out = _prepare(cfg, out_dir, institutions)
     members = spec.only or spec.scenario.names
     specs = tuple(s for s in spec.scenario.institutions if s.name in set(members))
-
-    # 2. Data: every institution's shard and the global test set (the same whatever the coalition).
-    fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=spec.smoke)
-    flops = model_flops(build_model(spec.model, fed.input_shape, fed.num_classes, seed=spec.seed), fed.input_shape)
-
-    # 3. Place hosts and coordinator.
-    runner = _start_backend(backend, spec, specs, fed, flops)
+    if spec.resume and checkpoint.read_status(out).get("state") == "complete":
+        log.info("[%s] %s is complete; nothing to resume", spec.scheme_name, out)
+        return _read_run(spec.run_id, out)
+    progress, snapshot = _open(out, spec)
+    mark = _status_writer(out, spec)
+    mark("running", progress.rounds_done)
     keys = {"run_id": spec.run_id, "scheme": spec.scheme_name, "scenario": spec.scenario.name, "seed": spec.seed}
     discipline = {s.name: s.discipline for s in specs} | {GLOBAL: GLOBAL}
-    metric_rows: list[dict] = []
-    ledger_rows: list[dict] = []
-    sim_time, wall0 = 0.0, time.perf_counter()
+    runner, wall0 = None, time.perf_counter()
     try:
-        for r in range(1, spec.rounds + 1):
-            # 4. The scheme picks the cohort and the local plan.
-            ctx = runner.begin_round(r, sim_time)
+        # 2. Data: every institution's shard and the global test set (the same whatever the coalition).
+        fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=spec.smoke)
+        flops = model_flops(build_model(spec.model, fed.input_shape, fed.num_classes, seed=spec.seed), fed.input_shape)
+
+        # 3. Place hosts and coordinator; a resumed run puts back their state.
+        runner = _start_backend(backend, spec, specs, fed, flops)
+        if snapshot is not None:
+            runner.restore(snapshot)
+        for r in range(progress.rounds_done + 1, spec.rounds + 1):
+            # 4. The scheme picks the cohort and the local plan; the fault model drops who will not deliver.
+            ctx = runner.begin_round(r, progress.sim_time)
             if r == 1:
-                metric_rows += _scores(keys, 0, runner.evaluate(ctx.plan), discipline)
+                progress.metric_rows += _scores(keys, 0, runner.evaluate(ctx.plan), discipline)
             # 5. Local steps fan out; the coordinator merges what arrived, in scenario order.
             rows = runner.train_and_merge(ctx)
             # 6. The round lasts as long as its slowest participant (synchronous rounds).
-            round_seconds = max((row["simulated_seconds"] for row in rows), default=0.0)
-            sim_time += round_seconds
+            progress.sim_time += max((row["simulated_seconds"] for row in rows), default=0.0)
             for row in rows:
                 loss = row.pop("train_loss", math.nan)
                 if row["participated"] and not math.isnan(loss):
-                    metric_rows.append(keys | {"round": r, "institution": row["institution"],
-                                               "discipline": discipline[row["institution"]],
-                                               "metric": "train_loss", "value": loss})
-                ledger_rows.append(keys | {"round": r, "epsilon": math.nan} | row)
+                    progress.metric_rows.append(keys | {"round": r, "institution": row["institution"],
+                                                        "discipline": discipline[row["institution"]],
+                                                        "metric": "train_loss", "value": loss})
+                progress.ledger_rows.append(keys | {"round": r, "epsilon": math.nan} | row)
             # 7. Score the models everybody ends the round with.
             scores = _scores(keys, r, runner.evaluate(ctx.plan), discipline)
-            metric_rows += scores
+            progress.metric_rows += scores
+            progress.rounds_done = r
+            # 8. Every checkpoint_every rounds, save all that persists (before the progress line, so a
+            #    line on screen means its round is safe).
+            if out is not None and spec.checkpoint_every and r % spec.checkpoint_every == 0 and r < spec.rounds:
+                checkpoint.save(out, progress, runner.save(), spec.run_id)
+                mark("running", r)
             summary = _progress(scores)
-            log.info("[%s] round %d/%d  global acc %.3f  mean institution acc %.3f  cohort %d  simulated %.1fs  wall %.1fs",
+            dropped = sum(row["status"] not in ("ok", "idle") for row in rows)
+            log.info("[%s] round %d/%d  global acc %.3f  mean institution acc %.3f  cohort %d%s  simulated %.1fs  wall %.1fs",
                      spec.scheme_name, r, spec.rounds, summary["global_accuracy"], summary["mean_accuracy"],
-                     len(ctx.cohort), sim_time, time.perf_counter() - wall0)
+                     len(ctx.cohort), f" (dropped {dropped})" if dropped else "", progress.sim_time,
+                     time.perf_counter() - wall0)
             if on_round is not None:
                 on_round(r, summary)
+    except BaseException as e:
+        mark("failed", progress.rounds_done, e)
+        raise
     finally:
-        runner.close()
+        if runner is not None:
+            runner.close()
 
-    # 8. Tidy tables out.
+    # 9. Tidy tables out; then, and only then, the run directory says complete.
     result = RunResult(
         run_id=spec.run_id,
-        metrics=frame("metrics", metric_rows),
-        ledger=frame("ledger", ledger_rows),
+        metrics=frame("metrics", progress.metric_rows),
+        ledger=frame("ledger", progress.ledger_rows),
         institutions=frame("institutions", [_institution_row(keys, s, fed) for s in specs]),
     )
-    if out_dir is not None:
-        write_run(Path(out_dir), result, cfg)
+    if out is not None:
+        write_run(out, result, spec.config)
+        mark("complete", spec.rounds)
+        checkpoint.clear(out)
     return result
 
 
@@ -110,9 +130,54 @@ def write_run(out_dir: Path, result: RunResult, cfg: Any) -> None:
     """Write a run directory: resolved config and the three tables, each atomically."""
     if isinstance(cfg, DictConfig):
         write_text(OmegaConf.to_yaml(cfg, resolve=True), out_dir / "config.yaml")
+    elif isinstance(cfg, Mapping) and cfg:
+        write_text(OmegaConf.to_yaml(OmegaConf.create(dict(cfg))), out_dir / "config.yaml")
     write_table(result.metrics, out_dir / "metrics.parquet")
     write_table(result.ledger, out_dir / "ledger.parquet")
     write_table(result.institutions, out_dir / "institutions.parquet")
+
+
+def _prepare(cfg: Any, out_dir: str | Path | None, institutions: tuple[str, ...] | None) -> tuple[RunSpec, Path | None]:
+    """The validated spec and the run directory; ``resume=DIR`` means DIR, with the coalition its run had."""
+    spec = cfg if isinstance(cfg, RunSpec) else load_spec(cfg)
+    out = Path(spec.resume) if spec.resume else None if out_dir is None else Path(out_dir)
+    if spec.resume:
+        institutions = institutions or checkpoint.read_status(out).get("institutions")
+    return (spec if institutions is None else spec.restrict(tuple(institutions))), out
+
+
+def _open(out: Path | None, spec: RunSpec) -> tuple[Progress, Snapshot | None]:
+    """Mark the run directory running: a fresh run writes its config, a resumed one reads its last checkpoint."""
+    if out is None:
+        return Progress(), None
+    saved = checkpoint.load(out, spec.run_id) if spec.resume else None
+    progress, snapshot = saved or (Progress(), None)
+    if spec.resume:
+        log.info("[%s] resuming %s after round %d", spec.scheme_name, out, progress.rounds_done)
+    else:
+        checkpoint.clear(out)  # a fresh run never continues from what an earlier one left here
+        write_text(OmegaConf.to_yaml(OmegaConf.create(dict(spec.config))), out / "config.yaml")
+    return progress, snapshot
+
+
+def _status_writer(out: Path | None, spec: RunSpec) -> Callable[..., None]:
+    """``mark(state, rounds_done, error=None)``: keep the run directory's status.json current (no-op without one)."""
+
+    def mark(state: str, rounds_done: int, error: BaseException | None = None) -> None:
+        if out is None:
+            return
+        lines = [] if error is None else str(error).strip().splitlines()
+        why = None if error is None else f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        checkpoint.write_status(out, state, run_id=spec.run_id, rounds=spec.rounds, rounds_done=rounds_done,
+                                error=why, institutions=spec.only)
+
+    return mark
+
+
+def _read_run(run_id: str, out: Path) -> RunResult:
+    """The tables of a complete run directory."""
+    tables = {k: pd.read_parquet(out / f"{k}.parquet") for k in ("metrics", "ledger", "institutions")}
+    return RunResult(run_id=run_id, **tables)
 
 
 def _start_backend(kind: str, spec: RunSpec, specs: tuple[InstitutionSpec, ...], fed: Federation, flops: int):
@@ -163,4 +228,5 @@ def _institution_row(keys: dict, s: InstitutionSpec, fed: Federation) -> dict:
         "train_samples": shard.num_train, "test_samples": len(shard.y_test),
         "label_skew": math.nan if s.label_skew is None else s.label_skew, "feature_skew": s.feature_skew,
         "cpus": s.cpus, "gpus": s.gpus, "behaviour": s.behaviour,
+        "availability": s.availability, "failure_rate": s.failure_rate,
     }

@@ -7,9 +7,12 @@ A run directory holds:
                           ``global`` for the merged model on the global test set)
 - ``ledger.parquet``      one row per run x round x institution: bytes, compute, time, epsilon
 - ``institutions.parquet`` one row per run x institution: who they are and what they hold
+- ``status.json``         ``{"state": "running" | "complete" | "failed", "rounds_done": k, ...}``
+- ``checkpoints/``        the latest checkpoint (sim/checkpoint.py), for ``python -m sim resume=DIR``
 
 Tables are written atomically (temporary file, then rename) so a reader never sees
-half a table. Analysis reads these files only.
+half a table, and only once the run is complete; until then ``status.json`` says how far
+it got. Analysis reads these files only.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ LEDGER_COLUMNS = {
     "simulated_seconds": "float64",  # deterministic: compute at the spec's cpus + transfer time
     "samples": "int64",  # training samples behind the update
     "epsilon": "float64",  # privacy spent so far; NaN when the scheme adds no noise
+    "status": "string",  # ok | idle | unavailable | failed | crashed | timeout (sim/faults.py)
 }
 
 INSTITUTION_COLUMNS = {
@@ -67,6 +71,8 @@ INSTITUTION_COLUMNS = {
     "cpus": "float64",
     "gpus": "float64",
     "behaviour": "string",
+    "availability": "float64",  # probability of taking part in a round (fault model)
+    "failure_rate": "float64",  # probability its local step fails mid-round (fault model)
 }
 
 SCHEMAS = {"metrics": METRICS_COLUMNS, "ledger": LEDGER_COLUMNS, "institutions": INSTITUTION_COLUMNS}

@@ -7,32 +7,31 @@ Dirichlet label skew and power-law data shares over round-robin disciplines.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import numpy as np
 
+from sim.schema import BEHAVIOURS, INSTITUTION, SCENARIO, check_group, check_value
 from sim.types import ConfigError, InstitutionSpec, Scenario
 
-INSTITUTION_KEYS = {
-    "name", "discipline", "share", "label_skew", "feature_skew", "cpus", "gpus",
-    "behaviour", "bandwidth_mbps", "latency_s",
-}
-BEHAVIOURS = ("honest",)
-SHARE_TOLERANCE = 1e-3
-EVEN_PART = 0.5  # generated populations: fraction of the data spread evenly under the power law  # shares are typed by hand with two decimals; allow rounding slack
+__all__ = ["BEHAVIOURS", "build_scenario"]
+SHARE_TOLERANCE = 1e-3  # shares are typed by hand with two decimals; allow rounding slack
+EVEN_PART = 0.5  # generated populations: fraction of the data spread evenly under the power law
+FAULT_KEYS = ("availability", "failure_rate")  # scenario-level defaults that every institution may override
 
 
 def build_scenario(cfg: Mapping[str, Any], seed: int) -> Scenario:
     """Validate the scenario config and build its frozen institution specs."""
+    check_group("scenario", cfg, SCENARIO)
     name = str(cfg.get("name") or "scenario")
+    faults = {k: cfg.get(k, getattr(InstitutionSpec, k)) for k in FAULT_KEYS}
     n = cfg.get("num_institutions")
     if n is not None:
-        return _generated(cfg, name, _positive_int("scenario.num_institutions", n), seed)
+        return _generated(cfg, name, n, seed, faults)
     rows = cfg.get("institutions") or []
     if not rows:
         raise ConfigError("scenario.institutions", "no institutions listed; list some or set scenario.num_institutions=N")
-    specs = tuple(_institution(i, dict(row)) for i, row in enumerate(rows))
+    specs = tuple(_institution(i, row, faults) for i, row in enumerate(rows))
     _check_names(specs)
     total = sum(s.share for s in specs)
     if abs(total - 1.0) > SHARE_TOLERANCE:
@@ -40,15 +39,11 @@ def build_scenario(cfg: Mapping[str, Any], seed: int) -> Scenario:
     return Scenario(name=name, institutions=specs)
 
 
-def _generated(cfg: Mapping[str, Any], name: str, n: int, seed: int) -> Scenario:
+def _generated(cfg: Mapping[str, Any], name: str, n: int, seed: int, faults: dict[str, float]) -> Scenario:
     """A population of ``n`` institutions: power-law shares, Dirichlet label skew, disciplines round-robin."""
     disciplines = list(cfg.get("disciplines") or ["general"])
-    exponent = _non_negative("scenario.quantity_skew", cfg.get("quantity_skew", 0.0))
+    exponent = float(cfg.get("quantity_skew", 0.0))
     alpha = cfg.get("label_skew")
-    if alpha is not None:
-        alpha = _positive("scenario.label_skew", alpha)
-    cpus = _non_negative("scenario.cpus", cfg.get("cpus", 0.25))
-    gpus = _non_negative("scenario.gpus", cfg.get("gpus", 0.0))
     rng = np.random.default_rng([seed, 0x5CE7])
     # Power-law shares: rank r gets weight r^-exponent, ranks shuffled so size is not tied to discipline.
     # Half the data is spread evenly so the smallest institution still has a usable shard at large N.
@@ -60,39 +55,38 @@ def _generated(cfg: Mapping[str, Any], name: str, n: int, seed: int) -> Scenario
             name=f"inst{i:0{len(str(n - 1))}d}",
             discipline=disciplines[i % len(disciplines)],
             share=float(shares[i]),
-            label_skew=alpha,
-            cpus=cpus,
-            gpus=gpus,
+            label_skew=None if alpha is None else float(alpha),
+            cpus=float(cfg.get("cpus", 0.25)),
+            gpus=float(cfg.get("gpus", 0.0)),
+            **{k: float(v) for k, v in faults.items()},
         )
         for i in range(n)
     )
     return Scenario(name=f"{name}-n{n}", institutions=specs)
 
 
-def _institution(i: int, row: dict) -> InstitutionSpec:
-    """One validated institution from its config row."""
+def _institution(i: int, row: Any, faults: dict[str, float]) -> InstitutionSpec:
+    """One validated institution from its config row (scenario-level fault rates unless it sets its own)."""
     key = f"scenario.institutions[{i}]"
-    unknown = sorted(set(row) - INSTITUTION_KEYS)
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}", f"unknown key; an institution takes {', '.join(sorted(INSTITUTION_KEYS))}")
+    check_group(key, row, INSTITUTION)
     if not row.get("name"):
         raise ConfigError(f"{key}.name", "every institution needs a name")
-    behaviour = row.get("behaviour", "honest")
-    if behaviour not in BEHAVIOURS:
-        raise ConfigError(f"{key}.behaviour", f"unknown behaviour {behaviour!r}; choose one of {', '.join(BEHAVIOURS)}")
+    check_value(f"{key}.share", row.get("share"), INSTITUTION["share"])
     label_skew = row.get("label_skew")
+    number = lambda k, default: float(row.get(k, default))  # noqa: E731 - the schema has checked every value
     return InstitutionSpec(
         index=i,
-        name=str(row["name"]),
-        discipline=str(row.get("discipline") or "general"),
-        share=_positive(f"{key}.share", row.get("share")),
-        label_skew=None if label_skew is None else _positive(f"{key}.label_skew", label_skew),
-        feature_skew=_non_negative(f"{key}.feature_skew", row.get("feature_skew", 0.0)),
-        cpus=_non_negative(f"{key}.cpus", row.get("cpus", 1.0)),
-        gpus=_non_negative(f"{key}.gpus", row.get("gpus", 0.0)),
-        behaviour=behaviour,
-        bandwidth_mbps=_positive(f"{key}.bandwidth_mbps", row.get("bandwidth_mbps", 100.0)),
-        latency_s=_non_negative(f"{key}.latency_s", row.get("latency_s", 0.05)),
+        name=row["name"],
+        discipline=row.get("discipline") or "general",
+        share=float(row["share"]),
+        label_skew=None if label_skew is None else float(label_skew),
+        feature_skew=number("feature_skew", 0.0),
+        cpus=number("cpus", 1.0),
+        gpus=number("gpus", 0.0),
+        behaviour=row.get("behaviour", "honest"),
+        bandwidth_mbps=number("bandwidth_mbps", 100.0),
+        latency_s=number("latency_s", 0.05),
+        **{k: number(k, v) for k, v in faults.items()},
     )
 
 
@@ -103,33 +97,3 @@ def _check_names(specs: tuple[InstitutionSpec, ...]) -> None:
         if s.name in seen or s.name == "global":
             raise ConfigError(f"scenario.institutions[{s.index}].name", f"name {s.name!r} is reserved or used twice")
         seen.add(s.name)
-
-
-def _number(key: str, value: Any) -> float:
-    """A finite float, or a ConfigError naming the key."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    return float(value)
-
-
-def _positive(key: str, value: Any) -> float:
-    """A number > 0."""
-    v = _number(key, value)
-    if v <= 0:
-        raise ConfigError(key, f"must be > 0, got {value!r}")
-    return v
-
-
-def _non_negative(key: str, value: Any) -> float:
-    """A number >= 0."""
-    v = _number(key, value)
-    if v < 0:
-        raise ConfigError(key, f"must be >= 0, got {value!r}")
-    return v
-
-
-def _positive_int(key: str, value: Any) -> int:
-    """An integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, f"expected a whole number >= 1, got {value!r}")
-    return value

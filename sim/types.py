@@ -28,6 +28,10 @@ class ConfigError(ValueError):
         self.problem = problem
 
 
+class RunFailed(RuntimeError):
+    """A run stopped before its last round (a lost coordinator, an unrecoverable host); ``resume`` continues it."""
+
+
 @dataclass(frozen=True)
 class InstitutionSpec:
     """One institution: who it is, how much data it holds, how skewed, what compute it has."""
@@ -43,6 +47,8 @@ class InstitutionSpec:
     behaviour: str = "honest"
     bandwidth_mbps: float = 100.0  # link speed used by the simulated clock
     latency_s: float = 0.05  # one-way latency used by the simulated clock
+    availability: float = 1.0  # probability of taking part in a round it is selected for (sim/faults.py)
+    failure_rate: float = 0.0  # probability its local step fails mid-round, so its update never arrives
 
 
 @dataclass(frozen=True)
@@ -118,9 +124,10 @@ class RoundContext:
 
     round: int  # 1-based
     seed: int
-    cohort: tuple[str, ...]  # institutions asked to train, in scenario order
+    cohort: tuple[str, ...]  # institutions that train this round, in scenario order
     plan: LocalPlan = field(default_factory=LocalPlan)
     sim_time: float = 0.0  # simulated seconds elapsed before this round
+    dropped: tuple[tuple[str, str], ...] = ()  # (institution, fault) of selected institutions that will send nothing
 
 
 @dataclass(frozen=True)
@@ -141,3 +148,12 @@ class Update:
 def state_nbytes(state: State) -> int:
     """Bytes a state occupies on the wire (the sum of its arrays)."""
     return int(sum(np.asarray(a).nbytes for a in state.values()))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything that persists between rounds besides the results: what a checkpoint holds."""
+
+    global_state: State  # the coordinator's global model
+    scheme: Mapping[str, np.ndarray]  # the scheme's own state (e.g. the data pool under ``pooled``)
+    institutions: Mapping[str, Mapping[str, np.ndarray]]  # name -> persistent state, only those that changed

@@ -58,6 +58,13 @@ class Scheme:
         """Turn the updates that arrived (in scenario order) into the next global state; None keeps ``state``."""
         return None
 
+    def state(self) -> dict[str, np.ndarray]:
+        """What the scheme carries between rounds besides the global state, for checkpoints (most carry nothing)."""
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Continue from what :meth:`state` returned."""
+
 
 def sample_cohort(ctx: RoundContext, fraction: float) -> tuple[str, ...]:
     """Deterministic cohort of ``ceil(fraction * n)`` institutions, seeded from (seed, round)."""

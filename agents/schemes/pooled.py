@@ -56,3 +56,13 @@ class Pooled(Scheme):
             self._pool = (pooled["x"], pooled["y"])
         new_state, _loss = self._trainer(state, self._pool[0], self._pool[1], key=(ctx.seed, ctx.round, POOLED_STREAM))
         return new_state
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The data handed over so far, by scenario index."""
+        return {f"{i}/{part}": a for i, (x, y) in sorted(self._shards.items()) for part, a in (("x", x), ("y", y))}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Refill the pool from :meth:`state`."""
+        indices = sorted({int(k.partition("/")[0]) for k in arrays})
+        self._shards = {i: (np.asarray(arrays[f"{i}/x"]), np.asarray(arrays[f"{i}/y"])) for i in indices}
+        self._pool = None

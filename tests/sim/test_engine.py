@@ -81,3 +81,13 @@ def test_dedicated_pooled_and_inprocess_placement_give_identical_metrics(scheme,
     # Assert: bit-identical values, whatever the placement
     pd.testing.assert_frame_equal(values(dedicated), values(pooled))
     pd.testing.assert_frame_equal(values(dedicated), values(inprocess))
+
+
+def test_a_different_number_of_pooled_hosts_gives_identical_metrics_with_faults(small_cfg, ray_cluster):
+    # Prepare: flaky institutions, two per host on three hosts, against no actors at all
+    flaky = ["scenario.availability=0.7", "scenario.failure_rate=0.2"]
+    three = run(small_cfg(*flaky, "placement=pooled", "engine.pooled_hosts=3"))
+    inprocess = run(small_cfg(*flaky), backend="inprocess")
+    # Assert: the same values and the same institutions dropped, bit for bit
+    pd.testing.assert_frame_equal(values(three), values(inprocess))
+    assert three.ledger.status.tolist() == inprocess.ledger.status.tolist()

@@ -1,0 +1,161 @@
+"""Checkpoints and the status file: a run that stops says how far it got and can be continued exactly.
+
+In the run directory:
+
+- ``status.json``: ``{"state": "running" | "complete" | "failed", "rounds_done": k, "rounds": n,
+  "run_id": ..., "error": null | "one line", "institutions": null | [coalition]}``, written
+  when the run starts, at every checkpoint and when it ends.
+- ``checkpoints/latest.json`` points at ``checkpoints/round-KKKKK/``, which holds
+  ``meta.json`` (round, simulated clock, run id), ``coordinator.npz`` (global and scheme
+  state), ``institutions.npz`` (what each institution carries between rounds) and the
+  results rows so far (``metrics.parquet``, ``ledger.parquet``).
+
+A checkpoint directory is written under a temporary name and renamed into place, then
+the pointer is replaced the same way, so a crash at any moment leaves the previous
+checkpoint whole. RNG states need no saving: every draw is seeded from (seed,
+institution, round), so round k+1 draws the same numbers whether or not the run stopped
+after round k. Nothing is pickled: arrays go to npz (read back with
+``allow_pickle=False``), rows to Parquet, the rest to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from sim.results import frame, write_atomic, write_text
+from sim.types import ConfigError, Snapshot
+
+FORMAT = 1  # bump when the layout changes; older checkpoints are then refused, not misread
+DIR = "checkpoints"
+
+
+@dataclass
+class Progress:
+    """What a run has produced so far: its results rows, its simulated clock and the last round done."""
+
+    metric_rows: list[dict] = field(default_factory=list)
+    ledger_rows: list[dict] = field(default_factory=list)
+    sim_time: float = 0.0
+    rounds_done: int = 0
+
+
+def write_status(run_dir: Path, state: str, *, run_id: str, rounds: int, rounds_done: int,
+                 error: str | None = None, institutions: tuple[str, ...] | None = None) -> None:
+    """Write ``status.json`` atomically."""
+    status = {"state": state, "rounds_done": rounds_done, "rounds": rounds, "run_id": run_id, "error": error,
+              "institutions": None if institutions is None else list(institutions),
+              "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_text(json.dumps(status, indent=1) + "\n", Path(run_dir) / "status.json")
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """The run's ``status.json`` ({} when it has none or it cannot be read)."""
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def save(run_dir: Path, progress: Progress, snapshot: Snapshot, run_id: str) -> Path:
+    """Write a checkpoint of ``progress`` and ``snapshot`` atomically; return its directory."""
+    root = Path(run_dir) / DIR
+    final = root / f"round-{progress.rounds_done:05d}"
+    tmp = root / f".{final.name}.tmp"
+    for stale in (tmp, final):  # leftovers of a crash: never pointed at, safe to replace
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = sorted(snapshot.institutions)
+    meta = {"format": FORMAT, "run_id": run_id, "round": progress.rounds_done, "sim_time": progress.sim_time,
+            "institutions": names}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    _save_arrays(tmp / "coordinator.npz", {"global": snapshot.global_state, "scheme": snapshot.scheme})
+    _save_arrays(tmp / "institutions.npz", {str(i): snapshot.institutions[n] for i, n in enumerate(names)})
+    frame("metrics", progress.metric_rows).to_parquet(tmp / "metrics.parquet", index=False)
+    frame("ledger", progress.ledger_rows).to_parquet(tmp / "ledger.parquet", index=False)
+    tmp.rename(final)
+    write_text(json.dumps({"round": progress.rounds_done, "dir": final.name}) + "\n", root / "latest.json")
+    for old in root.glob("round-*"):  # only the latest is ever read
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(run_dir: Path, run_id: str) -> tuple[Progress, Snapshot] | None:
+    """The latest checkpoint of ``run_dir`` (None if it has none); refuses one of another run."""
+    root = Path(run_dir) / DIR
+    if not (root / "latest.json").is_file():
+        return None
+    try:
+        where = root / json.loads((root / "latest.json").read_text())["dir"]
+        meta = json.loads((where / "meta.json").read_text())
+        coordinator = _load_arrays(where / "coordinator.npz")
+        carried = _load_arrays(where / "institutions.npz")
+        metrics = pd.read_parquet(where / "metrics.parquet")
+        ledger = pd.read_parquet(where / "ledger.parquet")
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError("resume", f"{run_dir}: the checkpoint cannot be read ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT or meta.get("run_id") != run_id:
+        raise ConfigError("resume", f"{run_dir}: the checkpoint belongs to run {meta.get('run_id')!r} "
+                          f"(format {meta.get('format')}), not to {run_id!r}")
+    progress = Progress(_rows(metrics), _rows(ledger), float(meta["sim_time"]), int(meta["round"]))
+    snapshot = Snapshot(coordinator.get("global", {}), coordinator.get("scheme", {}),
+                        {n: carried.get(str(i), {}) for i, n in enumerate(meta["institutions"])})
+    return progress, snapshot
+
+
+def clear(run_dir: Path) -> None:
+    """Drop a run directory's checkpoints: once complete its tables hold everything; a fresh run starts clean."""
+    shutil.rmtree(Path(run_dir) / DIR, ignore_errors=True)
+
+
+def _save_arrays(path: Path, groups: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """One npz holding every group's arrays under ``group/name``."""
+    arrays = {f"{g}/{k}": np.asarray(v) for g, named in groups.items() for k, v in named.items()}
+    write_atomic(path, lambda tmp: _savez(tmp, arrays))
+
+
+def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to an exact path (given a name, savez would append '.npz')."""
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _load_arrays(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Groups of arrays back from :func:`_save_arrays` (no pickle)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as npz:
+        for key in npz.files:
+            group, _, name = key.partition("/")
+            out.setdefault(group, {})[name] = npz[key]
+    return out
+
+
+def _rows(df: pd.DataFrame) -> list[dict]:
+    """Table rows as plain dicts, to append the next rounds to."""
+    return df.to_dict("records")
+
+
+def resume_overrides(argv: list[str]) -> list[str]:
+    """Hydra overrides that make ``resume=DIR`` write into DIR itself (no new output folder, no new .hydra/).
+
+    A resumed run is the saved run: any other override would change it, so it is refused.
+    """
+    resume = [a.partition("=")[2] for a in argv if a.startswith("resume=")]
+    if not resume or resume[-1] in ("", "null"):
+        return []
+    if resume[-1].lower() in ("true", "false"):
+        raise ConfigError("resume", "give the run directory to continue, e.g. resume=outputs/2025-01-31/12-00-00")
+    others = [a for a in argv if not a.startswith(("resume=", "hydra.", "hydra/", "-"))]
+    if others:
+        raise ConfigError("resume", f"a resumed run keeps its saved config; drop {others[0]!r}")
+    path = str(Path(resume[-1]).expanduser().resolve())
+    return [f"hydra.run.dir='{path}'" if "'" not in path else f"hydra.run.dir={path}", "hydra.output_subdir=null"]

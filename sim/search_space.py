@@ -1,0 +1,343 @@
+"""Sweep files (``conf/sweep/``) into checked sweep specs, Ray Tune param spaces and Hydra overrides.
+
+A sweep file maps any run-config key (``scheme``, ``scheme.mu``, ``training.lr``,
+``data.dirichlet_alpha``, ...) to a search-space spec. Everything here is pure Python
+and runs before Ray starts, so a bad sweep file fails with one line naming the key;
+:func:`param_space` alone touches Ray Tune, and imports it when called.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+from sim.types import ConfigError
+
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+"""Search-space specs: ``{grid: [..]}`` (every value), ``{choice: [..]}`` (sampled), ``{uniform|loguniform|randint: [lo, hi]}``."""
+CATEGORICAL = ("grid", "choice")
+SEARCHES = ("grid", "random", "optuna")
+SCHEDULERS = ("asha",)
+METRICS = ("global_accuracy", "global_loss", "mean_accuracy", "worst_accuracy")
+"""What the engine reports each round (sim.engine's on_round summary), so what a sweep can optimise."""
+MODES = ("max", "min")
+BUNDLES = ("merged", "per_host")
+STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+SMOKE_KEEP = 2  # smoke=true keeps this many values of each categorical dimension, seeds and samples
+INDEX = "__trial_index__"  # Tune's Repeater numbers the repeats of one configuration with this key
+SAMPLE = "sample"  # random search: the drawn values of one configuration, a grid entry in Tune's param space
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One swept config key: its kind and its values (grid/choice) or bounds (lo, hi)."""
+
+    key: str
+    kind: str
+    values: tuple
+
+    @property
+    def categorical(self) -> bool:
+        """True when the values are listed (grid or choice), False for ranges."""
+        return self.kind in CATEGORICAL
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep: what varies, how it is searched, and what each trial may reserve."""
+
+    name: str
+    dimensions: tuple[Dimension, ...]
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...]  # fixed run-config overrides for every trial
+    search: str
+    num_samples: int
+    scheduler: str | None
+    grace_period: int
+    reduction_factor: int
+    metric: str
+    mode: str
+    max_concurrent: int | None
+    trial_cpus: float | None  # None = a trial may reserve the whole cluster
+    driver_cpus: float  # the trial's own process: data, the round loop
+    bundles: str
+    bundle_strategy: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The swept config keys, in file order (seed not included)."""
+        return tuple(d.key for d in self.dimensions)
+
+    @property
+    def samples(self) -> int:
+        """Tune's num_samples: a model-based search runs each configuration it proposes once per seed;
+        grid and random search list every trial in the param space (random draws included), so once."""
+        return self.num_samples * len(self.seeds) if self.search == "optuna" else 1
+
+    @property
+    def drawn(self) -> tuple[Dimension, ...]:
+        """The dimensions random search draws values for (everything but grids)."""
+        return tuple(d for d in self.dimensions if d.kind != "grid") if self.search == "random" else ()
+
+    def trial_count(self) -> int:
+        """How many trials the sweep runs."""
+        if self.search == "optuna":
+            return self.samples
+        grid = math.prod(len(d.values) for d in self.dimensions if d.kind == "grid")
+        return grid * (self.num_samples if self.drawn else 1) * len(self.seeds)
+
+
+def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
+    """Check the ``sweep`` group and freeze it (raises ConfigError naming ``sweep.<key>``); smoke shrinks it."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.create(dict(cfg)), resolve=True)  # plain lists and dicts, whatever came in
+    known = set(SweepSpec.__dataclass_fields__) - {"dimensions"} | {"space"}
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(f"sweep.{key}", f"unknown key; a sweep takes {', '.join(sorted(known))}")
+    dims = dimensions(cfg.get("space"))
+    search = _word(cfg, "search", SEARCHES, "grid")
+    scheduler = cfg.get("scheduler")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ConfigError("sweep.scheduler", f"unknown scheduler {scheduler!r}; choose null or {', '.join(SCHEDULERS)}")
+    if search == "grid":
+        drawn = next((d for d in dims if d.kind != "grid"), None)
+        if drawn is not None:
+            raise ConfigError(f"sweep.space.{drawn.key}", f"{drawn.kind} needs search=random or optuna "
+                              "(grid search lists every value: use {grid: [..]})")
+    seeds = cfg.get("seeds")
+    if not isinstance(seeds, (list, tuple)) or not seeds or not all(_whole(s) and s >= 0 for s in seeds):
+        raise ConfigError("sweep.seeds", f"expected a non-empty list of whole numbers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("sweep.seeds", f"seeds repeat: {list(seeds)}")
+    overrides = cfg.get("overrides") or []
+    if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) and "=" in o for o in overrides):
+        raise ConfigError("sweep.overrides", f"expected a list of Hydra overrides like 'data=digits', got {overrides!r}")
+    spec = SweepSpec(
+        name=str(cfg.get("name") or "sweep"),
+        dimensions=dims,
+        seeds=tuple(int(s) for s in seeds),
+        overrides=tuple(overrides),
+        search=search,
+        num_samples=_count(cfg, "num_samples", 1),
+        scheduler=scheduler,
+        grace_period=_count(cfg, "grace_period", 1),
+        reduction_factor=_count(cfg, "reduction_factor", 3, minimum=2),
+        metric=_word(cfg, "metric", METRICS, "global_accuracy"),
+        mode=_word(cfg, "mode", MODES, "max"),
+        max_concurrent=None if cfg.get("max_concurrent") is None else _count(cfg, "max_concurrent", 1),
+        trial_cpus=None if cfg.get("trial_cpus") is None else _cpus(cfg, "trial_cpus", 1.0, positive=True),
+        driver_cpus=_cpus(cfg, "driver_cpus", 0.05),
+        bundles=_word(cfg, "bundles", BUNDLES, "merged"),
+        bundle_strategy=_word(cfg, "bundle_strategy", STRATEGIES, "STRICT_PACK"),
+    )
+    if spec.trial_cpus is not None and spec.trial_cpus <= spec.driver_cpus:
+        raise ConfigError("sweep.trial_cpus", f"{spec.trial_cpus:g} leaves nothing for the simulation after "
+                          f"sweep.driver_cpus={spec.driver_cpus:g}; raise it")
+    return shrink(spec) if smoke else spec
+
+
+def dimensions(space: Any) -> tuple[Dimension, ...]:
+    """Parse a ``space`` mapping (dotted keys, or nested groups of them) into dimensions."""
+    if not isinstance(space, Mapping) or not space:
+        raise ConfigError("sweep.space", "empty; map at least one config key to a spec, e.g. scheme: {grid: [fedavg, fedprox]}")
+    dims: list[Dimension] = []
+    for key, spec in _flatten(space):
+        if key == "seed":
+            raise ConfigError("sweep.space.seed", "seeds are replications: list them under sweep.seeds instead")
+        dims.append(_dimension(key, spec))
+    return tuple(dims)
+
+
+def _flatten(space: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, spec) pairs; a mapping that is not a spec is a level of nesting (``training: {lr: {..}}``)."""
+    for key, spec in space.items():
+        name = f"{prefix}{key}"
+        if isinstance(spec, Mapping) and spec and not set(spec) & set(KINDS) and all(isinstance(v, Mapping) for v in spec.values()):
+            yield from _flatten(spec, name + ".")
+        else:
+            yield name, spec
+
+
+def _dimension(key: str, spec: Any) -> Dimension:
+    """One dimension from ``{kind: values}`` (a bare list is shorthand for a grid)."""
+    where = f"sweep.space.{key}"
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", key):
+        raise ConfigError(where, "not a config key; use dotted names like training.lr")
+    if isinstance(spec, (list, tuple)):
+        spec = {"grid": spec}
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        got = f"keys {', '.join(map(str, spec))}" if isinstance(spec, Mapping) else repr(spec)
+        raise ConfigError(where, f"expected {{kind: [..]}} with kind one of {', '.join(KINDS)}; got {got}")
+    (kind, values), = spec.items()
+    if kind not in KINDS:
+        raise ConfigError(where, f"unknown search-space kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ConfigError(where, f"{kind} needs a non-empty list, got {values!r}")
+    if kind in CATEGORICAL:
+        if len({repr(v) for v in values}) != len(values):
+            raise ConfigError(where, f"values repeat: {list(values)}")
+        return Dimension(key, kind, tuple(values))
+    if len(values) != 2 or not all(_number(v) for v in values) or not values[0] < values[1]:
+        raise ConfigError(where, f"{kind} needs [lo, hi] with lo < hi, got {list(values)}")
+    if kind == "loguniform" and values[0] <= 0:
+        raise ConfigError(where, f"loguniform needs lo > 0, got {values[0]}")
+    if kind == "randint" and not all(_whole(v) for v in values):
+        raise ConfigError(where, f"randint needs whole-number bounds, got {list(values)}")
+    return Dimension(key, kind, tuple(values))
+
+
+def shrink(spec: SweepSpec) -> SweepSpec:
+    """The smoke version: the first values of each listed dimension, few seeds and samples, an early rung."""
+    from dataclasses import replace
+
+    dims = tuple(replace(d, values=d.values[:SMOKE_KEEP]) if d.categorical else d for d in spec.dimensions)
+    return replace(spec, dimensions=dims, seeds=spec.seeds[:SMOKE_KEEP], num_samples=min(spec.num_samples, SMOKE_KEEP),
+                   grace_period=1)
+
+
+def param_space(spec: SweepSpec, seed: int = 0) -> dict[str, Any]:
+    """Ray Tune's param space.
+
+    Grid and random search: every grid dimension and ``seed`` is a grid; random search
+    draws ``num_samples`` configurations of the other dimensions here (from ``seed``) and
+    adds them as one more grid, so every seed replicates the same draws (Tune's own
+    sampling would draw afresh for each seed). A model-based search (Optuna) gets Tune's
+    domains; it cannot take grids, so they become categorical choices, and seeds are left
+    to a Repeater that runs every proposed configuration once per seed (see sim.sweep).
+    """
+    from ray import tune
+
+    if spec.search != "optuna":
+        space = {d.key: tune.grid_search(list(d.values)) for d in spec.dimensions if d.kind == "grid"}
+        if spec.drawn:
+            space[SAMPLE] = tune.grid_search(draws(spec, seed))
+        return space | {"seed": tune.grid_search(list(spec.seeds))}
+    space: dict[str, Any] = {}
+    for d in spec.dimensions:
+        if d.categorical:
+            space[d.key] = tune.choice(list(d.values))
+        elif d.kind == "uniform":
+            space[d.key] = tune.uniform(*d.values)
+        elif d.kind == "loguniform":
+            space[d.key] = tune.loguniform(*d.values)
+        else:  # randint: both bounds included, as a researcher reads [1, 5]; Tune's upper bound is exclusive
+            space[d.key] = tune.randint(int(d.values[0]), int(d.values[1]) + 1)
+    return space
+
+
+def draws(spec: SweepSpec, seed: int) -> list[dict[str, Any]]:
+    """``num_samples`` random configurations of the drawn dimensions, the same for the same seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(spec.num_samples):
+        config = {}
+        for d in spec.drawn:
+            lo, hi = d.values[0], d.values[-1]
+            if d.categorical:
+                config[d.key] = d.values[int(rng.integers(len(d.values)))]
+            elif d.kind == "uniform":
+                config[d.key] = float(rng.uniform(lo, hi))
+            elif d.kind == "loguniform":
+                config[d.key] = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+            else:  # randint: both bounds included
+                config[d.key] = int(rng.integers(int(lo), int(hi) + 1))
+        out.append(config)
+    return out
+
+
+def trial_values(spec: SweepSpec, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The swept values of one trial, and its seed, from Tune's trial config."""
+    drawn = config.get(SAMPLE) or {}
+    values = {d.key: _plain(drawn[d.key] if d.key in drawn else config[d.key]) for d in spec.dimensions}
+    values["seed"] = int(config["seed"]) if "seed" in config else spec.seeds[int(config.get(INDEX, 0)) % len(spec.seeds)]
+    return values
+
+
+def trial_overrides(values: Mapping[str, Any]) -> list[str]:
+    """Hydra overrides that set a trial's values (``scheme=fedprox``, ``scheme.mu=0.01``, ``seed=1``)."""
+    return [f"{k}={override_value(v)}" for k, v in values.items()]
+
+
+def override_value(v: Any) -> str:
+    """A Python value written as Hydra's override grammar reads it back."""
+    v = _plain(v)
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(override_value(x) for x in v) + "]"
+    text = str(v)
+    if re.fullmatch(r"[A-Za-z_][\w\-/.]*", text) and text.lower() not in ("null", "true", "false", "nan", "inf"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def check_points(spec: SweepSpec) -> Iterator[dict[str, Any]]:
+    """Trial values that together use every listed value and both ends of every range, for checking before Ray starts.
+
+    The first point takes the first value of every dimension; each further point changes
+    one dimension, so a key that only breaks with one value (``scheme.mu`` with fedavg)
+    is still found, without composing the whole grid.
+    """
+    options = [list(d.values) for d in spec.dimensions]
+    base = {d.key: o[0] for d, o in zip(spec.dimensions, options)}
+    yield base | {"seed": spec.seeds[0]}
+    for d, o in zip(spec.dimensions, options):
+        for alt in o[1:]:
+            yield base | {d.key: alt, "seed": spec.seeds[0]}
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every combination of the grid dimensions and seeds (what a grid search runs), for tests and counts."""
+    grids = [d for d in spec.dimensions if d.kind == "grid"]
+    return [dict(zip([d.key for d in grids] + ["seed"], combo))
+            for combo in itertools.product(*[d.values for d in grids], spec.seeds)]
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars (what samplers hand back) as plain Python numbers."""
+    return v.item() if hasattr(v, "item") and not isinstance(v, (list, tuple, str)) else v
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+
+
+def _word(cfg: Mapping, key: str, choices: tuple[str, ...], default: str) -> str:
+    """A value out of a fixed list of words."""
+    v = cfg.get(key, default)
+    if v not in choices:
+        raise ConfigError(f"sweep.{key}", f"unknown {key.replace('_', ' ')} {v!r}; choose one of {', '.join(choices)}")
+    return v
+
+
+def _count(cfg: Mapping, key: str, default: int, minimum: int = 1) -> int:
+    """A whole number >= minimum."""
+    v = cfg.get(key, default)
+    if not (isinstance(v, int) and not isinstance(v, bool)) or v < minimum:
+        raise ConfigError(f"sweep.{key}", f"expected a whole number >= {minimum}, got {v!r}")
+    return v
+
+
+def _cpus(cfg: Mapping, key: str, default: float, positive: bool = False) -> float:
+    """A CPU amount: >= 0, or > 0."""
+    v = cfg.get(key, default)
+    if not _number(v) or v < 0 or (positive and v == 0):
+        raise ConfigError(f"sweep.{key}", f"expected a number {'> 0' if positive else '>= 0'}, got {v!r}")
+    return float(v)

@@ -1,0 +1,318 @@
+"""``python -m sim.sweep sweep=<name>``: Ray Tune over schemes, hyperparameters and seeds.
+
+Every trial is a whole simulation: Hydra composes its config from the run config, the
+sweep file's overrides, the command line and the trial's values; :func:`sim.engine.run`
+runs it and reports each round to Tune. Each trial reserves a placement group (its own
+small bundle, then the run's coordinator and hosts as ``plan_layout`` lays them out), and
+the engine's actors are captured into it, so trials never oversubscribe the cluster and
+as many run at once as fit. The sweep directory (Hydra's run directory) holds Tune's
+files (``tune/``), one run directory per trial (``trials/<trial_id>/``), ``trials.parquet``
+(one row per trial) and the trials' tables concatenated, so ``python -m analysis report``
+reads a sweep as it reads a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import hydra
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from sim.cli import compose, explain, fail, guard
+from sim.config import load_spec
+from sim.results import write_table, write_text
+from sim.search_space import INDEX, SweepSpec, check_points, load_sweep, param_space, trial_overrides, trial_values
+from sim.sweep_results import TIMES, collect, finished, read_text, render, replay, summarize
+from sim.types import ConfigError
+
+log = logging.getLogger("collabsim")
+TUNE_DIR = "tune"  # Tune's own files, inside the sweep directory
+SWEEP_KEYS = ("sweep", "resume")  # command-line keys of the sweep itself, not of its trials
+
+
+# ---- configs -------------------------------------------------------------------------------------
+
+def base_overrides(spec: SweepSpec, command_line: list[str]) -> list[str]:
+    """What every trial starts from: the sweep file's overrides, then the command line's (minus the sweep's own keys)."""
+    own = [o for o in command_line if _key(o).split(".")[0] not in SWEEP_KEYS]
+    return [*spec.overrides, *own]
+
+
+def trial_config(base: list[str], values: Mapping[str, Any]) -> DictConfig:
+    """Compose one trial's run config; later overrides of the same key win (the trial's values last)."""
+    overrides = [*base, *trial_overrides(values)]
+    last = {_key(o): o for o in overrides}
+    return compose("config", list(last.values()))
+
+
+def check(cfg: DictConfig, command_line: list[str]) -> SweepSpec:
+    """Validate the sweep file and a trial config for every listed value, before Ray starts (raises ConfigError)."""
+    spec = load_sweep(OmegaConf.to_container(cfg.sweep, resolve=True), smoke=bool(cfg.get("smoke")))
+    if not isinstance(cfg.get("resume"), bool):
+        raise ConfigError("resume", f"expected true or false, got {cfg.get('resume')!r}")
+    if spec.bundles == "per_host" and not _pins_bundles():
+        raise ConfigError("sweep.bundles", "per_host needs an engine that places each actor in its own bundle "
+                          "(agents.backend.RayBackend.pins_bundles); use merged")
+    base = base_overrides(spec, command_line)
+    for values in check_points(spec):
+        try:
+            load_spec(trial_config(base, values))
+        except ConfigError as e:
+            raise ConfigError(_where(spec, e.key), e.problem) from None
+        except Exception as e:  # noqa: BLE001 - Hydra's composition errors become one line naming the key
+            key, _, problem = explain(e).partition(": ")
+            raise ConfigError(_where(spec, key), problem) from None
+    return spec
+
+
+def _pins_bundles() -> bool:
+    """Whether the engine puts each actor in the bundle of its layout; otherwise actors take any bundle with room."""
+    from agents.backend import RayBackend
+
+    return bool(getattr(RayBackend, "pins_bundles", False))
+
+
+def _where(spec: SweepSpec, key: str) -> str:
+    """Name a bad key where the user wrote it: in the sweep's space, its overrides, or the command line."""
+    if key in spec.keys:
+        return f"sweep.space.{key}"
+    if any(_key(o) == key or _key(o).startswith(key + ".") for o in spec.overrides):
+        return f"sweep.overrides: {key}"
+    return key
+
+
+def _key(override: str) -> str:
+    """The key an override sets (``+a.b=1`` -> ``a.b``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+# ---- resources -----------------------------------------------------------------------------------
+
+def trial_bundles(spec: SweepSpec, cfg: DictConfig, cpus: float, gpus: float) -> list[dict[str, float]]:
+    """One trial's placement-group bundles: its own process first, then the run's coordinator and hosts.
+
+    The run is laid out as ``python -m sim`` would lay it out on a cluster of
+    ``sweep.trial_cpus`` CPUs (less the trial's own bundle). With ``bundles: merged`` the
+    run's bundles are summed into one, because the engine's actors take whichever bundle
+    of their placement group has room: unequal bundles could be filled in the wrong order
+    and strand the largest actor. ``per_host`` keeps one bundle per actor (needs an engine
+    that places each actor in its own bundle).
+    """
+    from agents.placement import plan_layout
+
+    run = load_spec(cfg)
+    budget = (spec.trial_cpus if spec.trial_cpus is not None else cpus) - spec.driver_cpus
+    layout = plan_layout(run, run.scenario.institutions, budget, gpus)
+    bundles = layout.bundles
+    if spec.bundles == "merged":
+        bundles = [{k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU") if any(b.get(k) for b in bundles)}]
+    return [{"CPU": spec.driver_cpus}, *bundles]
+
+
+def check_fits(bundles: list[dict[str, float]], strategy: str, nodes: list[dict[str, float]]) -> None:
+    """Refuse a trial that no node (or, with STRICT_PACK, no single node) can hold: Tune would wait for ever."""
+    total = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+    need = [total] if strategy == "STRICT_PACK" else bundles
+    for b in need:
+        if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in b.items()) for n in nodes):
+            biggest = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+            raise ConfigError("sweep.trial_cpus", f"a trial reserves {total['CPU']:g} CPUs and {total['GPU']:g} GPUs "
+                              f"({strategy}) but the largest node has {biggest:g} CPUs; lower sweep.trial_cpus or the run's cpus")
+
+
+# ---- the trial -----------------------------------------------------------------------------------
+
+def make_trainable(spec: SweepSpec, base: list[str], sweep_dir: Path) -> Callable[[dict], None]:
+    """The Tune function trainable: compose the trial's config, run it, report every round."""
+
+    def trial(config: dict) -> None:
+        from ray import tune
+
+        from sim.engine import run
+
+        values = trial_values(spec, config)
+        cfg = trial_config(base, values)
+        run_dir = sweep_dir / "trials" / tune.get_context().get_trial_id()
+        rounds, times = load_spec(cfg).rounds, {"started": time.time()}
+        last: list[dict] = []
+
+        def report(r: int, summary: dict[str, float]) -> None:
+            result = {**summary, "round": r, "rounds": rounds, **times, "finished": time.time()}
+            if r < rounds:
+                tune.report(result)
+            else:  # a scheduler stops a trial at its last report: send it once the run directory is written
+                last.append(result)
+
+        if finished(run_dir):  # finished before an interruption that Tune's state did not record: replay, don't rerun
+            times = json.loads(read_text(run_dir / TIMES) or "{}") or times
+            for r, summary in replay(pd.read_parquet(run_dir / "metrics.parquet")):
+                report(r, summary)
+        else:
+            run(cfg, run_dir, on_round=report)
+            times["finished"] = time.time()
+            write_text(json.dumps(times), run_dir / TIMES)
+        if last:
+            tune.report(last[-1] | times)
+
+    trial.__name__ = trial.__qualname__ = f"sweep_{spec.name}"
+    return trial
+
+
+# ---- the sweep -----------------------------------------------------------------------------------
+
+def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run (or resume) the sweep into ``sweep_dir``; write its tables and return (trials, summary)."""
+    import ray
+    from ray import tune
+
+    from agents.backend import connect
+
+    spec = check(cfg, command_line)
+    base = base_overrides(spec, command_line)
+    sweep_dir = sweep_dir.resolve()
+    tune_dir = sweep_dir / TUNE_DIR
+    resume = bool(cfg.get("resume"))
+    if resume != tune.Tuner.can_restore(str(tune_dir)):
+        raise ConfigError("resume", f"no sweep to resume in {sweep_dir}; check hydra.run.dir" if resume else
+                          f"{sweep_dir} already holds a sweep; add resume=true to continue it or pick another hydra.run.dir")
+    cpus, gpus = connect(OmegaConf.to_container(cfg.cluster, resolve=True))
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cache: dict[str, list] = {}
+
+    def resources(config: dict) -> tune.PlacementGroupFactory:
+        values = trial_values(spec, config)
+        key = repr(sorted(values.items()))
+        if key not in cache:
+            cache[key] = trial_bundles(spec, trial_config(base, values), cpus, gpus)
+            check_fits(cache[key], spec.bundle_strategy, nodes)
+        return tune.PlacementGroupFactory(cache[key], strategy=spec.bundle_strategy)
+
+    for values in check_points(spec):  # impossible reservations fail now, not as a Tune trial that never starts
+        resources({**values, INDEX: 0})
+    trainable = tune.with_resources(make_trainable(spec, base, sweep_dir), resources)
+    if resume:
+        log.info("resuming the sweep in %s", sweep_dir)
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space(spec, int(cfg.seed)), tune_config=_tune_config(spec, cfg),
+                           run_config=tune.RunConfig(storage_path=str(sweep_dir), name=TUNE_DIR, verbose=1,
+                                                     failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    trials, tables = collect(spec, grid, sweep_dir, lambda values: load_spec(trial_config(base, values)).scheme_name)
+    summary = summarize(spec, trials)
+    write_text(OmegaConf.to_yaml(cfg, resolve=True), sweep_dir / "config.yaml")
+    for kind, df in tables.items():
+        write_table(df, sweep_dir / f"{kind}.parquet")
+    write_table(trials, sweep_dir / "trials.parquet")
+    trials.to_csv(sweep_dir / "trials.csv", index=False)
+    summary.to_csv(sweep_dir / "summary.csv", index=False)
+    return trials, summary
+
+
+def _tune_config(spec: SweepSpec, cfg: DictConfig):
+    """Search algorithm, scheduler, metric and concurrency for Tune."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator, Repeater
+
+    if spec.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        # The sampler is seeded so a sweep proposes the same configurations again; each is run once per seed.
+        search = Repeater(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=int(cfg.seed))),
+                          repeat=len(spec.seeds), set_index=True)
+    else:  # every trial is listed in the param space (random draws included): Tune walks the grid
+        search = BasicVariantGenerator()
+    scheduler = None
+    if spec.scheduler == "asha":
+        rounds = load_spec(cfg).rounds  # the base config's rounds (smoke shrinks them)
+        scheduler = seedwise(lambda: ASHAScheduler(
+            time_attr="round", max_t=rounds, grace_period=min(spec.grace_period, rounds),
+            reduction_factor=spec.reduction_factor))
+    return tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search, scheduler=scheduler,
+                           num_samples=spec.samples, max_concurrent_trials=spec.max_concurrent, reuse_actors=False,
+                           trial_dirname_creator=lambda t: t.trial_id, trial_name_creator=lambda t: t.trial_id)
+
+
+def seedwise(make: Callable[[], Any]):
+    """A Tune scheduler running one ``make()`` scheduler per seed, so a trial competes only with its own seed's.
+
+    Seeds draw different data, and one seed's data can be easier for every configuration
+    (on the default scenario seed 1 reaches accuracy 1.0 whatever FedProx's mu and lr):
+    pooled over seeds, ASHA stopped every trial of the harder seed at its first rung.
+    """
+    from ray.tune.schedulers import FIFOScheduler
+
+    class Seedwise(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self.by_seed: dict[Any, Any] = {}
+            self.search: dict[str, Any] = {}
+
+        def set_search_properties(self, metric, mode, **spec) -> bool:
+            self.search = dict(metric=metric, mode=mode, **spec)
+            return True
+
+        def of(self, trial):
+            seed = trial.config.get("seed", trial.config.get(INDEX))  # a grid's seed, or the Repeater's index
+            if seed not in self.by_seed:
+                self.by_seed[seed] = make()
+                self.by_seed[seed].set_search_properties(**self.search)
+            return self.by_seed[seed]
+
+        def on_trial_add(self, controller, trial):
+            self.of(trial).on_trial_add(controller, trial)
+
+        def on_trial_result(self, controller, trial, result):
+            return self.of(trial).on_trial_result(controller, trial, result)
+
+        def on_trial_complete(self, controller, trial, result):
+            self.of(trial).on_trial_complete(controller, trial, result)
+
+        def on_trial_remove(self, controller, trial):
+            self.of(trial).on_trial_remove(controller, trial)
+
+        def debug_string(self) -> str:
+            return "\n".join(f"seed {k}: {s.debug_string()}" for k, s in self.by_seed.items())
+
+    return Seedwise()
+
+
+@hydra.main(config_path="../conf", config_name="sweep_main", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Run the configured sweep and print its summary."""
+    out = Path(HydraConfig.get().runtime.output_dir)
+    command_line = list(HydraConfig.get().overrides.task)
+    try:
+        trials, summary = sweep(cfg, command_line, out)
+    except ConfigError as e:
+        fail(str(e))
+    spec = load_sweep(OmegaConf.to_container(cfg.sweep, resolve=True), smoke=bool(cfg.smoke))
+    print(render(spec, trials, summary, out.resolve()))
+    failed = trials[trials["status"] == "error"]
+    if len(failed):
+        print(f"error: {len(failed)} trial(s) failed; first: {failed['error'].iloc[0]}", file=sys.stderr)
+        raise SystemExit(1)
+    unfinished = trials["status"].isin(["pending", "incomplete"]).sum()
+    if unfinished:
+        print(f"error: interrupted with {unfinished} trial(s) unfinished; continue with the same command and resume=true",
+              file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _check(cfg: DictConfig) -> None:
+    """The guard's check: the sweep file and every listed value, before Ray starts."""
+    check(cfg, [a for a in sys.argv[1:] if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))])
+
+
+if __name__ == "__main__":
+    guard("sweep_main", sys.argv[1:], _check)
+    main()

@@ -1,0 +1,172 @@
+"""The results of a sweep: its trials' run directories read back into one table per trial and a summary.
+
+Pure pandas over the trials' tables (the results schema of sim/results.py) and what
+Tune reported; no Ray. ``trials.parquet`` has one row per trial: its swept values and
+seed, status (complete, stopped early by the scheduler, error), final metrics, and the
+gain over the isolated trial with the same other values.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, Mapping
+
+import pandas as pd
+
+from sim.results import frame
+from sim.search_space import METRICS, SweepSpec, trial_values
+
+TIMES = "trial.json"  # when a trial's run started and finished, next to its tables (kept across a resume)
+SCENARIO_GROUPS = ("scenario", "data", "model")  # swept keys under these name the scenario in the combined tables
+
+
+def replay(metrics: pd.DataFrame) -> list[tuple[int, dict[str, float]]]:
+    """The per-round reports of a finished run, recomputed from its metrics table (as the engine's on_round)."""
+    acc = metrics[(metrics["metric"] == "accuracy") & (metrics["round"] > 0)]
+    loss = metrics[(metrics["metric"] == "loss") & (metrics["round"] > 0) & (metrics["institution"] == "global")]
+    out = []
+    for r, rows in acc.groupby("round"):
+        inst = rows[rows["institution"] != "global"]["value"]
+        out.append((int(r), {"global_accuracy": float(rows[rows["institution"] == "global"]["value"].iloc[0]),
+                             "global_loss": float(loss[loss["round"] == r]["value"].iloc[0]),
+                             "mean_accuracy": float(inst.mean()), "worst_accuracy": float(inst.min())}))
+    return out
+
+
+def read_text(path: Path) -> str:
+    """A small text file's contents, or '' when it is missing."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def finished(run_dir: Path) -> bool:
+    """A run directory with its tables written and not marked unfinished."""
+    from analysis.runs import COMPLETE, NO_STATUS, run_state
+
+    return (run_dir / "metrics.parquet").is_file() and run_state(run_dir) in (COMPLETE, NO_STATUS)
+
+
+def collect(spec: SweepSpec, grid, sweep_dir: Path, scheme_of: Callable[[dict], str]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """One row per trial (values, status, final metrics, gain over isolated) and the finished trials' tables."""
+    rows, tables = [], {"metrics": [], "ledger": [], "institutions": []}
+    for result in grid:
+        trial_id = Path(result.path).name
+        if result.config is None:  # the sweep was interrupted before this trial started
+            rows.append({"trial_id": trial_id, "status": "pending"})
+            continue
+        run_dir = sweep_dir / "trials" / trial_id
+        reported = result.metrics or {}
+        done = finished(run_dir)
+        short = reported.get("round", 0) < reported.get("rounds", math.inf)
+        status = "error" if result.error else "complete" if done else "stopped" if short and spec.scheduler else "incomplete"
+        values = trial_values(spec, result.config)
+        row = {"trial_id": trial_id, "status": status, "scheme": scheme_of(values), **values,
+               "rounds": reported.get("round", 0), **{m: reported.get(m, math.nan) for m in METRICS},
+               "started": reported.get("started", math.nan), "finished": reported.get("finished", math.nan), "run_id": None,
+               "run_dir": str(run_dir.relative_to(sweep_dir)) if done else None,
+               "error": str(result.error).strip().splitlines()[0] if result.error else None}
+        if done:
+            for kind in tables:
+                tables[kind].append(_relabel(spec, pd.read_parquet(run_dir / f"{kind}.parquet"), row))
+            row["run_id"] = tables["metrics"][-1]["run_id"].iloc[0]
+        rows.append(row)
+    trials = pd.DataFrame(rows)
+    trials = trials.merge(gains(spec, trials, tables["metrics"]), on="trial_id", how="left")
+    first = ["trial_id", "status", "scheme", *spec.keys, "seed", "rounds", *METRICS, "mean_gain", "worse_off"]
+    trials = trials.reindex(columns=list(dict.fromkeys(first + list(trials.columns))))
+    trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
+    combined = {k: pd.concat(v, ignore_index=True) if v else frame(k, []) for k, v in tables.items()}
+    return trials, combined
+
+
+def _relabel(spec: SweepSpec, df: pd.DataFrame, row: Mapping) -> pd.DataFrame:
+    """Name the scenario after the swept scenario/data/model values, so analysis matches gains within it."""
+    keys = [k for k in spec.keys if k.split(".")[0] in SCENARIO_GROUPS]
+    if keys:
+        df = df.assign(scenario=df["scenario"] + " (" + ", ".join(f"{k}={row[k]}" for k in keys) + ")")
+    return df
+
+
+def gains(spec: SweepSpec, trials: pd.DataFrame, metrics: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per trial: mean gain over isolated in points and institutions worse off, against the isolated trial
+    with the same values of everything but the scheme (and its hyperparameters); NaN where none exists."""
+    from analysis.metrics import BASELINE, gain_table
+
+    out = pd.DataFrame({"trial_id": trials["trial_id"], "mean_gain": math.nan, "worse_off": pd.NA})
+    if not metrics:
+        return out.astype({"worse_off": "Int64"})
+    same = [k for k in spec.keys if k != "scheme" and not k.startswith("scheme.")] + ["seed"]
+    runs = trials.dropna(subset=["run_id"]).set_index("run_id")
+    by_run = {df["run_id"].iloc[0]: df for df in metrics}
+    for _, group in runs.groupby(same, dropna=False):
+        if not (group["scheme"] == BASELINE).any():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # several isolated trials of one group (repeated samples) are averaged
+            g = gain_table(pd.concat([by_run[r] for r in group.index.unique()], ignore_index=True))
+        per_run = g.groupby("run_id")["gain"].agg(mean_gain="mean", worse_off=lambda x: int((x < 0).sum()))
+        for run_id, trial_id, scheme in zip(group.index, group["trial_id"], group["scheme"]):
+            mask = out["trial_id"] == trial_id
+            if scheme == BASELINE:
+                out.loc[mask, ["mean_gain", "worse_off"]] = [0.0, 0]
+            elif run_id in per_run.index:
+                out.loc[mask, ["mean_gain", "worse_off"]] = per_run.loc[run_id].tolist()
+    return out.astype({"worse_off": "Int64"})
+
+
+def summarize(spec: SweepSpec, trials: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration (every swept value but the seed): seeds, and mean with 95% interval of the metric and the gain."""
+    from analysis.metrics import mean_interval, scheme_order
+
+    config = ["scheme"] + [k for k in spec.keys if k != "scheme"]
+    done = trials[trials["status"] == "complete"]  # a trial stopped early ends on an earlier round: not comparable
+    rows = []
+    for values, g in done.groupby(config, dropna=False, sort=False):
+        row = dict(zip(config, values if isinstance(values, tuple) else (values,)))
+        row["seeds"] = int(g["seed"].nunique())
+        for column in (spec.metric, "mean_gain"):
+            row[column], row[f"{column}_low"], row[f"{column}_high"] = mean_interval(g[column].astype(float))
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=[*config, "seeds", spec.metric, f"{spec.metric}_low", f"{spec.metric}_high",
+                                        "mean_gain", "mean_gain_low", "mean_gain_high"])
+    if table.empty:
+        return table
+    rank = {s: i for i, s in enumerate(scheme_order(table["scheme"].dropna()))}
+    return table.assign(_r=table["scheme"].map(rank)).sort_values(["_r", *config[1:]]).drop(columns="_r").reset_index(drop=True)
+
+
+def best(spec: SweepSpec, summary: pd.DataFrame, n: int = 3) -> pd.DataFrame:
+    """The ``n`` best configurations by the sweep's metric (mean over seeds), those that ran on the most seeds first.
+
+    Under ASHA a configuration stopped on a hard seed keeps only its easier seeds: ranked
+    on its mean alone, it would beat the configurations that survived every seed.
+    """
+    return summary.sort_values(["seeds", spec.metric], ascending=[False, spec.mode == "min"], na_position="last").head(n)
+
+
+def render(spec: SweepSpec, trials: pd.DataFrame, summary: pd.DataFrame, sweep_dir: Path) -> str:
+    """What the command prints: counts, the per-configuration summary and the best configurations."""
+    counts = trials["status"].value_counts()
+    lines = [f"sweep {spec.name}: {len(trials)} trials, " + ", ".join(f"{n} {s}" for s, n in counts.items()), ""]
+    config = [c for c in summary.columns if c in ("scheme", *spec.keys)]
+
+    def interval(row, column, fmt):
+        mean, low, high = row[column], row[f"{column}_low"], row[f"{column}_high"]
+        return "-" if pd.isna(mean) else fmt.format(mean) + ("" if pd.isna(low) else " [" + fmt.format(low) + ", " + fmt.format(high) + "]")
+
+    shown = summary[config + ["seeds"]].copy()
+    shown[spec.metric] = [interval(r, spec.metric, "{:.3f}") for _, r in summary.iterrows()]
+    shown["mean_gain"] = [interval(r, "mean_gain", "{:+.2f}") for _, r in summary.iterrows()]
+    lines += ["per configuration, trials that ran every round: mean over seeds [95% interval]; "
+              "gain in accuracy points over isolated",
+              shown.to_string(index=False), "", f"best by {spec.metric} ({spec.mode}):"]
+    for i, (_, r) in enumerate(best(spec, summary).iterrows(), 1):
+        lines.append(f"  {i}. " + " ".join(f"{c}={r[c]:.4g}" if isinstance(r[c], float) else f"{c}={r[c]}" for c in config)
+                     + f"  {spec.metric} "
+                     + interval(r, spec.metric, "{:.3f}") + f"  ({int(r['seeds'])} seed{'s' * (int(r['seeds']) != 1)})")
+    lines += ["", f"trials: {sweep_dir / 'trials.csv'}", f"tables: {sweep_dir} (python -m analysis report {sweep_dir})"]
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Checkpoints and resume: a run stopped after any round and resumed gives the very same metrics.parquet."""
+
+import json
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sim import checkpoint
+from sim.checkpoint import resume_overrides
+from sim.cli import compose
+from sim.engine import run
+from sim.types import ConfigError
+
+FLAKY = ["scenario.availability=0.8", "scenario.failure_rate=0.2"]  # faults are part of what must resume exactly
+
+
+class Stop(Exception):
+    """Stands for the driver going away after a round."""
+
+
+def stop_after(k):
+    def on_round(r, summary):
+        if r == k:
+            raise Stop(f"stopped after round {k}")
+
+    return on_round
+
+
+def status(run_dir):
+    return json.loads((run_dir / "status.json").read_text())
+
+
+@pytest.fixture
+def reference(small_cfg, tmp_path_factory):
+    """An uninterrupted run directory per scheme (three rounds, a checkpoint every round, flaky institutions)."""
+    made = {}
+
+    def make(scheme):
+        if scheme not in made:
+            made[scheme] = tmp_path_factory.mktemp(f"ref-{scheme}")
+            run(small_cfg("rounds=3", "checkpoint_every=1", f"scheme={scheme}", *FLAKY), made[scheme], backend="inprocess")
+        return made[scheme]
+
+    return make
+
+
+# isolated: personal models persist; pooled: the scheme's data pool persists; fedavg: only the global model.
+@pytest.mark.parametrize("scheme", ["isolated", "pooled", "fedavg"])
+@pytest.mark.parametrize("stop", [1, 2])
+def test_a_run_resumed_after_any_round_matches_an_uninterrupted_one(scheme, stop, small_cfg, reference, tmp_path):
+    # Prepare: the run stops after round `stop`
+    cfg = small_cfg("rounds=3", "checkpoint_every=1", f"scheme={scheme}", *FLAKY)
+    with pytest.raises(Stop):
+        run(cfg, tmp_path, backend="inprocess", on_round=stop_after(stop))
+    assert status(tmp_path)["state"] == "failed" and status(tmp_path)["rounds_done"] == stop
+    assert not (tmp_path / "metrics.parquet").exists()  # no table until the run is complete
+    # Execute
+    run(compose("config", [f"resume={tmp_path}"]), backend="inprocess")
+    # Assert: byte-for-byte the same values, every row; the directory now says complete
+    ref = reference(scheme)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "metrics.parquet"), pd.read_parquet(ref / "metrics.parquet"))
+    resumed, full = (pd.read_parquet(d / "ledger.parquet").drop(columns="compute_seconds") for d in (tmp_path, ref))
+    pd.testing.assert_frame_equal(resumed, full)  # compute_seconds is measured wall time, the rest is deterministic
+    assert status(tmp_path)["state"] == "complete" and not (tmp_path / "checkpoints").exists()
+
+
+def test_without_a_checkpoint_resume_starts_over(small_cfg, reference, tmp_path):
+    cfg = small_cfg("rounds=3", "checkpoint_every=1", "scheme=fedavg", *FLAKY)
+    with pytest.raises(Stop):
+        run(cfg, tmp_path, backend="inprocess", on_round=stop_after(1))
+    (tmp_path / "checkpoints" / "latest.json").unlink()  # as if it died before writing one
+    run(compose("config", [f"resume={tmp_path}"]), backend="inprocess")
+    assert pd.read_parquet(tmp_path / "metrics.parquet").equals(pd.read_parquet(reference("fedavg") / "metrics.parquet"))
+
+
+def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(small_cfg, tmp_path, monkeypatch):
+    cfg = small_cfg("rounds=3", "checkpoint_every=1")
+    real = checkpoint._save_arrays
+
+    def dies_in_round_2(path, groups):
+        if '"round": 2' in (path.parent / "meta.json").read_text():
+            raise Stop("died mid-write")
+        real(path, groups)
+
+    monkeypatch.setattr(checkpoint, "_save_arrays", dies_in_round_2)
+    with pytest.raises(Stop):
+        run(cfg, tmp_path, backend="inprocess")
+    # The pointer still names round 1, whose directory is whole; the half-written one is not it.
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["round"] == 1
+    progress, _ = checkpoint.load(tmp_path, status(tmp_path)["run_id"])
+    assert progress.rounds_done == 1
+
+
+def test_checkpoints_hold_no_pickles(small_cfg, tmp_path):
+    with pytest.raises(Stop):
+        run(small_cfg("rounds=3", "checkpoint_every=1", "scheme=pooled"), tmp_path, backend="inprocess",
+            on_round=stop_after(2))
+    where = tmp_path / "checkpoints" / "round-00002"
+    for npz in where.glob("*.npz"):
+        with np.load(npz, allow_pickle=False) as arrays:  # raises if any array needs pickle
+            assert all(arrays[k].dtype != object for k in arrays.files)
+        assert all(n.endswith(".npy") for n in zipfile.ZipFile(npz).namelist())
+    assert {p.suffix for p in where.iterdir()} == {".json", ".npz", ".parquet"}
+
+
+def test_status_says_running_then_complete(small_cfg, tmp_path):
+    seen = []
+    run(small_cfg(), tmp_path, backend="inprocess", on_round=lambda r, s: seen.append(status(tmp_path)["state"]))
+    assert seen == ["running", "running"] and status(tmp_path)["state"] == "complete"
+    assert status(tmp_path)["rounds_done"] == 2 and status(tmp_path)["error"] is None
+
+
+def test_a_failed_run_says_why(small_cfg, tmp_path):
+    with pytest.raises(Stop):
+        run(small_cfg(), tmp_path, backend="inprocess", on_round=stop_after(1))
+    assert status(tmp_path) | {"updated": None} == {
+        "state": "failed", "rounds_done": 1, "rounds": 2, "run_id": status(tmp_path)["run_id"],
+        "error": "Stop: stopped after round 1", "institutions": None, "updated": None}
+
+
+def test_resuming_a_complete_run_changes_nothing(small_cfg, tmp_path):
+    first = run(small_cfg(), tmp_path, backend="inprocess")
+    again = run(compose("config", [f"resume={tmp_path}"]), backend="inprocess")
+    pd.testing.assert_frame_equal(first.metrics, again.metrics)
+
+
+def test_a_coalition_resumes_as_that_coalition(small_cfg, tmp_path):
+    members = ("city_hospital", "credit_union")
+    with pytest.raises(Stop):
+        run(small_cfg("checkpoint_every=1"), tmp_path, backend="inprocess", institutions=members, on_round=stop_after(1))
+    result = run(compose("config", [f"resume={tmp_path}"]), backend="inprocess")
+    assert set(result.institutions.institution) == set(members) and result.run_id.endswith("city_hospital+credit_union")
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda d: None, "no such directory"),
+    (lambda d: d.mkdir(), "no config.yaml"),
+])
+def test_resume_needs_a_run_directory(make, problem, tmp_path):
+    from sim.config import load_spec
+
+    make(tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        load_spec(compose("config", [f"resume={tmp_path / 'run'}"]))
+    assert err.value.key == "resume" and problem in str(err.value)
+
+
+def test_a_checkpoint_of_another_run_is_refused(small_cfg, tmp_path):
+    with pytest.raises(Stop):
+        run(small_cfg("checkpoint_every=1"), tmp_path, backend="inprocess", on_round=stop_after(1))
+    (tmp_path / "config.yaml").write_text((tmp_path / "config.yaml").read_text().replace("seed: 0", "seed: 1"))
+    with pytest.raises(ConfigError, match="belongs to run"):
+        run(compose("config", [f"resume={tmp_path}"]), backend="inprocess")
+
+
+def test_resume_on_the_command_line_writes_into_the_run_directory_and_refuses_other_overrides(tmp_path):
+    assert resume_overrides(["scheme=fedavg"]) == []
+    assert resume_overrides([f"resume={tmp_path}"]) == [f"hydra.run.dir='{tmp_path}'", "hydra.output_subdir=null"]
+    with pytest.raises(ConfigError, match="keeps its saved config; drop 'rounds=5'"):
+        resume_overrides([f"resume={tmp_path}", "rounds=5"])
+    with pytest.raises(ConfigError, match="run directory"):
+        resume_overrides(["resume=true"])

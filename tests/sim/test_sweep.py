@@ -1,0 +1,404 @@
+"""Sweeps: the Hydra-to-Tune translation, what each trial reserves, the results table, resume, bad sweep files.
+
+The end-to-end runs are subprocesses on tiny budgets; one sweep is interrupted (its
+process group killed) and resumed, and several tests read what it left behind.
+"""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from sim.cli import compose, guard
+from sim.results import SCHEMAS, frame
+from sim.search_space import INDEX, check_points, grid_points, load_sweep, override_value, param_space, trial_values
+from sim.sweep import check_fits, trial_bundles, trial_config
+from sim.sweep_results import gains, summarize
+from sim.types import ConfigError
+
+TINY = ["smoke=true", "rounds=2", "data.num_samples=600", "cluster.num_cpus=2"]
+ONE_HOST = ["placement=pooled", "engine.pooled_hosts=1"]  # two actors per run (coordinator, one host): quick to start
+
+
+def sweep_of(**fields):
+    """A sweep spec from the defaults in conf/sweep_main.yaml plus ``fields``."""
+    base = compose("sweep_main", ["sweep=compare_schemes"]).sweep
+    return load_sweep({**base, **fields})
+
+
+# ---- search space: Hydra to Tune -----------------------------------------------------------------
+
+KINDS = {"scheme": {"grid": ["fedavg", "fedprox"]}, "training.local_epochs": {"choice": [1, 2]},
+         "training.lr": {"uniform": [0.01, 0.1]}, "scheme.server_lr": {"loguniform": [0.1, 1.0]},
+         "training.batch_size": {"randint": [16, 18]}}
+
+
+def test_grid_search_lists_every_value_and_every_seed():
+    spec = sweep_of(space={"scheme": {"grid": ["fedavg", "fedprox"]}, "training.lr": [0.01, 0.1]})
+    assert param_space(spec) == {"scheme": {"grid_search": ["fedavg", "fedprox"]},
+                                 "training.lr": {"grid_search": [0.01, 0.1]}, "seed": {"grid_search": [0, 1, 2]}}
+    assert spec.samples == 1 and spec.trial_count() == 2 * 2 * 3
+
+
+def test_random_search_draws_each_configuration_once_for_all_seeds():
+    spec = sweep_of(search="random", num_samples=50, space=KINDS)
+    space = param_space(spec, seed=7)
+    assert space["scheme"] == {"grid_search": ["fedavg", "fedprox"]} and space["seed"] == {"grid_search": [0, 1, 2]}
+    drawn = pd.DataFrame(space["sample"]["grid_search"])  # 50 draws, each run on every seed (a grid, not resampled)
+    assert len(drawn) == 50 and spec.trial_count() == 2 * 50 * 3
+    assert set(drawn["training.local_epochs"]) == {1, 2}
+    assert drawn["training.lr"].between(0.01, 0.1).all() and drawn["scheme.server_lr"].between(0.1, 1.0).all()
+    assert set(drawn["training.batch_size"]) == {16, 17, 18}  # randint includes both bounds
+    assert param_space(spec, seed=7)["sample"] == space["sample"] != param_space(spec, seed=8)["sample"]
+    trial = {"scheme": "fedavg", "sample": drawn.iloc[3].to_dict(), "seed": 2}
+    assert trial_values(spec, trial) == {"scheme": "fedavg", **drawn.iloc[3].to_dict(), "seed": 2}
+
+
+def test_a_model_based_search_gets_tune_domains_and_leaves_seeds_to_the_repeater():
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
+
+    spec = sweep_of(search="optuna", num_samples=4, space=KINDS)
+    space = param_space(spec)
+    assert "seed" not in space and isinstance(space["scheme"], Categorical)  # Optuna takes no grids
+    assert space["scheme"].categories == ["fedavg", "fedprox"] and space["training.local_epochs"].categories == [1, 2]
+    assert isinstance(space["training.lr"], Float) and (space["training.lr"].lower, space["training.lr"].upper) == (0.01, 0.1)
+    assert isinstance(space["scheme.server_lr"].get_sampler(), LogUniform)
+    # randint bounds are both included, as the file reads; Tune's upper bound is exclusive, hence 19.
+    assert isinstance(space["training.batch_size"], Integer) and space["training.batch_size"].upper == 19
+    assert spec.samples == 12 and spec.trial_count() == 12  # 4 configurations x 3 seeds
+    assert [trial_values(spec, {**dict.fromkeys(KINDS, 1), INDEX: i})["seed"] for i in range(3)] == [0, 1, 2]
+
+
+def test_nested_groups_and_bare_lists_read_as_dotted_keys_and_grids():
+    spec = sweep_of(space={"scheme": ["fedavg", "fedprox"], "training": {"lr": {"grid": [0.01, 0.1]}}})
+    assert [(d.key, d.kind, d.values) for d in spec.dimensions] == [
+        ("scheme", "grid", ("fedavg", "fedprox")), ("training.lr", "grid", (0.01, 0.1))]
+    assert len(grid_points(spec)) == spec.trial_count() == 2 * 2 * 3
+
+
+def test_smoke_keeps_two_values_two_seeds_and_two_samples():
+    cfg = compose("sweep_main", ["sweep=heterogeneity"]).sweep
+    full, smoke = load_sweep(cfg), load_sweep(cfg, smoke=True)
+    assert full.trial_count() == 27 and smoke.trial_count() == 2 * 2 * 2
+    assert load_sweep(compose("sweep_main", ["sweep=fedprox_mu"]).sweep, smoke=True).trial_count() == 4
+
+
+@pytest.mark.parametrize("value", [0.1, 1e-05, 3, True, None, "fedavg", "a b", [1, 2]])
+def test_override_values_survive_hydra(value):
+    cfg = compose("config", [f"+probe={override_value(value)}"])
+    assert cfg.probe == value
+
+
+def test_a_trial_config_carries_its_values_over_the_base():
+    base = ["scheme=fedavg", "training.lr=0.5", "data=digits"]
+    cfg = trial_config(base, {"scheme": "fedprox", "scheme.mu": 1e-05, "training.lr": 0.0123, "seed": 2})
+    assert cfg.scheme.mu == 1e-05 and cfg.training.lr == 0.0123 and cfg.seed == 2 and cfg.data.name == "digits"
+
+
+def test_check_points_use_every_listed_value_and_both_ends_of_ranges():
+    spec = sweep_of(search="random", space={"scheme": {"grid": ["fedavg", "fedprox", "fedsgd"]},
+                                            "training.lr": {"uniform": [0.01, 0.1]}})
+    points = list(check_points(spec))
+    assert {p["scheme"] for p in points} == {"fedavg", "fedprox", "fedsgd"}
+    assert {p["training.lr"] for p in points} == {0.01, 0.1} and len(points) == 4
+
+
+# ---- resources ----------------------------------------------------------------------------------
+
+def test_a_trial_reserves_its_own_bundle_then_the_coordinator_and_one_bundle_per_host():
+    cfg = compose("config", ["placement=dedicated"])
+    spec = sweep_of(bundles="per_host", trial_cpus=None, driver_cpus=0.05)
+    bundles = trial_bundles(spec, cfg, 8.0, 0.0)
+    institutions = [i.cpus for i in cfg_institutions(cfg)]
+    assert bundles[0] == {"CPU": 0.05}  # the trial's own process
+    assert bundles[1] == {"CPU": cfg.engine.coordinator_cpus}
+    assert [b["CPU"] for b in bundles[2:]] == institutions  # one bundle per dedicated host, in scenario order
+
+
+def test_merged_bundles_add_up_to_the_same_reservation_within_the_trial_budget():
+    cfg = compose("config", [])
+    spec = sweep_of(bundles="merged", trial_cpus=1.0, driver_cpus=0.05)
+    bundles = trial_bundles(spec, cfg, 2.0, 0.0)
+    # 1.55 CPUs of dedicated requests do not fit a 1-CPU trial: pooled hosts share what is left.
+    assert len(bundles) == 2 and bundles[0] == {"CPU": 0.05}
+    assert math.isclose(sum(b["CPU"] for b in bundles), 1.0)
+
+
+def test_a_trial_no_node_can_hold_is_refused():
+    with pytest.raises(ConfigError, match="sweep.trial_cpus: a trial reserves 3 CPUs"):
+        check_fits([{"CPU": 1.0}, {"CPU": 2.0}], "STRICT_PACK", [{"CPU": 2.0}, {"CPU": 2.0}])
+    check_fits([{"CPU": 1.0}, {"CPU": 2.0}], "PACK", [{"CPU": 2.0}, {"CPU": 2.0}])  # bundles may go to two nodes
+
+
+def test_a_run_inside_a_placement_group_is_laid_out_on_that_reservation(ray_cluster):
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from agents.backend import connect
+
+    ray = ray_cluster
+    pg = placement_group([{"CPU": 0.1}, {"CPU": 0.25}, {"CPU": 0.7}], strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=60)
+    try:
+        inside = ray.remote(lambda: connect({})).options(num_cpus=0.1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True))
+        cpus, gpus = ray.get(inside.remote(), timeout=120)
+    finally:
+        remove_placement_group(pg)
+    assert math.isclose(cpus, 0.95) and gpus == 0.0  # the group's bundles less the task's own 0.1 CPU
+
+
+def cfg_institutions(cfg):
+    from sim.config import load_spec
+
+    return load_spec(cfg).scenario.institutions
+
+
+# ---- early stopping ------------------------------------------------------------------------------
+
+def test_asha_compares_a_trial_only_with_trials_of_its_own_seed():
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from sim.sweep import seedwise
+
+    def asha():
+        return ASHAScheduler(time_attr="round", max_t=4, grace_period=1, reduction_factor=2)
+
+    easy = [SimpleNamespace(trial_id=f"easy{i}", config={"seed": 1}) for i in range(2)]
+    hard = SimpleNamespace(trial_id="hard", config={"seed": 0})
+    decisions = {}
+    for name, scheduler in [("seedwise", seedwise(asha)), ("pooled", asha())]:
+        scheduler.set_search_properties("global_accuracy", "max")
+        for trial in [*easy, hard]:
+            scheduler.on_trial_add(None, trial)
+        for trial in easy:  # seed 1's data is easy: every configuration reaches 1.0
+            scheduler.on_trial_result(None, trial, {"round": 1, "global_accuracy": 1.0})
+        decisions[name] = scheduler.on_trial_result(None, hard, {"round": 1, "global_accuracy": 0.6})
+    # Pooled, the seed-0 trial is stopped for its seed, not its settings; within seed 0 it is the first at the rung.
+    assert decisions == {"seedwise": TrialScheduler.CONTINUE, "pooled": TrialScheduler.STOP}
+
+
+# ---- the results table --------------------------------------------------------------------------
+
+def metrics_of(run_id, scheme, seed, accuracy):
+    """A finished run's metrics: final accuracy per institution."""
+    return frame("metrics", [{"run_id": run_id, "scheme": scheme, "scenario": "default", "seed": seed, "round": 2,
+                              "institution": name, "discipline": "d", "metric": "accuracy", "value": acc}
+                             for name, acc in accuracy.items()])
+
+
+def test_gain_is_measured_against_the_isolated_trial_with_the_same_other_values():
+    spec = sweep_of(space={"scheme": ["isolated", "fedavg"], "data.dirichlet_alpha": [0.1, 1.0]}, seeds=[0])
+    runs = [("i1", "isolated", 0.1, {"a": 0.5, "b": 0.5}), ("f1", "fedavg", 0.1, {"a": 0.6, "b": 0.4}),
+            ("i2", "isolated", 1.0, {"a": 0.8, "b": 0.8}), ("f2", "fedavg", 1.0, {"a": 0.9, "b": 0.9})]
+    trials = pd.DataFrame([{"trial_id": f"t{i}", "scheme": s, "data.dirichlet_alpha": alpha, "seed": 0, "run_id": r}
+                           for i, (r, s, alpha, _) in enumerate(runs)])
+    out = gains(spec, trials, [metrics_of(r, s, 0, acc) for r, s, _, acc in runs]).set_index("trial_id")
+    # Prepare/Execute done; Assert: fedavg at alpha 0.1 gains (+10 - 10)/2 = 0 points, one institution worse off;
+    # at alpha 1.0, +10 points each against the alpha-1.0 isolated run (not the alpha-0.1 one).
+    assert out.loc["t1", "mean_gain"] == pytest.approx(0.0, abs=1e-9) and out.loc["t1", "worse_off"] == 1
+    assert out.loc["t3", "mean_gain"] == pytest.approx(10.0) and out.loc["t3", "worse_off"] == 0
+    assert out.loc["t0", "mean_gain"] == 0.0 and out.loc["t2", "mean_gain"] == 0.0
+
+
+def test_summary_gives_mean_and_interval_over_seeds_per_configuration():
+    spec = sweep_of(space={"scheme": ["isolated", "fedavg"]}, seeds=[0, 1, 2])
+    trials = pd.DataFrame([{"trial_id": f"{s}{seed}", "status": "complete", "scheme": s, "seed": seed,
+                            "global_accuracy": acc, "mean_gain": gain}
+                           for s, accs, gain in [("isolated", [0.5, 0.6, 0.7], 0.0), ("fedavg", [0.8, 0.8, 0.8], 5.0)]
+                           for seed, acc in enumerate(accs)]
+                          + [{"trial_id": "stopped", "status": "stopped", "scheme": "fedavg", "seed": 3,
+                              "global_accuracy": 0.1, "mean_gain": -40.0}])
+    table = summarize(spec, trials).set_index("scheme")
+    assert list(table.index) == ["isolated", "fedavg"] and table.loc["fedavg", "seeds"] == 3  # the stopped trial is left out
+    # t(0.975, 2) * sd 0.1 / sqrt(3) = 4.303 * 0.0577 = 0.248
+    assert table.loc["isolated", "global_accuracy"] == pytest.approx(0.6)
+    assert table.loc["isolated", "global_accuracy_high"] - 0.6 == pytest.approx(0.2484, abs=1e-3)
+    assert table.loc["fedavg", "global_accuracy_low"] == pytest.approx(0.8)
+
+
+def test_the_best_configurations_are_those_that_ran_on_every_seed_then_by_the_metric():
+    from sim.sweep_results import best
+
+    spec = sweep_of(space={"scheme": ["fedavg", "fedprox", "fedsgd"]}, seeds=[0, 1])
+    summary = pd.DataFrame({"scheme": ["fedavg", "fedprox", "fedsgd"], "seeds": [1, 2, 2],
+                            "global_accuracy": [1.0, 0.8, 0.9]})  # fedavg was stopped early on its hard seed
+    assert list(best(spec, summary)["scheme"]) == ["fedsgd", "fedprox", "fedavg"]
+
+
+# ---- bad sweep files ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, named", [
+    (["~sweep.space"], "sweep.space: empty"),
+    (["+sweep.space.scheme_typo={grid:[1,2]}"], "sweep.space.scheme_typo: unknown config key"),
+    (["sweep=fedprox_mu", "+sweep.space.scheme.muu={grid:[0.1]}"], "sweep.space.scheme.muu: unknown config key"),
+    (["sweep.space.scheme={grid:[fedavg,fedxx]}"], "sweep.space.scheme: unknown option 'fedxx'"),
+    (["+sweep.space.training.lr={normal:[0,1]}"], "sweep.space.training.lr: unknown search-space kind 'normal'"),
+    (["sweep=fedprox_mu", "sweep.search=grid"], "sweep.space.scheme.mu: loguniform needs search=random or optuna"),
+    (["sweep.search=hyperopt"], "sweep.search: unknown search 'hyperopt'; choose one of grid, random, optuna"),
+    (["sweep.scheduler=hyperband"], "sweep.scheduler: unknown scheduler"),
+    (["sweep.metric=accuracy"], "sweep.metric: unknown metric 'accuracy'"),
+    (["sweep.seeds=[]"], "sweep.seeds"),
+    (["+sweep.bogus=1"], "sweep.bogus: unknown key"),
+    (["sweep.overrides=['training.lrr=0.1']"], "sweep.overrides: training.lrr: unknown config key; did you mean training.lr?"),
+    (["sweep=fedprox_mu", "sweep.search=random", "+sweep.space.training.local_epochs={randint:[0,3]}"],
+     "sweep.space.training.local_epochs: expected a whole number >= 1"),
+    (["sweep.space.scheme={grid:[isolated,fedavg]}", "+sweep.space.scheme.mu={grid:[0.1]}"], "sweep.space.scheme"),
+    (["resume=maybe"], "resume: expected true or false"),
+])
+def test_a_bad_sweep_fails_with_one_line_naming_the_key(overrides, named, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        guard("sweep_main", overrides, lambda cfg: _check_with(cfg, overrides))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert named in err
+
+
+def _check_with(cfg, overrides):
+    from sim.sweep import check
+
+    check(cfg, overrides)
+
+
+def test_per_host_bundles_wait_for_an_engine_that_pins_actors_to_them(capsys):
+    from agents.backend import RayBackend
+
+    if getattr(RayBackend, "pins_bundles", False):
+        pytest.skip("the engine pins each actor to its bundle: per_host is allowed")
+    # Actors that take any bundle with room can fill unequal bundles in the wrong order and strand the largest.
+    with pytest.raises(SystemExit):
+        guard("sweep_main", ["sweep.bundles=per_host"], lambda cfg: _check_with(cfg, []))
+    assert "sweep.bundles: per_host needs an engine" in capsys.readouterr().err
+
+
+def test_shipped_sweeps_pass_the_check():
+    for name in ("compare_schemes", "fedprox_mu", "heterogeneity"):
+        guard("sweep_main", [f"sweep={name}"], lambda cfg: _check_with(cfg, [f"sweep={name}"]))
+
+
+@pytest.mark.slow
+def test_the_command_refuses_a_bad_sweep_before_ray_starts(tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "sim.sweep", "~sweep.space", f"hydra.run.dir={out}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "sweep.space: empty" in proc.stderr
+    assert not out.exists()  # Hydra never made the sweep directory: nothing ran
+
+
+# ---- end to end: an interrupted sweep, resumed --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """compare_schemes shrunk to 2 schemes x 2 seeds, two trials at a time on 2 CPUs; the driver's whole process
+    group is killed once two trials have finished, then ``resume=true`` finishes the sweep."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
+    args = [sys.executable, "-m", "sim.sweep", "sweep=compare_schemes", *TINY, f"hydra.run.dir={out}"]
+    log = out.parent / "first.log"
+    with open(log, "w") as sink:
+        first = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None and len(finished(out)) < 2:
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)  # the group this test started: the driver and the Ray it started
+        first.wait()
+    before = {d.name: (d / "metrics.parquet").stat().st_mtime_ns for d in finished(out)}
+    assert len(before) >= 2, log.read_text()[-3000:]
+    proc = subprocess.run(args + ["resume=true"], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return SimpleNamespace(dir=out, before=before, proc=proc, first=log.read_text(),
+                           trials=pd.read_parquet(out / "trials.parquet"))
+
+
+def finished(sweep_dir: Path) -> list[Path]:
+    """Trial run directories whose run completed."""
+    return [d for d in sorted((sweep_dir / "trials").glob("*")) if '"complete"' in _read(d / "status.json")]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_resume_finishes_the_sweep_without_rerunning_finished_trials(resumed):
+    assert len(resumed.trials) == 4 and set(resumed.trials["status"]) == {"complete"}
+    assert set(resumed.before) <= set(resumed.trials["trial_id"])
+    for trial_id, mtime in resumed.before.items():  # a rerun would have rewritten the tables
+        assert (resumed.dir / "trials" / trial_id / "metrics.parquet").stat().st_mtime_ns == mtime
+
+
+def test_resume_needs_a_sweep_to_resume(tmp_path):
+    from sim.sweep import sweep
+
+    with pytest.raises(ConfigError, match="resume: no sweep to resume in"):
+        sweep(compose("sweep_main", ["resume=true", *TINY]), ["resume=true"], tmp_path)
+
+
+@pytest.mark.slow
+def test_a_directory_holding_a_sweep_is_not_overwritten(resumed):
+    from sim.sweep import sweep
+
+    with pytest.raises(ConfigError, match="already holds a sweep; add resume=true"):
+        sweep(compose("sweep_main", TINY), [], resumed.dir)
+
+
+@pytest.mark.slow
+def test_two_trials_run_side_by_side_with_all_their_actors_placed(resumed):
+    # Each trial reserves sweep.trial_cpus=1 of the 2 CPUs: with two running, no CPU was left outside their
+    # placement groups, so every coordinator and host actor that started did so inside its trial's bundles.
+    assert "Logical resource usage: 2.0/2 CPUs" in resumed.first
+    first_two = resumed.trials[resumed.trials["trial_id"].isin(sorted(resumed.before)[:2])]
+    (s1, f1), (s2, f2) = first_two[["started", "finished"]].to_numpy()
+    assert max(s1, s2) < min(f1, f2)  # their time windows overlap
+
+
+@pytest.mark.slow
+def test_the_trials_table_has_values_final_metrics_and_gain(resumed):
+    t = resumed.trials
+    assert list(t.columns[:13]) == ["trial_id", "status", "scheme", "seed", "rounds", "global_accuracy", "global_loss",
+                                    "mean_accuracy", "worst_accuracy", "mean_gain", "worse_off", "started", "finished"]
+    assert t["trial_id"].is_unique and sorted(zip(t["scheme"], t["seed"])) == [
+        ("isolated", 0), ("isolated", 1), ("pooled", 0), ("pooled", 1)]
+    assert (t["rounds"] == 2).all()
+    assert (t.loc[t["scheme"] == "isolated", "mean_gain"] == 0).all() and t.loc[t["scheme"] == "pooled", "mean_gain"].notna().all()
+    assert len(pd.read_csv(resumed.dir / "trials.csv")) == 4
+    out = resumed.proc.stdout
+    assert "sweep compare_schemes: 4 trials, 4 complete" in out and "best by global_accuracy (max):" in out
+    summary = pd.read_csv(resumed.dir / "summary.csv")
+    assert list(summary["scheme"]) == ["isolated", "pooled"] and (summary["seeds"] == 2).all()
+
+
+@pytest.mark.slow
+def test_analysis_reads_a_sweep_directory_like_a_run(resumed):
+    from analysis.runs import load_results
+
+    results = load_results([resumed.dir])
+    assert results.metrics["run_id"].nunique() == 4 and results.ledger["run_id"].nunique() == 4
+    for kind in ("metrics", "ledger", "institutions"):
+        assert list(getattr(results, kind).columns) == list(SCHEMAS[kind])
+
+
+# ---- Hydra multirun ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_hydra_multirun_directories_read_together(tmp_path):
+    from analysis.runs import load_results
+    from sim.results import read_table
+
+    out = tmp_path / "multi"
+    proc = subprocess.run([sys.executable, "-m", "sim", "-m", "scheme=fedavg,fedprox", "seed=0", *TINY, *ONE_HOST,
+                           f"hydra.sweep.dir={out}"], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p for p in out.iterdir() if (p / "metrics.parquet").exists())
+    assert [p.name for p in runs] == ["0", "1"]
+    assert set(read_table("metrics", runs)["scheme"]) == {"fedavg", "fedprox"}
+    assert set(load_results([out]).metrics["scheme"]) == {"fedavg", "fedprox"}
