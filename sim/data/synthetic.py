@@ -48,7 +48,7 @@ DEFAULTS = {
     "alpha": 0.5,
     "beta": 0.5,
     "within": 0.1,
-    "between": 0.3,
+    "between": 0.6,
 }
 CONSORTIUM = 0xC0FFEE  # RNG key of the common task every discipline is drawn around
 CANDIDATES = 10  # candidates drawn per kept sample under label_skew
