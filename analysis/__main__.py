@@ -7,6 +7,7 @@ stderr and exit status 2, as argparse does for bad arguments.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +35,7 @@ def contribution(args: argparse.Namespace) -> int:
     from sim.results import write_table
 
     find_run_dirs([args.run_dir])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # one progress line per coalition
     out = args.out if args.out is not None else Path(args.run_dir)
     values, players = coalition_values(args.run_dir, exact_max=args.exact_max,
                                        permutations=args.permutations, seed=args.seed)

@@ -134,7 +134,8 @@ def contribution_plot(contribution: pd.DataFrame, institutions: pd.DataFrame, ga
     panels = [("Shapley value (points)", contribution["shapley"].to_numpy() * 100,
                contribution["shapley_bound"].to_numpy() * 100, "#4c72b0"),
               ("Data share", share.to_numpy() * 100, None, "#8c8c8c")]
-    if gains is not None and len(gains):
+    gains = None if gains is None else gains.dropna(subset=["gain"])
+    if gains is not None and len(gains):  # no isolated baseline in the runs read: no gain panel
         best = gains.groupby("scheme")["gain"].mean().idxmax()
         g = gains[gains["scheme"] == best].set_index("institution")["gain"].reindex(names)
         panels.append((f"Gain under {best} (points)", g.to_numpy(), None, "#55a868"))

@@ -96,6 +96,17 @@ def test_report_with_contribution(small_run, tmp_path):
     assert (tmp_path / "out" / "tables" / "contribution.csv").is_file()
 
 
+def test_contribution_report_of_a_single_federated_run_has_no_gain_panel(tmp_path):
+    # `python -m analysis contribution RUN/runs/fedavg` reads one scheme: no isolated baseline, no gains.
+    metrics, ledger, inst = small_tables()
+    keep = lambda t: t[t["scheme"] == "fedavg"]  # noqa: E731
+    run = write_run(tmp_path / "run", keep(metrics), keep(ledger), keep(inst))
+    players = sorted(set(keep(inst)["institution"]))
+    values = {frozenset(c): 0.1 * len(c) for k in range(len(players) + 1) for c in combinations(players, k)}
+    page = build_report([run], tmp_path / "out", contribution=contribution_table(values, players)).read_text()
+    assert "Who contributes" in page  # before the fix, the empty gain table raised inside the plot
+
+
 def test_report_without_isolated_says_gains_cannot_be_measured(tmp_path):
     metrics, ledger, inst = small_tables()
     keep = lambda t: t[t["scheme"] != "isolated"]  # noqa: E731
