@@ -193,7 +193,10 @@ def _start_backend(kind: str, spec: RunSpec, specs: tuple[InstitutionSpec, ...],
         log.warning(w)
     log.info("[%s] %d institutions on %d %s host actor(s) + coordinator", spec.scheme_name, len(specs),
              len(layout.hosts), layout.mode)
-    return RayBackend(spec, specs, fed, flops, layout)
+    runner = RayBackend(spec, specs, fed, flops, layout)
+    if any(h.gpus for h in layout.hosts):
+        log.info("[%s] hosts train on %s", spec.scheme_name, ", ".join(runner.devices()))
+    return runner
 
 
 def _scores(keys: dict, r: int, evaluated, discipline: dict[str, str]) -> list[dict]:

@@ -95,6 +95,16 @@ def write_text(text: str, path: Path) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(..., "w")`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def write_atomic(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``; remove the temporary on failure."""
     path = Path(path)
@@ -103,6 +113,7 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes owner-only files; results are for everyone who may read the folder
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
