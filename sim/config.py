@@ -113,17 +113,25 @@ def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
 
 def _resumed(run_dir: str) -> RunSpec:
     """The spec of the run saved in ``run_dir`` (its config.yaml), marked as resumed."""
+    saved = saved_config(run_dir, "resume", "give the run directory of the run to continue")
+    if isinstance(saved.get("resume"), str):
+        raise ConfigError("resume", f"{run_dir}/config.yaml is not the config of a run")
+    return replace(load_spec(saved), resume=str(Path(run_dir).expanduser()))
+
+
+def saved_config(run_dir: str | Path, key: str, fix: str) -> dict[str, Any]:
+    """The resolved config.yaml a run directory holds; a ConfigError on ``key`` when there is none to read."""
     path = Path(run_dir).expanduser()
     if not (path / "config.yaml").is_file():
         why = "no such directory" if not path.is_dir() else "no config.yaml there"
-        raise ConfigError("resume", f"{run_dir}: {why}; give the run directory of the run to continue")
+        raise ConfigError(key, f"{run_dir}: {why}; {fix}")
     try:
         saved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
     except Exception as e:  # noqa: BLE001 - a damaged file is bad input like any other
-        raise ConfigError("resume", f"{run_dir}/config.yaml cannot be read ({type(e).__name__}); the run cannot be resumed") from None
-    if not isinstance(saved, dict) or isinstance(saved.get("resume"), str):
-        raise ConfigError("resume", f"{run_dir}/config.yaml is not the config of a run")
-    return replace(load_spec(saved), resume=str(path))
+        raise ConfigError(key, f"{run_dir}/config.yaml cannot be read ({type(e).__name__})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(key, f"{run_dir}/config.yaml is not the config of a run")
+    return saved
 
 
 def _group(c: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from sim.config import RunSpec, load_spec
+from sim.config import RunSpec, load_spec, saved_config
 from sim.types import GLOBAL, ConfigError
 
 log = logging.getLogger("collabsim")
@@ -30,10 +29,7 @@ log = logging.getLogger("collabsim")
 
 def load_run_spec(run_dir: Path) -> RunSpec:
     """The validated spec of the run whose resolved config.yaml lies in ``run_dir``."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise ConfigError("run_dir", f"{path} not found; pass a run directory written by python -m sim")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    cfg = saved_config(run_dir, "run_dir", "pass a run directory written by python -m sim")
     if "schemes" in cfg:
         raise ConfigError("run_dir", f"{run_dir} is a compare directory; pass one of its runs/<scheme> folders")
     return load_spec(cfg)
