@@ -64,11 +64,12 @@ class Host:
         cohort = set(ctx.cohort)
         trained = [i for i in self.institutions if i.spec.name in cohort]
         updates = [i.train(self.model, ctx, global_state) for i in trained]
-        return updates, {i.spec.name: p for i in trained if (p := i.persistent())}
+        return updates, self.persistent(trained)
 
-    def persistent(self) -> dict[str, dict[str, np.ndarray]]:
-        """Name -> persistent state of every hosted institution whose state changed (for checkpoints)."""
-        return {i.spec.name: p for i in self.institutions if (p := i.persistent())}
+    def persistent(self, institutions: Sequence[Institution] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Name -> persistent state of the hosted institutions (all by default) whose state changed."""
+        return {i.spec.name: p for i in (self.institutions if institutions is None else institutions)
+                if (p := i.persistent())}
 
     def restore(self, saved: Mapping[str, Mapping[str, np.ndarray]]) -> int:
         """Give hosted institutions back their persistent state (after a restart or from a checkpoint); returns the pid."""
