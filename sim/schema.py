@@ -179,6 +179,7 @@ TRAINING = {
     "lr": Field("float", 0.0, low_open=True),
     "momentum": Field("float", 0.0, 1.0, high_open=True),
     "weight_decay": Field("float", 0.0),
+    "precision": Field("str", choices=("fp32", "bf16", "fp16")),
 }
 ENGINE = {
     "threads_per_institution": Field("int", 1, MAX_THREADS),

@@ -105,6 +105,7 @@ class TrainingSpec:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of forward passes (fp16 only on a GPU)
 
 
 @dataclass(frozen=True)
