@@ -1,0 +1,222 @@
+"""Local training of many small institutions at once: one vmapped SGD over stacked parameters.
+
+A host that carries hundreds of small institutions (logistic regression, MLPs on tabular
+shards) spends most of a round in per-institution Python overhead when it calls
+:func:`sim.train.local_train` one after the other. :func:`train_many` runs a cohort as
+one computation instead: every parameter gets a leading institution axis, one step of
+all institutions is ``torch.vmap`` over ``torch.func.grad_and_value`` of a pure loss
+(FedJAX's per-client step, batched), and SGD is written out with the same formulas as
+``torch.optim.SGD`` (d = g + wd*p; buf = m*buf + d, buf = d at the first step; p -= lr*buf).
+
+Equality with the one-at-a-time path: each institution draws its minibatches from the
+same ``rng_for(key)`` -> ``_minibatches`` call as ``local_train``, so it sees the same
+samples in the same order. Shards of unequal size give unequal step counts and smaller
+last batches: batches are padded to ``batch_size`` and masked (the loss is a mean over the
+valid samples only), and an institution whose steps are done is frozen (no update, no
+momentum). Results match ``local_train`` to float32 rounding, not bit for bit: batched and
+unbatched matmuls sum in different orders.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sim.models import get_state
+from sim.train import _minibatches, rng_for
+from sim.types import LocalPlan, State, TrainingSpec
+
+MAX_BATCH = 256  # institutions per vmapped call: bounds the stacked parameters and batches held in memory
+
+# Modules with no randomness and no running statistics: a vmapped functional call of them
+# computes exactly what the module does (Dropout, RReLU, BatchNorm and transformers do not).
+_PURE = (
+    nn.Sequential, nn.Identity, nn.Flatten, nn.Unflatten, nn.Linear, nn.Bilinear,
+    nn.Conv1d, nn.Conv2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Softmax, nn.LogSoftmax,
+)
+
+Result = tuple[dict[str, np.ndarray], float, int]
+"""Per institution: new state (named like ``get_state``), mean per-sample data loss, optimizer steps."""
+
+
+def batchable(model: nn.Module, plan: LocalPlan, training: TrainingSpec) -> bool:
+    """Whether :func:`train_many` can stand in for ``local_train`` for this model, plan and training."""
+    pure = all(type(m) in _PURE for m in model.modules())
+    params = list(model.parameters())
+    fp32 = bool(params) and all(p.dtype == torch.float32 for p in params)
+    return (
+        pure
+        and fp32
+        and not list(model.buffers())  # buffers mean running statistics or other state that training moves
+        and not plan.one_step
+        and plan.upload in ("weights", "nothing")
+        and training.precision == "fp32"
+    )
+
+
+def _steps_of(key: tuple[int, ...], n: int, training: TrainingSpec) -> list[np.ndarray]:
+    """The minibatch index arrays ``local_train`` would draw for this key and shard size (same RNG use)."""
+    np_rng, _ = rng_for(key)  # the torch generator only seeds dropout, which a batchable model lacks
+    return _minibatches(np_rng, n, training)
+
+
+def _as_tensor(a: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """A tensor on ``device``; floating inputs cast to ``dtype`` (labels pass ``None`` and become int64)."""
+    t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    if dtype is None:
+        return t.to(device=device, dtype=torch.int64)
+    return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+
+def _stack(states: Sequence[State], names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Named tensors with a leading institution axis, from flat numpy states."""
+    return {k: torch.as_tensor(np.stack([np.asarray(s[k], dtype=np.float32) for s in states])).to(device) for k in names}
+
+
+def train_many(
+    model: nn.Module,
+    starts: Sequence[State],
+    shards_xy: Sequence[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
+    keys: Sequence[tuple[int, ...]],
+    *,
+    training: TrainingSpec,
+    plan: LocalPlan,
+    anchors: Sequence[State | None] | None = None,
+    max_batch: int = MAX_BATCH,
+) -> list[Result]:
+    """Local training of every institution k from ``starts[k]`` on ``shards_xy[k]`` with key ``keys[k]``, batched.
+
+    Returns what ``set_state(model, starts[k]); local_train(...); get_state(model)`` would,
+    per institution and in input order. ``anchors[k]`` is the FedProx anchor (None: the
+    start). ``model`` supplies the architecture, device, and values of keys a start omits;
+    it is not changed. Call only when :func:`batchable` is True.
+    """
+    if not (len(starts) == len(shards_xy) == len(keys)) or (anchors is not None and len(anchors) != len(starts)):
+        raise ValueError("train_many: starts, shards_xy, keys (and anchors) must have one entry per institution")
+    base = get_state(model)
+    full = [base | {k: np.asarray(v) for k, v in s.items()} for s in starts]  # set_state keeps omitted keys
+    sizes = [len(y) for _, y in shards_xy]
+    plans = [_steps_of(key, n, training) if n else [] for key, n in zip(keys, sizes)]
+    results: list[Result | None] = [None] * len(starts)
+    # Group institutions with similar step counts so few of a chunk's steps are spent on frozen ones.
+    order = sorted(range(len(starts)), key=lambda i: len(plans[i]))
+    size = max(1, int(max_batch))
+    for lo in range(0, len(order), size):
+        chunk = order[lo : lo + size]
+        idle = [i for i in chunk if not plans[i]]  # empty shard or no epochs: local_train returns (nan, 0)
+        for i in idle:
+            results[i] = ({k: v.astype(np.float32, copy=True) for k, v in full[i].items()}, float("nan"), 0)
+        busy = [i for i in chunk if plans[i]]
+        if busy:
+            out = _train_chunk(
+                model,
+                [full[i] for i in busy],
+                [shards_xy[i] for i in busy],
+                [plans[i] for i in busy],
+                [None if anchors is None else anchors[i] for i in busy],
+                training=training,
+                plan=plan,
+            )
+            for i, r in zip(busy, out):
+                results[i] = r
+    return results  # type: ignore[return-value]
+
+
+def _train_chunk(
+    model: nn.Module,
+    starts: Sequence[dict[str, np.ndarray]],
+    shards_xy: Sequence[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
+    plans: Sequence[list[np.ndarray]],
+    anchors: Sequence[State | None],
+    *,
+    training: TrainingSpec,
+    plan: LocalPlan,
+) -> list[Result]:
+    """One vmapped run over institutions that all have at least one step."""
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype
+    K, bs = len(starts), max(1, int(training.batch_size))
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    frozen = [k for k, p in model.named_parameters() if not p.requires_grad]  # torch.optim.SGD never sees these
+
+    # 1. Data: every shard in one flat tensor; a minibatch is a (K, bs) gather of global row numbers.
+    xs = [_as_tensor(x, device, dtype) for x, _ in shards_xy]
+    ys = [_as_tensor(y, device, None) for _, y in shards_xy]
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    offsets = np.cumsum([0] + [len(y) for y in ys[:-1]])
+    S = max(len(p) for p in plans)
+    index = np.zeros((K, S, bs), dtype=np.int64)
+    valid = np.zeros((K, S, bs), dtype=bool)
+    for k, batches in enumerate(plans):
+        index[k, :, :] = offsets[k]  # padding points at a real row of its own shard; the mask zeroes it out
+        for t, idx in enumerate(batches):
+            index[k, t, : len(idx)] = offsets[k] + idx
+            valid[k, t, : len(idx)] = True
+    index_t = torch.from_numpy(index).to(device)
+    mask_t = torch.from_numpy(valid).to(device=device, dtype=dtype)
+    counts = valid.sum(axis=2)  # (K, S) samples per step, 0 once an institution is done
+    active_t = torch.from_numpy(counts > 0).to(device)
+
+    # 2. Stacked state: trainable parameters, frozen ones, and the FedProx anchors with a per-key flag.
+    params = _stack(starts, trainable, device)
+    fixed = _stack(starts, frozen, device)
+    mu = float(plan.prox_mu)
+    pull: dict[str, torch.Tensor] = {}
+    flag: dict[str, torch.Tensor] = {}
+    if mu > 0:
+        # local_train pulls only the parameters the anchor names (default: all, towards the start).
+        sources = [a if a is not None else s for a, s in zip(anchors, starts)]
+        for name in trainable:
+            has = [name in src for src in sources]
+            if any(has):
+                pull[name] = torch.as_tensor(np.stack([
+                    np.asarray(src[name] if h else s[name], dtype=np.float32) for src, s, h in zip(sources, starts, has)
+                ])).to(device=device, dtype=dtype)
+                flag[name] = torch.tensor(has, dtype=dtype, device=device)
+
+    def loss_fn(p, f, xb, yb, m, a, fl):
+        """Masked mean cross-entropy of one institution's batch plus its proximal term; aux: the data loss."""
+        logits = torch.func.functional_call(model, {**p, **f}, (xb,))
+        data = (F.cross_entropy(logits, yb, reduction="none") * m).sum() / m.sum().clamp(min=1.0)
+        loss = data
+        if a:
+            loss = loss + 0.5 * mu * sum(fl[k] * ((p[k] - a[k]) ** 2).sum() for k in a)
+        return loss, data
+
+    step_fn = torch.vmap(torch.func.grad_and_value(loss_fn, has_aux=True))
+
+    # 3. SGD written out as torch.optim.SGD does it, frozen where an institution has no step left.
+    lr, wd, mom = float(training.lr), float(training.weight_decay), float(training.momentum)
+    bufs = {k: torch.zeros_like(v) for k, v in params.items()}  # m*0 + d == d: the first step's buf = d
+    loss_sum = torch.zeros(K, dtype=torch.float64, device=device)
+    for t in range(S):
+        idx = index_t[:, t]
+        xb, yb = x_all[idx], y_all[idx]
+        grads, (_, data) = step_fn(params, fixed, xb, yb, mask_t[:, t], pull, flag)
+        live = active_t[:, t]
+        loss_sum += torch.where(live, data.detach().double() * mask_t[:, t].double().sum(1), 0.0)
+        for k, p in params.items():
+            gate = live.view(-1, *([1] * (p.dim() - 1)))  # broadcast over the parameter's own axes
+            d = grads[k].add(p, alpha=wd) if wd != 0 else grads[k]
+            if mom != 0:
+                bufs[k] = torch.where(gate, bufs[k].mul(mom).add(d), bufs[k])
+                d = bufs[k]
+            params[k] = torch.where(gate, p.add(d, alpha=-lr), p)
+
+    # 4. Back to numpy states named like get_state, in the model's state_dict order.
+    seen = counts.sum(axis=1)
+    losses = (loss_sum.cpu().numpy() / seen).tolist()
+    out_p = {k: v.detach().cpu().float().numpy() for k, v in params.items()}
+    results: list[Result] = []
+    for k in range(K):
+        state = {name: (out_p[name][k].copy() if name in out_p else np.asarray(starts[k][name], dtype=np.float32).copy())
+                 for name in starts[k]}
+        results.append((state, float(losses[k]), len(plans[k])))
+    return results

@@ -1,0 +1,179 @@
+"""Batched local training (sim.batched) against the one-at-a-time path it replaces (sim.train.local_train)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sim.batched import batchable, train_many
+from sim.models import build_model, get_state, set_state
+from sim.train import local_train
+from sim.types import LocalPlan, TrainingSpec
+
+LOGREG = {"_target_": "sim.models.logreg"}
+MLP = {"_target_": "sim.models.mlp", "hidden": [16]}
+CNN = {"_target_": "sim.models.cnn", "channels": [4], "hidden": 8}
+SIZES = (5, 16, 37, 64, 3, 50, 21)  # batch 16: below one batch, exact multiples, and ragged last batches
+# States are compared with atol 1e-5: batched (vmapped) and unbatched matmuls sum float32 products in a
+# different order, which moves weights by ~1e-8 after a few dozen steps (measured: <= 5e-8); every
+# setting under test (weight decay 1e-3, prox 0.1, momentum) moves them by >= 1e-4, far above it.
+ATOL = 1e-5
+RTOL_LOSS = 1e-5
+
+
+def shards(sizes=SIZES, shape=(10,), classes=3, seed=0):
+    """Random float32 inputs and int64 labels, one shard per size."""
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(n, *shape)).astype(np.float32), rng.integers(0, classes, n).astype(np.int64)) for n in sizes]
+
+
+def starts_for(cfg, k, shape=(10,), classes=3):
+    """Different start states per institution (personal models), drawn from different seeds."""
+    return [get_state(build_model(cfg, shape, classes, seed=s)) for s in range(k)]
+
+
+def one_at_a_time(model, starts, data, keys, training, plan, anchors=None):
+    """The reference: set_state + local_train + get_state per institution, as the host does today."""
+    out = []
+    for i, (x, y) in enumerate(data):
+        set_state(model, starts[i])
+        anchor = (anchors[i] if anchors is not None else starts[i]) if plan.prox_mu > 0 else None
+        loss, steps = local_train(model, x, y, training=training, plan=plan, key=keys[i], anchor=anchor)
+        out.append((get_state(model), loss, steps))
+    return out
+
+
+def assert_same(ref, got):
+    """Same keys, states within ATOL, losses within RTOL_LOSS (NaN matches NaN), identical step counts."""
+    assert len(ref) == len(got)
+    for (s_ref, l_ref, n_ref), (s_got, l_got, n_got) in zip(ref, got):
+        assert list(s_ref) == list(s_got)
+        for k in s_ref:
+            assert s_got[k].dtype == s_ref[k].dtype and s_got[k].shape == s_ref[k].shape
+            np.testing.assert_allclose(s_got[k], s_ref[k], rtol=0, atol=ATOL, err_msg=k)
+        assert n_got == n_ref
+        if np.isnan(l_ref):
+            assert np.isnan(l_got)
+        else:
+            assert l_got == pytest.approx(l_ref, rel=RTOL_LOSS)
+
+
+@pytest.mark.parametrize("cfg", [LOGREG, MLP], ids=["logreg", "mlp"])
+@pytest.mark.parametrize("momentum,weight_decay,prox_mu", list(itertools.product([0.0, 0.9], [0.0, 1e-3], [0.0, 0.1])))
+def test_train_many_equals_local_train(cfg, momentum, weight_decay, prox_mu) -> None:
+    # Prepare: 7 institutions of unequal sizes, each from its own start
+    training = TrainingSpec(local_epochs=2, batch_size=16, lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    plan = LocalPlan(prox_mu=prox_mu)
+    model, data = build_model(cfg, (10,), 3, seed=0), shards()
+    starts, keys = starts_for(cfg, len(data)), [(0, i, 3) for i in range(len(data))]
+    # Execute (max_batch=3: several chunks, the last one short)
+    ref = one_at_a_time(model, starts, data, keys, training, plan)
+    got = train_many(model, starts, data, keys, training=training, plan=plan, max_batch=3)
+    # Assert
+    assert [n for _, _, n in got] == [2 * -(-n // 16) for n in SIZES]
+    assert_same(ref, got)
+
+
+def test_tolerance_is_tight_enough_to_see_every_setting() -> None:
+    # Prepare: what each setting changes in the reference path, measured against the plain run
+    model, data = build_model(MLP, (10,), 3, seed=0), shards()
+    starts, keys = starts_for(MLP, len(data)), [(0, i, 3) for i in range(len(data))]
+    plain = TrainingSpec(local_epochs=2, batch_size=16, lr=0.1)
+    base = one_at_a_time(model, starts, data, keys, plain, LocalPlan())
+    variants = [
+        (TrainingSpec(local_epochs=2, batch_size=16, lr=0.1, weight_decay=1e-3), LocalPlan()),
+        (TrainingSpec(local_epochs=2, batch_size=16, lr=0.1, momentum=0.9), LocalPlan()),
+        (plain, LocalPlan(prox_mu=0.1)),
+    ]
+    for training, plan in variants:
+        # Execute
+        other = one_at_a_time(model, starts, data, keys, training, plan)
+        moved = max(np.abs(a[0][k] - b[0][k]).max() for a, b in zip(base, other) for k in a[0])
+        # Assert: an ignored term would break the equality test by a wide margin
+        assert moved > 10 * ATOL
+
+
+def test_cnn_and_tensor_inputs_match() -> None:
+    # Prepare: a conv net (vmapped Conv2d) on 8x8 images, shards given as torch tensors
+    training = TrainingSpec(local_epochs=2, batch_size=8, lr=0.05, momentum=0.9)
+    model, data = build_model(CNN, (1, 8, 8), 4, seed=0), shards((3, 8, 13, 20), (1, 8, 8), 4)
+    starts, keys = starts_for(CNN, 4, (1, 8, 8), 4), [(1, i, 1) for i in range(4)]
+    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in data]
+    # Execute
+    ref = one_at_a_time(model, starts, data, keys, training, LocalPlan())
+    got = train_many(model, starts, tensors, keys, training=training, plan=LocalPlan())
+    # Assert
+    assert_same(ref, got)
+
+
+def test_partial_and_foreign_anchors_match() -> None:
+    # Prepare: anchors that differ from the start, one naming only the head, one None (= the start)
+    training = TrainingSpec(local_epochs=2, batch_size=16, lr=0.1)
+    plan = LocalPlan(prox_mu=0.5)
+    model, data = build_model(MLP, (10,), 3, seed=0), shards(SIZES[:3])
+    starts, keys = starts_for(MLP, 3), [(0, i, 2) for i in range(3)]
+    other = get_state(build_model(MLP, (10,), 3, seed=99))
+    anchors = [other, {"3.weight": other["3.weight"], "3.bias": other["3.bias"]}, None]
+    # Execute
+    ref = one_at_a_time(model, starts, data, keys, training, plan, anchors=[other, anchors[1], starts[2]])
+    got = train_many(model, starts, data, keys, training=training, plan=plan, anchors=anchors)
+    # Assert
+    assert_same(ref, got)
+
+
+def test_empty_shard_no_epochs_and_partial_starts() -> None:
+    # Prepare: an empty shard, and a start that omits the head (set_state keeps the model's values)
+    training = TrainingSpec(local_epochs=1, batch_size=16, lr=0.1)
+    model, data = build_model(LOGREG, (10,), 3, seed=0), shards((0, 12))
+    full = starts_for(LOGREG, 2, (10,), 3)
+    starts = [full[0], {"1.weight": full[1]["1.weight"]}]
+    before = get_state(model)
+    # Execute
+    got = train_many(model, starts, data, [(0, 0, 1), (0, 1, 1)], training=training, plan=LocalPlan())
+    ref = one_at_a_time(build_model(LOGREG, (10,), 3, seed=0), starts, data, [(0, 0, 1), (0, 1, 1)], training, LocalPlan())
+    idle = train_many(model, full, data, [(0, 0, 1), (0, 1, 1)],
+                      training=TrainingSpec(local_epochs=0), plan=LocalPlan())
+    # Assert: nothing trained on the empty shard; the model lent for the architecture is left alone
+    assert np.isnan(got[0][1]) and got[0][2] == 0
+    assert all(np.array_equal(got[0][0][k], full[0][k]) for k in full[0])
+    assert_same(ref, got)
+    assert all(np.array_equal(v, before[k]) for k, v in get_state(model).items())
+    assert all(np.isnan(loss) and steps == 0 for _, loss, steps in idle)
+
+
+def test_deterministic_and_leaves_global_rng_alone() -> None:
+    # Prepare
+    training = TrainingSpec(local_epochs=2, batch_size=16, lr=0.1, momentum=0.9)
+    model, data = build_model(MLP, (10,), 3, seed=0), shards()
+    starts, keys = starts_for(MLP, len(data)), [(5, i, 1) for i in range(len(data))]
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    # Execute
+    a = train_many(model, starts, data, keys, training=training, plan=LocalPlan())
+    b = train_many(model, starts, data, keys, training=training, plan=LocalPlan(), max_batch=2)
+    # Assert: same inputs -> identical numbers, whatever the chunking; callers' torch RNG untouched
+    assert torch.equal(torch.rand(3), expected)
+    for (sa, la, na), (sb, lb, nb) in zip(a, b):
+        assert la == lb and na == nb and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def test_batchable_only_for_pure_fp32_multi_step_weight_plans() -> None:
+    # Prepare
+    plain, training = LocalPlan(), TrainingSpec()
+    mlp = build_model(MLP, (10,), 3, seed=0)
+    dropout = nn.Sequential(nn.Flatten(), nn.Linear(10, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    batchnorm = nn.Sequential(nn.Flatten(), nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    # Assert
+    assert batchable(mlp, plain, training)
+    assert batchable(build_model(CNN, (1, 8, 8), 4, seed=0), LocalPlan(upload="nothing", prox_mu=0.1), training)
+    assert not batchable(dropout, plain, training)
+    assert not batchable(batchnorm, plain, training)
+    assert not batchable(mlp, LocalPlan(one_step=True, upload="gradient"), training)
+    assert not batchable(mlp, LocalPlan(upload="data"), training)
+    assert not batchable(mlp, plain, TrainingSpec(precision="bf16"))
+    assert not batchable(mlp.double(), plain, training)
