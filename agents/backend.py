@@ -26,6 +26,7 @@ from sim.config import RunSpec
 from sim.types import Federation, InstitutionSpec, LocalPlan, RoundContext, RunFailed, Snapshot
 
 log = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 300.0  # a new actor imports torch and builds its model: slow on a busy machine, so not the round deadline
 
 
@@ -38,8 +39,9 @@ class Backend(Protocol):
     def train_and_merge(self, ctx: RoundContext) -> list[dict[str, Any]]:
         """Local steps of the cohort, then the merge; returns ledger rows."""
 
-    def evaluate(self, plan: LocalPlan) -> tuple[dict[str, float], list[tuple[str, dict[str, float]]]]:
-        """Global-test scores and each institution's test scores."""
+    def evaluate(self, plan: LocalPlan, only: frozenset[str] | None = None
+                 ) -> tuple[dict[str, float], list[tuple[str, dict[str, float]]]]:
+        """Global-test scores and each institution's (or only those in ``only``) test scores."""
 
     def save(self) -> Snapshot:
         """Everything that persists between rounds, for a checkpoint."""
@@ -57,8 +59,9 @@ def _kwargs(spec: RunSpec, fed: Federation, flops: int) -> tuple[dict, dict]:
         model=spec.model, shape=(fed.input_shape, fed.num_classes), training=spec.training, seed=spec.seed,
         global_test=(fed.x_test, fed.y_test), threads=spec.engine.threads_per_institution,
     )
+    hosts = dict(common, vectorise=spec.engine.vectorise)
     coord = dict(common, scheme=spec.scheme, flops_per_sample=flops)
-    return common, coord
+    return hosts, coord
 
 
 class InProcessBackend:
@@ -78,9 +81,9 @@ class InProcessBackend:
         updates, _ = self.host.train(ctx, self.state)
         return self.coordinator.merge(ctx, {}, updates)
 
-    def evaluate(self, plan: LocalPlan):
+    def evaluate(self, plan: LocalPlan, only: frozenset[str] | None = None):
         state = self.coordinator.current_state()  # the current global state
-        return self.coordinator.evaluate(), self.host.evaluate(plan, state)
+        return self.coordinator.evaluate(), self.host.evaluate(plan, state, only)
 
     def save(self) -> Snapshot:
         return Snapshot(*self.coordinator.snapshot(), self.host.persistent())
@@ -93,22 +96,89 @@ class InProcessBackend:
         pass
 
 
-class RayBackend:
-    """Hosts and coordinator as Ray actors with the resources the layout asks for."""
+class WarmHost(Host):
+    """A host actor's body that outlives runs: ``load`` gives it a run's institutions, keeping process, torch and imports."""
 
-    def __init__(self, spec: RunSpec, specs: tuple[InstitutionSpec, ...], fed: Federation, flops: int, layout: Layout):
+    def __init__(self):  # empty until load: the process starts once per command, not once per run
+        pass
+
+    def load(self, specs, shards, **common) -> int:
+        """Take on a new run's institutions and shards (all previous state dropped); returns the pid."""
+        Host.__init__(self, specs, shards, **common)
+        return os.getpid()
+
+
+class WarmCoordinator(Coordinator):
+    """A coordinator actor's body that outlives runs, like :class:`WarmHost`."""
+
+    def __init__(self):
+        pass
+
+    def load(self, specs, **kwargs) -> int:
+        """Take on a new run (scheme, global model, ledger); returns the pid."""
+        Coordinator.__init__(self, specs, **kwargs)
+        return os.getpid()
+
+
+class ActorPool:
+    """Warm actors one command reuses for all its runs (schemes, seeds, coalitions): start-up is paid once.
+
+    A run borrows a coordinator and one host per slot of its layout, matched by resource
+    request; what it returns (replacements for actors lost to faults included) serves the
+    next run. :meth:`close` ends them all.
+    """
+
+    def __init__(self):
+        import ray
+
+        self.ray = ray
+        self.idle_hosts: list[tuple[tuple[float, float], Any]] = []  # ((cpus, gpus), actor)
+        self.idle_coordinators: list[tuple[float, Any]] = []
+
+    def host(self, cpus: float, gpus: float):
+        """An idle host actor with this request, or a new one."""
+        for k, (req, actor) in enumerate(self.idle_hosts):
+            if req == (cpus, gpus):
+                return self.idle_hosts.pop(k)[1]
+        return self.ray.remote(WarmHost).options(num_cpus=cpus, num_gpus=gpus).remote()
+
+    def coordinator(self, cpus: float):
+        """An idle coordinator actor with this request, or a new one."""
+        for k, (req, actor) in enumerate(self.idle_coordinators):
+            if req == cpus:
+                return self.idle_coordinators.pop(k)[1]
+        return self.ray.remote(WarmCoordinator).options(num_cpus=cpus).remote()
+
+    def give_back(self, coordinator: tuple[float, Any], hosts: list[tuple[tuple[float, float], Any]]) -> None:
+        """Actors a finished run no longer needs."""
+        self.idle_coordinators.append(coordinator)
+        self.idle_hosts.extend(hosts)
+
+    def close(self) -> None:
+        """End every actor of the pool."""
+        for _, a in [*self.idle_coordinators, *self.idle_hosts]:
+            self.ray.kill(a)
+        self.idle_hosts, self.idle_coordinators = [], []
+
+
+class RayBackend:
+    """Hosts and coordinator as Ray actors with the resources the layout asks for, borrowed from a warm pool."""
+
+    def __init__(self, spec: RunSpec, specs: tuple[InstitutionSpec, ...], fed: Federation, flops: int, layout: Layout,
+                 pool: ActorPool | None = None):
         import ray
 
         self.ray = ray
         self.timeout = spec.engine.round_timeout_s
+        self.own_pool = pool is None  # a pool made for this run alone ends with it
+        self.pool = pool or ActorPool()
         common, coord = _kwargs(spec, fed, flops)
         # Ship big arrays once through the object store; actors (and restarted ones) read them zero-copy.
         common["global_test"] = ray.put(common["global_test"])
         coord["global_test"] = common["global_test"]
-        self.env = {"env_vars": {"OMP_NUM_THREADS": str(spec.engine.threads_per_institution)}}
-        self.coordinator = ray.remote(Coordinator).options(
-            num_cpus=layout.coordinator_cpus, runtime_env=self.env
-        ).remote(specs, **coord)
+        self.coordinator_cpus = layout.coordinator_cpus
+        self.coordinator = self.pool.coordinator(layout.coordinator_cpus)
+        loaded = [self.coordinator.load.remote(specs, **coord)]
         common["initial"] = self.coordinator.current_state.remote()  # every personal model starts here
         self.common = common
         by_index = {s.index: s for s in specs}
@@ -116,11 +186,13 @@ class RayBackend:
         # Kept for restarts: a replacement host gets the same institutions and shards from the object store.
         self.layout = [(h, ray.put([by_index[i] for i in h.indices]), ray.put([fed.shards[i] for i in h.indices]))
                        for h in layout.hosts]
-        self.hosts = [self._start_host(j) for j in range(len(self.layout))]
+        self.hosts = [self.pool.host(h.cpus, h.gpus) for h, _, _ in self.layout]
         self.members = [{by_index[i].name for i in h.indices} for h in layout.hosts]
         self.carried: dict[str, dict] = {}  # name -> persistent state as of the last round (changed ones only)
-        self.pids = self._get([h.ready.remote() for h in self.hosts], "the host actors did not start", START_TIMEOUT_S)
+        loaded += [self._load(j) for j in range(len(self.hosts))]
+        self.pids = self._get(loaded, "the actors did not start", START_TIMEOUT_S)[1:]
         self.state_ref = None
+        self.broken = False  # a run that failed leaves actors no later run should trust
 
     def begin_round(self, round: int, sim_time: float) -> RoundContext:
         ctx_ref, self.state_ref = self.coordinator.begin_round.options(num_returns=2).remote(round, sim_time)
@@ -145,17 +217,18 @@ class RayBackend:
         merged = self.coordinator.merge.remote(ctx, lost, *refs)
         return self._get(merged, f"round {ctx.round}: the coordinator failed to merge")
 
-    def evaluate(self, plan: LocalPlan):
+    def evaluate(self, plan: LocalPlan, only: frozenset[str] | None = None):
         state = self.coordinator.current_state.remote()
         glob = self.coordinator.evaluate.remote()
-        refs = {j: h.evaluate.remote(plan, state) for j, h in enumerate(self.hosts)}
+        refs = {j: h.evaluate.remote(plan, state, only) for j, h in enumerate(self.hosts)
+                if only is None or self.members[j] & only}
         scores, failures = self._gather(refs)
         for j, (status, error) in failures.items():  # scoring changes nothing: restart and score again
             names = ", ".join(sorted(self.members[j], key=self.order.get))
             log.warning("scoring %s %s (%s); restarting their host", names, status, error)
             self._restart(j, [refs[j]])
-            scores[j] = self._get(self.hosts[j].evaluate.remote(plan, state), "scoring on a restarted host failed")
-        per_host = [scores[j] for j in range(len(self.hosts))]
+            scores[j] = self._get(self.hosts[j].evaluate.remote(plan, state, only), "scoring on a restarted host failed")
+        per_host = [scores[j] for j in sorted(scores)]
         return self._get(glob, "the coordinator could not score"), [row for rows in per_host for row in rows]
 
     def save(self) -> Snapshot:
@@ -173,24 +246,32 @@ class RayBackend:
         return self.ray.get([h.device.remote() for h in self.hosts])
 
     def close(self) -> None:
-        for a in [self.coordinator, *self.hosts]:
-            self.ray.kill(a)
+        """Hand the actors back to the pool (kept warm for the next run), or end them if the pool was this run's own."""
+        if self.broken:
+            for a in [self.coordinator, *self.hosts]:
+                self.ray.kill(a)
+        else:
+            self.pool.give_back((self.coordinator_cpus, self.coordinator),
+                                [((h.cpus, h.gpus), a) for (h, _, _), a in zip(self.layout, self.hosts)])
+        if self.own_pool:
+            self.pool.close()
 
     def _carried_by(self, j: int) -> dict[str, dict]:
         """What host ``j``'s institutions carry, for a host that starts afresh."""
         return {n: self.carried[n] for n in self.members[j] if n in self.carried}
 
-    def _start_host(self, j: int):
-        """A host actor for slot ``j`` of the layout, its institutions at their starting state."""
-        h, specs, shards = self.layout[j]
-        return self.ray.remote(Host).options(num_cpus=h.cpus, num_gpus=h.gpus, runtime_env=self.env).remote(
-            specs, shards, **self.common)
+    def _load(self, j: int):
+        """Give host ``j`` its institutions at their starting state (a ref to its pid)."""
+        _, specs, shards = self.layout[j]
+        return self.hosts[j].load.remote(specs, shards, **self.common)
 
     def _restart(self, j: int, orphans: list) -> None:
         """Replace host ``j`` by a new actor holding the same shards and its institutions' carried state."""
         self.ray.kill(self.hosts[j], no_restart=True)
         self._discard(orphans)
-        self.hosts[j] = self._start_host(j)
+        h = self.layout[j][0]
+        self.hosts[j] = self.pool.ray.remote(WarmHost).options(num_cpus=h.cpus, num_gpus=h.gpus).remote()
+        self._load(j)
         self.pids[j] = self._get(self.hosts[j].restore.remote(self._carried_by(j)), f"host {j} could not be restarted",
                                  START_TIMEOUT_S)
 
@@ -224,8 +305,10 @@ class RayBackend:
         try:
             return self.ray.get(refs, timeout=limit)
         except self.ray.exceptions.GetTimeoutError:
+            self.broken = True
             raise RunFailed(f"{what}: no answer within {limit:g}s (engine.round_timeout_s)") from None
         except self.ray.exceptions.RayError as e:
+            self.broken = True
             raise RunFailed(f"{what}: {_reason(e)}") from None
 
 
@@ -243,16 +326,46 @@ def connect(cluster: dict[str, Any]) -> tuple[float, float]:
     import ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray's token authentication stays on (its default); a local cluster is told to live on the loopback address.
         kwargs: dict[str, Any] = {"address": cluster.get("address"), "include_dashboard": False,
                                   "log_to_driver": True, "configure_logging": False}
         if not cluster.get("address"):
-            kwargs.update(num_cpus=cluster.get("num_cpus"), num_gpus=cluster.get("num_gpus"))
+            kwargs.update(num_cpus=cluster.get("num_cpus"), num_gpus=cluster.get("num_gpus"),
+                          _node_ip_address=LOOPBACK)
             if cluster.get("temp_dir"):
                 kwargs["_temp_dir"] = str(cluster["temp_dir"])
-        ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+            ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+        else:
+            _join(ray, cluster["address"], float(cluster.get("connect_timeout_s") or 30.0),
+                  {k: v for k, v in kwargs.items() if v is not None})
     res = _placement_group_resources() or ray.cluster_resources()
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+
+
+def _join(ray: Any, address: str, timeout: float, kwargs: dict[str, Any]) -> None:
+    """Join the cluster at ``address`` or fail within ``timeout`` seconds with one line (Ray alone retries for minutes)."""
+    import math
+    import socket
+
+    from sim.config import check_address
+    from sim.types import ConfigError
+
+    target = check_address(address)  # the pre-run checks refused other forms already
+    fix = "check cluster.address and that the cluster runs (`ray start --head` on its head node)"
+    if target is not None:  # a quick TCP probe: unknown hosts and closed or unroutable ports fail here, in bounded time
+        try:
+            socket.create_connection(target, timeout=timeout).close()
+        except OSError as e:
+            why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+            raise ConfigError("cluster.address", f"cannot reach {address} within {timeout:g}s ({why}); {fix}") from None
+    for knob in ("RAY_gcs_rpc_server_connect_timeout_s", "RAY_gcs_server_request_timeout_seconds"):
+        os.environ.setdefault(knob, str(max(1, math.ceil(timeout))))  # Ray's own GCS waits, bounded the same way
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, TimeoutError, ValueError) as e:
+        lines = str(e).strip().splitlines()
+        raise ConfigError("cluster.address", f"cannot join the Ray cluster at {address} "
+                          f"({lines[0] if lines else type(e).__name__}); {fix}") from None
 
 
 def _placement_group_resources() -> dict[str, float] | None:

@@ -105,7 +105,7 @@ class Coordinator:
     def evaluate(self) -> dict[str, float]:
         """Accuracy and loss of the global model on the global test set."""
         set_state(self.model, self.state)
-        acc, loss = evaluate(self.model, *self.global_test)
+        acc, loss = evaluate(self.model, *self.global_test, precision=self.training.precision)
         return {"accuracy": acc, "loss": loss}
 
     def _train_central(self, state: State, x: np.ndarray, y: np.ndarray, key: tuple[int, ...]) -> tuple[State, float]:

@@ -9,12 +9,14 @@ its institutions in turn, so memory stays flat however many it carries.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from agents.institution import Institution
+from sim.batched import batchable, train_many
 from sim.models import build_model
 from sim.types import InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update
 
@@ -34,18 +36,23 @@ class Host:
         initial: State,
         global_test: tuple[np.ndarray, np.ndarray],
         threads: int = 1,
+        vectorise: bool = True,
     ):
         # A fixed thread count makes float reductions identical whatever the placement.
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(True, warn_only=True)
         input_shape, num_classes = shape
         self.model = build_model(model, input_shape, num_classes, seed=seed)
         if any(s.gpus > 0 for s in specs) and torch.cuda.is_available():
+            # GPU kernels (atomics in scatter/index_add) may reorder sums; CPU kernels on a fixed thread count do not,
+            # and the flag costs a CPU host ~2 s of start-up (it imports torch's compiler stack).
+            torch.use_deterministic_algorithms(True, warn_only=True)
             self.model = self.model.to("cuda")
         self.institutions = [
             Institution(s, shard, training=training, seed=seed, initial=initial) for s, shard in zip(specs, shards)
         ]
         self.global_test = global_test
+        self.training = training
+        self.vectorise = vectorise  # plain local steps of many small institutions run as one vmapped computation
 
     def ready(self) -> int:
         """The host's process id, once it is up (what the chaos tests signal)."""
@@ -63,8 +70,25 @@ class Host:
         """
         cohort = set(ctx.cohort)
         trained = [i for i in self.institutions if i.spec.name in cohort]
-        updates = [i.train(self.model, ctx, global_state) for i in trained]
+        if trained and self.vectorise and batchable(self.model, ctx.plan, self.training):
+            updates = self._train_together(trained, ctx, global_state)
+        else:
+            updates = [i.train(self.model, ctx, global_state) for i in trained]
         return updates, self.persistent(trained)
+
+    def _train_together(self, trained: Sequence[Institution], ctx: RoundContext,
+                        global_state: State | None) -> list[Update]:
+        """One vectorised local step for all of ``trained`` (sim.batched); compute time is shared out by samples."""
+        plan = ctx.plan
+        starts = [i.start(plan, global_state) for i in trained]
+        t0 = time.perf_counter()
+        results = train_many(self.model, starts, [i.tensors(self.model) for i in trained],
+                             [(i.seed, i.spec.index, ctx.round) for i in trained], training=self.training, plan=plan,
+                             anchors=starts if plan.prox_mu > 0 else None)
+        seconds = time.perf_counter() - t0
+        total = max(1, sum(i.shard.num_train for i in trained))
+        return [i.trained(plan, global_state, state, loss, seconds * i.shard.num_train / total)
+                for i, (state, loss, _) in zip(trained, results)]
 
     def persistent(self, institutions: Sequence[Institution] | None = None) -> dict[str, dict[str, np.ndarray]]:
         """Name -> persistent state of the hosted institutions (all by default) whose state changed."""
@@ -77,6 +101,8 @@ class Host:
             i.restore(saved.get(i.spec.name, {}))
         return os.getpid()
 
-    def evaluate(self, plan: LocalPlan, global_state: State | None) -> list[tuple[str, dict[str, float]]]:
-        """Each hosted institution's test scores for the model it ends the round with."""
-        return [(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test)) for i in self.institutions]
+    def evaluate(self, plan: LocalPlan, global_state: State | None,
+                 only: frozenset[str] | None = None) -> list[tuple[str, dict[str, float]]]:
+        """Each hosted institution's (or only those named in ``only``) test scores for the model it ends the round with."""
+        return [(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test)) for i in self.institutions
+                if only is None or i.spec.name in only]

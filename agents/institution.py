@@ -1,22 +1,58 @@
 """An institution: its shard, its personal model, its local step. Plain Python, no Ray.
 
 An institution never owns a torch module: its host lends it a working model, and what
-persists between rounds (a personal model under ``isolated``, whether its data was
-already uploaded under ``pooled``) is kept as numpy state, so a host can carry
-hundreds of institutions in flat memory.
+persists between rounds (a personal model under ``isolated`` and ``ditto``, its own head
+under ``fedper``, whether its data was already uploaded under ``pooled``) is kept as
+numpy state, so a host can carry hundreds of institutions in flat memory.
+
+Personalisation (the plan's ``personal_keys``, ``personal_mu`` and ``adapt_*`` fields)
+happens here: which keys stay home, a second proximal training of a personal model, and
+fine-tuning a throw-away copy before scoring. Each draws from its own RNG stream, keyed
+by (seed, institution, round, stream), so none of them moves another's random numbers.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Mapping
 
 import numpy as np
 import torch
 
 from sim.models import get_state, set_state
-from sim.train import evaluate, full_gradient, local_train
-from sim.types import InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update, state_nbytes
+from sim.train import _to_tensors, evaluate, full_gradient, local_train, rng_for
+from sim.types import (ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update,
+                       state_nbytes)
+
+PERSONAL_STREAM = 0xD1770
+"""Fourth element of the RNG key of Ditto's personal training, apart from the global model's local training."""
+ADAPT_STREAM = 0xADA97
+"""Fourth element of the RNG key of adaptation before scoring (finetune, reptile)."""
+HEAD_NAMES = ("classifier", "score", "head")
+"""Module names transformers give a classification head; ``auto`` keeps all of such a head, not just its last layer."""
+
+
+def personal_keys(plan: LocalPlan, state: State) -> tuple[str, ...]:
+    """State keys an institution keeps to itself: those under ``plan.personal_keys`` prefixes, or with "auto" the head's."""
+    names = list(state)
+    if not plan.personal_keys or not names:
+        return ()
+    if plan.personal_keys == "auto":
+        # state_dict order runs module by module, so the last floating key belongs to the last
+        # layer with parameters: an MLP's output Linear, a transformer's classifier.
+        last = next((k for k in reversed(names) if np.issubdtype(np.asarray(state[k]).dtype, np.floating)), names[-1])
+        parts = last.split(".")[:-1]
+        cut = next((i + 1 for i, p in enumerate(parts) if p in HEAD_NAMES), len(parts))
+        module = ".".join(parts[:cut])
+        if not module:  # parameters of the root module itself: all of them are its "last layer"
+            return tuple(k for k in names if "." not in k)
+        return tuple(k for k in names if k.startswith(module + "."))
+    keys = tuple(k for k in names if k.startswith(tuple(plan.personal_keys)))
+    if not keys:
+        raise ConfigError("scheme.personal_keys", f"{list(plan.personal_keys)} match no key of the model state "
+                          f"(keys look like {names[0]!r}); use auto or prefixes of those keys")
+    return keys
 
 
 class Institution:
@@ -30,11 +66,15 @@ class Institution:
         self.personal: State = initial  # its own model; used by schemes whose plan says "personal"
         self.uploaded_data = False
         self.changed = False  # whether anything above moved away from its starting value
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # its training shard in torch, made once
 
     def train(self, model: torch.nn.Module, ctx: RoundContext, global_state: State | None) -> Update:
         """Run this round's local step on ``model`` and return what crosses to the coordinator."""
         plan, shard = ctx.plan, self.shard
         start = self.personal if plan.start == "personal" else global_state
+        kept = personal_keys(plan, global_state) if global_state else ()
+        if kept:  # FedPer: the shared part from the global model, the head its own
+            start = {**global_state, **{k: self.personal[k] for k in kept}}
         key = (self.seed, self.spec.index, ctx.round)
         t0 = time.perf_counter()
         loss, samples_processed = float("nan"), 0
@@ -45,7 +85,7 @@ class Institution:
         else:
             set_state(model, start)
             if plan.one_step:
-                payload, loss = full_gradient(model, shard.x_train, shard.y_train)
+                payload, loss = full_gradient(model, shard.x_train, shard.y_train, precision=self.training.precision)
                 samples_processed = shard.num_train
             else:
                 anchor = start if plan.prox_mu > 0 else None
@@ -54,10 +94,18 @@ class Institution:
                 )
                 samples_processed = self.training.local_epochs * shard.num_train
                 payload = get_state(model)
-            if plan.start == "personal" and not plan.one_step:
+            if kept:
+                head = {k: payload.pop(k) for k in kept}  # never uploaded
+                if not plan.one_step:
+                    self.personal, self.changed = head, True
+            elif plan.start == "personal" and not plan.one_step:
                 self.personal, self.changed = get_state(model), True
+            if plan.personal_mu is not None and global_state:
+                self._train_personal(model, plan, global_state, ctx.round)
+                samples_processed += self.training.local_epochs * shard.num_train
             if plan.upload == "nothing":
                 payload = {}
+        received = state_nbytes(global_state) - state_nbytes({k: global_state[k] for k in kept}) if global_state else 0
         return Update(
             institution=self.spec.name,
             index=self.spec.index,
@@ -67,8 +115,48 @@ class Institution:
             compute_seconds=time.perf_counter() - t0,
             bytes_up=state_nbytes(payload),
             samples_processed=samples_processed,
+            bytes_down=received if plan.start == "global" else 0,
+        )
+
+    def tensors(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Its training shard as tensors on the model's device and dtype: made on first use, then reused every round."""
+        device = next(model.parameters()).device
+        if self._tensors is None or self._tensors[0].device != device:
+            self._tensors = _to_tensors(model, self.shard.x_train, self.shard.y_train)
+        return self._tensors
+
+    def start(self, plan: LocalPlan, global_state: State | None) -> State:
+        """The state a plain local step starts from: its personal model or the global one."""
+        return self.personal if plan.start == "personal" else global_state
+
+    def trained(self, plan: LocalPlan, global_state: State | None, state: State, loss: float,
+                seconds: float) -> Update:
+        """The update of a plain local step its host ran for it (vectorised with other institutions).
+
+        Book-keeping is :meth:`train`'s for a plan without personal keys, personal training or one-step gradients.
+        """
+        if plan.start == "personal":
+            self.personal, self.changed = state, True
+        payload = state if plan.upload == "weights" else {}
+        return Update(
+            institution=self.spec.name, index=self.spec.index, state=payload, num_samples=self.shard.num_train,
+            train_loss=loss, compute_seconds=seconds, bytes_up=state_nbytes(payload),
+            samples_processed=self.training.local_epochs * self.shard.num_train,
             bytes_down=state_nbytes(global_state) if plan.start == "global" and global_state else 0,
         )
+
+    def _train_personal(self, model: torch.nn.Module, plan: LocalPlan, global_state: State, round: int) -> None:
+        """Ditto: train the personal model v on the own shard with the pull (mu/2)*||v - w||^2 to this round's global w."""
+        lr, mu = self.training.lr, plan.personal_mu
+        if mu * lr >= 2.0:
+            # A gradient step scales v - w by (1 - lr*mu): beyond 2 it grows every step and v diverges.
+            raise ConfigError("scheme.lam", f"lam * training.lr = {mu:g} * {lr:g} >= 2 makes the personal model "
+                              f"diverge; use lam < {2.0 / lr:g} or a smaller training.lr")
+        set_state(model, self.personal)
+        local_train(model, self.shard.x_train, self.shard.y_train, training=self.training,
+                    plan=LocalPlan(prox_mu=mu), key=(self.seed, self.spec.index, round, PERSONAL_STREAM),
+                    anchor=global_state)
+        self.personal, self.changed = get_state(model), True
 
     def persistent(self) -> dict[str, np.ndarray]:
         """What it carries from round to round, as flat numpy arrays (empty while nothing changed)."""
@@ -87,10 +175,36 @@ class Institution:
                  global_test: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float]:
         """Score the model this institution ends up with on its own test split (and, if personal, the global one)."""
         personal = plan.evaluate == "personal"
-        set_state(model, self.personal if personal else global_state)
-        acc, loss = evaluate(model, self.shard.x_test, self.shard.y_test)
+        kept = personal_keys(plan, global_state) if personal and global_state else ()
+        if kept:  # FedPer: the merged shared part with its own head
+            set_state(model, global_state)
+            set_state(model, {k: self.personal[k] for k in kept})
+        else:
+            set_state(model, self.personal if personal else global_state)
+        if plan.adapt_steps > 0 or plan.adapt_epochs > 0:
+            self._adapt(model, plan)
+        acc, loss = evaluate(model, self.shard.x_test, self.shard.y_test, precision=self.training.precision)
         out = {"accuracy": acc, "loss": loss}
-        if personal and global_test is not None:
-            # Without a merged model, the "global" row is the mean of the institutions' own models.
-            out["global_accuracy"], out["global_loss"] = evaluate(model, *global_test)
+        if personal and global_test is not None and (plan.upload == "nothing" or plan.personal_keys):
+            # No complete merged model (nothing shared, or no shared head): the "global" row is
+            # the mean of the institutions' own models.
+            out["global_accuracy"], out["global_loss"] = evaluate(model, *global_test, precision=self.training.precision)
         return out
+
+    def _adapt(self, model: torch.nn.Module, plan: LocalPlan) -> None:
+        """Fine-tune the lent model on the own training data before scoring; what the institution carries is untouched."""
+        x, y, n = self.shard.x_train, self.shard.y_train, self.shard.num_train
+        if n == 0:
+            return
+        key = (self.seed, self.spec.index, plan.adapt_round, ADAPT_STREAM)
+        training = replace(self.training, local_epochs=plan.adapt_epochs)
+        if plan.adapt_epochs <= 0:
+            # Exactly adapt_steps minibatches: that many batches' worth of fresh permutations,
+            # trained as one epoch (a shard smaller than a batch is one batch per step, as in training).
+            size = min(max(1, self.training.batch_size), n)
+            rng, _ = rng_for((*key, 0))
+            need = plan.adapt_steps * size
+            idx = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
+            x, y = x[idx], y[idx]
+            training = replace(self.training, local_epochs=1, batch_size=size)
+        local_train(model, x, y, training=training, plan=LocalPlan(), key=key)

@@ -41,6 +41,23 @@ class Layout:
         ]
 
 
+def check_requests(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, gpus: float) -> None:
+    """Refuse an institution asking more CPUs or GPUs than the whole (local) cluster has, whatever the placement.
+
+    Pooled hosts share out the cluster's CPUs and ignore each institution's own request, so
+    without this a request of 64 CPUs on a 2-CPU laptop would run silently on a fraction of one.
+    """
+    for s in specs:
+        if s.cpus > cpus + EPS:
+            raise ConfigError(f"scenario.institutions[{s.index}].cpus",
+                              f"'{s.name}' asks for {s.cpus:g} CPUs but the local cluster has {cpus:g}; "
+                              "lower its cpus (or set cluster.num_cpus to the cores Ray may use)")
+        if s.gpus > gpus + EPS and (gpus > 0 or spec.engine.gpu_policy == "require"):
+            raise ConfigError(f"scenario.institutions[{s.index}].gpus",
+                              f"'{s.name}' asks for {s.gpus:g} GPUs but the local cluster has {gpus:g}; lower its gpus"
+                              + ("" if gpus > 0 else " or set engine.gpu_policy=warn to run on CPU"))
+
+
 def plan_layout(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, gpus: float) -> Layout:
     """Decide dedicated or pooled hosts for ``specs`` on a cluster with ``cpus`` CPUs and ``gpus`` GPUs."""
     warnings: list[str] = []
@@ -63,7 +80,10 @@ def plan_layout(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, 
     mode = spec.placement
     fits = sum(s.cpus for s in specs) + coord <= cpus + EPS and sum(gpus_of.values()) <= gpus + EPS
     if mode == "auto":
-        mode = "dedicated" if len(specs) <= spec.engine.max_dedicated and fits else "pooled"
+        # One process per institution only while there are cores for them: each process imports torch
+        # (~300 MB, seconds to start), and more processes than cores cannot train at the same time anyway.
+        few = len(specs) <= min(spec.engine.max_dedicated, cpus + EPS)
+        mode = "dedicated" if few and fits else "pooled"
     if mode == "dedicated":
         if sum(gpus_of.values()) > gpus + EPS:
             raise ConfigError("scenario", f"the institutions ask for {sum(gpus_of.values()):g} GPUs but the cluster has {gpus:g}; lower their gpus")

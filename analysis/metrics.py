@@ -227,6 +227,10 @@ def run_costs(ledger: pd.DataFrame) -> pd.DataFrame:
     sums["simulated_duration"] = per_round.groupby(level=RUN).sum()
     sums["epsilon"] = ledger.groupby(RUN)["epsilon"].max()
     sums["megabytes"] = (sums["bytes_up"] + sums["bytes_down"]) / 1e6
+    # What one institution sends and receives in a round it takes part in: LoRA adapters vs a whole model at a glance.
+    took_part = ledger[ledger["participated"] & (ledger["institution"] != GLOBAL)]
+    per_member = (took_part["bytes_up"] + took_part["bytes_down"]).groupby([took_part[c] for c in RUN]).mean()
+    sums["mb_per_member_round"] = per_member.reindex(sums.index).fillna(0.0) / 1e6
     return sums.reset_index().astype({"bytes_up": "float64", "bytes_down": "float64"})
 
 
@@ -241,8 +245,8 @@ def cost_table(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     per_run = run_costs(ledger).merge(run_accuracy(metrics)[["run_id", "mean_accuracy"]], on="run_id", how="outer")
     per_run["scenario"] = per_run["scenario"].fillna(per_run["run_id"].map(metrics.groupby("run_id")["scenario"].first()))
     per_run["scheme"] = per_run["scheme"].fillna(per_run["run_id"].map(metrics.groupby("run_id")["scheme"].first()))
-    values = ["bytes_up", "bytes_down", "megabytes", "compute_seconds", "simulated_seconds", "simulated_duration",
-              "epsilon", "mean_accuracy"]
+    values = ["bytes_up", "bytes_down", "megabytes", "mb_per_member_round", "compute_seconds", "simulated_seconds",
+              "simulated_duration", "epsilon", "mean_accuracy"]
     table = per_run.groupby(["scenario", "scheme"], sort=False)[values].mean()
     table["runs"] = per_run.groupby(["scenario", "scheme"], sort=False)["run_id"].nunique()
     table = table.reset_index()

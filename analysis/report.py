@@ -26,7 +26,7 @@ INSTITUTION_COLUMNS = ["institution", "discipline", "share", "train_samples", "t
                        "feature_skew", "cpus", "gpus", "behaviour"]
 FAIRNESS_COLUMNS = ["scheme", "worst_institution", "worst_gain", "gain_std", "gain_gini", "share_better_off",
                     "accuracy_parity", "worst_discipline"]
-COST_COLUMNS = ["scheme", "megabytes", "mb_up", "mb_down", "compute_seconds", "simulated_seconds",
+COST_COLUMNS = ["scheme", "megabytes", "mb_up", "mb_down", "mb_per_member_round", "compute_seconds", "simulated_seconds",
                 "simulated_duration", "epsilon", "mean_accuracy", "accuracy_per_mb", "pareto"]
 
 

@@ -57,6 +57,8 @@ def batchable(model: nn.Module, plan: LocalPlan, training: TrainingSpec) -> bool
         and not list(model.buffers())  # buffers mean running statistics or other state that training moves
         and not plan.one_step
         and plan.upload in ("weights", "nothing")
+        and not plan.personal_keys  # FedPer keeps its head home: the institution's own step handles that
+        and plan.personal_mu is None  # Ditto trains a second, personal model
         and training.precision == "fp32"
     )
 

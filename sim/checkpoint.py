@@ -7,8 +7,10 @@ In the run directory:
   when the run starts, at every checkpoint and when it ends.
 - ``checkpoints/latest.json`` points at ``checkpoints/round-KKKKK/``, which holds
   ``meta.json`` (round, simulated clock, run id), ``coordinator.npz`` (global and scheme
-  state), ``institutions.npz`` (what each institution carries between rounds) and the
-  results rows so far (``metrics.parquet``, ``ledger.parquet``).
+  state), ``institutions.npz`` (what each institution carries between rounds) and
+  ``segments.json``, the ``checkpoints/rows-KKKKK/`` folders whose ``metrics.parquet`` and
+  ``ledger.parquet`` hold the results rows so far: each checkpoint writes only the rows
+  added since the one before, so saving costs the same in round 5 as in round 500.
 
 A checkpoint directory is written under a temporary name and renamed into place, then
 the pointer is replaced the same way, so a crash at any moment leaves the previous
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,18 +36,37 @@ import pandas as pd
 from sim.results import frame, write_atomic, write_text
 from sim.types import ConfigError, Snapshot
 
-FORMAT = 1  # bump when the layout changes; older checkpoints are then refused, not misread
+FORMAT = 2  # bump when the layout changes; older checkpoints are then refused, not misread
+# What reading a damaged checkpoint raises: OSError (missing file), ValueError (bad JSON, pyarrow's ArrowInvalid,
+# a truncated npy), BadZipFile (a truncated npz), EOFError, and Key/Type/AttributeError for JSON of the wrong shape.
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile)
 DIR = "checkpoints"
 
 
 @dataclass
 class Progress:
-    """What a run has produced so far: its results rows, its simulated clock and the last round done."""
+    """What a run has produced so far: its results tables round by round, its simulated clock and the last round done.
 
-    metric_rows: list[dict] = field(default_factory=list)
-    ledger_rows: list[dict] = field(default_factory=list)
+    Rows are kept as one small table per round (column-wise, not as dicts), and a checkpoint
+    writes only the tables added since the previous one.
+    """
+
+    metrics: list[pd.DataFrame] = field(default_factory=list)
+    ledger: list[pd.DataFrame] = field(default_factory=list)
     sim_time: float = 0.0
     rounds_done: int = 0
+    segments: list[str] = field(default_factory=list)  # checkpoint segments holding the tables saved so far
+    saved: tuple[int, int] = (0, 0)  # how many metrics / ledger tables those segments hold
+
+    def add(self, kind: str, rows: list[dict]) -> None:
+        """Append one batch of ``kind`` rows ("metrics" or "ledger") as a table."""
+        if rows:
+            getattr(self, kind).append(frame(kind, rows))
+
+    def table(self, kind: str) -> pd.DataFrame:
+        """All rows of ``kind`` so far, in the schema's columns and dtypes."""
+        parts = getattr(self, kind)
+        return pd.concat(parts, ignore_index=True) if parts else frame(kind, [])
 
 
 def write_status(run_dir: Path, state: str, *, run_id: str, rounds: int, rounds_done: int,
@@ -79,12 +101,25 @@ def save(run_dir: Path, progress: Progress, snapshot: Snapshot, run_id: str) -> 
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     _save_arrays(tmp / "coordinator.npz", {"global": snapshot.global_state, "scheme": snapshot.scheme})
     _save_arrays(tmp / "institutions.npz", {str(i): snapshot.institutions[n] for i, n in enumerate(names)})
-    frame("metrics", progress.metric_rows).to_parquet(tmp / "metrics.parquet", index=False)
-    frame("ledger", progress.ledger_rows).to_parquet(tmp / "ledger.parquet", index=False)
+    # Results rows: only what came since the last checkpoint, as a segment of its own beside the older ones.
+    segment = f"rows-{progress.rounds_done:05d}"
+    seg_dir = root / segment
+    shutil.rmtree(seg_dir, ignore_errors=True)
+    seg_dir.mkdir(parents=True)
+    (m0, l0) = progress.saved
+    for kind, start in (("metrics", m0), ("ledger", l0)):
+        new = getattr(progress, kind)[start:]
+        (pd.concat(new, ignore_index=True) if new else frame(kind, [])).to_parquet(seg_dir / f"{kind}.parquet", index=False)
+    segments = [*progress.segments, segment]
+    (tmp / "segments.json").write_text(json.dumps(segments) + "\n")
     tmp.rename(final)
     write_text(json.dumps({"round": progress.rounds_done, "dir": final.name}) + "\n", root / "latest.json")
+    progress.segments, progress.saved = segments, (len(progress.metrics), len(progress.ledger))
     for old in root.glob("round-*"):  # only the latest is ever read
         if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    for old in root.glob("rows-*"):  # segments of rounds after the latest checkpoint (a crash) are stale
+        if old.name not in segments:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -97,18 +132,24 @@ def load(run_dir: Path, run_id: str) -> tuple[Progress, Snapshot] | None:
     try:
         where = root / json.loads((root / "latest.json").read_text())["dir"]
         meta = json.loads((where / "meta.json").read_text())
+        if meta.get("format") != FORMAT or meta.get("run_id") != run_id:
+            raise ConfigError("resume", f"{run_dir}: the checkpoint belongs to run {meta.get('run_id')!r} "
+                              f"(format {meta.get('format')}), not to {run_id!r}")
         coordinator = _load_arrays(where / "coordinator.npz")
         carried = _load_arrays(where / "institutions.npz")
-        metrics = pd.read_parquet(where / "metrics.parquet")
-        ledger = pd.read_parquet(where / "ledger.parquet")
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError("resume", f"{run_dir}: the checkpoint cannot be read ({type(e).__name__}: {e})") from None
-    if meta.get("format") != FORMAT or meta.get("run_id") != run_id:
-        raise ConfigError("resume", f"{run_dir}: the checkpoint belongs to run {meta.get('run_id')!r} "
-                          f"(format {meta.get('format')}), not to {run_id!r}")
-    progress = Progress(_rows(metrics), _rows(ledger), float(meta["sim_time"]), int(meta["round"]))
-    snapshot = Snapshot(coordinator.get("global", {}), coordinator.get("scheme", {}),
-                        {n: carried.get(str(i), {}) for i, n in enumerate(meta["institutions"])})
+        segments = json.loads((where / "segments.json").read_text())
+        metrics = [pd.read_parquet(root / seg / "metrics.parquet") for seg in segments]
+        ledger = [pd.read_parquet(root / seg / "ledger.parquet") for seg in segments]
+        progress = Progress(metrics, ledger, float(meta["sim_time"]), int(meta["round"]), list(segments),
+                            (len(metrics), len(ledger)))
+        snapshot = Snapshot(coordinator.get("global", {}), coordinator.get("scheme", {}),
+                            {n: carried.get(str(i), {}) for i, n in enumerate(meta["institutions"])})
+    except ConfigError:
+        raise
+    except UNREADABLE as e:  # a damaged or truncated file, a missing segment, JSON of the wrong shape
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError("resume", f"{run_dir}: the checkpoint cannot be read ({type(e).__name__}"
+                          f"{': ' + why[:200] if why else ''}); delete {root} to start over") from None
     return progress, snapshot
 
 
@@ -137,11 +178,6 @@ def _load_arrays(path: Path) -> dict[str, dict[str, np.ndarray]]:
             group, _, name = key.partition("/")
             out.setdefault(group, {})[name] = npz[key]
     return out
-
-
-def _rows(df: pd.DataFrame) -> list[dict]:
-    """Table rows as plain dicts, to append the next rounds to."""
-    return df.to_dict("records")
 
 
 def resume_overrides(argv: list[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""``python -m sim.compare``: several schemes on one scenario and seed, and the table that compares them."""
+"""``python -m sim.compare``: several schemes on one scenario, over one or more seeds, and the table that compares them."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sim.cli import compose, fail, group_options, guard
 from sim.config import load_spec
-from sim.results import write_table, write_text
+from sim import rundir
+from sim.results import write_csv, write_table, write_text
 from sim.types import ConfigError
 
 log = logging.getLogger("collabsim")
@@ -21,7 +22,11 @@ BASELINE = "isolated"
 
 
 def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]:
-    """One composed run config per scheme in ``cfg.schemes`` (the baseline added if missing)."""
+    """One composed run config per scheme in ``cfg.schemes`` (the baseline added if missing), then one per variant.
+
+    A variant (``variants.LABEL: [overrides]``) is a run beside the schemes with overrides of its own, e.g. the
+    same scheme with full fine-tuning instead of LoRA; its results carry LABEL in the ``scheme`` column.
+    """
     names = list(cfg.schemes)
     unknown = [n for n in names if n not in group_options("scheme")]
     if unknown:
@@ -29,18 +34,57 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
     if BASELINE not in names:
         log.warning("adding the %s baseline: every gain is measured against it", BASELINE)
         names.insert(0, BASELINE)
-    keep = [o for o in overrides if not o.lstrip("+~").startswith(("schemes=", "report=", "scheme="))]
-    return {n: compose("config", keep + [f"scheme={n}"]) for n in dict.fromkeys(names)}
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("schemes=", "report=", "scheme=", "seeds=",
+                                                                      "variants"))]
+    configs = {n: compose("config", keep + [f"scheme={n}"]) for n in dict.fromkeys(names)}
+    for label, extra in (cfg.get("variants") or {}).items():
+        if label in configs or label in group_options("scheme"):
+            raise ConfigError(f"variants.{label}", "a variant needs a label of its own, not a scheme's name")
+        if not isinstance(extra, (list, ListConfig)) or not all(isinstance(o, str) and "=" in o for o in extra):
+            raise ConfigError(f"variants.{label}", f"expected a list of overrides like scheme=fedavg, got {extra!r}")
+        configs[label] = compose("config", keep + list(extra))
+    return configs
+
+
+def seed_list(cfg: DictConfig) -> list[int]:
+    """The replications a compare runs: ``seeds`` consecutive seeds from ``seed``."""
+    n = cfg.get("seeds", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError("seeds", f"expected a whole number of seeds >= 1, got {n!r}")
+    return [int(cfg.seed) + k for k in range(n)]
 
 
 def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFrame:
-    """Run every scheme, write the combined tables and summary.csv into ``out_dir``, return the summary."""
+    """Run every scheme on every seed, write the combined tables and summary.csv into ``out_dir``, return the summary.
+
+    One pool of warm actors serves every run: processes start once per command, not per scheme or seed.
+    """
+    from agents.backend import ActorPool
     from analysis.metrics import summary
     from sim.engine import run
 
-    results = []
-    for name, sub in scheme_configs(cfg, overrides).items():
-        results.append(run(sub, out_dir / "runs" / name))
+    configs, seeds = scheme_configs(cfg, overrides), seed_list(cfg)
+    overwrite = bool(cfg.get("overwrite", False))
+    rundir.check_fresh(out_dir, overwrite)  # before Ray starts and before anything in out_dir is touched
+    rundir.acquire(out_dir)
+    if overwrite:
+        rundir.clear(out_dir)
+    results, pool = [], ActorPool()
+    try:
+        for seed in seeds:
+            for name, sub in configs.items():
+                sub = sub.copy()
+                sub.seed = seed
+                where = out_dir / "runs" / (name if len(seeds) == 1 else f"{name}-s{seed}")
+                log.info("run %d/%d: %s, seed %d", len(results) + 1, len(configs) * len(seeds), name, seed)
+                result = run(sub, where, pool=pool)
+                if name not in cfg.schemes and name != BASELINE:  # a variant: its rows carry its own label
+                    for table in (result.metrics, result.ledger, result.institutions):
+                        table["scheme"] = name
+                results.append(result)
+    finally:
+        pool.close()
+        rundir.release(out_dir)
     metrics = pd.concat([r.metrics for r in results], ignore_index=True)
     ledger = pd.concat([r.ledger for r in results], ignore_index=True)
     institutions = pd.concat([r.institutions for r in results], ignore_index=True)
@@ -49,7 +93,7 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
     write_table(ledger, out_dir / "ledger.parquet")
     write_table(institutions, out_dir / "institutions.parquet")
     table = summary(metrics, ledger)
-    table.to_csv(out_dir / "summary.csv", index=False)
+    write_csv(table, out_dir / "summary.csv")
     return table
 
 
@@ -72,10 +116,15 @@ def main(cfg: DictConfig) -> None:
 
 def _check(cfg: DictConfig) -> None:
     """Validate every scheme's run config before anything starts."""
+    seed_list(cfg)
     for sub in scheme_configs(cfg, [a for a in sys.argv[1:] if not a.startswith("-")]).values():
         load_spec(sub)
 
 
 if __name__ == "__main__":
     guard("compare", sys.argv[1:], _check)
+    try:
+        rundir.check_argv(sys.argv[1:])  # a used hydra.run.dir is refused before Hydra writes into it
+    except ConfigError as e:
+        fail(str(e))
     main()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import math
+import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,6 +37,10 @@ class EngineSpec:
     max_dedicated: int = 16
     gpu_policy: str = "warn"
     round_timeout_s: float = 600.0  # a host that has not answered by then is given up on for the round
+    backend: str = "ray"  # ray: institutions on Ray actors | inprocess: everything in this process (small runs, tests)
+    eval_every: int = 1  # score every N rounds (round 0 and the last round always)
+    vectorise: bool = True  # plain local steps of a host's institutions run as one vmapped computation (sim/batched.py)
+    eval_scope: str = "all"  # all: every institution is scored | cohort: only the round's cohort (all in the last round)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class RunSpec:
     only: tuple[str, ...] | None = field(default=None)  # coalition: the institutions that take part
     checkpoint_every: int = 0  # rounds between checkpoints; 0 = none
     resume: str | None = None  # the run directory this run continues
+    overwrite: bool = False  # a fresh run may replace what an earlier one left in its directory (not part of run_id)
     config: Mapping[str, Any] = field(default_factory=dict, compare=False)  # the validated config, as written to config.yaml
 
     @property
@@ -89,7 +95,8 @@ def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
         rounds = min(rounds, SMOKE_ROUNDS)
     scenario = build_scenario(c.get("scenario") or {}, seed)
     scheme_name = _scheme_name(c.get("scheme") or {})
-    hashed = {k: v for k, v in c.items() if k != "resume"}  # where a run was resumed from is not what it is
+    # Where a run was resumed from, and whether it may replace an earlier run's files, are not what it is.
+    hashed = {k: v for k, v in c.items() if k not in ("resume", "overwrite")}
     spec = RunSpec(
         seed=seed,
         rounds=rounds,
@@ -105,8 +112,10 @@ def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
         smoke=smoke,
         config_hash=hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8],
         checkpoint_every=c.get("checkpoint_every", 0),
+        overwrite=bool(c.get("overwrite", False)),
         config={**hashed, "resume": None},
     )
+    check_address(spec.cluster.get("address"))  # cheap, so before the groups are built
     _check_groups(spec)
     return spec
 
@@ -116,7 +125,31 @@ def _resumed(run_dir: str) -> RunSpec:
     saved = saved_config(run_dir, "resume", "give the run directory of the run to continue")
     if isinstance(saved.get("resume"), str):
         raise ConfigError("resume", f"{run_dir}/config.yaml is not the config of a run")
-    return replace(load_spec(saved), resume=str(Path(run_dir).expanduser()))
+    spec = replace(load_spec(saved), resume=str(Path(run_dir).expanduser()))
+    _check_unedited(run_dir, spec, saved)
+    return spec
+
+
+def _check_unedited(run_dir: str, spec: RunSpec, saved: Mapping[str, Any]) -> None:
+    """Refuse a resume whose config.yaml no longer makes the run id its status.json records (it was edited)."""
+    from sim import checkpoint, rundir
+
+    status = checkpoint.read_status(Path(run_dir).expanduser())
+    recorded, members = status.get("run_id"), status.get("institutions")
+    if not isinstance(recorded, str):
+        return  # no status (a run from before status.json): the checkpoint's own run id is checked on load
+    try:
+        expected = spec.restrict(tuple(members)).run_id if isinstance(members, list) else spec.run_id
+    except ConfigError:
+        expected = spec.run_id
+    if expected == recorded:
+        return
+    made = rundir.read_marker(Path(run_dir).expanduser(), rundir.RUN_MARKER).get("config")
+    ignored = {"resume", "overwrite"}
+    keys = [k for k in rundir.changed_keys(made, dict(saved)) if k.split(".")[0] not in ignored] if made else []
+    what = f" (changed: {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})" if keys else ""
+    raise ConfigError("resume", f"{run_dir}/config.yaml was edited after the run{what}: the directory belongs to run "
+                      f"{recorded!r}, the config now makes {expected!r}; undo the edit, or start a new run with it")
 
 
 def saved_config(run_dir: str | Path, key: str, fix: str) -> dict[str, Any]:
@@ -169,12 +202,20 @@ def _check_groups(spec: RunSpec) -> None:
         cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
         raise cause or ConfigError("scheme", _first_line(e)) from None
     schema.check_data_types(spec.data)
-    check_data(spec.data, spec.scenario)
+    check_data(spec.data, spec.scenario, spec.model)
     target = schema.check_value("model._target_", spec.model.get("_target_"), schema.Field("str"))
     schema.check_by_signature("model", spec.model, _factory(target), schema.Field("int", 1, schema.MAX_WIDTH))
-    # Shapes are checked for real when the data is built; a probe on the meta device (no memory) catches bad keys now.
-    with torch.device("meta"):
-        build_model(spec.model, (1, 8, 8) if spec.model.get("_target_", "").endswith("cnn") else (4,), 2, seed=0)
+    if target.startswith("sim.models.foundation."):
+        from sim.data import TEXT
+        from sim.models.foundation import check_config
+
+        if spec.data.get("name") not in TEXT:  # a transformer embeds token ids; numeric features would fail mid-run
+            raise ConfigError("model", f"{target} takes token ids, not data={spec.data.get('name')}; "
+                              f"use a text dataset ({', '.join(f'data={t}' for t in TEXT)}) or a numeric model such as model=mlp")
+        check_config(spec.model)  # pretrained folder, config.json, adapter and LoRA targets; reads no weights
+    else:  # shapes are checked for real when the data is built; a meta-device probe (no memory) catches bad keys now
+        with torch.device("meta"):
+            build_model(spec.model, (1, 8, 8) if spec.model.get("_target_", "").endswith("cnn") else (4,), 2, seed=0)
     _check_resources(spec)
 
 
@@ -192,12 +233,45 @@ def _factory(target: str) -> Any:
 
 
 def _check_resources(spec: RunSpec) -> None:
-    """When the command names the local cluster's size, refuse layouts that cannot fit it before Ray starts."""
-    from agents.placement import plan_layout
+    """Refuse a bad cluster address, and on a local cluster any request its CPUs and GPUs cannot meet, before Ray starts.
 
+    The local cluster's size is cluster.num_cpus / num_gpus, or when null what this machine has.
+    """
+    from agents.placement import check_requests, plan_layout
+
+    if spec.cluster.get("address") is not None:
+        return  # a remote cluster's size is known only once joined; plan_layout checks it then
     cpus, gpus = spec.cluster.get("num_cpus"), spec.cluster.get("num_gpus")
-    if spec.cluster.get("address") is None and cpus is not None:
-        plan_layout(spec, spec.scenario.institutions, float(cpus), math.inf if gpus is None else float(gpus))
+    cpus = float(os.cpu_count() or 1) if cpus is None else float(cpus)
+    gpus = float(_local_gpus()) if gpus is None else float(gpus)
+    check_requests(spec, spec.scenario.institutions, cpus, gpus)
+    plan_layout(spec, spec.scenario.institutions, cpus, gpus)
+
+
+def _local_gpus() -> int:
+    """GPUs torch sees on this machine (what a local Ray cluster would offer)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+ADDRESS_FORMS = "auto, HOST:PORT or ray://HOST:PORT (port 1-65535)"
+
+
+def check_address(address: Any) -> tuple[str, int] | None:
+    """Check cluster.address's form; return (host, port) for HOST:PORT and ray://HOST:PORT, None for null/auto."""
+    if address is None or address == "auto":
+        return None
+    bad = ConfigError("cluster.address", f"expected {ADDRESS_FORMS}, got {address!r}")
+    if not isinstance(address, str):
+        raise bad
+    m = re.fullmatch(r"(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.\-_]*[A-Za-z0-9])?):(\d{1,5})", address)
+    if m is None:
+        raise bad
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ConfigError("cluster.address", f"port {port} is out of range (1-65535) in {address!r}")
+    return m.group(1).strip("[]"), port
 
 
 def _first_line(e: BaseException) -> str:

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from sim import checkpoint
+from sim import checkpoint, rundir
 from sim.checkpoint import Progress
 from sim.config import RunSpec, load_spec
 from sim.data import build_federation
 from sim.models import build_model, model_flops
 from sim.results import frame, write_table, write_text
-from sim.types import GLOBAL, Federation, InstitutionSpec, Snapshot
+from sim.types import GLOBAL, Federation, InstitutionSpec, RunFailed, Snapshot
 
 log = logging.getLogger("collabsim")
 
@@ -45,11 +45,16 @@ def run(
     cfg: DictConfig | Mapping[str, Any] | RunSpec,
     out_dir: str | Path | None = None,
     *,
-    backend: str = "ray",
+    backend: str | None = None,
     institutions: tuple[str, ...] | None = None,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
+    pool: Any = None,
 ) -> RunResult:
-    """Run one simulation; write its run directory if ``out_dir`` is given (``resume=DIR`` continues DIR)."""
+    """Run one simulation; write its run directory if ``out_dir`` is given (``resume=DIR`` continues DIR).
+
+    ``backend`` overrides ``engine.backend``; ``pool`` (an :class:`agents.backend.ActorPool`) lends warm
+    actors, so a command that runs many simulations starts its processes once.
+    """
     # 1. Validate everything before any actor starts; a resumed run takes its saved config and checkpoint.
     spec, out = _prepare(cfg, out_dir, institutions)
     members = spec.only or spec.scenario.names
@@ -62,47 +67,53 @@ def run(
     mark("running", progress.rounds_done)
     keys = {"run_id": spec.run_id, "scheme": spec.scheme_name, "scenario": spec.scenario.name, "seed": spec.seed}
     discipline = {s.name: s.discipline for s in specs} | {GLOBAL: GLOBAL}
-    runner, wall0 = None, time.perf_counter()
+    runner, wall0, summary = None, time.perf_counter(), {}
     try:
         # 2. Data: every institution's shard and the global test set (the same whatever the coalition).
-        fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=spec.smoke)
+        fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=spec.smoke, model=spec.model)
         flops = model_flops(build_model(spec.model, fed.input_shape, fed.num_classes, seed=spec.seed), fed.input_shape)
 
         # 3. Place hosts and coordinator; a resumed run puts back their state.
-        runner = _start_backend(backend, spec, specs, fed, flops)
+        runner = _start_backend(backend or spec.engine.backend, spec, specs, fed, flops, pool)
         if snapshot is not None:
             runner.restore(snapshot)
         for r in range(progress.rounds_done + 1, spec.rounds + 1):
             # 4. The scheme picks the cohort and the local plan; the fault model drops who will not deliver.
             ctx = runner.begin_round(r, progress.sim_time)
             if r == 1:
-                progress.metric_rows += _scores(keys, 0, runner.evaluate(ctx.plan), discipline)
+                progress.add("metrics", _scores(keys, 0, runner.evaluate(ctx.plan), discipline))
             # 5. Local steps fan out; the coordinator merges what arrived, in scenario order.
             rows = runner.train_and_merge(ctx)
             # 6. The round lasts as long as its slowest participant (synchronous rounds).
             progress.sim_time += max((row["simulated_seconds"] for row in rows), default=0.0)
+            losses = []
             for row in rows:
                 loss = row.pop("train_loss", math.nan)
                 if row["participated"] and not math.isnan(loss):
-                    progress.metric_rows.append(keys | {"round": r, "institution": row["institution"],
-                                                        "discipline": discipline[row["institution"]],
-                                                        "metric": "train_loss", "value": loss})
-                progress.ledger_rows.append(keys | {"round": r, "epsilon": math.nan} | row)
-            # 7. Score the models everybody ends the round with.
-            scores = _scores(keys, r, runner.evaluate(ctx.plan), discipline)
-            progress.metric_rows += scores
+                    losses.append(keys | {"round": r, "institution": row["institution"],
+                                          "discipline": discipline[row["institution"]], "metric": "train_loss",
+                                          "value": loss})
+            progress.add("metrics", losses)
+            progress.add("ledger", [keys | {"round": r, "epsilon": math.nan} | row for row in rows])
+            # 7. Score the models everybody ends the round with (every engine.eval_every rounds, and the last).
+            if r % spec.engine.eval_every == 0 or r == spec.rounds:
+                # eval_scope=cohort scores only who trained this round (large populations), everybody in the last.
+                only = frozenset(ctx.cohort) if spec.engine.eval_scope == "cohort" and r < spec.rounds else None
+                scores = _scores(keys, r, runner.evaluate(ctx.plan, only), discipline)
+                _check_finite(r, losses + scores)
+                progress.add("metrics", scores)
+                summary = _progress(scores)
             progress.rounds_done = r
             # 8. Every checkpoint_every rounds, save all that persists (before the progress line, so a
             #    line on screen means its round is safe).
             if out is not None and spec.checkpoint_every and r % spec.checkpoint_every == 0 and r < spec.rounds:
                 checkpoint.save(out, progress, runner.save(), spec.run_id)
                 mark("running", r)
-            summary = _progress(scores)
             dropped = sum(row["status"] not in ("ok", "idle") for row in rows)
             log.info("[%s] round %d/%d  global acc %.3f  mean institution acc %.3f  cohort %d%s  simulated %.1fs  wall %.1fs",
-                     spec.scheme_name, r, spec.rounds, summary["global_accuracy"], summary["mean_accuracy"],
-                     len(ctx.cohort), f" (dropped {dropped})" if dropped else "", progress.sim_time,
-                     time.perf_counter() - wall0)
+                     spec.scheme_name, r, spec.rounds, summary.get("global_accuracy", math.nan),
+                     summary.get("mean_accuracy", math.nan), len(ctx.cohort), f" (dropped {dropped})" if dropped else "",
+                     progress.sim_time, time.perf_counter() - wall0)
             if on_round is not None:
                 on_round(r, summary)
     except BaseException as e:
@@ -115,8 +126,8 @@ def run(
     # 9. Tidy tables out; then, and only then, the run directory says complete.
     result = RunResult(
         run_id=spec.run_id,
-        metrics=frame("metrics", progress.metric_rows),
-        ledger=frame("ledger", progress.ledger_rows),
+        metrics=progress.table("metrics"),
+        ledger=progress.table("ledger"),
         institutions=frame("institutions", [_institution_row(keys, s, fed) for s in specs]),
     )
     if out is not None:
@@ -143,6 +154,8 @@ def _prepare(cfg: Any, out_dir: str | Path | None, institutions: tuple[str, ...]
     out = Path(spec.resume) if spec.resume else None if out_dir is None else Path(out_dir)
     if spec.resume:
         institutions = institutions or checkpoint.read_status(out).get("institutions")
+    elif out is not None:
+        rundir.check_fresh(out, spec.overwrite)  # nothing in it is touched before this
     return (spec if institutions is None else spec.restrict(tuple(institutions))), out
 
 
@@ -150,12 +163,21 @@ def _open(out: Path | None, spec: RunSpec) -> tuple[Progress, Snapshot | None]:
     """Mark the run directory running: a fresh run writes its config, a resumed one reads its last checkpoint."""
     if out is None:
         return Progress(), None
-    saved = checkpoint.load(out, spec.run_id) if spec.resume else None
+    rundir.acquire(out)  # released when status.json says complete or failed
+    try:
+        if not spec.resume:  # checked again under the lock: another run may have started here meanwhile
+            rundir.check_fresh(out, spec.overwrite)
+        saved = checkpoint.load(out, spec.run_id) if spec.resume else None
+    except BaseException:
+        rundir.release(out)
+        raise
     progress, snapshot = saved or (Progress(), None)
     if spec.resume:
         log.info("[%s] resuming %s after round %d", spec.scheme_name, out, progress.rounds_done)
     else:
-        checkpoint.clear(out)  # a fresh run never continues from what an earlier one left here
+        if spec.overwrite:
+            rundir.clear(out)  # overwrite=true: the earlier run's files go, a user's own files stay
+        rundir.write_marker(out, rundir.RUN_MARKER, run_id=spec.run_id, config=dict(spec.config))
         write_text(OmegaConf.to_yaml(OmegaConf.create(dict(spec.config))), out / "config.yaml")
     return progress, snapshot
 
@@ -170,6 +192,8 @@ def _status_writer(out: Path | None, spec: RunSpec) -> Callable[..., None]:
         why = None if error is None else f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
         checkpoint.write_status(out, state, run_id=spec.run_id, rounds=spec.rounds, rounds_done=rounds_done,
                                 error=why, institutions=spec.only)
+        if state != "running":  # the run is over: another may use the directory (resume it)
+            rundir.release(out)
 
     return mark
 
@@ -180,8 +204,9 @@ def _read_run(run_id: str, out: Path) -> RunResult:
     return RunResult(run_id=run_id, **tables)
 
 
-def _start_backend(kind: str, spec: RunSpec, specs: tuple[InstitutionSpec, ...], fed: Federation, flops: int):
-    """The in-process backend, or Ray actors placed per the layout."""
+def _start_backend(kind: str, spec: RunSpec, specs: tuple[InstitutionSpec, ...], fed: Federation, flops: int,
+                   pool: Any = None):
+    """The in-process backend, or Ray actors placed per the layout (borrowed from ``pool`` when given)."""
     from agents.backend import InProcessBackend, RayBackend, connect
     from agents.placement import plan_layout
 
@@ -193,10 +218,22 @@ def _start_backend(kind: str, spec: RunSpec, specs: tuple[InstitutionSpec, ...],
         log.warning(w)
     log.info("[%s] %d institutions on %d %s host actor(s) + coordinator", spec.scheme_name, len(specs),
              len(layout.hosts), layout.mode)
-    runner = RayBackend(spec, specs, fed, flops, layout)
+    runner = RayBackend(spec, specs, fed, flops, layout, pool)
     if any(h.gpus for h in layout.hosts):
         log.info("[%s] hosts train on %s", spec.scheme_name, ", ".join(runner.devices()))
     return runner
+
+
+class Diverged(RunFailed):
+    """A metric turned NaN or infinite: the run stops, since more rounds cannot mend it."""
+
+
+def _check_finite(r: int, rows: list[dict]) -> None:
+    """Stop the run (status failed) at the first NaN or infinite score or training loss, naming round and institution."""
+    bad = next((row for row in rows if not math.isfinite(row["value"])), None)
+    if bad is not None:
+        raise Diverged(f"round {r}: the {bad['metric']} of institution '{bad['institution']}' is {bad['value']}; "
+                       "the model diverged: lower training.lr or check the data for extreme values")
 
 
 def _scores(keys: dict, r: int, evaluated, discipline: dict[str, str]) -> list[dict]:

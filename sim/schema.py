@@ -156,10 +156,10 @@ def check_by_signature(prefix: str, cfg: Mapping, factory: Any, count: Field) ->
 PLACEMENTS = ("auto", "dedicated", "pooled")
 GPU_POLICIES = ("warn", "require")
 BEHAVIOURS = ("honest",)
-DATASETS = ("synthetic", "digits", "table")  # sim.data.DATASETS; a test keeps the two in step
+DATASETS = ("synthetic", "digits", "table", "text", "docstrings")  # sim.data.DATASETS; a test keeps the two in step
 PARTITIONS = ("iid", "dirichlet", "quantity", "natural")  # sim.data.partition.PARTITIONS, likewise
 GROUPS = ("scenario", "scheme", "model", "data", "training", "engine", "cluster")
-OTHER_ENTRY_POINTS = ("hydra", "sweep", "schemes", "report")  # keys of Hydra, sim.sweep and sim.compare
+OTHER_ENTRY_POINTS = ("hydra", "sweep", "schemes", "report", "seeds", "variants", "sweep_trust")  # keys of Hydra, sim.sweep and sim.compare
 
 PROBABILITY = Field("float", 0.0, 1.0)
 TOP = {
@@ -168,6 +168,7 @@ TOP = {
     "placement": Field("str", choices=PLACEMENTS),
     "smoke": Field("bool"),
     "checkpoint_every": Field("int", 0),
+    "overwrite": Field("bool"),  # a new run may replace what an earlier one left in its directory
     # A run directory to continue. sim.sweep's config (conf/sweep_main.yaml) reuses the key as a
     # true/false flag for the sweep itself, so booleans mean "not a run directory" here.
     "resume": Field("any"),
@@ -188,12 +189,17 @@ ENGINE = {
     "max_dedicated": Field("int", 0),
     "gpu_policy": Field("str", choices=GPU_POLICIES),
     "round_timeout_s": Field("float", 0.0, low_open=True),
+    "backend": Field("str", choices=("ray", "inprocess")),
+    "eval_every": Field("int", 1),
+    "eval_scope": Field("str", choices=("all", "cohort")),
+    "vectorise": Field("bool"),
 }
 CLUSTER = {
     "address": Field("str", null=True),
     "num_cpus": Field("int", 1, null=True),
     "num_gpus": Field("int", 0, null=True),
     "temp_dir": Field("str", null=True),
+    "connect_timeout_s": Field("float", 0.0, 3600.0, low_open=True),  # joining cluster.address gives up after this
 }
 SCENARIO = {
     "name": Field("str"),
@@ -222,6 +228,7 @@ INSTITUTION = {
     "failure_rate": PROBABILITY,
 }
 _PARTITION = {"dirichlet_alpha": Field("float", 0.0, low_open=True), "quantity_exponent": Field("float", 0.0)}
+_TEXT = {"max_length": Field("int", 2, 512), "max_rows_per_institution": Field("int", 1, null=True)}
 _COMMON = {"name": Field("str", choices=DATASETS), "partition": Field("str", choices=PARTITIONS),
            "test_fraction": Field("float", 0.0, 1.0, low_open=True, high_open=True)}
 DATA = {
@@ -232,6 +239,11 @@ DATA = {
     "table": {**_COMMON, **_PARTITION, "path": Field("str", null=True), "label_column": Field("str"),
               "institution_column": Field("str", null=True), "discipline_column": Field("str", null=True),
               "split_column": Field("str", null=True), "feature_columns": Field("strs", null=True)},
+    "text": {**_COMMON, **_PARTITION, **_TEXT, "path": Field("str", null=True), "text_column": Field("str"),
+             "label_column": Field("str"), "institution_column": Field("str", null=True),
+             "split_column": Field("str", null=True)},
+    "docstrings": {**_COMMON, **_PARTITION, **_TEXT, "task": Field("str", choices=("subpackage", "discipline")),
+                   "min_class_rows": Field("int", 1), "cache_dir": Field("str")},
 }
 """Per dataset (the yaml files of conf/data/): every key sim.data's DEFAULTS know, typed."""
 

@@ -25,6 +25,7 @@ METRICS = ("global_accuracy", "global_loss", "mean_accuracy", "worst_accuracy")
 """What the engine reports each round (sim.engine's on_round summary), so what a sweep can optimise."""
 MODES = ("max", "min")
 BUNDLES = ("merged", "per_host")
+BACKENDS = ("inprocess", "ray")
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 SMOKE_KEEP = 2  # smoke=true keeps this many values of each categorical dimension, seeds and samples
 INDEX = "__trial_index__"  # Tune's Repeater numbers the repeats of one configuration with this key
@@ -65,6 +66,7 @@ class SweepSpec:
     driver_cpus: float  # the trial's own process: data, the round loop
     bundles: str
     bundle_strategy: str
+    backend: str = "inprocess"  # inprocess: the trial's own (reused) process runs the simulation | ray: the trial starts actors
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -134,6 +136,7 @@ def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
         driver_cpus=_cpus(cfg, "driver_cpus", 0.05),
         bundles=_word(cfg, "bundles", BUNDLES, "merged"),
         bundle_strategy=_word(cfg, "bundle_strategy", STRATEGIES, "STRICT_PACK"),
+        backend=_word(cfg, "backend", BACKENDS, "inprocess"),
     )
     if spec.trial_cpus is not None and spec.trial_cpus <= spec.driver_cpus:
         raise ConfigError("sweep.trial_cpus", f"{spec.trial_cpus:g} leaves nothing for the simulation after "

@@ -2,10 +2,13 @@
 
 Every trial is a whole simulation: Hydra composes its config from the run config, the
 sweep file's overrides, the command line and the trial's values; :func:`sim.engine.run`
-runs it and reports each round to Tune. Each trial reserves a placement group (its own
-small bundle, then the run's coordinator and hosts as ``plan_layout`` lays them out), and
-the engine's actors are captured into it, so trials never oversubscribe the cluster and
-as many run at once as fit. The sweep directory (Hydra's run directory) holds Tune's
+runs it and reports each round to Tune. With ``sweep.backend: inprocess`` (the default)
+the trial's own process runs the simulation on the one core it reserves, and Tune reuses
+that process for the next trial, so torch is imported once per core, not once per trial.
+With ``sweep.backend: ray`` each trial reserves a placement group (its own small bundle,
+then the run's coordinator and hosts as ``plan_layout`` lays them out), and the engine's
+actors are captured into it, so trials never oversubscribe the cluster and as many run at
+once as fit. The sweep directory (Hydra's run directory) holds Tune's
 files (``tune/``), one run directory per trial (``trials/<trial_id>/``), ``trials.parquet``
 (one row per trial) and the trials' tables concatenated, so ``python -m analysis report``
 reads a sweep as it reads a run.
@@ -13,6 +16,7 @@ reads a sweep as it reads a run.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -27,14 +31,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from sim.cli import compose, explain, fail, guard
 from sim.config import load_spec
-from sim.results import write_table, write_text
+from sim import rundir
+from sim.results import write_csv, write_table, write_text
 from sim.search_space import INDEX, SweepSpec, check_points, load_sweep, param_space, trial_overrides, trial_values
 from sim.sweep_results import TIMES, collect, finished, read_text, render, replay, summarize
 from sim.types import ConfigError
 
 log = logging.getLogger("collabsim")
 TUNE_DIR = "tune"  # Tune's own files, inside the sweep directory
-SWEEP_KEYS = ("sweep", "resume")  # command-line keys of the sweep itself, not of its trials
+SWEEP_KEYS = ("sweep", "resume", "sweep_trust")  # command-line keys of the sweep itself, not of its trials
 
 
 # ---- configs -------------------------------------------------------------------------------------
@@ -107,6 +112,8 @@ def trial_bundles(spec: SweepSpec, cfg: DictConfig, cpus: float, gpus: float) ->
     """
     from agents.placement import plan_layout
 
+    if spec.backend == "inprocess":  # the trial's process is the whole simulation: it uses one core
+        return [{"CPU": min(1.0, spec.trial_cpus or 1.0)}]
     run = load_spec(cfg)
     budget = (spec.trial_cpus if spec.trial_cpus is not None else cpus) - spec.driver_cpus
     layout = plan_layout(run, run.scenario.institutions, budget, gpus)
@@ -155,7 +162,8 @@ def make_trainable(spec: SweepSpec, base: list[str], sweep_dir: Path) -> Callabl
             for r, summary in replay(pd.read_parquet(run_dir / "metrics.parquet")):
                 report(r, summary)
         else:
-            run(cfg, run_dir, on_round=report)
+            cfg.overwrite = True  # the trial's own folder: what an interrupted attempt left there is replaced
+            run(cfg, run_dir, on_round=report, backend=spec.backend)
             times["finished"] = time.time()
             write_text(json.dumps(times), run_dir / TIMES)
         if last:
@@ -178,10 +186,21 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
     base = base_overrides(spec, command_line)
     sweep_dir = sweep_dir.resolve()
     tune_dir = sweep_dir / TUNE_DIR
-    resume = bool(cfg.get("resume"))
-    if resume != tune.Tuner.can_restore(str(tune_dir)):
+    resume, overwrite = bool(cfg.get("resume")), bool(cfg.get("overwrite", False))
+    if resume != tune.Tuner.can_restore(str(tune_dir)) and not (overwrite and not resume):
         raise ConfigError("resume", f"no sweep to resume in {sweep_dir}; check hydra.run.dir" if resume else
-                          f"{sweep_dir} already holds a sweep; add resume=true to continue it or pick another hydra.run.dir")
+                          f"{sweep_dir} already holds a sweep; add resume=true to continue it, overwrite=true to "
+                          "replace it, or pick another hydra.run.dir")
+    if resume:
+        check_trust(sweep_dir, bool(cfg.get("sweep_trust", False)))
+    else:
+        rundir.check_fresh(sweep_dir, overwrite)
+    rundir.acquire(sweep_dir)
+    atexit.register(rundir.release, sweep_dir)  # Tune runs to the end of this process; a killed one leaves a stale lock
+    if not resume:
+        if overwrite:
+            rundir.clear(sweep_dir)
+        rundir.write_marker(sweep_dir, rundir.SWEEP_MARKER)
     cpus, gpus = connect(OmegaConf.to_container(cfg.cluster, resolve=True))
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     cache: dict[str, list] = {}
@@ -211,9 +230,20 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
     for kind, df in tables.items():
         write_table(df, sweep_dir / f"{kind}.parquet")
     write_table(trials, sweep_dir / "trials.parquet")
-    trials.to_csv(sweep_dir / "trials.csv", index=False)
-    summary.to_csv(sweep_dir / "summary.csv", index=False)
+    write_csv(trials, sweep_dir / "trials.csv")
+    write_csv(summary, sweep_dir / "summary.csv")
     return trials, summary
+
+
+def check_trust(sweep_dir: Path, trusted: bool) -> None:
+    """Resuming unpickles Tune's saved state, which can run code: only a sweep folder this user made here, or sweep_trust=true."""
+    marker = rundir.read_marker(sweep_dir, rundir.SWEEP_MARKER)
+    if trusted or rundir.made_here(marker):
+        return
+    whose = (f"it was made by {marker.get('user')} on {marker.get('host')}" if marker else
+             f"it has no {rundir.SWEEP_MARKER}, so it was not made by this user's sweeps")
+    raise ConfigError("sweep_trust", f"{sweep_dir}: {whose}; resuming unpickles its Tune state, which can run code, "
+                      "so pass sweep_trust=true only if you trust the folder")
 
 
 def _tune_config(spec: SweepSpec, cfg: DictConfig):
@@ -237,8 +267,11 @@ def _tune_config(spec: SweepSpec, cfg: DictConfig):
         scheduler = seedwise(lambda: ASHAScheduler(
             time_attr="round", max_t=rounds, grace_period=min(spec.grace_period, rounds),
             reduction_factor=spec.reduction_factor))
+    # In-process trials reuse their processes (torch imported once per process, not once per trial); a trial that
+    # starts actors of its own gets a fresh process, so no actor outlives the placement group it was captured in.
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search, scheduler=scheduler,
-                           num_samples=spec.samples, max_concurrent_trials=spec.max_concurrent, reuse_actors=False,
+                           num_samples=spec.samples, max_concurrent_trials=spec.max_concurrent,
+                           reuse_actors=spec.backend == "inprocess",
                            trial_dirname_creator=lambda t: t.trial_id, trial_name_creator=lambda t: t.trial_id)
 
 
@@ -315,4 +348,8 @@ def _check(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     guard("sweep_main", sys.argv[1:], _check)
+    try:
+        rundir.check_argv(sys.argv[1:])  # a used hydra.run.dir is refused before Hydra writes into it
+    except ConfigError as e:
+        fail(str(e))
     main()

@@ -13,6 +13,9 @@ RNG state is left alone.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,25 @@ def _to_tensors(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[torch.T
     if xt.is_floating_point():
         xt = xt.to(dtype)
     return xt.to(device), torch.as_tensor(np.asarray(y), dtype=torch.int64).to(device)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16 forward passes; fp32, and fp16 off a GPU (warned once), run untouched in fp32.
+
+    fp16 needs a GPU (its loss scaling is CUDA's), but where an actor runs is only known
+    there, so a CPU host falls back to fp32 instead of failing the run.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        warnings.warn("training.precision=fp16 needs a GPU; training in fp32 on CPU (use bf16 there)", RuntimeWarning, stacklevel=3)
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _widened(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (from autocast) as float32 for the loss; fp32 and fp64 ones untouched."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def _minibatches(rng: np.random.Generator, n: int, training: TrainingSpec) -> list[np.ndarray]:
@@ -97,6 +119,8 @@ def local_train(
     if not batches:  # local_epochs == 0
         return float("nan"), 0
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    amp = training.precision
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")  # off: plain backward/step
 
     was_training = model.training
     model.train()
@@ -110,23 +134,28 @@ def local_train(
             index = torch.from_numpy(idx).to(device)
             xb, yb = xt.index_select(0, index), yt.index_select(0, index)
             opt.zero_grad(set_to_none=True)
-            data_loss = F.cross_entropy(model(xb), yb)
+            with _autocast(device, amp):
+                logits = model(xb)
+            data_loss = F.cross_entropy(_widened(logits), yb)
             loss = data_loss
             if pull:
                 loss = loss + 0.5 * plan.prox_mu * sum(((params[k] - a) ** 2).sum() for k, a in pull.items())
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             loss_sum += data_loss.detach().double() * len(idx)
             seen += len(idx)
     model.train(was_training)
     return float(loss_sum) / seen, len(batches)
 
 
-def full_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+def full_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray, precision: str = "fp32") -> tuple[dict[str, np.ndarray], float]:
     """Gradient of the mean cross-entropy over the whole shard (FedSGD) and that loss; named like ``get_state``.
 
     Only parameters that require grad are included. The shard is processed in chunks
     to bound memory; the model is left in its mode with no ``.grad`` attached.
+    ``precision`` autocasts the forward passes like ``training.precision`` does in
+    :func:`local_train` (without loss scaling: one summed gradient, no optimizer step).
     """
     n = len(y)
     trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
@@ -139,7 +168,9 @@ def full_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[dict[
         p.grad = None
     total = 0.0
     for start in range(0, n, _CHUNK):
-        loss = F.cross_entropy(model(xt[start : start + _CHUNK]), yt[start : start + _CHUNK], reduction="sum") / n
+        with _autocast(xt.device, precision):
+            logits = model(xt[start : start + _CHUNK])
+        loss = F.cross_entropy(_widened(logits), yt[start : start + _CHUNK], reduction="sum") / n
         loss.backward()
         total += float(loss.detach())
     grads = {k: p.grad.detach().cpu().float().numpy().copy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32) for k, p in trainable.items()}
@@ -149,8 +180,11 @@ def full_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[dict[
     return grads, total
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on (x, y), without gradients; NaNs for an empty set."""
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024, precision: str = "fp32") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on (x, y), without gradients; NaNs for an empty set.
+
+    ``precision`` autocasts the forward passes like ``training.precision`` in :func:`local_train`.
+    """
     n = len(y)
     if n == 0:
         return float("nan"), float("nan")
@@ -161,7 +195,8 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1
     correct, loss_sum = 0, 0.0
     with torch.no_grad():
         for start in range(0, n, size):
-            logits = model(xt[start : start + size])
+            with _autocast(xt.device, precision):
+                logits = _widened(model(xt[start : start + size]))
             yb = yt[start : start + size]
             loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
             correct += int((logits.argmax(dim=1) == yb).sum())

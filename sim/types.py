@@ -117,6 +117,11 @@ class LocalPlan:
     evaluate: Literal["global", "personal"] = "global"  # which model is scored on test data
     one_step: bool = False  # FedSGD: a single full-batch gradient instead of epochs
     prox_mu: float = 0.0  # FedProx proximal weight; 0 is plain local SGD
+    personal_keys: tuple[str, ...] | Literal["auto"] = ()  # FedPer: key prefixes kept local; "auto" = last layer
+    personal_mu: float | None = None  # Ditto: also train a personal v, pull (mu/2)*||v - w_global||^2; None = none
+    adapt_steps: int = 0  # minibatch SGD steps on the own training data before scoring (finetune, reptile)
+    adapt_epochs: int = 0  # whole local epochs of that adaptation instead; wins over adapt_steps when > 0
+    adapt_round: int = 0  # the planned round; seeds adaptation's RNG (scoring is not told the round)
 
 
 @dataclass(frozen=True)

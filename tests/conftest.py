@@ -18,9 +18,8 @@ def ray_cluster():
     """One local Ray for the whole session; 4 logical CPUs so fractional requests fit on 2 cores."""
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short path: Ray's sockets live here
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, _temp_dir=temp, configure_logging=False,
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp, configure_logging=False,
              log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -4,8 +4,14 @@
 per institution (its own train and test split) plus the global test set, the union of
 the institutions' test splits in scenario order. ``check_data`` runs the same
 validation cheaply before any actor starts. Datasets: ``synthetic`` (FedProx/LEAF
-generator, disciplines as clusters), ``digits`` (scikit-learn) and ``table`` (the user's
-CSV or Parquet file); ``partition.py`` holds the partitioners.
+generator, disciplines as clusters), ``digits`` (scikit-learn), ``table`` (the user's
+CSV or Parquet file), and two text datasets: ``text`` (the user's file with a text column)
+and ``docstrings`` (a corpus read from eight scientific packages); ``partition.py`` holds
+the partitioners.
+
+Text datasets need a transformer model (``model``, a factory of sim.models.foundation):
+their builders return texts, which are tokenised here once, with that model's tokenizer,
+into int64 token ids of shape (max_length,); they take no feature skew.
 
 An institution's ``feature_skew`` adds one fixed Gaussian shift (that std, one value per
 input element, drawn from its own stream) to all its inputs, train and test: its
@@ -18,7 +24,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from sim.data import digits, synthetic, table
+from sim.data import digits, docstrings, synthetic, table, text
 from sim.data.partition import FEATURE_SKEW, PARTITIONS, Pool, check_sizes, stream
 from sim.types import ConfigError, Federation, Scenario, Shard
 
@@ -26,10 +32,13 @@ DATASETS: dict[str, Callable[..., Pool]] = {
     "synthetic": synthetic.build,
     "digits": digits.build,
     "table": table.build,
+    "text": text.build,
+    "docstrings": docstrings.build,
 }
 """Registry: dataset name (= yaml file in conf/data/) -> builder(data, scenario, seed, smoke) -> Pool."""
 
-_MODULES = {"synthetic": synthetic, "digits": digits, "table": table}
+_MODULES = {"synthetic": synthetic, "digits": digits, "table": table, "text": text, "docstrings": docstrings}
+TEXT = ("text", "docstrings")  # datasets whose samples are texts, tokenised once by build_federation
 
 
 def defaults(name: str) -> dict:
@@ -71,9 +80,11 @@ def _check_scenario(scenario: Scenario) -> None:
         raise ConfigError("scenario.institutions", f"shares sum to {total:.4f}; they must sum to at most 1")
 
 
-def check_data(data: Mapping, scenario: Scenario) -> None:
-    """Validate the data config against the scenario; raises ConfigError(key, problem)."""
+def check_data(data: Mapping, scenario: Scenario, model: Mapping | None = None) -> None:
+    """Validate the data config against the scenario (and the model, when given); raises ConfigError(key, problem)."""
     cfg = _resolve(data)
+    if model is not None and cfg["name"] in TEXT:
+        text.check_model(cfg["name"], model)
     _check_scenario(scenario)
     if cfg["partition"] not in PARTITIONS:
         raise ConfigError("data.partition", f"unknown partition '{cfg['partition']}'; "
@@ -84,24 +95,31 @@ def check_data(data: Mapping, scenario: Scenario) -> None:
     _MODULES[cfg["name"]].check(cfg, scenario)
 
 
-def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: bool = False) -> Federation:
+def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: bool = False,
+                     model: Mapping | None = None) -> Federation:
     """Load the dataset named by data.name and give every institution its train and test shard."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError("seed", f"must be an integer >= 0, got {seed!r}")
-    check_data(data, scenario)
     cfg = _resolve(data)
+    is_text = cfg["name"] in TEXT
+    if is_text:  # before any corpus is read: a numeric model cannot take token ids
+        text.check_model(cfg["name"], model)
+    check_data(data, scenario)
     pool = DATASETS[cfg["name"]](cfg, scenario, int(seed), smoke)
+    if is_text:  # every row once, with the model's own tokenizer
+        pool = pool._replace(x=text.tokenize(pool.x, model, cfg["max_length"]))
     check_sizes(scenario.names, [len(tr) for tr, _ in pool.parts], [len(te) for _, te in pool.parts],
                 "scenario.institutions", "raise its share or give the dataset more samples")
     shards = []
     for spec, (train, test) in zip(scenario.institutions, pool.parts):
         x_train, x_test = pool.x[train], pool.x[test]  # fancy indexing copies: shards never alias
-        if spec.feature_skew > 0:
+        if spec.feature_skew > 0 and not is_text:  # check_data refuses feature skew for token ids
             rng = stream(seed, FEATURE_SKEW, spec.index)
             shift = rng.normal(0.0, spec.feature_skew, size=pool.x.shape[1:]).astype(np.float32)
             x_train, x_test = x_train + shift, x_test + shift
-        shards.append(Shard(spec.name, x_train.astype(np.float32, copy=False), pool.y[train].astype(np.int64),
-                            x_test.astype(np.float32, copy=False), pool.y[test].astype(np.int64)))
+        dtype = np.int64 if is_text else np.float32  # token ids stay integers
+        shards.append(Shard(spec.name, x_train.astype(dtype, copy=False), pool.y[train].astype(np.int64),
+                            x_test.astype(dtype, copy=False), pool.y[test].astype(np.int64)))
     return Federation(
         shards=tuple(shards),
         x_test=np.concatenate([s.x_test for s in shards]),

@@ -30,6 +30,7 @@ PARTITIONS = ("iid", "dirichlet", "quantity", "natural")
 # Purposes of the RNG streams: one independent stream per (seed, purpose, key...), so
 # adding a draw in one place never shifts the numbers drawn anywhere else.
 SMOKE, PARTITION, SPLIT, FEATURE_SKEW, DISCIPLINE, INSTITUTION, SAMPLES = range(7)
+ROWS = 7  # the text datasets' per-institution row caps (sim.data.text.cap)
 
 MIN_TRAIN, MIN_TEST = 4, 2  # below this an institution can neither train nor be scored
 SMOKE_SAMPLES = 600  # samples kept under smoke=True (more if the smallest share needs them)
@@ -38,7 +39,7 @@ SMOKE_SAMPLES = 600  # samples kept under smoke=True (more if the smallest share
 class Pool(NamedTuple):
     """A dataset split among institutions: samples plus (train, test) indices per institution."""
 
-    x: np.ndarray  # float32, (n, *input_shape)
+    x: np.ndarray  # float32, (n, *input_shape); text datasets: (n,) texts, tokenised by build_federation
     y: np.ndarray  # int64 labels 0..num_classes-1
     parts: list[tuple[np.ndarray, np.ndarray]]  # scenario order
     num_classes: int

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from sim.data import checks
 from sim.data.partition import (
     PARTITION, SMOKE, SMOKE_SAMPLES, SPLIT, Pool, check_partition, check_sizes, natural, partition,
     smallest_workable, smoke_size, split_train_test, stream,
@@ -120,32 +121,20 @@ def check(data: Mapping, scenario: Scenario) -> None:
     """Validate the file, the columns named and (natural) that every institution has enough rows."""
     path = _path(data)
     _check_columns(data, path)
+    df = read(path)
+    checks.check_table(df, data, path)  # empty table, labels, non-numeric, missing or infinite features
     if data["partition"] != "natural":
-        check_partition(data, scenario, len(read(path, [data["label_column"]])))
+        check_partition(data, scenario, len(df))
         return
-    cols = [c for c in (data["institution_column"], data["split_column"]) if c is not None]
-    parts = _natural_parts(read(path, cols), data, scenario, seed=0)  # sizes do not depend on the seed
+    parts = _natural_parts(df, data, scenario, seed=0)  # sizes do not depend on the seed
     check_sizes(scenario.names, [len(tr) for tr, _ in parts], [len(te) for _, te in parts], "scenario.institutions",
                 f"add rows for it to {path.name} or drop it from the scenario")
 
 
 def _features(df: pd.DataFrame, data: Mapping, path: Path) -> np.ndarray:
-    """The feature matrix (float64), checked numeric and complete."""
-    columns = data["feature_columns"]
-    if columns is None:
-        roles = {data[r] for r in _ROLES}
-        columns = [c for c in df.columns if c not in roles and pd.api.types.is_numeric_dtype(df[c])]
-        if not columns:
-            raise ConfigError("data.feature_columns", f"{path.name} has no numeric columns besides "
-                              "the label; list the inputs in data.feature_columns")
-    for col in columns:
-        if not pd.api.types.is_numeric_dtype(df[col]):
-            raise ConfigError("data.feature_columns", f"column '{col}' is not numeric ({df[col].dtype}); "
-                              "encode it as numbers or leave it out of data.feature_columns")
-        missing = int(df[col].isna().sum())
-        if missing:
-            raise ConfigError("data.path", f"column '{col}' of {path.name} has {missing} missing values; "
-                              "fill or drop them")
+    """The feature matrix (float64), checked numeric, complete and finite (sim/data/checks.py)."""
+    columns = checks.feature_columns(df, data, path)
+    checks.check_features(df, data, path, columns)
     return df[list(columns)].to_numpy(dtype=np.float64)
 
 

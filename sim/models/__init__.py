@@ -71,13 +71,20 @@ def build_model(model_cfg: Mapping[str, Any], input_shape: Sequence[int], num_cl
 
 
 def get_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """Copy of every parameter and buffer as numpy, named by ``state_dict`` keys.
+    """Copy of the model's trainable state as numpy, named by ``state_dict`` keys: what crosses actors.
 
+    Every parameter and buffer, except the keys a model lists in its ``frozen_keys``
+    attribute: a pretrained transformer (:mod:`sim.models.foundation`) names its frozen
+    base there, so only LoRA adapters and the head cross (all of it with adapter=none).
+    Small nets have no ``frozen_keys`` and give their whole ``state_dict``.
     Floating tensors become float32 (what crosses actors and is counted on the wire);
     integer buffers such as BatchNorm's ``num_batches_tracked`` keep their dtype.
     """
+    frozen = getattr(model, "frozen_keys", frozenset())
     out: dict[str, np.ndarray] = {}
     for name, tensor in model.state_dict().items():
+        if name in frozen:
+            continue
         t = tensor.detach().cpu()
         out[name] = t.float().numpy().copy() if t.is_floating_point() else t.numpy().copy()
     return out
@@ -99,13 +106,19 @@ def set_state(model: nn.Module, state: State) -> None:
 
 
 def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Approximate forward multiply-adds per sample, counted over Linear and Conv2d layers (for the simulated clock)."""
+    """Approximate forward multiply-adds per sample, counted over Linear and Conv2d layers (for the simulated clock).
+
+    A Linear counts ``in_features`` per output value, so one applied to every token of a
+    transformer counts once per token (attention's own products are left out). Models
+    that take token ids say so with ``input_dtype = torch.int64``; they are probed with
+    ids free of padding (``pad_id + 1``) so no position is masked.
+    """
     total = 0
 
     def count(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
         nonlocal total
         if isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
+            total += module.in_features * int(output[0].numel())  # output[0]: one sample's outputs, all its tokens
         elif isinstance(module, nn.Conv2d):
             per_output = (module.in_channels // module.groups) * int(np.prod(module.kernel_size))
             total += per_output * int(output[0].numel())  # output[0]: one sample's output map
@@ -113,12 +126,16 @@ def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None else torch.float32
+    dtype = getattr(model, "input_dtype", None) or (first.dtype if first is not None else torch.float32)
+    shape = (1, *(int(d) for d in input_shape))
+    probe = torch.zeros(shape, device=device, dtype=dtype)
+    if not (dtype.is_floating_point or dtype.is_complex):
+        probe += int(getattr(model, "pad_id", -1)) + 1  # any id but the pad id
     was_training = model.training
     try:
         model.eval()  # no BatchNorm statistics updated, no dropout
         with torch.no_grad():
-            model(torch.zeros((1, *(int(d) for d in input_shape)), device=device, dtype=dtype))
+            model(probe)
     finally:
         for h in hooks:
             h.remove()

@@ -12,9 +12,10 @@ def spec_of(*overrides):
     return load_spec(compose("config", ["smoke=true", *overrides]))
 
 
-def test_auto_uses_dedicated_actors_when_they_fit():
+def test_auto_uses_dedicated_actors_when_they_fit_and_there_are_cores_for_them():
     spec = spec_of()
-    layout = plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0)
+    assert plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0).mode == "pooled"  # 6 processes on 2 cores: no
+    layout = plan_layout(spec, spec.scenario.institutions, cpus=8, gpus=0)
     assert layout.mode == "dedicated"
     assert [h.indices for h in layout.hosts] == [(i,) for i in range(6)]
     assert [h.cpus for h in layout.hosts] == [s.cpus for s in spec.scenario.institutions]

@@ -102,7 +102,12 @@ def test_checkpoints_hold_no_pickles(small_cfg, tmp_path):
         with np.load(npz, allow_pickle=False) as arrays:  # raises if any array needs pickle
             assert all(arrays[k].dtype != object for k in arrays.files)
         assert all(n.endswith(".npy") for n in zipfile.ZipFile(npz).namelist())
-    assert {p.suffix for p in where.iterdir()} == {".json", ".npz", ".parquet"}
+    assert {p.suffix for p in where.iterdir()} == {".json", ".npz"}
+    # Results rows live in one segment per checkpoint, each holding only the rounds since the one before.
+    segments = sorted(p.name for p in (tmp_path / "checkpoints").glob("rows-*"))
+    assert segments == ["rows-00001", "rows-00002"]
+    rounds = [set(pd.read_parquet(tmp_path / "checkpoints" / s / "ledger.parquet")["round"]) for s in segments]
+    assert rounds == [{1}, {2}]
 
 
 def test_status_says_running_then_complete(small_cfg, tmp_path):

@@ -114,7 +114,7 @@ def test_check_points_use_every_listed_value_and_both_ends_of_ranges():
 
 def test_a_trial_reserves_its_own_bundle_then_the_coordinator_and_one_bundle_per_host():
     cfg = compose("config", ["placement=dedicated"])
-    spec = sweep_of(bundles="per_host", trial_cpus=None, driver_cpus=0.05)
+    spec = sweep_of(bundles="per_host", trial_cpus=None, driver_cpus=0.05, backend="ray")
     bundles = trial_bundles(spec, cfg, 8.0, 0.0)
     institutions = [i.cpus for i in cfg_institutions(cfg)]
     assert bundles[0] == {"CPU": 0.05}  # the trial's own process
@@ -124,11 +124,17 @@ def test_a_trial_reserves_its_own_bundle_then_the_coordinator_and_one_bundle_per
 
 def test_merged_bundles_add_up_to_the_same_reservation_within_the_trial_budget():
     cfg = compose("config", [])
-    spec = sweep_of(bundles="merged", trial_cpus=1.0, driver_cpus=0.05)
+    spec = sweep_of(bundles="merged", trial_cpus=1.0, driver_cpus=0.05, backend="ray")
     bundles = trial_bundles(spec, cfg, 2.0, 0.0)
     # 1.55 CPUs of dedicated requests do not fit a 1-CPU trial: pooled hosts share what is left.
     assert len(bundles) == 2 and bundles[0] == {"CPU": 0.05}
     assert math.isclose(sum(b["CPU"] for b in bundles), 1.0)
+
+
+def test_an_in_process_trial_reserves_the_one_core_its_process_uses():
+    spec = sweep_of(trial_cpus=1.0)
+    assert spec.backend == "inprocess"
+    assert trial_bundles(spec, compose("config", []), 2.0, 0.0) == [{"CPU": 1.0}]
 
 
 def test_a_trial_no_node_can_hold_is_refused():
