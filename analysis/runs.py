@@ -18,7 +18,7 @@ from typing import Iterable
 import pandas as pd
 import yaml
 
-from sim.results import read_table
+from sim.results import TableError, read_one, read_table
 
 COMPLETE = "complete"
 NO_STATUS = "complete (no status.json)"
@@ -90,8 +90,12 @@ def load_results(paths: Iterable[Path], *, include_incomplete: bool = False) -> 
     runs = pd.DataFrame(records, columns=["directory", "state", "included"])
     taken = [Path(r["directory"]) for r in records if r["included"]]
     # drop_duplicates: two directories may hold the same run (a compare copied into a sweep).
-    tables = {kind: read_table(kind, taken).drop_duplicates(ignore_index=True) for kind in ("metrics", "ledger", "institutions")}
-    contents = [pd.read_parquet(Path(d) / "metrics.parquet", columns=["scheme", "seed"]) for d in dirs]
+    try:
+        tables = {kind: read_table(kind, taken).drop_duplicates(ignore_index=True)
+                  for kind in ("metrics", "ledger", "institutions")}
+        contents = [read_one("metrics", Path(d) / "metrics.parquet", columns=["scheme", "seed"]) for d in dirs]
+    except TableError as e:  # a damaged or foreign table: one line naming the file
+        raise RunDirError(str(e)) from None
     runs["schemes"] = [_listing(c, "scheme") for c in contents]
     runs["seed_values"] = [_listing(c, "seed") for c in contents]
     configs = {str(d): read_config(d) for d in taken}

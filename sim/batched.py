@@ -60,6 +60,7 @@ def batchable(model: nn.Module, plan: LocalPlan, training: TrainingSpec) -> bool
         and not plan.personal_keys  # FedPer keeps its head home: the institution's own step handles that
         and plan.personal_mu is None  # Ditto trains a second, personal model
         and training.precision == "fp32"
+        and training.optimizer == "sgd"  # the vectorised step writes out SGD's update, not Adam's
     )
 
 

@@ -102,7 +102,7 @@ def run(
                 scores = _scores(keys, r, runner.evaluate(ctx.plan, only), discipline)
                 _check_finite(r, losses + scores)
                 progress.add("metrics", scores)
-                summary = _progress(scores)
+                summary = _progress(scores) | {"round": r}
             progress.rounds_done = r
             # 8. Every checkpoint_every rounds, save all that persists (before the progress line, so a
             #    line on screen means its round is safe).
@@ -110,11 +110,12 @@ def run(
                 checkpoint.save(out, progress, runner.save(), spec.run_id)
                 mark("running", r)
             dropped = sum(row["status"] not in ("ok", "idle") for row in rows)
-            log.info("[%s] round %d/%d  global acc %.3f  mean institution acc %.3f  cohort %d%s  simulated %.1fs  wall %.1fs",
-                     spec.scheme_name, r, spec.rounds, summary.get("global_accuracy", math.nan),
-                     summary.get("mean_accuracy", math.nan), len(ctx.cohort), f" (dropped {dropped})" if dropped else "",
-                     progress.sim_time, time.perf_counter() - wall0)
-            if on_round is not None:
+            scored = (f"global acc {summary['global_accuracy']:.3f}  mean institution acc {summary['mean_accuracy']:.3f}"
+                      if summary.get("round") == r else "not scored (engine.eval_every)")
+            log.info("[%s] round %d/%d  %s  cohort %d%s  simulated %.1fs  wall %.1fs", spec.scheme_name, r, spec.rounds,
+                     scored, len(ctx.cohort), f" (dropped {dropped})" if dropped else "", progress.sim_time,
+                     time.perf_counter() - wall0)
+            if on_round is not None and summary:
                 on_round(r, summary)
     except BaseException as e:
         mark("failed", progress.rounds_done, e)

@@ -76,6 +76,9 @@ INSTITUTION_COLUMNS = {
 }
 
 SCHEMAS = {"metrics": METRICS_COLUMNS, "ledger": LEDGER_COLUMNS, "institutions": INSTITUTION_COLUMNS}
+REQUIRED = {"metrics": (*KEYS, "round", "institution", "metric", "value"), "ledger": (*KEYS, "round", "institution"),
+            "institutions": (*KEYS, "institution")}
+"""Columns a file must hold to be read as that table (later schema additions may be missing from older runs)."""
 
 
 def frame(kind: str, rows: Iterable[Mapping]) -> pd.DataFrame:
@@ -95,6 +98,11 @@ def write_text(text: str, path: Path) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    """Write a CSV table (summary.csv, trials.csv) atomically."""
+    write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
 def _file_mode() -> int:
     """The mode a plain ``open(..., "w")`` would give a new file under the current umask."""
     umask = os.umask(0)
@@ -106,23 +114,59 @@ FILE_MODE = _file_mode()
 
 
 def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; remove the temporary on failure."""
+    """Call ``write(tmp_path)``, fsync it, then rename onto ``path``; remove the temporary on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename: a power cut leaves the old file, never an empty new one
+            os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)  # mkstemp makes owner-only files; results are for everyone who may read the folder
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename (best effort: some file systems cannot fsync a directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class TableError(ValueError):
+    """A results table that cannot be read or is not one of ours; the message is one line naming the file."""
+
+
+def read_one(kind: str, path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """One ``<kind>.parquet`` file, checked readable and holding the schema's columns (raises TableError)."""
+    try:
+        df = pd.read_parquet(path, columns=columns)
+    except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid, OSError, a missing column: all mean a bad file
+        lines = str(e).strip().splitlines()
+        raise TableError(f"{path}: cannot be read as a {kind} table ({type(e).__name__}"
+                         f"{': ' + lines[0][:160] if lines else ''}); rerun the run or leave the file out") from None
+    missing = [c for c in (columns or REQUIRED[kind]) if c not in df.columns]
+    if missing:
+        raise TableError(f"{path}: not a collabsim {kind} table (no column {', '.join(missing[:3])}); "
+                         "rerun the run or leave the file out")
+    return df
 
 
 def read_table(kind: str, run_dirs: Iterable[Path]) -> pd.DataFrame:
     """Concatenate ``<kind>.parquet`` from several run directories (missing ones skipped)."""
-    parts = [pd.read_parquet(p) for d in run_dirs if (p := Path(d) / f"{kind}.parquet").exists()]
+    parts = [read_one(kind, p) for d in run_dirs if (p := Path(d) / f"{kind}.parquet").exists()]
     if not parts:
         return frame(kind, [])
     return pd.concat(parts, ignore_index=True)

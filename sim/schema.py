@@ -180,6 +180,8 @@ TRAINING = {
     "lr": Field("float", 0.0, low_open=True),
     "momentum": Field("float", 0.0, 1.0, high_open=True),
     "weight_decay": Field("float", 0.0),
+    "optimizer": Field("str", choices=("sgd", "adamw")),
+    "head_lr": Field("float", 0.0, low_open=True, null=True),
     "precision": Field("str", choices=("fp32", "bf16", "fp16")),
 }
 ENGINE = {

@@ -109,12 +109,16 @@ def local_train(
     if plan.prox_mu > 0:
         source = anchor if anchor is not None else {k: p.detach() for k, p in params.items()}
         pull = {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dtype).clone() for k, v in source.items() if k in params}
-    opt = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=training.lr,
-        momentum=training.momentum,
-        weight_decay=training.weight_decay,
-    )
+    trainable: list = [p for p in model.parameters() if p.requires_grad]
+    head = getattr(model, "head_keys", frozenset())
+    if training.head_lr is not None and head:  # a fresh head learns faster than pretrained weights may move
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        trainable = [{"params": [p for n, p in named if n not in head]},
+                     {"params": [p for n, p in named if n in head], "lr": training.head_lr}]
+    if training.optimizer == "adamw":  # what LoRA fine-tuning uses in practice; momentum does not apply
+        opt: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=training.lr, weight_decay=training.weight_decay)
+    else:
+        opt = torch.optim.SGD(trainable, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
     batches = [np.arange(n)] if plan.one_step else _minibatches(np_rng, n, training)
     if not batches:  # local_epochs == 0
         return float("nan"), 0

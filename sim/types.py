@@ -105,6 +105,8 @@ class TrainingSpec:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    optimizer: str = "sgd"  # sgd | adamw: the local optimizer, built afresh every round
+    head_lr: float | None = None  # learning rate of a transformer's classification head; None = lr
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of forward passes (fp16 only on a GPU)
 
 

@@ -55,6 +55,8 @@ class TextClassifier(nn.Module):
         self.pad_id = int(pad_id)
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         self.frozen_keys = frozenset(k for k in self.state_dict() if k not in trainable)
+        # The new classification head, which training.head_lr may give a learning rate of its own.
+        self.head_keys = frozenset(n for n in trainable if set(n.split(".")) & set(HEADS))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, num_classes)`` of token ids ``(B, L)``; pad positions are masked out of attention."""

@@ -31,7 +31,8 @@ def test_auto_pools_a_large_population_over_few_hosts():
 
 
 def test_dedicated_request_larger_than_the_cluster_is_refused():
-    spec = spec_of("placement=dedicated", "scenario.num_institutions=20", "scenario.cpus=0.5")
+    # cluster.num_cpus=64: the spec itself passes the pre-run check, which would refuse it on a small machine
+    spec = spec_of("placement=dedicated", "scenario.num_institutions=20", "scenario.cpus=0.5", "cluster.num_cpus=64")
     with pytest.raises(ConfigError) as err:
         plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0)
     assert err.value.key == "placement"
@@ -52,7 +53,7 @@ def test_gpu_scenario_runs_on_cpu_with_a_warning_when_the_cluster_has_no_gpu():
 
 
 def test_gpu_scenario_is_refused_without_gpu_when_required():
-    spec = spec_of("scenario.num_institutions=3", "scenario.gpus=0.5", "engine.gpu_policy=require")
+    spec = spec_of("scenario.num_institutions=3", "scenario.gpus=0.5", "engine.gpu_policy=require", "cluster.num_gpus=2")
     with pytest.raises(ConfigError) as err:
         plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0)
     assert err.value.key == "scenario.institutions[0].gpus"
@@ -60,6 +61,6 @@ def test_gpu_scenario_is_refused_without_gpu_when_required():
 
 def test_bundles_reserve_coordinator_and_every_host():
     spec = spec_of()
-    layout = plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0)
+    layout = plan_layout(spec, spec.scenario.institutions, cpus=8, gpus=0)
     assert layout.bundles[0] == {"CPU": 0.25}
     assert len(layout.bundles) == 7

@@ -1,0 +1,68 @@
+"""Warm actors: one pool of processes serves many runs, with the numbers fresh actors give."""
+
+import pandas as pd
+
+from agents.backend import ActorPool
+from sim.engine import run
+
+
+def values(result):
+    m = result.metrics.sort_values(["round", "institution", "metric"]).reset_index(drop=True)
+    return m[["round", "institution", "metric", "value"]]
+
+
+def test_a_pool_serves_several_runs_with_the_processes_it_started_once(small_cfg, ray_cluster, monkeypatch):
+    # Prepare: count the pids the backends report; three runs (two schemes, two seeds) share one pool
+    from agents import backend
+
+    pids = []
+    real = backend.RayBackend.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        pids.append(tuple(self.pids))
+
+    monkeypatch.setattr(backend.RayBackend, "__init__", spy)
+    two_hosts = ["placement=pooled", "engine.pooled_hosts=2"]
+    pool = ActorPool()
+    try:
+        # Execute
+        warm = [run(small_cfg(*two_hosts, f"scheme={s}", f"seed={seed}"), pool=pool)
+                for s, seed in (("isolated", 0), ("fedavg", 0), ("fedavg", 1))]
+    finally:
+        pool.close()
+    # Assert: the same host processes every time, and each run's numbers are those of a run with no pool at all
+    assert len(set(pids)) == 1 and len(pids[0]) == 2
+    for result, (s, seed) in zip(warm, (("isolated", 0), ("fedavg", 0), ("fedavg", 1))):
+        alone = run(small_cfg(f"scheme={s}", f"seed={seed}"), backend="inprocess")
+        pd.testing.assert_frame_equal(values(result), values(alone), check_exact=True)
+
+
+def test_a_run_that_failed_hands_back_no_actors(small_cfg, ray_cluster):
+    # A coordinator killed mid-run must not serve the next run: the backend ends its actors instead.
+    from agents.backend import RayBackend
+    from sim import engine
+
+    pool, started = ActorPool(), []
+    real = engine._start_backend
+
+    def keep(*args, **kwargs):
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    engine._start_backend = keep
+    try:
+        def lose(r, summary):
+            ray_cluster.kill(started[-1].coordinator)
+
+        try:
+            run(small_cfg("placement=pooled", "engine.pooled_hosts=1"), pool=pool, on_round=lose)
+        except Exception:  # noqa: BLE001 - the run fails; what matters is the pool afterwards
+            pass
+        assert isinstance(started[-1], RayBackend) and started[-1].broken
+        assert pool.idle_coordinators == [] and pool.idle_hosts == []
+        # ... and the next run through the pool starts fresh actors and completes.
+        assert run(small_cfg("placement=pooled", "engine.pooled_hosts=1"), pool=pool).metrics is not None
+    finally:
+        engine._start_backend = real
+        pool.close()

@@ -1,0 +1,60 @@
+"""The benchmark script: its timeline arithmetic, its flags, and one tiny end-to-end run (numbers exist, work matches)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from sim.bench.cli import parse
+from sim.bench.measure import timeline
+
+
+def test_timeline_takes_the_pace_from_the_rounds_after_the_first():
+    # Prepare: round lines at 5, 6, 7 s after launch, the command ends at 8 s.
+    round_at = {1: 5.0, 2: 6.0, 3: 7.0}
+    # Execute
+    t = timeline(round_at, 8.0)
+    # Assert: 1 s per round, so round 1 started at 4 s; 1 s after the last line.
+    assert t == {"startup_s": 4.0, "loop_s": 3.0, "round_s": 1.0, "teardown_s": 1.0}
+
+
+def test_timeline_needs_two_rounds():
+    assert all(math.isnan(v) for v in timeline({1: 5.0}, 8.0).values())
+
+
+def test_unknown_section_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--only", "P,Q"])
+    assert "unknown section 'Q'" in capsys.readouterr().err
+
+
+def test_default_sections_leave_out_the_sweep_unless_asked():
+    assert "sweep" not in parse([]).sections
+    assert parse(["--sweep"]).sections[-1] == "sweep"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quick_run_prints_and_writes_positive_numbers(tmp_path):
+    # Prepare: the smallest P workload, collabsim in-process (no Ray start-up in CI).
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "sim.bench", "--quick", "--only", "P", "--set", "engine.backend=inprocess",
+            "--json", str(out)]
+    # Execute
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=110)
+    # Assert: it ran, printed the P row, and every timing and memory number is there and positive.
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any(line.startswith("P ") for line in done.stdout.splitlines()), done.stdout
+    p = json.loads(out.read_text())["results"]["P"]
+    for side in ("plain", "collabsim"):
+        for key in ("total_s", "startup_s", "loop_s", "round_s", "peak_rss_mib"):
+            assert p[side][key] > 0, (side, key, p[side][key])
+        assert p[side]["rounds"] == 3
+    assert p["ratios"]["total"] > 0 and p["ratios"]["loop"] > 0
+    # Same data, initial weights, cohorts and minibatch order: the plain loop must land on collabsim's model.
+    # 0.02 allows a few of the ~360 test digits to flip on float rounding in the averaging order, no more.
+    assert abs(p["plain"]["accuracy"] - p["collabsim"]["accuracy"]) <= 0.02

@@ -1,0 +1,51 @@
+"""Scoring every N rounds or only the cohort, and compare's seeds and variants (in-process: no actors)."""
+
+import numpy as np
+import pandas as pd
+
+from sim.cli import compose
+from sim.compare import compare
+from sim.engine import run
+
+
+def test_eval_every_scores_round_zero_multiples_and_the_last_round(small_cfg):
+    m = run(small_cfg("rounds=3", "engine.eval_every=2"), backend="inprocess").metrics  # smoke runs stop at 3 rounds
+    scored = sorted(m[m.metric == "accuracy"]["round"].unique())
+    assert scored == [0, 2, 3]
+    # Training is unchanged by how often it is scored: the last round equals that of a run scored every round.
+    every = run(small_cfg("rounds=3"), backend="inprocess").metrics
+    last = lambda t: t[(t["round"] == 3) & (t.metric == "accuracy")].sort_values("institution").value.to_numpy()
+    np.testing.assert_array_equal(last(m), last(every))
+
+
+def test_eval_scope_cohort_scores_only_who_trained_and_everybody_at_the_end(small_cfg):
+    result = run(small_cfg("rounds=3", "scheme.cohort_fraction=0.5", "engine.eval_scope=cohort"), backend="inprocess")
+    m, ledger = result.metrics, result.ledger
+    acc = m[(m.metric == "accuracy") & (m.institution != "global")]
+    for r in (1, 2):
+        cohort = set(ledger[(ledger["round"] == r) & ledger.participated & (ledger.institution != "global")].institution)
+        assert set(acc[acc["round"] == r].institution) == cohort and len(cohort) == 3
+    assert acc[acc["round"] == 3].institution.nunique() == 6 == acc[acc["round"] == 0].institution.nunique()
+
+
+def test_compare_runs_every_scheme_on_every_seed_and_labels_variants(tmp_path):
+    # Prepare: two schemes (isolated is added), two seeds, and fedavg with another learning rate as a variant
+    overrides = ["smoke=true", "rounds=2", "data.num_samples=600", "engine.backend=inprocess", "schemes=[fedavg]",
+                 "seeds=2", "+variants.fedavg_slow=['scheme=fedavg','training.lr=0.01']"]
+    cfg = compose("compare", overrides)
+    # Execute
+    table = compare(cfg, overrides, tmp_path)
+    # Assert: 3 labels x 2 seeds, each run directory named by scheme and seed; the variant carries its own label
+    m = pd.read_parquet(tmp_path / "metrics.parquet")
+    assert set(zip(m.scheme, m.seed)) == {(s, k) for s in ("isolated", "fedavg", "fedavg_slow") for k in (0, 1)}
+    assert {p.name for p in (tmp_path / "runs").iterdir()} == {f"{s}-s{k}" for s in ("isolated", "fedavg", "fedavg_slow")
+                                                              for k in (0, 1)}
+    assert list(table.scheme) == ["isolated", "fedavg", "fedavg_slow"]
+    # The summary is the mean over seeds of each run's own numbers.
+    per_run = m[(m.institution == "global") & (m.metric == "accuracy") & (m["round"] == 2)]
+    expected = per_run.groupby("scheme").value.mean()
+    got = table.set_index("scheme").global_accuracy
+    for s in ("fedavg", "fedavg_slow"):
+        assert np.isclose(got[s], expected[s])
+    loss = m[(m.institution == "global") & (m.metric == "loss") & (m["round"] == 2)].groupby("scheme").value.mean()
+    assert not np.isclose(loss["fedavg"], loss["fedavg_slow"])  # the variant really ran with its own lr
