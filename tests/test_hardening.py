@@ -286,7 +286,12 @@ def test_a_malformed_cluster_address_is_refused_before_ray(address, small_cfg):
 
 
 def test_an_unreachable_cluster_fails_within_the_timeout(tmp_path):
-    from agents.backend import connect
+    from agents.backend import _join
+
+    class NoRay:  # the probe must fail before Ray is asked to connect (a session-wide test cluster may be up)
+        @staticmethod
+        def init(**kwargs):
+            raise AssertionError("ray.init reached")
 
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
@@ -295,5 +300,5 @@ def test_an_unreachable_cluster_fails_within_the_timeout(tmp_path):
     t0 = time.perf_counter()
     for address in (f"127.0.0.1:{port}", "no-such-host.invalid:6379", f"ray://127.0.0.1:{port}"):
         with pytest.raises(ConfigError, match=f"cluster.address: cannot reach {address} within 2s"):
-            connect({"address": address, "connect_timeout_s": 2.0})
+            _join(NoRay, address, 2.0, {"address": address})
     assert time.perf_counter() - t0 < 30
