@@ -9,7 +9,6 @@ Every generator produces only inputs that are wrong, so any pass is a missed che
 import contextlib
 import io
 import string
-import sys
 from unittest import mock
 
 import numpy as np

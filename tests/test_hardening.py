@@ -18,20 +18,9 @@ from sim.cli import compose
 from sim.config import load_spec
 from sim.engine import Diverged, run
 from sim.types import ConfigError
+from conftest import Stop, stop_after
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class Stop(Exception):
-    """Stands for the driver going away after a round."""
-
-
-def stop_after(k):
-    def on_round(r, summary):
-        if r == k:
-            raise Stop(f"stopped after round {k}")
-
-    return on_round
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

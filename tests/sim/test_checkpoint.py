@@ -12,20 +12,9 @@ from sim.checkpoint import resume_overrides
 from sim.cli import compose
 from sim.engine import run
 from sim.types import ConfigError
+from conftest import Stop, stop_after
 
 FLAKY = ["scenario.availability=0.8", "scenario.failure_rate=0.2"]  # faults are part of what must resume exactly
-
-
-class Stop(Exception):
-    """Stands for the driver going away after a round."""
-
-
-def stop_after(k):
-    def on_round(r, summary):
-        if r == k:
-            raise Stop(f"stopped after round {k}")
-
-    return on_round
 
 
 def status(run_dir):
