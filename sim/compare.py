@@ -59,7 +59,7 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
 
     One pool of warm actors serves every run: processes start once per command, not per scheme or seed.
     """
-    from agents.backend import ActorPool
+    from agents.warm import ActorPool
     from analysis.metrics import summary
     from sim.engine import run
 

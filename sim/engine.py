@@ -52,7 +52,7 @@ def run(
 ) -> RunResult:
     """Run one simulation; write its run directory if ``out_dir`` is given (``resume=DIR`` continues DIR).
 
-    ``backend`` overrides ``engine.backend``; ``pool`` (an :class:`agents.backend.ActorPool`) lends warm
+    ``backend`` overrides ``engine.backend``; ``pool`` (an :class:`agents.warm.ActorPool`) lends warm
     actors, so a command that runs many simulations starts its processes once.
     """
     # 1. Validate everything before any actor starts; a resumed run takes its saved config and checkpoint.

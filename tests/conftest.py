@@ -33,17 +33,3 @@ def small_cfg():
         return compose("config", SMALL + list(overrides))
 
     return make
-
-
-class Stop(Exception):
-    """Stands for the driver going away after a round."""
-
-
-def stop_after(k):
-    """An ``on_round`` hook that raises :class:`Stop` once round ``k`` is done (a driver killed after round k)."""
-
-    def on_round(r, summary):
-        if r == k:
-            raise Stop(f"stopped after round {k}")
-
-    return on_round

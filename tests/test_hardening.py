@@ -18,7 +18,7 @@ from sim.cli import compose
 from sim.config import load_spec
 from sim.engine import Diverged, run
 from sim.types import ConfigError
-from conftest import Stop, stop_after
+from stopping import Stop, stop_after
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from agents.backend import ActorPool
+from agents.warm import ActorPool
 from sim.engine import run
 
 

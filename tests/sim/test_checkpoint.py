@@ -12,7 +12,7 @@ from sim.checkpoint import resume_overrides
 from sim.cli import compose
 from sim.engine import run
 from sim.types import ConfigError
-from conftest import Stop, stop_after
+from stopping import Stop, stop_after
 
 FLAKY = ["scenario.availability=0.8", "scenario.failure_rate=0.2"]  # faults are part of what must resume exactly
 
