@@ -26,7 +26,7 @@ from sim.config import RunSpec, load_spec
 from sim.data import build_federation
 from sim.models import build_model, model_flops
 from sim.results import frame, write_table, write_text
-from sim.types import GLOBAL, Federation, InstitutionSpec, RunFailed, Snapshot
+from sim.types import GLOBAL, Federation, InstitutionSpec, RunFailed, Shard, Snapshot
 
 log = logging.getLogger("collabsim")
 
@@ -57,8 +57,8 @@ def run(
     """
     # 1. Validate everything before any actor starts; a resumed run takes its saved config and checkpoint.
     spec, out = _prepare(cfg, out_dir, institutions)
-    members = spec.only or spec.scenario.names
-    specs = tuple(s for s in spec.scenario.institutions if s.name in set(members))
+    members = set(spec.only or spec.scenario.names)
+    specs = tuple(s for s in spec.scenario.institutions if s.name in members)
     if spec.resume and checkpoint.read_status(out).get("state") == "complete":
         log.info("[%s] %s is complete; nothing to resume", spec.scheme_name, out)
         return _read_run(spec.run_id, out)
@@ -125,11 +125,12 @@ def run(
             runner.close()
 
     # 9. Tidy tables out; then, and only then, the run directory says complete.
+    shards = {sh.name: sh for sh in fed.shards}
     result = RunResult(
         run_id=spec.run_id,
         metrics=progress.table("metrics"),
         ledger=progress.table("ledger"),
-        institutions=frame("institutions", [_institution_row(keys, s, fed) for s in specs]),
+        institutions=frame("institutions", [_institution_row(keys, s, shards[s.name]) for s in specs]),
     )
     if out is not None:
         write_run(out, result, spec.config)
@@ -261,9 +262,8 @@ def _progress(scores: list[dict]) -> dict[str, float]:
             "mean_accuracy": float(np.mean(inst)), "worst_accuracy": float(np.min(inst))}
 
 
-def _institution_row(keys: dict, s: InstitutionSpec, fed: Federation) -> dict:
+def _institution_row(keys: dict, s: InstitutionSpec, shard: Shard) -> dict:
     """One row of institutions.parquet."""
-    shard = next(sh for sh in fed.shards if sh.name == s.name)
     return keys | {
         "institution": s.name, "discipline": s.discipline, "share": s.share,
         "train_samples": shard.num_train, "test_samples": len(shard.y_test),

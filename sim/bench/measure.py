@@ -84,19 +84,25 @@ class CommandRun:
 
 
 def timeline(round_at: dict[int, float], total_s: float) -> dict[str, float]:
-    """Per-round = (t_R - t_1)/(R - 1) between the first and last progress lines; round-loop = R x per-round.
+    """Per-round = (t_{R-1} - t_1)/(R - 2), the steady rounds between the first and the last progress lines.
 
-    Round 1's own line also carries round 0's scoring and any first-round warm-up, so the
-    steady rounds after it set the pace; start-up is launch to the estimated start of
-    round 1 (t_1 - per-round), and what follows the last line (writing tables, shutting
-    actors down) is ``teardown``. With fewer than two lines only the total is known.
+    Round 1's own line also carries round 0's scoring and any first-round warm-up, and the
+    last round scores every institution, so the rounds between them set the pace (with only
+    two lines, (t_R - t_1)). Start-up is launch to the estimated start of round 1
+    (t_1 - per-round); the round loop runs from there to the last line, every round
+    included; what follows the last line (writing tables, shutting actors down) is
+    ``teardown``. With fewer than two lines only the total is known.
     """
     if len(round_at) < 2:
         return {"startup_s": math.nan, "loop_s": math.nan, "round_s": math.nan, "teardown_s": math.nan}
     first, last = min(round_at), max(round_at)
-    per_round = (round_at[last] - round_at[first]) / (last - first)
-    return {"startup_s": round_at[first] - per_round, "loop_s": per_round * (last - first + 1),
-            "round_s": per_round, "teardown_s": total_s - round_at[last]}
+    # The last round may score everybody (engine.eval_scope=cohort scores only the cohort before it): the steady
+    # pace comes from the rounds between the first and the last when there are any; the loop keeps every round.
+    steady = max((r for r in round_at if r < last), default=first) if last - first >= 2 else last
+    per_round = (round_at[steady] - round_at[first]) / (steady - first)
+    startup = round_at[first] - per_round
+    return {"startup_s": startup, "loop_s": round_at[last] - startup, "round_s": per_round,
+            "teardown_s": total_s - round_at[last]}
 
 
 def run_command(argv: list[str], *, label: str = "", timeout_s: float = 3600.0) -> CommandRun:

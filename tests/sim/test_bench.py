@@ -22,6 +22,13 @@ def test_timeline_takes_the_pace_from_the_rounds_after_the_first():
     assert t == {"startup_s": 4.0, "loop_s": 3.0, "round_s": 1.0, "teardown_s": 1.0}
 
 
+def test_timeline_takes_the_pace_from_the_steady_rounds_not_the_last_which_scores_everybody():
+    # Prepare: rounds 2 and 3 take 1 s each; round 4, the last, scores every institution and takes 5 s.
+    t = timeline({1: 5.0, 2: 6.0, 3: 7.0, 4: 12.0}, 13.0)
+    # Assert: the pace is 1 s a round; the loop still holds every round, the slow last one included.
+    assert t == {"startup_s": 4.0, "loop_s": 8.0, "round_s": 1.0, "teardown_s": 1.0}
+
+
 def test_timeline_needs_two_rounds():
     assert all(math.isnan(v) for v in timeline({1: 5.0}, 8.0).values())
 
