@@ -110,11 +110,16 @@ def _natural_parts(df, data, scenario, seed) -> list[tuple[np.ndarray, np.ndarra
         if len(idx) == 0:
             raise ConfigError("data.institution_column", f"institution '{spec.name}' has no rows in column "
                               f"'{data['institution_column']}'; names found: {', '.join(found[:20])}")
-        if is_test is None:
-            parts.append(split_train_test(idx, data["test_fraction"], stream(seed, SPLIT, spec.index)))
-        else:
-            parts.append((idx[~is_test[idx]], idx[is_test[idx]]))
+        parts.append(split_rows(idx, is_test, data["test_fraction"], seed, spec.index))
     return parts
+
+
+def split_rows(idx: np.ndarray, is_test: np.ndarray | None, test_fraction: float, seed: int,
+               index: int) -> tuple[np.ndarray, np.ndarray]:
+    """An institution's (train, test) rows: by the table's split column when it has one, else a seeded test_fraction."""
+    if is_test is None:
+        return split_train_test(idx, test_fraction, stream(seed, SPLIT, index))
+    return idx[~is_test[idx]], idx[is_test[idx]]
 
 
 def check(data: Mapping, scenario: Scenario) -> None:

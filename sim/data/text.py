@@ -23,10 +23,9 @@ import numpy as np
 import pandas as pd
 
 from sim.data.partition import (
-    PARTITION, ROWS, SPLIT, Pool, apportion, check_partition, check_sizes, natural, partition,
-    smallest_workable, split_train_test, stream,
+    PARTITION, ROWS, Pool, apportion, check_partition, check_sizes, natural, partition, smallest_workable, stream,
 )
-from sim.data.table import _is_test, _labels, _path, read
+from sim.data.table import _is_test, _labels, _path, read, split_rows
 from sim.types import ConfigError, Scenario
 
 DEFAULTS = {
@@ -121,10 +120,7 @@ def finish(shards: Sequence[np.ndarray], y: np.ndarray, is_test: np.ndarray | No
         if len(held) == 1:
             raise ConfigError(refuse[0], f"institution '{spec.name}' would hold only class "
                               f"{classes[int(held[0])]!r}, so it has nothing to learn; {refuse[1]}")
-        if is_test is None:
-            parts.append(split_train_test(idx, data["test_fraction"], stream(seed, SPLIT, spec.index)))
-        else:
-            parts.append((idx[~is_test[idx]], idx[is_test[idx]]))
+        parts.append(split_rows(idx, is_test, data["test_fraction"], seed, spec.index))
     return parts
 
 
