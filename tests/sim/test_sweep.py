@@ -358,13 +358,12 @@ def test_a_directory_holding_a_sweep_is_not_overwritten(resumed):
 
 
 @pytest.mark.slow
-def test_two_trials_run_side_by_side_with_all_their_actors_placed(resumed):
-    # Each trial reserves sweep.trial_cpus=1 of the 2 CPUs: with two running, no CPU was left outside their
-    # placement groups, so every coordinator and host actor that started did so inside its trial's bundles.
+def test_two_trials_hold_both_cpus_at_once(resumed):
+    # In-process trials (the default sweep.backend) reserve one CPU each: two run at once on 2 CPUs. (Once their
+    # processes are warm a trial of 2 smoke rounds lasts well under a second, so their time windows need not overlap;
+    # trials that start actors of their own are checked against their placement groups in
+    # test_a_run_inside_a_placement_group_is_laid_out_on_that_reservation.)
     assert "Logical resource usage: 2.0/2 CPUs" in resumed.first
-    first_two = resumed.trials[resumed.trials["trial_id"].isin(sorted(resumed.before)[:2])]
-    (s1, f1), (s2, f2) = first_two[["started", "finished"]].to_numpy()
-    assert max(s1, s2) < min(f1, f2)  # their time windows overlap
 
 
 @pytest.mark.slow
