@@ -17,7 +17,7 @@ import torch
 
 from agents.institution import Institution
 from sim.batched import batchable, train_many
-from sim.models import build_model
+from sim.models import build_model, check_state_keys
 from sim.types import InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update
 
 
@@ -81,10 +81,9 @@ class Host:
         """One vectorised local step for all of ``trained`` (sim.batched); compute time is shared out by samples."""
         plan = ctx.plan
         starts = [i.start(plan, global_state) for i in trained]
-        known = self.model.state_dict().keys()
+        own = self.model.state_dict()
         for i, start in zip(trained, starts):  # what set_state would refuse, the vectorised step refuses too
-            if unknown := [k for k in start if k not in known]:
-                raise KeyError(f"state has keys the model does not: {unknown[:5]} ({i.spec.name})")
+            check_state_keys(own, start, i.spec.name)
         t0 = time.perf_counter()
         results = train_many(self.model, starts, [i.tensors(self.model) for i in trained],
                              [(i.seed, i.spec.index, ctx.round) for i in trained], training=self.training, plan=plan,

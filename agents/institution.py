@@ -71,7 +71,7 @@ class Institution:
     def train(self, model: torch.nn.Module, ctx: RoundContext, global_state: State | None) -> Update:
         """Run this round's local step on ``model`` and return what crosses to the coordinator."""
         plan, shard = ctx.plan, self.shard
-        start = self.personal if plan.start == "personal" else global_state
+        start = self.start(plan, global_state)
         kept = personal_keys(plan, global_state) if global_state else ()
         if kept:  # FedPer: the shared part from the global model, the head its own
             start = {**global_state, **{k: self.personal[k] for k in kept}}

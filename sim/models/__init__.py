@@ -90,12 +90,17 @@ def get_state(model: nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
+def check_state_keys(own: Mapping[str, Any], state: State, whose: str = "") -> None:
+    """KeyError when ``state`` names keys the model's ``own`` state_dict lacks (what set_state refuses)."""
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise KeyError(f"state has keys the model does not: {unknown[:5]}" + (f" ({whose})" if whose else ""))
+
+
 def set_state(model: nn.Module, state: State) -> None:
     """Load (part of) a state into ``model`` in place; keys absent from ``state`` keep their value."""
     own = model.state_dict()
-    unknown = [k for k in state if k not in own]
-    if unknown:
-        raise KeyError(f"state has keys the model does not: {unknown[:5]}")
+    check_state_keys(own, state)
     with torch.no_grad():
         for name, array in state.items():
             target = own[name]
