@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.metrics import BASELINE, POOLED, is_federated
-from analysis.page import fmt
+from analysis.metrics import BASELINE, MIN_SEEDS, POOLED, is_federated
+from analysis.page import TOO_FEW_SEEDS, fmt, interval_text
 
 
 def _names(items: list[str], limit: int = 4) -> str:
@@ -26,6 +26,22 @@ def _config_name(config: dict, key: str) -> str | None:
     if isinstance(value, dict):
         value = value.get("name") or str(value.get("_target_", "")).rsplit(".", 1)[-1] or None
     return str(value) if value else None
+
+
+SELECTION = {
+    "last": "the last round",
+    "best_val": "for each institution, the round whose model scores highest on its own validation split (for the "
+                "global test set, on the union of the validation splits); test data never choose the round",
+}
+
+
+def selection_rule(configs: list[dict]) -> str:
+    """One sentence on which round's model the accuracies are read from (``results.select`` of the runs' configs)."""
+    rules = sorted({str((c.get("results") or {}).get("select") or "last") for c in configs if isinstance(c, dict)}) or ["last"]
+    said = [f"{SELECTION.get(r, r)} (results.select={r})" for r in rules]
+    if len(said) == 1:
+        return f"Every accuracy and gain is read at the selected round: {said[0]}."
+    return "Every accuracy and gain is read at the selected round, which these runs choose differently: " + "; ".join(said) + "."
 
 
 def describe_scenario(institutions: pd.DataFrame, configs: list[dict], schemes: list[str], seeds: list[int]) -> list[str]:
@@ -69,58 +85,89 @@ def describe_scenario(institutions: pd.DataFrame, configs: list[dict], schemes: 
     return out
 
 
+def institutions_phrase(k: int, n: int, verb: str, verb_one: str | None = None) -> str:
+    """How many of n institutions do something, with the right quantifier: 'all 6 ... gain', '2 of 6 ... gain', 'none ...'.
+
+    'all' (or 'the only institution') only when every one of the n does; never 'each' for
+    fewer. ``verb`` agrees with a plural subject, ``verb_one`` (default verb + 's') with one.
+    """
+    one = verb_one or verb + "s"
+    if k == 0:
+        return f"no institution {one}" if n == 1 else f"none of the {n} institutions {one}"
+    if n == 1:
+        return f"the only institution {one}"
+    if k == n:
+        return f"all {n} institutions {verb}"
+    return f"{k} of {n} institutions {one if k == 1 else verb}"
+
+
 def findings(summary: pd.DataFrame, gains: pd.DataFrame, fairness: pd.DataFrame, costs: pd.DataFrame) -> list[tuple[str, str]]:
-    """The main findings as (topic, sentence) pairs: best scheme, who loses, cost, fairness, pooled vs federated, seeds."""
+    """The main findings as (topic, sentence) pairs: best scheme, who loses, cost, fairness, pooled vs federated, seeds.
+
+    ``summary`` is :func:`analysis.metrics.summary` and ``gains`` :func:`analysis.metrics.gain_summary`
+    of one scenario. A mean gain is always called a mean ("on average"); how many
+    institutions gain is counted from ``gains``, so an average lifted by a few is never
+    read as a gain for each.
+    """
     out: list[tuple[str, str]] = []
     joined = summary[summary["scheme"] != BASELINE].dropna(subset=["mean_gain"])
     if not (summary["scheme"] == BASELINE).any() or joined.empty:
         out.append(("No baseline", "no isolated runs match these runs, so gains over training alone cannot be measured; "
                     "add the isolated scheme with the same scenario and seeds."))
-        return out + _pooled_vs_federated(summary) + _seed_note(gains)
+        return out + _pooled_vs_federated(summary) + _seed_note(summary, gains)
     best = joined.loc[joined["mean_gain"].idxmax()]
     alone = summary[summary["scheme"] == BASELINE].iloc[0]
+    per = gains[gains["scheme"] == best["scheme"]].dropna(subset=["gain"])
+    n, better, worse = len(per), int((per["gain"] > 0).sum()), int(per["worse_off"].astype(bool).sum())
+    interval = interval_text(best.get("mean_gain_low"), best.get("mean_gain_high"))
+    if interval:
+        interval = f", 95% interval {interval}" + (", so possibly noise" if best["mean_gain_low"] <= 0 <= best["mean_gain_high"] else "")
     if best["mean_gain"] > 0:
-        out.append(("Highest gain", f"{best['scheme']} gives each institution {fmt(best['mean_gain'], 'pts')} accuracy "
-                    f"points on average over training alone (mean accuracy {fmt(best['mean_accuracy'], 'pct')} "
-                    f"against {fmt(alone['mean_accuracy'], 'pct')})."))
+        text = (f"{best['scheme']} gains the most on average: {fmt(best['mean_gain'], 'pts')} accuracy points "
+                f"over training alone (mean accuracy {fmt(best['mean_accuracy'], 'pct')} against "
+                f"{fmt(alone['mean_accuracy'], 'pct')}{interval})")
+        if n:
+            text += f"; {institutions_phrase(better, n, 'gain')}"
+            if 0 < worse < n:
+                text += f" and {worse} {'is' if worse == 1 else 'are'} worse off"
+            if worse > n / 2:
+                text += ", so the average comes from a few and most institutions lose by joining"
+        out.append(("Highest mean gain", text + "."))
     else:
-        out.append(("No gain", f"no scheme beats training alone on average; the best, {best['scheme']}, changes mean "
-                    f"accuracy by {fmt(best['mean_gain'], 'pts')} points."))
+        text = (f"no scheme beats training alone on average; the best, {best['scheme']}, changes mean accuracy by "
+                f"{fmt(best['mean_gain'], 'pts')} points on average{interval}")
+        out.append(("No gain on average", text + (f"; {institutions_phrase(better, n, 'gain')}." if n else ".")))
     out += _losers(gains)
     out += _cost(best, alone)
     fair = fairness[fairness["scheme"] == best["scheme"]]
-    per = gains[gains["scheme"] == best["scheme"]].dropna(subset=["gain"])
-    if len(fair) and len(per):
+    if len(fair) and n:
         f = fair.iloc[0]
-        better = int((per["gain"] > 0).sum())
-        who = f"all {len(per)} institutions are" if better == len(per) else f"{better} of {len(per)} institutions {'is' if better == 1 else 'are'}"
-        text = (f"under {best['scheme']}, {who} better off "
+        text = (f"under {best['scheme']}, {institutions_phrase(better, n, 'are better off', 'is better off')} "
                 f"and the Gini of their gains is {fmt(f['gain_gini'], 'ratio')} (0 = perfectly even)")
         if pd.notna(f["accuracy_parity"]) and f["worst_discipline"]:
             text += f"; {f['worst_discipline']} trails the best discipline by {fmt(f['accuracy_parity'] * 100, 'pts_abs')} points"
         out.append(("Fairness", text + "."))
-    return out + _pooled_vs_federated(summary) + _seed_note(gains)
+    return out + _pooled_vs_federated(summary) + _seed_note(summary, gains)
 
 
 def _losers(gains: pd.DataFrame) -> list[tuple[str, str]]:
     """Who ends up worse than alone, scheme by scheme, and how sure that is."""
-    worse = gains[gains["worse_off"]]
+    worse = gains[gains["worse_off"].astype(bool)]
     if worse.empty:
-        return [("Who loses", "no institution ends up worse off by joining, under any scheme.")]
+        return [("Who loses by joining", "no institution ends up worse off by joining, under any scheme.")]
     parts = []
     for scheme, w in worse.groupby("scheme", sort=False):
-        total = int((gains["scheme"] == scheme).sum())
+        total = int(gains[gains["scheme"] == scheme]["gain"].notna().sum())
         worst = w.loc[w["gain"].idxmin()]
         if len(w) > 2:
-            parts.append(f"under {scheme}, {len(w)} of {total} institutions (worst: {worst['institution']}, "
-                         f"{fmt(worst['gain'], 'pts')} points)")
+            parts.append(f"under {scheme}, {institutions_phrase(len(w), total, 'are worse off', 'is worse off')} "
+                         f"(worst: {worst['institution']}, {fmt(worst['gain'], 'pts')} points)")
             continue
         each = []
         for r in w.itertuples():
-            sure = ""
-            if pd.notna(r.gain_high):
-                sure = (f", 95% interval {fmt(r.gain_low, 'pts')} to {fmt(r.gain_high, 'pts')}"
-                        + ("" if r.gain_high < 0 else ", so possibly noise"))
+            sure = interval_text(r.gain_low, r.gain_high)
+            if sure:
+                sure = f", 95% interval {sure}" + ("" if r.gain_high < 0 else ", so possibly noise")
             each.append(f"{r.institution} ({fmt(r.gain, 'pts')} points{sure})")
         parts.append(f"under {scheme}, {_names(each)}")
     return [("Who loses by joining", "; ".join(parts) + ".")]
@@ -154,12 +201,16 @@ def _pooled_vs_federated(summary: pd.DataFrame) -> list[tuple[str, str]]:
              f"({f['scheme']}, {fmt(f['mean_accuracy'], 'pct')}), but the raw data itself leaves the institutions{moved}.")]
 
 
-def _seed_note(gains: pd.DataFrame) -> list[tuple[str, str]]:
-    """How many seeds stand behind the numbers, and what that means for the intervals."""
-    if gains.empty:
+def _seed_note(summary: pd.DataFrame, gains: pd.DataFrame) -> list[tuple[str, str]]:
+    """How many seeds stand behind the numbers, and whether there are intervals (only from MIN_SEEDS seeds)."""
+    seeds = summary["seeds"] if "seeds" in summary else gains.get("seeds", pd.Series(dtype=float))
+    seeds = pd.Series(seeds, dtype="float64").dropna()
+    if seeds.empty:
         return []
-    seeds = int(gains["seeds"].min())
-    if seeds < 2:
-        return [("Certainty", "some schemes ran with a single seed, so their gains have no interval and small "
-                 "differences may be noise.")]
-    return [("Certainty", f"figures are means over {seeds} or more seeds; intervals are 95% t-intervals.")]
+    low, high = int(seeds.min()), int(seeds.max())
+    count = f"{low} seed{'s' if low != 1 else ''}" if low == high else f"{low} to {high} seeds"
+    if low >= MIN_SEEDS:
+        return [("Certainty", f"figures are means over {count}; intervals are 95% t-intervals over seeds.")]
+    return [("Certainty", f"figures are means over {count}: {TOO_FEW_SEEDS}"
+             + (f" where there are fewer than {MIN_SEEDS}" if high >= MIN_SEEDS else "")
+             + ", so small differences may be noise.")]

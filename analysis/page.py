@@ -13,13 +13,23 @@ from typing import Sequence
 
 import pandas as pd
 
+from analysis.metrics import MIN_SEEDS
+
+GLOBAL_TEST = "global test set"
+"""The test data every merged model is scored on; always named with GLOBAL_TEST_IS nearby."""
+GLOBAL_TEST_IS = "the union of every institution's test split"
+OWN_TEST = "each institution's own test split"
+"""The test data an institution's accuracy and gain are measured on."""
+TOO_FEW_SEEDS = f"too few seeds for an interval (n < {MIN_SEEDS})"
+
 # column -> (heading, what it means, format). Formats: text, pct (fraction as %), pts (signed
 # accuracy points), pts_abs (unsigned points), loss (signed, 3 decimals), int, mb, sec, float, ratio,
 # bool. Missing values show as a dash.
 GUIDE: dict[str, tuple[str, str, str]] = {
     "scenario": ("Scenario", "Name of the collaboration scenario.", "text"),
-    "scheme": ("Scheme", "How institutions collaborate: isolated = each trains alone (the baseline); pooled = all data "
-               "brought to one place; fedavg, fedprox, fedsgd = federated learning (data stays home, model updates travel).", "text"),
+    "scheme": ("Scheme", "How institutions collaborate, by its name in conf/scheme/: isolated = each trains alone (the "
+               "baseline); pooled = all data brought to one place; any other = federated learning (data stays home, "
+               "model updates travel).", "text"),
     "institution": ("Institution", "", "text"),
     "discipline": ("Discipline", "", "text"),
     "share": ("Data share", "Fraction of all training data this institution holds.", "pct"),
@@ -30,18 +40,20 @@ GUIDE: dict[str, tuple[str, str, str]] = {
     "cpus": ("CPUs", "Processor cores allotted to it.", "float"),
     "gpus": ("GPUs", "", "float"),
     "behaviour": ("Behaviour", "honest, or a simulated misbehaviour (free-rider, noisy labels, ...).", "text"),
-    "global_accuracy": ("Global accuracy", "Accuracy of the merged model on all institutions' test data after the last "
-                        "round (— when there is no merged model).", "pct"),
-    "mean_accuracy": ("Mean accuracy", "Average over institutions of the accuracy each ends up with, on its own test data.", "pct"),
-    "worst_accuracy": ("Worst accuracy", "Accuracy of the institution that ends up worst.", "pct"),
-    "mean_gain": ("Mean gain", "Average over institutions of its accuracy minus what it reaches alone, in percentage points.", "pts"),
+    "global_accuracy": ("Global accuracy", f"Accuracy on the {GLOBAL_TEST} ({GLOBAL_TEST_IS}) at the selected round: "
+                        "the merged model's, or, for schemes without one merged model (isolated, personalised schemes), "
+                        "the mean of every institution's own model on it.", "pct"),
+    "mean_accuracy": ("Mean accuracy", f"Average over institutions of its accuracy at the selected round on {OWN_TEST}.", "pct"),
+    "worst_accuracy": ("Worst accuracy", f"Lowest accuracy of any institution at the selected round, on {OWN_TEST}.", "pct"),
+    "mean_gain": ("Mean gain", "Average over institutions of its accuracy minus what it reaches alone, in percentage points "
+                  f"(on {OWN_TEST}).", "pts"),
+    "mean_gain_interval": ("95% interval", f"t-interval of the mean gain over seeds; shown with {MIN_SEEDS} seeds or more.", "text"),
     "worse_off": ("Worse off", "Number of institutions less accurate than when training alone.", "int"),
     "megabytes": ("MB exchanged", "Megabytes sent and received in a whole run, all institutions together.", "mb"),
     "seeds": ("Seeds", "Number of repeated runs behind the figure.", "int"),
-    "gain": ("Gain", "Accuracy under the scheme minus accuracy alone, in percentage points (mean over seeds).", "pts"),
-    "interval": ("95% interval", "Range that holds the true mean gain with 95% confidence (t-interval over seeds; "
-                 "needs at least two seeds).", "text"),
-    "loss_change": ("Loss change", "Test loss under the scheme minus test loss alone (negative = better).", "loss"),
+    "gain": ("Gain", f"Accuracy under the scheme minus accuracy alone, on {OWN_TEST}, in percentage points (mean over "
+             "seeds).", "pts"),
+    "loss_change": ("Loss change", f"Loss on {OWN_TEST} under the scheme minus loss alone (negative = better).", "loss"),
     "worst_institution": ("Worst off", "Institution with the smallest gain.", "text"),
     "worst_gain": ("Its gain", "Gain of the worst-off institution, in percentage points.", "pts"),
     "gain_std": ("Spread (SD)", "Standard deviation of gains across institutions, in points.", "pts_abs"),
@@ -53,22 +65,26 @@ GUIDE: dict[str, tuple[str, str, str]] = {
     "runs": ("Runs", "Number of runs averaged.", "int"),
     "mb_up": ("MB up", "Megabytes sent to the coordinator.", "mb"),
     "mb_down": ("MB down", "Megabytes received from the coordinator.", "mb"),
+    "mb_per_member_round": ("MB per member-round", "Megabytes one institution sends and receives in a round it takes "
+                            "part in.", "mb"),
     "compute_seconds": ("Compute (s)", "Measured seconds of local training, summed over institutions and rounds.", "sec"),
     "simulated_seconds": ("Busy time (s)", "Simulated seconds of work and transfer, summed over institutions.", "sec"),
     "simulated_duration": ("Duration (s)", "Simulated length of the run: each round lasts as long as its slowest participant.", "sec"),
     "epsilon": ("Privacy ε", "Largest differential-privacy budget spent by any institution (— = no privacy noise).", "float"),
     "accuracy_per_mb": ("Accuracy per MB", "Mean accuracy divided by megabytes exchanged (— when nothing is exchanged).", "ratio"),
     "pareto": ("Pareto front", "Yes when no other scheme is both more accurate and cheaper to communicate.", "bool"),
-    "shapley": ("Shapley value", "Average improvement of the merged model's accuracy when this institution joins, over all "
-                "orders of joining (accuracy points of the value function, ×100).", "pts"),
+    "shapley": ("Shapley value", f"Average improvement of the merged model's accuracy on the {GLOBAL_TEST} when this "
+                "institution joins, over all orders of joining, in percentage points.", "pts"),
     "shapley_bound": ("± bound", "Error bound of a Monte-Carlo estimate at 95% (0 = computed exactly).", "pts_abs"),
-    "loo": ("Leave-one-out", "Drop in the merged model's accuracy when only this institution stays out, in points.", "pts"),
+    "loo": ("Leave-one-out", f"Drop in the merged model's accuracy on the {GLOBAL_TEST} when only this institution stays "
+            "out, in percentage points.", "pts"),
     "method": ("Method", "", "text"),
     "directory": ("Directory", "", "text"),
-    "state": ("State", "From status.json; runs that did not complete are left out.", "text"),
+    "state": ("State", "From the directory's status.json, or, without one, what its files show; runs that did not "
+              "complete are left out.", "text"),
     "included": ("Included", "", "bool"),
     "schemes": ("Schemes", "", "text"),
-    "seed_values": ("Seeds", "", "text"),
+    "seed_values": ("Seed values", "", "text"),
 }
 
 POINT_SCALED = {"shapley", "shapley_bound", "loo", "accuracy_parity"}  # fractions shown as points
@@ -123,8 +139,23 @@ def table(df: pd.DataFrame, columns: Sequence[str], *, row_class: Sequence[str] 
     return out
 
 
+def interval_note(seeds) -> str:
+    """One sentence for a table whose rows have ``seeds`` seeds each: '' when every row has an interval."""
+    seeds = pd.Series(seeds, dtype="float64").dropna()
+    if seeds.empty or (seeds >= MIN_SEEDS).all():
+        return ""
+    if (seeds < MIN_SEEDS).all():
+        return f"No intervals: {TOO_FEW_SEEDS}; small differences may be noise."
+    return f"Intervals only where there are {MIN_SEEDS} seeds or more; elsewhere {TOO_FEW_SEEDS}."
+
+
+def interval_text(low, high) -> str:
+    """'low to high' in signed points, or '' when there is no interval."""
+    return f"{fmt(low, 'pts')} to {fmt(high, 'pts')}" if pd.notna(low) and pd.notna(high) else ""
+
+
 def gain_matrix(gains: pd.DataFrame) -> str:
-    """Institutions down, schemes across: each cell the mean gain in points over its 95% interval; losses in red."""
+    """Institutions down, schemes across: each cell the mean gain in points over its 95% interval (if any); losses in red."""
     schemes = list(dict.fromkeys(gains["scheme"]))
     head = "<th>Institution</th><th>Discipline</th>" + "".join(f'<th class="num">{html.escape(s)}</th>' for s in schemes)
     rows = []
@@ -136,10 +167,10 @@ def gain_matrix(gains: pd.DataFrame) -> str:
                 cells.append('<td class="cell">—</td>')
                 continue
             r = by.loc[s]
-            interval = (f"{fmt(r['gain_low'], 'pts')} to {fmt(r['gain_high'], 'pts')}" if pd.notna(r["gain_low"])
-                        else "no interval (one seed)")
+            interval = interval_text(r["gain_low"], r["gain_high"])
+            small = f"<br><small>{html.escape(interval)}</small>" if interval else ""
             loss = " loss" if r["worse_off"] else ""
-            cells.append(f'<td class="cell{loss}">{html.escape(fmt(r["gain"], "pts"))}<br><small>{html.escape(interval)}</small></td>')
+            cells.append(f'<td class="cell{loss}">{html.escape(fmt(r["gain"], "pts"))}{small}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 

@@ -18,7 +18,7 @@ import pandas as pd
 from analysis import findings as words
 from analysis import metrics as m
 from analysis import plots
-from analysis.page import gain_matrix, image, page, section, table
+from analysis.page import gain_matrix, image, interval_note, interval_text, page, section, table
 from analysis.runs import Results, load_results
 from sim.results import write_table, write_text
 
@@ -26,6 +26,8 @@ INSTITUTION_COLUMNS = ["institution", "discipline", "share", "train_samples", "t
                        "feature_skew", "cpus", "gpus", "behaviour"]
 FAIRNESS_COLUMNS = ["scheme", "worst_institution", "worst_gain", "gain_std", "gain_gini", "share_better_off",
                     "accuracy_parity", "worst_discipline"]
+SUMMARY_COLUMNS = ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain",
+                   "mean_gain_interval", "worse_off", "megabytes"]
 COST_COLUMNS = ["scheme", "megabytes", "mb_up", "mb_down", "mb_per_member_round", "compute_seconds", "simulated_seconds",
                 "simulated_duration", "epsilon", "mean_accuracy", "accuracy_per_mb", "pareto"]
 
@@ -46,6 +48,7 @@ def analyse(results: Results) -> dict[str, pd.DataFrame]:
         "fairness": m.fairness_table(mt),
         "costs": m.cost_table(mt, lg),
         "accuracy_per_round": m.round_curve(mt),
+        "own_accuracy_per_round": m.round_curve(mt[mt["institution"] != m.GLOBAL]),  # each on its own test split
         "final_values": m.final_table(mt),
         "institutions": results.institutions.drop_duplicates(["scenario", "institution"]).reset_index(drop=True),
         "runs": results.runs,
@@ -120,7 +123,7 @@ def _warnings(results: Results, notes: list[str]) -> str:
     items = [f"{html.escape(r.directory)} is not complete (state: {html.escape(r.state)}) and was left out."
              for r in results.runs.itertuples() if not r.included]
     items += [f"{html.escape(r.directory)} is not complete (state: {html.escape(r.state)}) but was included on request."
-              for r in results.runs.itertuples() if r.included and not r.state.startswith("complete")]
+              for r in results.runs.itertuples() if r.included and not r.complete]
     items += [html.escape(n) for n in notes]
     if not items:
         return ""
@@ -146,15 +149,23 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
     out += section(f"scenario{tag}", "The scenario" + suffix,
                    "<p>" + " ".join(html.escape(s) for s in described) + "</p>"
                    + table(pick["institutions"], [c for c in INSTITUTION_COLUMNS if c in pick["institutions"]]))
-    out += section(f"summary{tag}", "Summary by scheme" + suffix, table(summary, list(summary.columns)),
-                   "One row per scheme; figures are means over seeds. isolated is the baseline everyone is compared with.")
+    summary = summary.assign(mean_gain_interval=[  # isolated's gain is 0 by definition: no interval to show
+        None if scheme == m.BASELINE else interval_text(lo, hi) or None
+        for scheme, lo, hi in zip(summary["scheme"], summary["mean_gain_low"], summary["mean_gain_high"])])
+    with_interval = summary["mean_gain_interval"].notna().any()  # no interval anywhere: no column, no note
+    shown = [c for c in SUMMARY_COLUMNS if c in summary and (c != "mean_gain_interval" or with_interval)]
+    seeds = summary.loc[summary["scheme"] != m.BASELINE, "seeds"] if with_interval else []
+    out += section(f"summary{tag}", "Summary by scheme" + suffix, table(summary, shown) + _note(interval_note(seeds)),
+                   "One row per scheme; figures are means over seeds; isolated is the baseline every gain is measured "
+                   "against. " + words.selection_rule(configs))
     if len(gains):
         body = image(plots.png_bytes(plots.gain_plot(gains)), "Gain per institution and scheme",
-                     "Bars: mean gain over seeds; whiskers: 95% interval; red outline: worse off than alone.")
+                     f"Bars: mean gain over seeds; whiskers: 95% interval (with {m.MIN_SEEDS} seeds or more); "
+                     "red outline: worse off than alone.")
         body += gain_matrix(gains)
-        body += ('<p class="note">Each cell: mean gain in accuracy points over seeds, and below it the 95% t-interval '
-                 "(it needs two seeds or more). Red: worse off than training alone. Changes in test loss are in "
-                 "<code>tables/gains.csv</code>.</p>")
+        body += _note("Each cell: mean gain in accuracy points over seeds, on each institution's own test split, and "
+                      f"below it the 95% t-interval when there are {m.MIN_SEEDS} seeds or more. Red: worse off than "
+                      "training alone. Changes in loss are in tables/gains.csv. " + interval_note(gains["seeds"]))
         out += section(f"gains{tag}", "Who gains, who loses" + suffix, body,
                        "Each institution's accuracy under a scheme minus its accuracy when training alone.")
     out += section(f"fairness{tag}", "Fairness of the gains" + suffix, table(pick["fairness"], FAIRNESS_COLUMNS),
@@ -162,15 +173,25 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
     costs = pick["costs"].assign(mb_up=lambda d: d["bytes_up"] / 1e6, mb_down=lambda d: d["bytes_down"] / 1e6)
     cost_cols = [c for c in COST_COLUMNS if c != "epsilon" or costs["epsilon"].notna().any()]
     out += section(f"costs{tag}", "What it costs" + suffix,
-                   image(plots.png_bytes(plots.pareto_plot(costs)), "Accuracy against megabytes exchanged",
-                         "A scheme is on the Pareto front when no other is both more accurate and cheaper to communicate.")
+                   image(plots.png_bytes(plots.pareto_plot(costs)), "Mean accuracy against MB exchanged",
+                         "A scheme is on the Pareto front when no other is both more accurate and cheaper to communicate. "
+                         "Markers that would cover each other are set side by side; the table has the exact values.")
                    + table(costs, cost_cols), "Communication, compute and time per run, mean over seeds.")
-    curve = pick["accuracy_per_round"]
-    if len(curve):
+    curve, own = pick["accuracy_per_round"], pick["own_accuracy_per_round"]
+    if len(curve) or len(own):
         out += section(f"rounds{tag}", "Accuracy over rounds" + suffix,
-                       image(plots.png_bytes(plots.accuracy_plot(curve)), "Accuracy per round and scheme",
-                             "Lines: mean over seeds; shaded band: lowest to highest seed."))
+                       image(plots.png_bytes(plots.accuracy_plot(curve, own)), "Accuracy per round and scheme",
+                             "Lines: mean over seeds; whiskers: lowest to highest seed. Left: the global test set; a "
+                             "scheme without one merged model (isolated, personalised schemes) is scored there by the "
+                             "mean of every institution's own model, which explains its low figure. Right: each "
+                             "institution on its own test split, the figure gains are measured on. Schemes are drawn a "
+                             "few points apart at each round so that equal curves stay visible."))
     return out
+
+
+def _note(text: str) -> str:
+    """A small note under a table or figure ('' for no text)."""
+    return f'<p class="note">{html.escape(text.strip())}</p>' if text.strip() else ""
 
 
 def _config_scenario(config: dict) -> str | None:
@@ -188,12 +209,12 @@ def _contribution(contribution: pd.DataFrame, tables: dict[str, pd.DataFrame]) -
                  "Shapley value (whiskers: error bound), data share, and gain under the scheme with the highest mean gain.")
     body += table(shown, ["institution", "shapley", "shapley_bound", "loo", "share", "method"])
     return section("contribution", "Who contributes", body,
-                   "How much each institution adds to the merged model's accuracy.")
+                   "How much each institution adds to the merged model's accuracy on the global test set.")
 
 
 def _runs(results: Results) -> str:
     """Every run directory read, its state, and whether it counts."""
     runs = results.runs
     return section("runs", "Runs in this report",
-                   table(runs, ["directory", "state", "included", "schemes", "seed_values"], guide=False,
+                   table(runs, ["directory", "state", "included", "schemes", "seed_values"],
                          row_class=["" if i else "excluded" for i in runs["included"]]))

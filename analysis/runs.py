@@ -4,13 +4,16 @@ A run directory holds ``metrics.parquet`` (and ledger, institutions, config.yaml
 directory without one but with run directories directly below it (Hydra's multirun
 layout: ``0/``, ``1/``, ...) stands for those. A ``status.json`` whose ``"state"`` is
 not ``"complete"`` marks a directory as unfinished: it is left out unless asked for,
-and the report says so. A directory without ``status.json`` counts as complete (runs
-written before the engine recorded a status).
+and the report says so. A directory without ``status.json`` (a compare's own directory,
+whose runs keep theirs in ``runs/``; a run written before the engine recorded a status)
+counts as complete, since tables are written only at the end, and the runs table says
+what its files show.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -21,7 +24,8 @@ import yaml
 from sim.results import TableError, read_one, read_table
 
 COMPLETE = "complete"
-NO_STATUS = "complete (no status.json)"
+NO_STATUS = "no status.json"
+"""The state of a directory that holds tables but no status.json; it counts as complete."""
 
 
 class RunDirError(ValueError):
@@ -36,7 +40,7 @@ class Results:
     ledger: pd.DataFrame
     institutions: pd.DataFrame
     configs: dict[str, dict] = field(default_factory=dict)  # directory -> its config.yaml
-    runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # directory, state, included, schemes, seed_values
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # directory, state, complete, included, schemes, seed_values
 
 
 def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
@@ -69,6 +73,19 @@ def run_state(run_dir: Path) -> str:
     return str(state) if state else "status.json without a state"
 
 
+def describe_state(run_dir: Path, state: str) -> str:
+    """The state in plain words for the runs table: what status.json says, or what the files show without one."""
+    if state != NO_STATUS:
+        return state
+    inner = sorted(Path(run_dir).glob("runs/*/status.json"))
+    if not inner:
+        return "no status.json; its tables are written, so it is read as complete (an older run, or a copy)"
+    states = Counter(run_state(p.parent) for p in inner)
+    done = states.pop(COMPLETE, 0)
+    rest = "".join(f", {n} {s}" for s, n in sorted(states.items()))
+    return f"compare of {len(inner)} runs: {done} complete{rest} (each run's status.json in runs/)"
+
+
 def read_config(run_dir: Path) -> dict:
     """The run's resolved ``config.yaml`` as a dict ({} when missing or unreadable)."""
     path = Path(run_dir) / "config.yaml"
@@ -86,8 +103,9 @@ def load_results(paths: Iterable[Path], *, include_incomplete: bool = False) -> 
     for d in dirs:
         state = run_state(d)
         complete = state in (COMPLETE, NO_STATUS)
-        records.append({"directory": str(d), "state": state, "included": complete or include_incomplete})
-    runs = pd.DataFrame(records, columns=["directory", "state", "included"])
+        records.append({"directory": str(d), "state": describe_state(d, state), "complete": complete,
+                        "included": complete or include_incomplete})
+    runs = pd.DataFrame(records, columns=["directory", "state", "complete", "included"])
     taken = [Path(r["directory"]) for r in records if r["included"]]
     # drop_duplicates: two directories may hold the same run (a compare copied into a sweep).
     try:
@@ -96,12 +114,9 @@ def load_results(paths: Iterable[Path], *, include_incomplete: bool = False) -> 
         contents = [read_one("metrics", Path(d) / "metrics.parquet", columns=["scheme", "seed"]) for d in dirs]
     except TableError as e:  # a damaged or foreign table: one line naming the file
         raise RunDirError(str(e)) from None
-    runs["schemes"] = [_listing(c, "scheme") for c in contents]
-    runs["seed_values"] = [_listing(c, "seed") for c in contents]
+    from analysis.metrics import scheme_order  # scipy behind it: not for `python -m analysis --help`
+
+    runs["schemes"] = [", ".join(scheme_order(c["scheme"].dropna())) for c in contents]
+    runs["seed_values"] = [", ".join(str(v) for v in sorted(c["seed"].dropna().unique())) for c in contents]
     configs = {str(d): read_config(d) for d in taken}
     return Results(configs=configs, runs=runs, **tables)
-
-
-def _listing(df: pd.DataFrame, column: str) -> str:
-    """Distinct values of a column, comma separated, for the runs table."""
-    return ", ".join(str(v) for v in sorted(df[column].dropna().unique()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from analysis.__main__ import main
 from analysis.contribution import contribution_table
 from analysis.report import build_report
-from analysis.runs import RunDirError, find_run_dirs, load_results, run_state
+from analysis.runs import NO_STATUS, RunDirError, find_run_dirs, load_results, run_state
 from conftest import DEMO_CONFIG, demo_tables, small_tables, write_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,17 +40,18 @@ def test_report_is_one_self_contained_file(demo_report):
     assert not re.search(r"https?://", page)
     assert not re.search(r"<(script|link|iframe)\b", page) and "@import" not in page and "url(" not in page
     findings = re.search(r'<section id="findings" class="findings">(.*?)</section>', page, re.S)
-    assert findings and "Highest gain" in findings.group(1) and "Who loses by joining" in findings.group(1)
+    assert findings and "Highest mean gain" in findings.group(1) and "Who loses by joining" in findings.group(1)
     assert "6 institutions from 3 disciplines" in page
 
 
 def test_report_exports_every_table(demo_report):
     tables = demo_report.parent / "tables"
-    for name in ("summary", "gains", "gains_per_run", "fairness", "costs", "accuracy_per_round", "institutions", "runs"):
+    for name in ("summary", "gains", "gains_per_run", "fairness", "costs", "accuracy_per_round", "own_accuracy_per_round",
+                 "institutions", "runs"):
         assert (tables / f"{name}.csv").is_file() and (tables / f"{name}.parquet").is_file()
     summary = pd.read_csv(tables / "summary.csv")
-    assert list(summary.columns) == ["scheme", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain",
-                                     "worse_off", "megabytes"]
+    assert list(summary.columns) == ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain",
+                                     "mean_gain_low", "mean_gain_high", "worse_off", "megabytes"]
     assert list(summary["scheme"]) == ["isolated", "fedavg", "fedprox", "fedsgd", "pooled"]
 
 
@@ -80,10 +82,63 @@ def test_report_notes_a_missing_baseline_seed(small, tmp_path):
     assert "no isolated run matches scheme &#x27;fedavg&#x27; in scenario &#x27;s&#x27; seed 1" in page
 
 
-def test_report_with_one_seed_shows_no_interval(tmp_path):
-    run = write_run(tmp_path / "run", *demo_tables(seeds=(0,), rounds=2))
+@pytest.mark.parametrize("seeds", [(0,), (0, 1)])
+def test_report_with_too_few_seeds_says_so_once_per_table_not_per_cell(tmp_path, seeds):
+    run = write_run(tmp_path / "run", *demo_tables(seeds=seeds, rounds=2))
     page = build_report([run], tmp_path / "out").read_text()
-    assert "no interval (one seed)" in page and "single seed" in page
+    gains = re.search(r'<section id="gains">(.*?)</section>', page, re.S).group(1)
+    assert gains.count("too few seeds for an interval (n &lt; 3)") == 1  # under the table, not in its 18 cells
+    assert page.count("too few seeds for an interval (n &lt; 3)") == 2  # and once in the findings
+    assert "no interval" not in page and "95% interval</th>" not in page  # no column of blanks in the summary
+    assert " to " not in re.search(r"<tbody>(.*?)</tbody>", gains, re.S).group(1)  # no interval in any cell
+
+
+def test_report_with_three_seeds_shows_intervals_and_no_note(demo_report):
+    page = demo_report.read_text()
+    assert "too few seeds" not in page
+    summary = re.search(r'<section id="summary">(.*?)</section>', page, re.S).group(1)
+    assert "95% interval</th>" in summary
+    assert re.search(r"<td>isolated</td>(.*?)</tr>", summary).group(1).count(" to ") == 0  # the baseline has none
+
+
+def test_report_names_test_sets_and_the_selected_round_once(demo_report, tmp_path):
+    page = demo_report.read_text()
+    assert page.count("Every accuracy and gain is read at the selected round") == 1
+    assert "the last round (results.select=last)" in page  # DEMO_CONFIG records no rule: older runs took the last
+    assert "final accuracy" not in page.lower() and "after the last round" not in page
+    assert "global test set (the union of every institution&#x27;s test split)" in page
+    run = write_run(tmp_path / "run", *demo_tables(seeds=(0,), rounds=2),
+                    config={**DEMO_CONFIG, "results": {"select": "best_val"}})
+    assert "(results.select=best_val)" in build_report([run], tmp_path / "out").read_text()
+
+
+def test_report_spells_every_name_one_way(demo_report):
+    from analysis.page import GUIDE
+
+    headings = [h for h, _, _ in GUIDE.values()]
+    assert len(headings) == len(set(headings))  # one heading per column, one column per heading
+    page = demo_report.read_text()
+    for wrong in ("city hospital", "Test accuracy", "Mean institution accuracy", "Megabytes exchanged", "mb_per_member_round"):
+        assert wrong not in page
+    matrix = re.search(r'<section id="gains">.*?<thead>(.*?)</thead>', page, re.S).group(1)
+    assert re.findall(r'<th class="num">([^<]+)</th>', matrix) == ["fedavg", "fedprox", "fedsgd", "pooled"]
+
+
+def test_runs_table_says_what_is_known_without_status_json(tmp_path, small):
+    # A compare: no status.json of its own, its runs keep theirs in runs/.
+    compare = write_run(tmp_path / "compare", *small)
+    for name, state in (("fedavg-s0", "complete"), ("isolated-s0", "complete")):
+        (compare / "runs" / name).mkdir(parents=True)
+        (compare / "runs" / name / "status.json").write_text(json.dumps({"state": state}))
+    older = write_run(tmp_path / "older", *small)
+    results = load_results([compare, older])
+    states = dict(zip(results.runs["directory"], results.runs["state"]))
+    assert states[str(compare.resolve())] == "compare of 2 runs: 2 complete (each run's status.json in runs/)"
+    assert states[str(older.resolve())].startswith("no status.json; its tables are written, so it is read as complete")
+    assert results.runs["included"].all() and results.runs["complete"].all()
+    page = build_report([compare, older], tmp_path / "out").read_text()
+    assert "complete (no status.json)" not in page and "compare of 2 runs" in page
+    assert run_state(older) == NO_STATUS
 
 
 def test_report_with_contribution(small_run, tmp_path):
