@@ -59,6 +59,7 @@ def _kwargs(spec: RunSpec, fed: Federation, flops: int) -> tuple[dict, dict]:
     common = dict(
         model=spec.model, shape=(fed.input_shape, fed.num_classes), training=spec.training, seed=spec.seed,
         global_test=(fed.x_test, fed.y_test), threads=spec.engine.threads_per_institution,
+        global_val=None if fed.y_val is None else (fed.x_val, fed.y_val),
     )
     hosts = dict(common, vectorise=spec.engine.vectorise)
     coord = dict(common, scheme=spec.scheme, flops_per_sample=flops)
@@ -110,8 +111,8 @@ class RayBackend:
         self.pool = pool or ActorPool()
         common, coord = _kwargs(spec, fed, flops)
         # Ship big arrays once through the object store; actors (and restarted ones) read them zero-copy.
-        common["global_test"] = ray.put(common["global_test"])
-        coord["global_test"] = common["global_test"]
+        for key in ("global_test", "global_val"):
+            common[key] = coord[key] = ray.put(common[key])
         self.coordinator_cpus = layout.coordinator_cpus
         self.coordinator = self.pool.coordinator(layout.coordinator_cpus)
         loaded = [self.coordinator.load.remote(specs, **coord)]
@@ -164,8 +165,8 @@ class RayBackend:
             log.warning("scoring %s %s (%s); restarting their host", names, status, error)
             self._restart(j, [refs[j]])
             scores[j] = self._get(self.hosts[j].evaluate.remote(plan, state, only), "scoring on a restarted host failed")
-        per_host = [scores[j] for j in sorted(scores)]
-        return self._get(glob, "the coordinator could not score"), [row for rows in per_host for row in rows]
+        rows = sorted((row for rows in scores.values() for row in rows), key=lambda row: self.order[row[0]])
+        return self._get(glob, "the coordinator could not score"), rows  # scenario order: means do not depend on hosts
 
     def save(self) -> Snapshot:
         state, scheme = self._get(self.coordinator.snapshot.remote(), "the coordinator could not be checkpointed")

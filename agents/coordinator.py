@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 
 from sim import clock, faults
 from sim.models import build_model, get_state, set_state
-from sim.train import evaluate, local_train
+from sim.train import evaluate, local_train, lr_scale, scheduled
 from sim.types import GLOBAL, InstitutionSpec, RoundContext, State, TrainingSpec, Update, state_nbytes
 
 
@@ -36,6 +36,7 @@ class Coordinator:
         seed: int,
         global_test: tuple[np.ndarray, np.ndarray],
         flops_per_sample: int,
+        global_val: tuple[np.ndarray, np.ndarray] | None = None,
         threads: int = 1,
     ):
         torch.set_num_threads(threads)
@@ -44,7 +45,7 @@ class Coordinator:
         self.training = training
         self.model = build_model(model, shape[0], shape[1], seed=seed)
         self.state: State = get_state(self.model)
-        self.global_test = global_test
+        self.global_test, self.global_val = global_test, global_val
         self.flops = flops_per_sample
         # Central training (pooled data) runs on the consortium's combined compute.
         self.central = InstitutionSpec(
@@ -66,7 +67,8 @@ class Coordinator:
         dropped = faults.dropped(self.specs.values(), selected, self.seed, round)
         out = {name for name, _ in dropped}
         ctx = replace(everyone, cohort=tuple(n for n in selected if n not in out), plan=self.scheme.plan(round),
-                      sim_time=sim_time, dropped=dropped)
+                      sim_time=sim_time, dropped=dropped,
+                      server_scale=lr_scale(self.training.server_schedule, round, self.training))
         return ctx, self.state
 
     def merge(self, ctx: RoundContext, lost: dict[str, str], *update_lists: Sequence[Update]) -> list[dict[str, Any]]:
@@ -103,17 +105,21 @@ class Coordinator:
         self.scheme.load_state(scheme_state)
 
     def evaluate(self) -> dict[str, float]:
-        """Accuracy and loss of the global model on the global test set."""
+        """Accuracy and loss of the global model on the global test set (and the global validation set)."""
         set_state(self.model, self.state)
         acc, loss = evaluate(self.model, *self.global_test, precision=self.training.precision)
-        return {"accuracy": acc, "loss": loss}
+        out = {"accuracy": acc, "loss": loss}
+        if self.global_val is not None and len(self.global_val[1]):
+            out["val_accuracy"], out["val_loss"] = evaluate(self.model, *self.global_val, precision=self.training.precision)
+        return out
 
     def _train_central(self, state: State, x: np.ndarray, y: np.ndarray, key: tuple[int, ...]) -> tuple[State, float]:
         """The Trainer a scheme may use to train on data held centrally."""
         t0 = time.perf_counter()
         set_state(self.model, state)
-        plan = self.scheme.plan(key[1] if len(key) > 1 else 0)
-        loss, _ = local_train(self.model, x, y, training=self.training, plan=plan, key=key)
+        round = key[1] if len(key) > 1 else 0
+        loss, _ = local_train(self.model, x, y, training=scheduled(self.training, round), plan=self.scheme.plan(round),
+                              key=key)
         self.central_work.append((self.training.local_epochs * len(y), time.perf_counter() - t0))
         return get_state(self.model), loss
 

@@ -17,6 +17,7 @@ import torch
 
 from agents.institution import Institution
 from sim.batched import batchable, train_many
+from sim.train import scheduled
 from sim.models import build_model, check_state_keys
 from sim.types import InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update
 
@@ -35,6 +36,7 @@ class Host:
         seed: int,
         initial: State,
         global_test: tuple[np.ndarray, np.ndarray],
+        global_val: tuple[np.ndarray, np.ndarray] | None = None,
         threads: int = 1,
         vectorise: bool = True,
     ):
@@ -50,7 +52,7 @@ class Host:
         self.institutions = [
             Institution(s, shard, training=training, seed=seed, initial=initial) for s, shard in zip(specs, shards)
         ]
-        self.global_test = global_test
+        self.global_test, self.global_val = global_test, global_val
         self.training = training
         self.vectorise = vectorise  # plain local steps of many small institutions run as one vmapped computation
 
@@ -86,7 +88,8 @@ class Host:
             check_state_keys(own, start, i.spec.name)
         t0 = time.perf_counter()
         results = train_many(self.model, starts, [i.tensors(self.model) for i in trained],
-                             [(i.seed, i.spec.index, ctx.round) for i in trained], training=self.training, plan=plan,
+                             [(i.seed, i.spec.index, ctx.round) for i in trained],
+                             training=scheduled(self.training, ctx.round), plan=plan,
                              anchors=starts if plan.prox_mu > 0 else None)
         seconds = time.perf_counter() - t0
         total = max(1, sum(i.shard.num_train for i in trained))
@@ -107,5 +110,6 @@ class Host:
     def evaluate(self, plan: LocalPlan, global_state: State | None,
                  only: frozenset[str] | None = None) -> list[tuple[str, dict[str, float]]]:
         """Each hosted institution's (or only those named in ``only``) test scores for the model it ends the round with."""
-        return [(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test)) for i in self.institutions
+        return [(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test, self.global_val))
+                for i in self.institutions
                 if only is None or i.spec.name in only]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sim.models import get_state, set_state
-from sim.train import _to_tensors, evaluate, full_gradient, local_train, rng_for
+from sim.train import _to_tensors, evaluate, full_gradient, local_train, rng_for, scheduled
 from sim.types import (ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update,
                        state_nbytes)
 
@@ -76,6 +76,7 @@ class Institution:
         if kept:  # FedPer: the shared part from the global model, the head its own
             start = {**global_state, **{k: self.personal[k] for k in kept}}
         key = (self.seed, self.spec.index, ctx.round)
+        training = scheduled(self.training, ctx.round)
         t0 = time.perf_counter()
         loss, samples_processed = float("nan"), 0
         if plan.upload == "data":
@@ -90,7 +91,7 @@ class Institution:
             else:
                 anchor = start if plan.prox_mu > 0 else None
                 loss, steps = local_train(
-                    model, shard.x_train, shard.y_train, training=self.training, plan=plan, key=key, anchor=anchor
+                    model, shard.x_train, shard.y_train, training=training, plan=plan, key=key, anchor=anchor
                 )
                 samples_processed = self.training.local_epochs * shard.num_train
                 payload = get_state(model)
@@ -101,7 +102,7 @@ class Institution:
             elif plan.start == "personal" and not plan.one_step:
                 self.personal, self.changed = get_state(model), True
             if plan.personal_mu is not None and global_state:
-                self._train_personal(model, plan, global_state, ctx.round)
+                self._train_personal(model, plan, global_state, ctx.round, training)
                 samples_processed += self.training.local_epochs * shard.num_train
             if plan.upload == "nothing":
                 payload = {}
@@ -145,7 +146,8 @@ class Institution:
             bytes_down=state_nbytes(global_state) if plan.start == "global" and global_state else 0,
         )
 
-    def _train_personal(self, model: torch.nn.Module, plan: LocalPlan, global_state: State, round: int) -> None:
+    def _train_personal(self, model: torch.nn.Module, plan: LocalPlan, global_state: State, round: int,
+                        training: TrainingSpec) -> None:
         """Ditto: train the personal model v on the own shard with the pull (mu/2)*||v - w||^2 to this round's global w."""
         lr, mu = self.training.lr, plan.personal_mu
         if mu * lr >= 2.0:
@@ -153,7 +155,7 @@ class Institution:
             raise ConfigError("scheme.lam", f"lam * training.lr = {mu:g} * {lr:g} >= 2 makes the personal model "
                               f"diverge; use lam < {2.0 / lr:g} or a smaller training.lr")
         set_state(model, self.personal)
-        local_train(model, self.shard.x_train, self.shard.y_train, training=self.training,
+        local_train(model, self.shard.x_train, self.shard.y_train, training=training,
                     plan=LocalPlan(prox_mu=mu), key=(self.seed, self.spec.index, round, PERSONAL_STREAM),
                     anchor=global_state)
         self.personal, self.changed = get_state(model), True
@@ -172,8 +174,9 @@ class Institution:
             self.changed = True
 
     def evaluate(self, model: torch.nn.Module, plan: LocalPlan, global_state: State | None,
-                 global_test: tuple[np.ndarray, np.ndarray] | None) -> dict[str, float]:
-        """Score the model this institution ends up with on its own test split (and, if personal, the global one)."""
+                 global_test: tuple[np.ndarray, np.ndarray] | None,
+                 global_val: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+        """Score the model this institution ends up with on its own test and validation splits (if personal, the global ones too)."""
         personal = plan.evaluate == "personal"
         kept = personal_keys(plan, global_state) if personal and global_state else ()
         if kept:  # FedPer: the merged shared part with its own head
@@ -185,10 +188,16 @@ class Institution:
             self._adapt(model, plan)
         acc, loss = evaluate(model, self.shard.x_test, self.shard.y_test, precision=self.training.precision)
         out = {"accuracy": acc, "loss": loss}
+        if self.shard.y_val is not None and len(self.shard.y_val):  # what model selection may look at
+            out["val_accuracy"], out["val_loss"] = evaluate(model, self.shard.x_val, self.shard.y_val,
+                                                            precision=self.training.precision)
         if personal and global_test is not None and (plan.upload == "nothing" or plan.personal_keys):
             # No complete merged model (nothing shared, or no shared head): the "global" row is
             # the mean of the institutions' own models.
             out["global_accuracy"], out["global_loss"] = evaluate(model, *global_test, precision=self.training.precision)
+            if global_val is not None and len(global_val[1]):
+                out["global_val_accuracy"], out["global_val_loss"] = evaluate(model, *global_val,
+                                                                              precision=self.training.precision)
         return out
 
     def _adapt(self, model: torch.nn.Module, plan: LocalPlan) -> None:

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from sim.results import SELECT_RULES, select_rounds  # noqa: F401 - the selection rule belongs to the results schema
+
 BASELINE = "isolated"
 """The scheme every gain is measured against: each institution training alone."""
 POOLED = "pooled"
@@ -30,6 +32,8 @@ GLOBAL = "global"
 RUN = ["run_id", "scheme", "scenario", "seed"]
 """Columns that identify a run."""
 METRICS = ("accuracy", "loss", "train_loss")
+MIN_SEEDS = 3
+"""Fewest seeds an interval is shown for: from two seeds a t-interval is too wide to mean anything."""
 
 
 class AnalysisWarning(UserWarning):
@@ -48,15 +52,15 @@ def is_federated(scheme: str) -> bool:
     return scheme not in (BASELINE, POOLED)
 
 
-def mean_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and two-sided Student-t interval of the mean; the interval is NaN with fewer than two values."""
+def mean_interval(values: Iterable[float], level: float = 0.95, min_n: int = MIN_SEEDS) -> tuple[float, float, float]:
+    """Mean and two-sided Student-t interval of the mean; the interval is NaN with fewer than ``min_n`` values."""
     x = np.asarray(list(values), dtype=float)
     x = x[~np.isnan(x)]
     if len(x) == 0:
         return np.nan, np.nan, np.nan
     mean = float(x.mean())
-    if len(x) < 2:
-        return mean, np.nan, np.nan  # one seed says nothing about spread: NaN, never a zero-width interval
+    if len(x) < max(2, min_n):
+        return mean, np.nan, np.nan  # too few seeds say nothing about spread: NaN, never a misleading interval
     half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
     return mean, mean - half, mean + half
 
@@ -81,9 +85,17 @@ def gini(values: Iterable[float]) -> float:
 
 
 def final_round(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Rows of each run's final round (the highest round that run reports)."""
-    last = metrics.groupby("run_id")["round"].transform("max")
-    return metrics[metrics["round"] == last]
+    """Rows of the round each run's selection rule picked for each institution (``selected``), else its last round.
+
+    Runs written before model selection existed (no ``selected`` column, or no row marked)
+    fall back to the highest round the run reports.
+    """
+    last = metrics["round"] == metrics.groupby("run_id")["round"].transform("max")
+    if "selected" not in metrics:
+        return metrics[last]
+    chosen = metrics["selected"].fillna(False).astype(bool)
+    marked = chosen.groupby(metrics["run_id"]).transform("any")
+    return metrics[chosen | (~marked & last)]
 
 
 def final_table(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -192,6 +204,9 @@ def summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     megabytes; a leading ``scenario`` column appears only when the runs span several scenarios.
     ``worse_off`` counts institutions whose mean gain over seeds is below zero (NA when no
     isolated baseline matches); ``megabytes`` is (bytes_up + bytes_down) / 1e6 summed over a run.
+    ``seeds`` counts the runs behind each row; ``mean_gain_low``/``mean_gain_high`` bound the
+    95% t-interval of the mean gain over seeds (each seed's mean over institutions), NaN with
+    fewer than :data:`MIN_SEEDS` seeds.
     """
     gains = gain_table(metrics)
     per_run = run_accuracy(metrics)
@@ -199,7 +214,12 @@ def summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     per_run.loc[per_run["scheme"] == BASELINE, "mean_gain"] = 0.0
     per_run = per_run.merge(run_costs(ledger)[["run_id", "megabytes"]], on="run_id", how="left")
     values = ["global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain", "megabytes"]
-    table = per_run.groupby(["scenario", "scheme"], sort=False)[values].mean().reset_index()
+    groups = per_run.groupby(["scenario", "scheme"], sort=False)
+    table = groups[values].mean().reset_index()
+    table["seeds"] = groups["run_id"].nunique().to_numpy()
+    bounds = [mean_interval(g["mean_gain"])[1:] for _, g in groups]
+    table["mean_gain_low"] = [lo for lo, _ in bounds]
+    table["mean_gain_high"] = [hi for _, hi in bounds]
     per_inst = gain_summary(gains).dropna(subset=["gain"])
     worse = per_inst.groupby(["scenario", "scheme"])["worse_off"].sum()
     table["worse_off"] = [
@@ -208,7 +228,8 @@ def summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     ]
     table["worse_off"] = table["worse_off"].astype("Int64")
     table = order_rows(table)
-    columns = ["scheme", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain", "worse_off", "megabytes"]
+    columns = ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain", "mean_gain_low",
+               "mean_gain_high", "worse_off", "megabytes"]
     if table["scenario"].nunique() > 1:
         columns = ["scenario", *columns]
     return table[columns]

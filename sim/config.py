@@ -7,9 +7,11 @@ objects, never raw dicts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -19,9 +21,11 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from sim import schema
-from sim.scenario import build_scenario
-from sim.schema import CLUSTER, ENGINE, GPU_POLICIES, PLACEMENTS, TOP, TRAINING, check_group
+from sim.scenario import build_scenario, from_sites, uses_sites
+from sim.schema import CLUSTER, ENGINE, GPU_POLICIES, PLACEMENTS, RESULTS, TOP, TRAINING, check_group
 from sim.types import ConfigError, Scenario, TrainingSpec
+
+log = logging.getLogger("collabsim")
 
 __all__ = ["EngineSpec", "GPU_POLICIES", "PLACEMENTS", "RunSpec", "SMOKE_ROUNDS", "load_spec"]
 SMOKE_ROUNDS = 3
@@ -64,6 +68,7 @@ class RunSpec:
     checkpoint_every: int = 0  # rounds between checkpoints; 0 = none
     resume: str | None = None  # the run directory this run continues
     overwrite: bool = False  # a fresh run may replace what an earlier one left in its directory (not part of run_id)
+    select: str = "best_val"  # results.select: which round's model each institution is reported with (sim.results)
     config: Mapping[str, Any] = field(default_factory=dict, compare=False)  # the validated config, as written to config.yaml
 
     @property
@@ -93,7 +98,7 @@ def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
     rounds = _int(c, "rounds", minimum=1)
     if smoke:
         rounds = min(rounds, SMOKE_ROUNDS)
-    scenario = build_scenario(c.get("scenario") or {}, seed)
+    scenario, c = _scenario(c, seed)
     scheme_name = _scheme_name(c.get("scheme") or {})
     # Where a run was resumed from, and whether it may replace an earlier run's files, are not what it is.
     hashed = {k: v for k, v in c.items() if k not in ("resume", "overwrite")}
@@ -106,13 +111,14 @@ def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
         scheme=c["scheme"],
         model=_group(c, "model"),
         data=_group(c, "data"),
-        training=_training(c.get("training") or {}),
+        training=replace(_training(c.get("training") or {}), rounds=rounds),
         engine=_engine(c.get("engine") or {}),
         cluster=check_group("cluster", c.get("cluster") or {}, CLUSTER),
         smoke=smoke,
         config_hash=hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8],
         checkpoint_every=c.get("checkpoint_every", 0),
         overwrite=bool(c.get("overwrite", False)),
+        select=check_group("results", c.get("results") or {}, RESULTS).get("select", "best_val"),
         config={**hashed, "resume": None},
     )
     check_address(spec.cluster.get("address"))  # cheap, so before the groups are built
@@ -167,6 +173,34 @@ def saved_config(run_dir: str | Path, key: str, fix: str) -> dict[str, Any]:
     return saved
 
 
+def _scenario(c: dict[str, Any], seed: int) -> tuple[Scenario, dict[str, Any]]:
+    """The scenario, and the config it runs with: the table's sites (data partitioned by site) or the scenario's own list.
+
+    A table spread over the built-in scenario's fictional institutions is allowed (its rows are
+    partitioned as data.partition says) but warned about: it is rarely what a user with sites meant.
+    """
+    cfg, data = c.get("scenario") or {}, c.get("data") or {}
+    if isinstance(data, Mapping) and uses_sites(cfg, data):
+        from sim.data import sites_from_table
+
+        data = {**data, "partition": "natural"}
+        stem = re.sub(r"[^\w.-]+", "_", Path(str(data.get("path") or "sites")).stem) or "sites"
+        return from_sites(cfg, stem, sites_from_table(data)), {**c, "data": data}
+    scenario = build_scenario(cfg, seed)
+    if isinstance(data, Mapping) and data.get("name") in ("table", "text") and cfg.get("from_data") == "auto" \
+            and data.get("partition") != "natural":
+        _warn_once(f"warning: data.path: the rows of {Path(str(data.get('path'))).name} are spread over the {len(scenario.institutions)} "
+                   f"fictional institutions of scenario={scenario.name}; to make each site of the file an institution, "
+                   "set data.institution_column=COLUMN")
+    return scenario, c
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """Log a warning once per process (the pre-run check and the run both load the spec)."""
+    log.warning(message)
+
+
 def _group(c: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     """A config group that must be present."""
     g = c.get(name)
@@ -203,6 +237,9 @@ def _check_groups(spec: RunSpec) -> None:
         raise cause or ConfigError("scheme", _first_line(e)) from None
     schema.check_data_types(spec.data)
     check_data(spec.data, spec.scenario, spec.model)
+    if spec.select == "best_val" and not (spec.data.get("val_fraction") or 0) > 0:
+        raise ConfigError("results.select", "best_val chooses each institution's round on its validation split, and "
+                          "data.val_fraction is 0: set data.val_fraction (e.g. 0.15) or results.select=last")
     target = schema.check_value("model._target_", spec.model.get("_target_"), schema.Field("str"))
     schema.check_by_signature("model", spec.model, _factory(target), schema.Field("int", 1, schema.MAX_WIDTH))
     if target.startswith("sim.models.foundation."):

@@ -25,10 +25,12 @@ from sim.checkpoint import Progress
 from sim.config import RunSpec, load_spec
 from sim.data import build_federation
 from sim.models import build_model, model_flops
-from sim.results import frame, write_table, write_text
+from sim.results import frame, select_rounds, write_table, write_text
 from sim.types import GLOBAL, Federation, InstitutionSpec, RunFailed, Shard, Snapshot
 
 log = logging.getLogger("collabsim")
+SCORES = ("accuracy", "loss", "val_accuracy", "val_loss")
+"""Metrics of a scored round: on the test split, then on the validation split (what model selection sees)."""
 
 
 @dataclass
@@ -126,9 +128,11 @@ def run(
 
     # 9. Tidy tables out; then, and only then, the run directory says complete.
     shards = {sh.name: sh for sh in fed.shards}
+    metrics = progress.table("metrics")
+    metrics["selected"] = select_rounds(metrics, spec.select)
     result = RunResult(
         run_id=spec.run_id,
-        metrics=progress.table("metrics"),
+        metrics=metrics,
         ledger=progress.table("ledger"),
         institutions=frame("institutions", [_institution_row(keys, s, shards[s.name]) for s in specs]),
     )
@@ -244,12 +248,13 @@ def _scores(keys: dict, r: int, evaluated, discipline: dict[str, str]) -> list[d
     rows = []
     if any("global_accuracy" in m for _, m in per_institution):
         # No merged model (e.g. isolated): the global row averages the institutions' own models.
-        glob = {"accuracy": float(np.mean([m["global_accuracy"] for _, m in per_institution])),
-                "loss": float(np.mean([m["global_loss"] for _, m in per_institution]))}
+        glob = {metric: float(np.mean([m[f"global_{metric}"] for _, m in per_institution]))
+                for metric in SCORES if all(f"global_{metric}" in m for _, m in per_institution)}
     for name, m in [(GLOBAL, glob), *per_institution]:
-        for metric in ("accuracy", "loss"):
-            rows.append(keys | {"round": r, "institution": name, "discipline": discipline[name],
-                                "metric": metric, "value": float(m[metric])})
+        for metric in SCORES:
+            if metric in m:
+                rows.append(keys | {"round": r, "institution": name, "discipline": discipline[name],
+                                    "metric": metric, "value": float(m[metric])})
     return rows
 
 

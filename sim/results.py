@@ -35,8 +35,9 @@ METRICS_COLUMNS = {
     "round": "int64",  # 0 = before any training
     "institution": "string",  # institution name, or "global"
     "discipline": "string",  # the institution's discipline, "global" for the global row
-    "metric": "string",  # accuracy | loss (on test data) | train_loss
+    "metric": "string",  # accuracy | loss (test split) | val_accuracy | val_loss (validation split) | train_loss
     "value": "float64",
+    "selected": "bool",  # the round results.select picked for this institution (select_rounds); analysis reports it
 }
 
 LEDGER_COLUMNS = {
@@ -81,11 +82,49 @@ REQUIRED = {"metrics": (*KEYS, "round", "institution", "metric", "value"), "ledg
 """Columns a file must hold to be read as that table (later schema additions may be missing from older runs)."""
 
 
+SELECT_RULES = ("last", "best_val")
+"""Model-selection rules (``results.select``): the last round, or each institution's round of best validation accuracy."""
+
+
 def frame(kind: str, rows: Iterable[Mapping]) -> pd.DataFrame:
-    """Build a table of ``kind`` with exactly the schema's columns and dtypes."""
+    """Build a table of ``kind`` with exactly the schema's columns and dtypes (a flag a row leaves out is False)."""
     columns = SCHEMAS[kind]
     df = pd.DataFrame(list(rows), columns=list(columns))
+    for name, dtype in columns.items():
+        if dtype == "bool":
+            df[name] = df[name].astype(object).where(df[name].notna(), False)
     return df.astype(columns)
+
+
+def select_rounds(metrics: pd.DataFrame, rule: str) -> pd.Series:
+    """The ``selected`` column for one run's metrics: True on the rows of the round ``rule`` picks per institution.
+
+    ``last``: the last scored round. ``best_val``: the round whose model scores the highest
+    validation accuracy for that institution (the global row: on the union of the validation
+    splits), ties going to the lower validation loss, then to the earlier round: early
+    stopping on each institution's own validation split, applied alike to every scheme
+    (under ``isolated`` it stops each institution's own training; under a federated scheme
+    each institution keeps the round's model that serves it best). Test data never choose.
+    """
+    if rule not in SELECT_RULES:
+        raise ValueError(f"unknown selection rule {rule!r}; choose one of {', '.join(SELECT_RULES)}")
+    keys = ["run_id", "institution"]
+    scored = metrics[metrics["metric"] == "accuracy"][[*keys, "round"]]
+    if rule == "last" or not (metrics["metric"] == "val_accuracy").any():
+        pick = scored.groupby(keys, as_index=False)["round"].max()
+    else:
+        val = metrics[metrics["metric"].isin(["val_accuracy", "val_loss"])]
+        wide = val.pivot_table(index=[*keys, "round"], columns="metric", values="value", aggfunc="first").reset_index()
+        if "val_loss" not in wide:
+            wide["val_loss"] = 0.0
+        wide = wide.sort_values([*keys, "val_accuracy", "val_loss", "round"], ascending=[True, True, False, True, True])
+        pick = wide.drop_duplicates(keys)[[*keys, "round"]]
+        last = scored.groupby(keys, as_index=False)["round"].max()  # who has no validation rows keeps its last round
+        unvalidated = last.merge(pick[keys], on=keys, how="left", indicator=True)["_merge"] == "left_only"
+        pick = pd.concat([pick, last[unvalidated.to_numpy()]], ignore_index=True)
+    chosen = metrics[keys + ["round"]].merge(pick.assign(_pick=True), on=[*keys, "round"], how="left")["_pick"]
+    return pd.Series(chosen.fillna(False).to_numpy(dtype=bool), index=metrics.index, name="selected")
+
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:

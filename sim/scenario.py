@@ -1,8 +1,10 @@
 """Turn the ``scenario`` config group into a validated, frozen :class:`Scenario`.
 
-Two ways to say who collaborates: an explicit list of institutions (names, disciplines,
-shares, skew, compute), or ``num_institutions: N``, a generated population with
-Dirichlet label skew and power-law data shares over round-robin disciplines.
+Three ways to say who collaborates: an explicit list of institutions (names, disciplines,
+shares, skew, compute); ``num_institutions: N``, a generated population with Dirichlet
+label skew and power-law data shares over round-robin disciplines; or the sites of the
+user's own table (:func:`from_sites`: one institution per value of ``data.institution_column``,
+shares from row counts), which ``from_data: auto`` picks whenever the data name such a column.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 from sim.schema import BEHAVIOURS, INSTITUTION, SCENARIO, check_group, check_value
 from sim.types import ConfigError, InstitutionSpec, Scenario
 
-__all__ = ["BEHAVIOURS", "build_scenario"]
+__all__ = ["BEHAVIOURS", "build_scenario", "from_sites", "uses_sites"]
 SHARE_TOLERANCE = 1e-3  # shares are typed by hand with two decimals; allow rounding slack
 EVEN_PART = 0.5  # generated populations: fraction of the data spread evenly under the power law
 FAULT_KEYS = ("availability", "failure_rate")  # scenario-level defaults that every institution may override
@@ -36,6 +38,41 @@ def build_scenario(cfg: Mapping[str, Any], seed: int) -> Scenario:
     total = sum(s.share for s in specs)
     if abs(total - 1.0) > SHARE_TOLERANCE:
         raise ConfigError("scenario.institutions", f"shares add up to {total:.4g}, not 1; fix the shares so they sum to 1")
+    return Scenario(name=name, institutions=specs)
+
+
+def uses_sites(cfg: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
+    """Whether the scenario is the data's own sites: ``from_data`` is true, or ``auto`` and the data name a site column.
+
+    ``auto`` (the built-in default scenario) applies to ``data=table`` with ``institution_column``
+    set and to ``data=text`` with its natural partition, unless ``num_institutions`` asks for a
+    generated population. A scenario file of one's own (no ``from_data`` key) keeps its list.
+    """
+    mode = cfg.get("from_data", False)
+    if mode not in (True, False, "auto"):
+        raise ConfigError("scenario.from_data", f"expected true, false or auto, got {mode!r}")
+    if mode is False or cfg.get("num_institutions") is not None:
+        return False
+    column = data.get("institution_column", "institution" if data.get("name") == "text" else None)
+    sited = data.get("name") in ("table", "text") and column is not None \
+        and (data.get("name") == "table" or data.get("partition", "natural") == "natural")
+    if mode is True and not sited:
+        raise ConfigError("scenario.from_data", "the scenario can only come from data=table or data=text with "
+                          "data.institution_column naming each row's site")
+    return sited
+
+
+def from_sites(cfg: Mapping[str, Any], name: str, sites: list[tuple[str, str, int]]) -> Scenario:
+    """One institution per site (name, discipline, rows): shares from row counts, compute from the scenario's defaults."""
+    check_group("scenario", cfg, SCENARIO)
+    total = sum(rows for _, _, rows in sites)
+    faults = {k: float(cfg.get(k, getattr(InstitutionSpec, k))) for k in FAULT_KEYS}
+    specs = tuple(
+        InstitutionSpec(index=i, name=site, discipline=discipline, share=rows / total,
+                        cpus=float(cfg.get("cpus", 0.25)), gpus=float(cfg.get("gpus", 0.0)), **faults)
+        for i, (site, discipline, rows) in enumerate(sites)
+    )
+    _check_names(specs)
     return Scenario(name=name, institutions=specs)
 
 

@@ -158,10 +158,11 @@ GPU_POLICIES = ("warn", "require")
 BEHAVIOURS = ("honest",)
 DATASETS = ("synthetic", "digits", "table", "text", "docstrings")  # sim.data.DATASETS; a test keeps the two in step
 PARTITIONS = ("iid", "dirichlet", "quantity", "natural")  # sim.data.partition.PARTITIONS, likewise
-GROUPS = ("scenario", "scheme", "model", "data", "training", "engine", "cluster")
+GROUPS = ("scenario", "scheme", "model", "data", "training", "engine", "cluster", "results")
 OTHER_ENTRY_POINTS = ("hydra", "sweep", "schemes", "report", "seeds", "variants", "sweep_trust")  # keys of Hydra, sim.sweep and sim.compare
 
 PROBABILITY = Field("float", 0.0, 1.0)
+SCHEDULES = ("constant", "cosine", "step")  # learning rate over rounds (sim.train.scheduled)
 TOP = {
     "seed": Field("int", 0, 2**32 - 1),  # numpy and torch seeds both take 32 bits
     "rounds": Field("int", 1),
@@ -172,7 +173,7 @@ TOP = {
     # A run directory to continue. sim.sweep's config (conf/sweep_main.yaml) reuses the key as a
     # true/false flag for the sweep itself, so booleans mean "not a run directory" here.
     "resume": Field("any"),
-    **{g: Field("group", null=g in ("training", "engine", "cluster")) for g in GROUPS},
+    **{g: Field("group", null=g in ("training", "engine", "cluster", "results")) for g in GROUPS},
 }
 TRAINING = {
     "local_epochs": Field("int", 1),
@@ -183,6 +184,13 @@ TRAINING = {
     "optimizer": Field("str", choices=("sgd", "adamw")),
     "head_lr": Field("float", 0.0, low_open=True, null=True),
     "precision": Field("str", choices=("fp32", "bf16", "fp16")),
+    "schedule": Field("str", choices=SCHEDULES),
+    "server_schedule": Field("str", choices=SCHEDULES),
+    "step_every": Field("int", 1),
+    "step_gamma": Field("float", 0.0, 1.0, low_open=True),
+}
+RESULTS = {
+    "select": Field("str", choices=("last", "best_val")),
 }
 ENGINE = {
     "threads_per_institution": Field("int", 1, MAX_THREADS),
@@ -214,6 +222,7 @@ SCENARIO = {
     "institutions": Field("list", null=True),
     "availability": PROBABILITY,
     "failure_rate": PROBABILITY,
+    "from_data": Field("any"),  # true | false | auto: institutions are the sites of data=table/text (sim.scenario)
 }
 INSTITUTION = {
     "name": Field("str"),
@@ -232,7 +241,8 @@ INSTITUTION = {
 _PARTITION = {"dirichlet_alpha": Field("float", 0.0, low_open=True), "quantity_exponent": Field("float", 0.0)}
 _TEXT = {"max_length": Field("int", 2, 512), "max_rows_per_institution": Field("int", 1, null=True)}
 _COMMON = {"name": Field("str", choices=DATASETS), "partition": Field("str", choices=PARTITIONS),
-           "test_fraction": Field("float", 0.0, 1.0, low_open=True, high_open=True)}
+           "test_fraction": Field("float", 0.0, 1.0, low_open=True, high_open=True),
+           "val_fraction": Field("float", 0.0, 1.0, high_open=True)}
 DATA = {
     "synthetic": {**_COMMON, "num_samples": Field("int", 1, MAX_SAMPLES), "dim": Field("int", 1, MAX_WIDTH),
                   "num_classes": Field("int", 2, MAX_WIDTH), "alpha": Field("float", 0.0), "beta": Field("float", 0.0),

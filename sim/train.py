@@ -14,7 +14,9 @@ RNG state is left alone.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,6 +26,30 @@ from torch import nn
 from sim.types import LocalPlan, State, TrainingSpec
 
 _CHUNK = 4096  # samples per forward pass when a whole shard is processed at once (bounds memory)
+
+
+def lr_scale(schedule: str, round: int, training: TrainingSpec) -> float:
+    """Factor on a base learning rate in (1-based) ``round``: 1 in round 1, then per ``schedule``.
+
+    ``constant``: 1. ``cosine``: 0.5 * (1 + cos(pi * (round - 1) / rounds)), from 1 down towards
+    0 over the run's planned rounds (never 0 in a round that trains). ``step``: step_gamma **
+    floor((round - 1) / step_every).
+    """
+    if schedule == "constant" or round < 1:
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (round - 1) / training.rounds)) if training.rounds > 0 else 1.0
+    if schedule == "step":
+        return float(training.step_gamma) ** ((round - 1) // training.step_every)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def scheduled(training: TrainingSpec, round: int) -> TrainingSpec:
+    """The local-training settings of ``round``: learning rates (and a head's own) scaled by ``training.schedule``."""
+    f = lr_scale(training.schedule, round, training)
+    if f == 1.0:
+        return training
+    return replace(training, lr=training.lr * f, head_lr=None if training.head_lr is None else training.head_lr * f)
 
 
 def rng_for(key: tuple[int, ...]) -> tuple[np.random.Generator, torch.Generator]:

@@ -78,6 +78,8 @@ class Shard:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    x_val: np.ndarray | None = None  # its validation split (data.val_fraction of its training rows); None = none
+    y_val: np.ndarray | None = None
 
     @property
     def num_train(self) -> int:
@@ -94,6 +96,8 @@ class Federation:
     y_test: np.ndarray
     input_shape: tuple[int, ...]  # shape of one sample, e.g. (60,) or (1, 8, 8)
     num_classes: int
+    x_val: np.ndarray | None = None  # global validation set: the union of the institutions' validation splits
+    y_val: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,11 @@ class TrainingSpec:
     optimizer: str = "sgd"  # sgd | adamw: the local optimizer, built afresh every round
     head_lr: float | None = None  # learning rate of a transformer's classification head; None = lr
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of forward passes (fp16 only on a GPU)
+    schedule: str = "constant"  # constant | cosine | step: the local learning rate over rounds (sim.train.lr_scale)
+    server_schedule: str = "constant"  # the same choice for a scheme's server learning rate (server_lr)
+    step_every: int = 10  # schedule=step: multiply by step_gamma every step_every rounds
+    step_gamma: float = 0.5
+    rounds: int = 0  # the run's planned rounds (cosine decays over them); 0 = unknown, no decay
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,7 @@ class RoundContext:
     plan: LocalPlan = field(default_factory=LocalPlan)
     sim_time: float = 0.0  # simulated seconds elapsed before this round
     dropped: tuple[tuple[str, str], ...] = ()  # (institution, fault) of selected institutions that will send nothing
+    server_scale: float = 1.0  # this round's factor on a scheme's server_lr (training.server_schedule)
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,10 @@ class FedAvg(Scheme):
         return sample_cohort(ctx, self.cohort_fraction)
 
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
-        """Weighted mean of the updates' (possibly partial) states, applied with ``server_lr``; None if nothing usable arrived."""
+        """Weighted mean of the updates' (possibly partial) states, applied with ``server_lr`` (times the round's
+        ``training.server_schedule`` factor); None if nothing usable arrived."""
         usable = [u for u in updates if u.state and (self.weighting == "uniform" or u.num_samples > 0)]
         if not usable:
             return None
         weights = [1.0 if self.weighting == "uniform" else float(u.num_samples) for u in usable]
-        return server_step(state, weighted_average([u.state for u in usable], weights), self.server_lr)
+        return server_step(state, weighted_average([u.state for u in usable], weights), self.server_lr * ctx.server_scale)

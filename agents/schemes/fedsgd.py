@@ -40,4 +40,4 @@ class FedSGD(Scheme):
         if not usable:
             return None
         grad = weighted_average([u.state for u in usable], [float(u.num_samples) for u in usable])
-        return apply_gradient(state, grad, self.server_lr)
+        return apply_gradient(state, grad, self.server_lr * ctx.server_scale)

@@ -13,6 +13,11 @@ Text datasets need a transformer model (``model``, a factory of sim.models.found
 their builders return texts, which are tokenised here once, with that model's tokenizer,
 into int64 token ids of shape (max_length,); they take no feature skew.
 
+Every dataset takes ``val_fraction``: that share of each institution's training rows is
+held out as its validation split (drawn from its own stream, after the train/test split,
+so test splits do not move), for model selection (``results.select=best_val``); the
+global validation set is their union.
+
 An institution's ``feature_skew`` adds one fixed Gaussian shift (that std, one value per
 input element, drawn from its own stream) to all its inputs, train and test: its
 instruments read differently, after labels are fixed.
@@ -25,7 +30,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from sim.data import digits, docstrings, synthetic, table, text
-from sim.data.partition import FEATURE_SKEW, PARTITIONS, Pool, check_sizes, stream
+from sim.data.partition import FEATURE_SKEW, MIN_TRAIN, PARTITIONS, VALIDATION, Pool, check_sizes, num_test, stream
 from sim.types import ConfigError, Federation, Scenario, Shard
 
 DATASETS: dict[str, Callable[..., Pool]] = {
@@ -39,11 +44,13 @@ DATASETS: dict[str, Callable[..., Pool]] = {
 
 _MODULES = {"synthetic": synthetic, "digits": digits, "table": table, "text": text, "docstrings": docstrings}
 TEXT = ("text", "docstrings")  # datasets whose samples are texts, tokenised once by build_federation
+COMMON = {"val_fraction": 0.15}
+"""Keys every dataset takes (handled here, not by the builders)."""
 
 
 def defaults(name: str) -> dict:
     """The keys a dataset takes and their defaults (mirrors conf/data/<name>.yaml)."""
-    return dict(_MODULES[name].DEFAULTS)
+    return dict(_MODULES[name].DEFAULTS) | COMMON
 
 
 def _resolve(data: Mapping) -> dict:
@@ -51,7 +58,7 @@ def _resolve(data: Mapping) -> dict:
     name = data.get("name")
     if name not in DATASETS:
         raise ConfigError("data.name", f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    known = _MODULES[name].DEFAULTS
+    known = _MODULES[name].DEFAULTS | COMMON
     for key in data:
         if key not in known and not str(key).startswith("_"):  # _target_ and friends belong to Hydra
             raise ConfigError(f"data.{key}", f"unknown key for dataset '{name}'; known keys: {', '.join(known)}")
@@ -92,6 +99,9 @@ def check_data(data: Mapping, scenario: Scenario, model: Mapping | None = None) 
     tf = cfg["test_fraction"]
     if not isinstance(tf, (int, float)) or isinstance(tf, bool) or not 0 < tf < 1:
         raise ConfigError("data.test_fraction", f"must be between 0 and 1 (exclusive), got {tf!r}")
+    vf = cfg["val_fraction"]
+    if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 <= vf < 1:
+        raise ConfigError("data.val_fraction", f"must be at least 0 and below 1, got {vf!r}")
     _MODULES[cfg["name"]].check(cfg, scenario)
 
 
@@ -110,23 +120,48 @@ def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: boo
         pool = pool._replace(x=text.tokenize(pool.x, model, cfg["max_length"]))
     check_sizes(scenario.names, [len(tr) for tr, _ in pool.parts], [len(te) for _, te in pool.parts],
                 "scenario.institutions", "raise its share or give the dataset more samples")
+    parts = [(*hold_out(train, cfg["val_fraction"], seed, spec.index, spec.name), test)
+             for spec, (train, test) in zip(scenario.institutions, pool.parts)]
     shards = []
-    for spec, (train, test) in zip(scenario.institutions, pool.parts):
-        x_train, x_test = pool.x[train], pool.x[test]  # fancy indexing copies: shards never alias
+    for spec, (train, val, test) in zip(scenario.institutions, parts):
+        xs = [pool.x[rows] for rows in (train, val, test)]  # fancy indexing copies: shards never alias
         if spec.feature_skew > 0 and not is_text:  # check_data refuses feature skew for token ids
             rng = stream(seed, FEATURE_SKEW, spec.index)
             shift = rng.normal(0.0, spec.feature_skew, size=pool.x.shape[1:]).astype(np.float32)
-            x_train, x_test = x_train + shift, x_test + shift
+            xs = [x + shift for x in xs]
         dtype = np.int64 if is_text else np.float32  # token ids stay integers
-        shards.append(Shard(spec.name, x_train.astype(dtype, copy=False), pool.y[train].astype(np.int64),
-                            x_test.astype(dtype, copy=False), pool.y[test].astype(np.int64)))
+        x_train, x_val, x_test = (x.astype(dtype, copy=False) for x in xs)
+        shards.append(Shard(spec.name, x_train, pool.y[train].astype(np.int64), x_test, pool.y[test].astype(np.int64),
+                            x_val, pool.y[val].astype(np.int64)))
     return Federation(
         shards=tuple(shards),
         x_test=np.concatenate([s.x_test for s in shards]),
         y_test=np.concatenate([s.y_test for s in shards]),
         input_shape=tuple(int(d) for d in pool.x.shape[1:]),
         num_classes=int(pool.num_classes),
+        x_val=np.concatenate([s.x_val for s in shards]),
+        y_val=np.concatenate([s.y_val for s in shards]),
     )
+
+
+def hold_out(train: np.ndarray, fraction: float, seed: int, index: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split an institution's training rows into (train, validation): ``fraction`` of them, drawn from its own stream.
+
+    Rows keep their order within each part. Raises ConfigError when what is left cannot train
+    or a positive fraction leaves no validation row.
+    """
+    k = num_test(len(train), fraction) if fraction > 0 else 0
+    if fraction > 0 and k == 0:
+        raise ConfigError("data.val_fraction", f"institution '{name}' has {len(train)} training rows, too few to hold "
+                          f"out {fraction:g} of them for validation; raise data.val_fraction or set it to 0 "
+                          "(with results.select=last)")
+    if len(train) - k < MIN_TRAIN:
+        raise ConfigError("data.val_fraction", f"holding out {fraction:g} of institution '{name}''s {len(train)} "
+                          f"training rows for validation leaves {len(train) - k}; it needs at least {MIN_TRAIN} "
+                          "to train: lower data.val_fraction")
+    val = np.zeros(len(train), dtype=bool)
+    val[stream(seed, VALIDATION, index).choice(len(train), size=k, replace=False)] = True
+    return train[~val], train[val]
 
 
 def sites_from_table(data: Mapping) -> list[tuple[str, str, int]]:

@@ -31,6 +31,7 @@ PARTITIONS = ("iid", "dirichlet", "quantity", "natural")
 # adding a draw in one place never shifts the numbers drawn anywhere else.
 SMOKE, PARTITION, SPLIT, FEATURE_SKEW, DISCIPLINE, INSTITUTION, SAMPLES = range(7)
 ROWS = 7  # the text datasets' per-institution row caps (sim.data.text.cap)
+VALIDATION = 8  # which training rows an institution holds out for validation (sim.data.build_federation)
 
 MIN_TRAIN, MIN_TEST = 4, 2  # below this an institution can neither train nor be scored
 SMOKE_SAMPLES = 600  # samples kept under smoke=True (more if the smallest share needs them)

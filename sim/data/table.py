@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from sim.data import checks
 from sim.data.partition import (
-    PARTITION, SMOKE, SMOKE_SAMPLES, SPLIT, Pool, check_partition, check_sizes, natural, partition,
-    smallest_workable, smoke_size, split_train_test, stream,
+    MIN_TEST, MIN_TRAIN, PARTITION, SMOKE, SMOKE_SAMPLES, SPLIT, Pool, check_partition, check_sizes, natural, num_test,
+    partition, smallest_workable, smoke_size, split_train_test, stream,
 )
 from sim.types import ConfigError, Scenario
 
@@ -198,22 +198,54 @@ def build(data: Mapping, scenario: Scenario, seed: int, smoke: bool = False) -> 
 
 
 def sites_from_table(data: Mapping) -> list[tuple[str, str, int]]:
-    """(institution, discipline, n_rows) per site of the file, in order of first appearance."""
-    data = {**DEFAULTS, **data}
-    if data["name"] != "table":
-        raise ConfigError("data.name", f"sites come from a table; got dataset '{data['name']}', use data=table")
-    if data["partition"] != "natural":
-        raise ConfigError("data.partition", "sites are read from the institution column; set data.partition=natural")
+    """(institution, discipline, n_rows) per site of the file (table or text data), in order of first appearance.
+
+    Every site must be able to train and be scored alone: enough rows for its train,
+    validation and test splits, and at least two classes (checked here, before anything starts).
+    """
+    if data.get("name") not in ("table", "text"):
+        raise ConfigError("data.name", f"sites come from a file; got dataset '{data.get('name')}', use data=table or data=text")
+    data = {**DEFAULTS, "discipline_column": None, **data}
+    inst, disc, label = data["institution_column"], data["discipline_column"], data["label_column"]
+    if inst is None:
+        raise ConfigError("data.institution_column", "name the column that says which site each row comes from")
     path = _path(data)
-    _check_columns(data, path)
-    inst, disc = data["institution_column"], data["discipline_column"]
-    df = read(path, [c for c in (inst, disc) if c is not None]).dropna(subset=[inst])
+    header = list(read(path, nrows=0).columns)
+    for role, col in (("institution_column", inst), ("discipline_column", disc), ("label_column", label)):
+        if col is not None and col not in header:
+            shown = ", ".join(map(str, header[:20])) + (", ..." if len(header) > 20 else "")
+            raise ConfigError(f"data.{role}", f"no column '{col}' in {path.name}; columns are: {shown}")
+    df = read(path, list(dict.fromkeys(c for c in (inst, disc, label) if c is not None)))
+    if df[inst].isna().any():
+        raise ConfigError("data.institution_column", f"{int(df[inst].isna().sum())} rows of {path.name} name no site in "
+                          f"'{inst}'; fill or drop them")
     df[inst] = df[inst].astype(str)
+    need = rows_needed(data["test_fraction"], data.get("val_fraction", 0.0))
     sites = []
     for name, rows in df.groupby(inst, sort=False):
         kinds = sorted(set(rows[disc].astype(str))) if disc is not None else [NO_DISCIPLINE]
         if len(kinds) > 1:
             raise ConfigError("data.discipline_column", f"institution '{name}' has rows from several "
                               f"disciplines: {', '.join(kinds[:5])}; give each institution one discipline")
+        if len(rows) < need:
+            raise ConfigError("data.institution_column", f"site '{name}' has {len(rows)} row{'s' * (len(rows) != 1)} in "
+                              f"{path.name}; a site needs at least {need} (train, validation and test rows): "
+                              "drop it or merge it into another site")
+        classes = rows[label].dropna().unique()
+        if len(classes) < 2:
+            raise ConfigError("data.label_column", f"site '{name}' holds a single class ({classes[0]!r}) in {path.name}: "
+                              "it cannot learn to tell classes apart, and its accuracy would say nothing; drop the "
+                              "site or merge it into another")
         sites.append((str(name), kinds[0], len(rows)))
     return sites
+
+
+def rows_needed(test_fraction: float, val_fraction: float) -> int:
+    """Fewest rows an institution needs: MIN_TEST test rows, one validation row (if any are held out), MIN_TRAIN to train."""
+    n = smallest_workable(test_fraction)
+    while True:
+        train = n - num_test(n, test_fraction)
+        val = num_test(train, val_fraction) if val_fraction > 0 else 0
+        if num_test(n, test_fraction) >= MIN_TEST and train - val >= MIN_TRAIN and (val_fraction == 0 or val >= 1):
+            return n
+        n += 1

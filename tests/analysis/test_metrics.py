@@ -34,16 +34,22 @@ def test_gain_per_seed_matches_isolated_on_scenario_and_seed(small):
     assert "global" not in gains.index.get_level_values("institution")
 
 
-def test_gain_mean_and_t_interval_over_two_seeds(small):
+def test_gain_mean_over_two_seeds_and_no_interval_below_three(small):
     summary = m.gain_summary(m.gain_table(small[0])).set_index("institution")
-    half = stats.t.ppf(0.975, 1) * 2.5  # sd of (10, 5) is 5/sqrt(2); se = sd/sqrt(2) = 2.5
     assert summary.loc["A", "gain"] == pytest.approx(7.5, abs=TOL)
-    assert summary.loc["A", "gain_low"] == pytest.approx(7.5 - half, abs=TOL)
-    assert summary.loc["A", "gain_high"] == pytest.approx(7.5 + half, abs=TOL)
-    assert half == pytest.approx(31.7655, abs=1e-3)  # t(0.975, 1) = 12.706: two seeds give wide intervals
+    # From two seeds a t-interval is +-31.8 points (t(0.975, 1) = 12.706): too wide to mean anything, so none is given.
+    assert np.isnan(summary.loc["A", "gain_low"]) and np.isnan(summary.loc["A", "gain_high"])
     assert summary.loc["A", "seeds"] == 2
     assert not summary.loc["A", "worse_off"]
     assert summary.loc["B", "worse_off"]  # -2 and -4: loses by joining
+
+
+def test_t_interval_from_three_seeds_matches_a_hand_computation():
+    # Values 1, 2, 6: mean 3, sd sqrt(7), se sqrt(7/3); t(0.975, 2) = 4.302653 (tables).
+    mean, low, high = m.mean_interval([1.0, 2.0, 6.0])
+    half = 4.302653 * np.sqrt(7 / 3)
+    assert mean == pytest.approx(3.0) and low == pytest.approx(3 - half, abs=1e-5) and high == pytest.approx(3 + half, abs=1e-5)
+    assert m.MIN_SEEDS == 3 and np.isnan(m.mean_interval([1.0, 2.0])[1])
 
 
 def test_one_seed_gives_nan_interval_not_zero():
@@ -110,9 +116,10 @@ def test_fairness_on_small_tables(small):
 
 def test_summary_columns_and_values(small):
     table = m.summary(*small[:2])
-    assert list(table.columns) == ["scheme", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain",
-                                   "worse_off", "megabytes"]
+    assert list(table.columns) == ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy",
+                                   "mean_gain", "mean_gain_low", "mean_gain_high", "worse_off", "megabytes"]
     assert list(table["scheme"]) == ["isolated", "fedavg"]
+    assert list(table["seeds"]) == [2, 2] and table["mean_gain_low"].isna().all()  # two seeds: no interval
     fed = table.set_index("scheme").loc["fedavg"]
     assert fed["global_accuracy"] == pytest.approx(0.75, abs=TOL)
     assert fed["mean_accuracy"] == pytest.approx((0.74 + 0.755) / 2, abs=TOL)
@@ -122,6 +129,27 @@ def test_summary_columns_and_values(small):
     assert fed["megabytes"] == pytest.approx(6.0, abs=TOL)
     iso = table.set_index("scheme").loc["isolated"]
     assert pd.isna(iso["global_accuracy"]) and iso["mean_gain"] == 0 and iso["worse_off"] == 0 and iso["megabytes"] == 0
+
+
+def test_selected_rounds_pick_best_validation_accuracy_per_institution():
+    # Round-by-round scores of one run: A is best on validation in round 1, B in round 2 (tie on accuracy: lower loss).
+    rows = []
+    for r, (va, vl, acc) in enumerate([(0.5, 1.0, 0.50), (0.8, 0.6, 0.70), (0.7, 0.5, 0.90)]):
+        rows += [{"run_id": "x", "institution": "A", "round": r, "metric": k, "value": v}
+                 for k, v in (("val_accuracy", va), ("val_loss", vl), ("accuracy", acc))]
+    for r, (va, vl, acc) in enumerate([(0.5, 1.0, 0.40), (0.6, 0.9, 0.45), (0.6, 0.7, 0.55)]):
+        rows += [{"run_id": "x", "institution": "B", "round": r, "metric": k, "value": v}
+                 for k, v in (("val_accuracy", va), ("val_loss", vl), ("accuracy", acc))]
+    rows.append({"run_id": "x", "institution": "C", "round": 2, "metric": "accuracy", "value": 0.3})  # no validation rows
+    metrics = pd.DataFrame(rows).assign(scheme="fedavg", scenario="s", seed=0, discipline="d")
+    picked = metrics.assign(selected=m.select_rounds(metrics, "best_val"))
+    chosen = picked[picked["selected"]].groupby("institution")["round"].unique().map(list).to_dict()
+    assert chosen == {"A": [1], "B": [2], "C": [2]}  # C keeps its last round
+    final = m.final_table(picked).set_index("institution")["accuracy"]
+    assert final.to_dict() == {"A": 0.70, "B": 0.55, "C": 0.3}  # the test score at the chosen round, never the best test
+    last = m.final_table(metrics.assign(selected=m.select_rounds(metrics, "last"))).set_index("institution")
+    assert last["accuracy"].to_dict() == {"A": 0.90, "B": 0.55, "C": 0.3}
+    assert m.final_table(metrics).set_index("institution")["accuracy"].to_dict() == {"A": 0.90, "B": 0.55, "C": 0.3}
 
 
 def test_summary_adds_scenario_column_only_for_several_scenarios(small):

@@ -204,7 +204,7 @@ def test_same_seed_gives_identical_arrays_and_another_seed_does_not(data):
 def test_synthetic_shards_have_the_planned_sizes_and_types():
     scenario = make_scenario([0.5, 0.3, 0.2])
     fed = build_federation({"name": "synthetic", "num_samples": 1000}, scenario, seed=0)
-    assert [s.num_train + len(s.y_test) for s in fed.shards] == [500, 300, 200]
+    assert [s.num_train + len(s.y_val) + len(s.y_test) for s in fed.shards] == [500, 300, 200]
     assert [len(s.y_test) for s in fed.shards] == [100, 60, 40]  # test_fraction 0.2
     assert fed.input_shape == (60,) and fed.num_classes == 10
     assert fed.shards[0].x_train.dtype == np.float32 and fed.shards[0].y_train.dtype == np.int64
@@ -274,9 +274,9 @@ def test_digits_are_scaled_images_split_among_institutions():
     assert fed.input_shape == (1, 8, 8) and fed.num_classes == 10
     assert fed.shards[0].x_train.shape[1:] == (1, 8, 8)
     assert 0.0 <= min(s.x_train.min() for s in fed.shards) and max(s.x_train.max() for s in fed.shards) <= 1.0
-    assert sum(s.num_train + len(s.y_test) for s in fed.shards) == 1797  # the whole pool
+    assert sum(s.num_train + len(s.y_val) + len(s.y_test) for s in fed.shards) == 1797  # the whole pool
     smoke = build_federation({"name": "digits"}, make_scenario([0.5, 0.3, 0.2]), seed=0, smoke=True)
-    assert sum(s.num_train + len(s.y_test) for s in smoke.shards) == 600
+    assert sum(s.num_train + len(s.y_val) + len(s.y_test) for s in smoke.shards) == 600
 
 
 # --- table ------------------------------------------------------------------------------
@@ -284,8 +284,8 @@ def test_digits_are_scaled_images_split_among_institutions():
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_table_round_trip_with_natural_partition_and_split_column(site_frame, tmp_path, fmt):
-    # Prepare: a scenario built straight from the file
-    data = table_cfg(write(site_frame, tmp_path, fmt))
+    # Prepare: a scenario built straight from the file (no validation rows, so train is exactly the split column's)
+    data = table_cfg(write(site_frame, tmp_path, fmt)) | {"val_fraction": 0.0}
     sites = sites_from_table(data)
     scenario = Scenario("sites", tuple(
         InstitutionSpec(index=i, name=n, discipline=d, share=rows / len(site_frame))
@@ -310,7 +310,7 @@ def test_table_can_be_partitioned_like_any_pool(site_frame, tmp_path):
     data = {"name": "table", "path": str(write(site_frame, tmp_path, "csv")), "label_column": "diagnosis",
             "feature_columns": ["age", "dose"], "partition": "dirichlet"}
     fed = build_federation(data, make_scenario([0.6, 0.4]), seed=0)
-    assert sum(s.num_train + len(s.y_test) for s in fed.shards) == len(site_frame)
+    assert sum(s.num_train + len(s.y_val) + len(s.y_test) for s in fed.shards) == len(site_frame)
     assert [len(s.y_test) for s in fed.shards] == [16, 10]  # round(0.2 * 78), round(0.2 * 52)
 
 
