@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 
 import hydra
+import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sim.checkpoint import resume_overrides
-from sim.cli import fail, guard
+from sim.cli import fail, guard, without_flags
 from sim.config import load_spec
 from sim.rundir import check_argv
 from sim.types import ConfigError, RunFailed
@@ -22,7 +23,7 @@ def main(cfg: DictConfig) -> None:
 
     out = cfg.get("resume") or HydraConfig.get().runtime.output_dir
     try:
-        run(cfg, out)
+        result = run(cfg, out)
     except ConfigError as e:
         fail(str(e))
     except RunFailed as e:  # the run directory says failed; its last checkpoint is kept
@@ -31,14 +32,36 @@ def main(cfg: DictConfig) -> None:
             raise SystemExit(1) from None
         print(f"error: {e}; continue with: python -m sim resume={out}", file=sys.stderr)
         raise SystemExit(1) from None
+    print(run_summary(result.metrics, result.ledger))
     print(f"results: {out}")
 
+
+def run_summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> str:
+    """What a run prints at its end: each institution's final (selected) accuracy, the global model's, megabytes."""
+    from analysis.metrics import BASELINE, institution_finals, run_accuracy, run_costs
+
+    finals = institution_finals(metrics)
+    run = run_accuracy(metrics).iloc[0]
+    costs = run_costs(ledger)
+    # Under isolated nothing is merged: the engine's global row is the mean of the institutions' own models.
+    model = "(mean of own models)" if run["scheme"] == BASELINE else "(global model)"
+    rows = [(str(r.institution), str(r.discipline), "own test split", r.accuracy) for r in finals.itertuples()]
+    rows.append(("global", model, "global test set", run["global_accuracy"]))
+    head = ("institution", "discipline", "tested on", "accuracy")
+    w = [max(len(x[i]) for x in [head, *rows]) for i in range(3)]
+    line = "  {:<%d}  {:<%d}  {:<%d}  {:>8}" % tuple(w)
+    mb = float(costs["megabytes"].iloc[0]) if len(costs) else 0.0
+    up, down = (float(costs[c].iloc[0]) / 1e6 if len(costs) else 0.0 for c in ("bytes_up", "bytes_down"))
+    return "\n".join([f"{run['scheme']} on {run['scenario']}, seed {run['seed']}: final (selected) accuracy",
+                      line.format(*head), *(line.format(*r[:3], f"{r[3]:.3f}") for r in rows),
+                      f"exchanged: {mb:.2f} MB ({up:.2f} up, {down:.2f} down)"])
 
 if __name__ == "__main__":
     guard("config", sys.argv[1:], load_spec)
     try:
-        check_argv(sys.argv[1:])  # a used hydra.run.dir is refused before Hydra writes its .hydra/ into it
-        sys.argv += resume_overrides(sys.argv[1:])  # resume=DIR: Hydra writes into DIR, not a new folder
+        argv = without_flags(sys.argv[1:])  # --config-dir DIR's DIR is no override
+        check_argv(argv)  # a used hydra.run.dir is refused before Hydra writes its .hydra/ into it
+        sys.argv += resume_overrides(argv)  # resume=DIR: Hydra writes into DIR, not a new folder
     except ConfigError as e:
         fail(str(e))
     main()

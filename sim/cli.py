@@ -3,11 +3,20 @@
 Hydra reports a bad override as a multi-line message with a hint about stack traces.
 Users get one line naming the key and the fix instead, and exit status 2, before Ray
 or any actor starts. Sweep overrides (``-m scheme=a,b``) are checked value by value.
+
+A user's own config files live in folders of their own, laid out like conf/
+(``DIR/scenario/mysites.yaml``, ``DIR/scheme/x.yaml``, ``DIR/sweep/mine.yaml``) and named
+on the command line with ``--config-dir DIR`` or ``hydra.searchpath=[file://DIR]``, as
+Hydra takes them. Hydra's own loading sees them; the guard, :func:`compose` and
+:func:`group_options` see them through :data:`SEARCH_PATH`, which the guard sets from the
+command line, so the pre-run checks, compare's per-scheme configs and a sweep's trials
+find them too.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +28,14 @@ from sim.types import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PASSTHROUGH = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc", "--version"}
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+VALUE_FLAGS = (*CONFIG_DIR_FLAGS, "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
+"""Hydra's flags that take a value, which may come as the next argument (``--config-dir DIR``)."""
+SEARCH_PATH: list[str] = []
+"""The user's config folders as Hydra search-path entries (``file:///abs/dir``, ``pkg://module``), searched after
+conf/ in this order, as Hydra searches them. Module-level on purpose: compare composes its per-scheme configs
+through :func:`compose` from code that does not see the command line; :func:`use_search_path` sets it once, at
+start. A sweep's trials run in other processes and get it as an override (``sim.sweep.base_overrides``)."""
 
 
 def fail(message: str) -> None:
@@ -28,34 +45,172 @@ def fail(message: str) -> None:
 
 
 def group_options(group: str) -> list[str]:
-    """Config names available in a group folder of conf/."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """Config names available in a group folder of conf/ and of the user's config folders."""
+    return sorted({p.stem for folder in config_folders() for p in (folder / group).glob("*.yaml")})
 
 
-def guard(config_name: str, argv: list[str], check: Callable[[DictConfig], None]) -> None:
-    """Compose ``config_name`` with the command's overrides and run ``check``; one line and exit 2 on error."""
-    if any(a.split("=")[0] in PASSTHROUGH for a in argv):
-        return
-    overrides = [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))]
+def config_folders() -> list[Path]:
+    """conf/, then the user's config folders that are folders on disk (``file://`` entries of the search path)."""
+    return [CONF_DIR, *(Path(e.removeprefix("file://")) for e in SEARCH_PATH if e.startswith("file://"))]
+
+
+def hidden_files() -> list[tuple[Path, Path]]:
+    """(user file, conf/ file) pairs where a user's config file has a built-in one's group and name, so Hydra never reads it."""
+    return [(p, CONF_DIR / p.relative_to(folder)) for folder in config_folders()[1:] if folder != CONF_DIR
+            for p in sorted([*folder.glob("*.yaml"), *folder.glob("*/*.yaml")])  # the primary config and groups
+            if (CONF_DIR / p.relative_to(folder)).is_file()]
+
+
+def use_search_path(entries: Iterable[str]) -> None:
+    """Make :func:`compose` and :func:`group_options` search these entries after conf/ (see :data:`SEARCH_PATH`)."""
+    SEARCH_PATH[:] = list(dict.fromkeys(entries))
+
+
+def command_line(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(config overrides, user search path) of a command line; Hydra's flags and ``hydra.*`` overrides left out.
+
+    The search path is every ``--config-dir DIR`` (``-cd``), then the entries of
+    ``hydra.searchpath=[...]``, each checked to exist (raises ConfigError).
+    """
+    overrides, dirs, listed = [], [], []
+    args = iter(argv)
+    for a in args:
+        flag, eq, value = a.partition("=")
+        if flag in VALUE_FLAGS:
+            value = value if eq else next(args, "")
+            if flag in CONFIG_DIR_FLAGS:
+                dirs.append(_entry(value, flag))
+        elif a.startswith("-"):
+            continue
+        elif _key(a) == "hydra.searchpath":
+            listed = searchpath_entries(a)
+        elif not _key(a).startswith(("hydra.", "hydra/")):
+            overrides.append(a)
+    return overrides, [*dirs, *listed]
+
+
+def without_flags(argv: list[str]) -> list[str]:
+    """The command line without Hydra's flags and their values (``--config-dir DIR``, ``-m``): overrides only."""
+    out, args = [], iter(argv)
+    for a in args:
+        if a in VALUE_FLAGS:
+            next(args, None)
+        elif not a.startswith("-"):
+            out.append(a)
+    return out
+
+
+def searchpath_entries(override: str) -> list[str]:
+    """The entries of a ``hydra.searchpath=[...]`` override, folders made absolute (raises ConfigError)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     try:
-        for combo in _combinations(overrides):
-            check(compose(config_name, combo))
+        value = OverridesParser.create().parse_override(override).value()
+    except Exception:  # noqa: BLE001 - a malformed override becomes one line
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError("hydra.searchpath", f"expected a list of folders like [file:///path/to/my_conf], got "
+                          f"{override.partition('=')[2]!r}")
+    return [_entry(v, "hydra.searchpath") for v in value]
+
+
+def searchpath_override(entries: Iterable[str]) -> str:
+    """The ``hydra.searchpath=[...]`` override that lists ``entries`` (quoted, so any path survives)."""
+    quoted = ("'" + e.replace("\\", "\\\\").replace("'", "\\'") + "'" for e in entries)
+    return f"hydra.searchpath=[{','.join(quoted)}]"
+
+
+def _entry(where: str, key: str) -> str:
+    """One search-path entry: a folder (``DIR`` or ``file://DIR``) as ``file:///abs/DIR``; ``pkg://`` kept as written."""
+    if "://" in where and not where.startswith("file://"):
+        return where
+    path = Path(os.path.abspath(os.path.expanduser(where.removeprefix("file://")))) if where else None
+    if path is None or not path.is_dir():
+        raise ConfigError(key, f"{where!r} is not a folder; give a folder laid out like conf/ (e.g. DIR/scenario/mine.yaml)")
+    return f"file://{path}"
+
+
+def guard(config_name: str, argv: list[str], check: Callable[..., None], *, with_overrides: bool = False) -> None:
+    """Compose ``config_name`` with the command's overrides and run ``check``; one line and exit 2 on error.
+
+    Sets the user's search path (:func:`use_search_path`) from ``argv`` first. ``check`` gets the
+    composed config, and with ``with_overrides`` also the overrides it was composed from (one
+    value of each sweep at a time).
+    """
+    try:
+        overrides, entries = command_line(argv)
     except ConfigError as e:
         fail(str(e))
+    use_search_path(entries)
+    for mine, builtin in hidden_files():
+        print(f"warning: {mine} is hidden by {builtin} (conf/ is searched first); give yours a name of its own",
+              file=sys.stderr)
+    if any(a.split("=")[0] in PASSTHROUGH for a in argv):
+        return
+    combo: list[str] = []
+    try:
+        for combo in _combinations(overrides):
+            cfg = compose(config_name, combo)
+            if with_overrides:
+                check(cfg, combo)
+            else:
+                check(cfg)
+    except ConfigError as e:
+        fail(str(e) + _user_file(e.key, combo))
     except Exception as e:  # noqa: BLE001 - any composition error becomes one line
         fail(explain(e))
 
 
+def _user_file(key: str, overrides: list[str]) -> str:
+    """' (in FILE)' when the group ``key`` belongs to was chosen on the command line from a user's config file."""
+    group = re.split(r"[.\[]", key, maxsplit=1)[0]
+    chosen = [o.partition("=")[2] for o in overrides if _key(o) == group]
+    if not chosen or not SEARCH_PATH:
+        return ""
+    where = next((folder / group / f"{chosen[-1]}.yaml" for folder in config_folders()
+                  if (folder / group / f"{chosen[-1]}.yaml").is_file()), None)
+    return "" if where is None or where.is_relative_to(CONF_DIR) else f" (in {where})"
+
+
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose a config from conf/ exactly as the command line would, outside @hydra.main."""
+    """Compose a config from conf/ and the user's search path exactly as the command line would, outside @hydra.main.
+
+    A ``hydra.searchpath=[...]`` among ``overrides`` adds its entries after :data:`SEARCH_PATH`'s.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    rest = [o for o in overrides if _key(o) != "hydra.searchpath"]
+    listed = [e for o in overrides if _key(o) == "hydra.searchpath" for e in searchpath_entries(o)]
+    entries = list(dict.fromkeys([*SEARCH_PATH, *listed]))
+    if entries:
+        rest.append(searchpath_override(entries))
     if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        return hydra_compose(config_name=config_name, overrides=rest)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        return hydra_compose(config_name=config_name, overrides=rest)
+
+
+def swept_values(overrides: list[str], key: str) -> list[str] | None:
+    """The values a sweep override of ``key`` (``seed=0,1,2``, ``seed=range(3)``) lists; None when it is not swept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for a in overrides:
+        if a.startswith("-") or _key(a) != key:
+            continue
+        try:
+            o = OverridesParser.create().parse_override(a)
+        except Exception:  # noqa: BLE001 - the guard reports a malformed override
+            continue
+        if o.is_sweep_override():
+            return list(o.sweep_string_iterator())
+    return None
+
+
+def _key(override: str) -> str:
+    """The key an override sets (``++a.b=1`` -> ``a.b``)."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _combinations(overrides: list[str]) -> Iterable[list[str]]:
@@ -73,10 +228,11 @@ def _combinations(overrides: list[str]) -> Iterable[list[str]]:
     for i, c in enumerate(choices):
         for alt in c[1:]:
             yield base[:i] + [alt] + base[i + 1:]
-
-
 def explain(e: BaseException) -> str:
     """One line from Hydra/OmegaConf's error: which key, what is wrong, how to fix it."""
+    mark = getattr(e, "problem_mark", None)  # a YAML syntax error, e.g. in a user's own config file
+    if mark is not None and getattr(e, "problem", None):
+        return f"{mark.name}, line {mark.line + 1}: not valid YAML ({e.problem})"
     text = str(e)
     if m := re.search(r"Could not find '([\w/]+)/([^']+)'", text):
         group, option = m.groups()

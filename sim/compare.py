@@ -11,7 +11,7 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sim.cli import compose, fail, group_options, guard
+from sim.cli import compose, fail, group_options, guard, swept_values, without_flags
 from sim.config import load_spec
 from sim import rundir
 from sim.results import write_csv, write_table, write_text
@@ -114,17 +114,21 @@ def main(cfg: DictConfig) -> None:
         print(f"report: {build_report([out], out)}")
 
 
-def _check(cfg: DictConfig) -> None:
+def _check(cfg: DictConfig, overrides: list[str]) -> None:
     """Validate every scheme's run config before anything starts."""
     seed_list(cfg)
-    for sub in scheme_configs(cfg, [a for a in sys.argv[1:] if not a.startswith("-")]).values():
+    for sub in scheme_configs(cfg, overrides).values():
         load_spec(sub)
 
 
 if __name__ == "__main__":
-    guard("compare", sys.argv[1:], _check)
+    if (seeds := swept_values(without_flags(sys.argv[1:]), "seed")) is not None:  # Hydra would say "Ambiguous value"
+        start = "" if seeds[:1] in ([], ["0"]) else f"seed={seeds[0]} "
+        fail(f"compare runs replications itself: use {start}seeds={len(seeds)} (seeds seed, seed+1, ...) "
+             "instead of -m seed=...")
+    guard("compare", sys.argv[1:], _check, with_overrides=True)
     try:
-        rundir.check_argv(sys.argv[1:])  # a used hydra.run.dir is refused before Hydra writes into it
+        rundir.check_argv(without_flags(sys.argv[1:]))  # a used hydra.run.dir is refused before Hydra writes into it
     except ConfigError as e:
         fail(str(e))
     main()

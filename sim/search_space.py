@@ -67,6 +67,7 @@ class SweepSpec:
     bundles: str
     bundle_strategy: str
     backend: str = "inprocess"  # inprocess: the trial's own (reused) process runs the simulation | ray: the trial starts actors
+    tune_verbose: bool = False  # true: Tune's own progress tables on the console, instead of one line per finished trial
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -137,6 +138,7 @@ def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
         bundles=_word(cfg, "bundles", BUNDLES, "merged"),
         bundle_strategy=_word(cfg, "bundle_strategy", STRATEGIES, "STRICT_PACK"),
         backend=_word(cfg, "backend", BACKENDS, "inprocess"),
+        tune_verbose=_flag(cfg, "tune_verbose", False),
     )
     if spec.trial_cpus is not None and spec.trial_cpus <= spec.driver_cpus:
         raise ConfigError("sweep.trial_cpus", f"{spec.trial_cpus:g} leaves nothing for the simulation after "
@@ -327,6 +329,14 @@ def _word(cfg: Mapping, key: str, choices: tuple[str, ...], default: str) -> str
     v = cfg.get(key, default)
     if v not in choices:
         raise ConfigError(f"sweep.{key}", f"unknown {key.replace('_', ' ')} {v!r}; choose one of {', '.join(choices)}")
+    return v
+
+
+def _flag(cfg: Mapping, key: str, default: bool) -> bool:
+    """True or false."""
+    v = cfg.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"sweep.{key}", f"expected true or false, got {v!r}")
     return v
 
 

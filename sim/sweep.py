@@ -29,12 +29,12 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sim.cli import compose, explain, fail, guard
+from sim.cli import SEARCH_PATH, compose, explain, fail, guard, searchpath_override, without_flags
 from sim.config import load_spec
 from sim import rundir
 from sim.results import write_csv, write_table, write_text
 from sim.search_space import INDEX, SweepSpec, check_points, load_sweep, param_space, trial_overrides, trial_values
-from sim.sweep_results import TIMES, collect, finished, read_text, render, replay, summarize
+from sim.sweep_results import TIMES, collect, finished, progress_line, read_text, render, replay, summarize
 from sim.types import ConfigError
 
 log = logging.getLogger("collabsim")
@@ -45,9 +45,12 @@ SWEEP_KEYS = ("sweep", "resume", "sweep_trust")  # command-line keys of the swee
 # ---- configs -------------------------------------------------------------------------------------
 
 def base_overrides(spec: SweepSpec, command_line: list[str]) -> list[str]:
-    """What every trial starts from: the sweep file's overrides, then the command line's (minus the sweep's own keys)."""
+    """What every trial starts from: the sweep file's overrides, then the command line's (minus the sweep's own keys).
+
+    The user's config folders (``--config-dir``) come first, as an override: trials compose in other processes.
+    """
     own = [o for o in command_line if _key(o).split(".")[0] not in SWEEP_KEYS]
-    return [*spec.overrides, *own]
+    return [*([searchpath_override(SEARCH_PATH)] if SEARCH_PATH else []), *spec.overrides, *own]
 
 
 def trial_config(base: list[str], values: Mapping[str, Any]) -> DictConfig:
@@ -221,8 +224,7 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space(spec, int(cfg.seed)), tune_config=_tune_config(spec, cfg),
-                           run_config=tune.RunConfig(storage_path=str(sweep_dir), name=TUNE_DIR, verbose=1,
-                                                     failure_config=tune.FailureConfig(max_failures=0)))
+                           run_config=run_config(spec, sweep_dir))
     grid = tuner.fit()
     trials, tables = collect(spec, grid, sweep_dir, lambda values: load_spec(trial_config(base, values)).scheme_name)
     summary = summarize(spec, trials)
@@ -233,6 +235,43 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
     write_csv(trials, sweep_dir / "trials.csv")
     write_csv(summary, sweep_dir / "summary.csv")
     return trials, summary
+
+
+def run_config(spec: SweepSpec, sweep_dir: Path):
+    """Tune's run config: where its files go, no retries, and what the console shows (``sweep.tune_verbose``)."""
+    from ray import tune
+
+    return tune.RunConfig(storage_path=str(sweep_dir), name=TUNE_DIR, verbose=1 if spec.tune_verbose else 0,
+                          callbacks=[] if spec.tune_verbose else [progress(spec)],
+                          failure_config=tune.FailureConfig(max_failures=0))
+
+
+def progress(spec: SweepSpec):
+    """A Tune callback that prints one line per finished or failed trial (Tune's own tables stay off).
+
+    A resumed sweep keeps the console settings it started with: Tune restores them with its state.
+    """
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def setup(self, **info) -> None:
+            self.started = time.time()
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.show(trials, trial, None)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            error = trial.get_error()
+            self.show(trials, trial, error if error is not None else "failed")
+
+        def show(self, trials, trial, error) -> None:
+            # Tune marks a completed trial TERMINATED only after this call, an errored one before it.
+            done = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
+            values = trial_values(spec, trial.config) if trial.config else {}
+            print(progress_line(spec, values, trial.last_result or {}, done, max(spec.trial_count(), len(trials)),
+                                error, time.time() - getattr(self, "started", time.time())), flush=True)
+
+    return Progress()
 
 
 def check_trust(sweep_dir: Path, trusted: bool) -> None:
@@ -341,15 +380,10 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(1)
 
 
-def _check(cfg: DictConfig) -> None:
-    """The guard's check: the sweep file and every listed value, before Ray starts."""
-    check(cfg, [a for a in sys.argv[1:] if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))])
-
-
 if __name__ == "__main__":
-    guard("sweep_main", sys.argv[1:], _check)
+    guard("sweep_main", sys.argv[1:], check, with_overrides=True)  # check(cfg, command line without hydra.* keys)
     try:
-        rundir.check_argv(sys.argv[1:])  # a used hydra.run.dir is refused before Hydra writes into it
+        rundir.check_argv(without_flags(sys.argv[1:]))  # a used hydra.run.dir is refused before Hydra writes into it
     except ConfigError as e:
         fail(str(e))
     main()

@@ -19,6 +19,7 @@ from sim.results import frame
 from sim.search_space import METRICS, SweepSpec, trial_values
 
 TIMES = "trial.json"  # when a trial's run started and finished, next to its tables (kept across a resume)
+MIN_SEEDS = 3  # fewest seeds an interval is shown for; analysis.metrics.MIN_SEEDS is the same, import it once committed
 SCENARIO_GROUPS = ("scenario", "data", "model")  # swept keys under these name the scenario in the combined tables
 
 
@@ -119,7 +120,10 @@ def gains(spec: SweepSpec, trials: pd.DataFrame, metrics: list[pd.DataFrame]) ->
 
 
 def summarize(spec: SweepSpec, trials: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration (every swept value but the seed): seeds, and mean with 95% interval of the metric and the gain."""
+    """Per configuration (every swept value but the seed): seeds, and mean with 95% interval of the metric and the gain.
+
+    The interval is NaN for a configuration with fewer than ``MIN_SEEDS`` seeds.
+    """
     from analysis.metrics import mean_interval, scheme_order
 
     config = ["scheme"] + [k for k in spec.keys if k != "scheme"]
@@ -130,6 +134,8 @@ def summarize(spec: SweepSpec, trials: pd.DataFrame) -> pd.DataFrame:
         row["seeds"] = int(g["seed"].nunique())
         for column in (spec.metric, "mean_gain"):
             row[column], row[f"{column}_low"], row[f"{column}_high"] = mean_interval(g[column].astype(float))
+            if row["seeds"] < MIN_SEEDS:  # two seeds give an interval too wide to mean anything: none is shown
+                row[f"{column}_low"] = row[f"{column}_high"] = math.nan
         rows.append(row)
     table = pd.DataFrame(rows, columns=[*config, "seeds", spec.metric, f"{spec.metric}_low", f"{spec.metric}_high",
                                         "mean_gain", "mean_gain_low", "mean_gain_high"])
@@ -148,6 +154,35 @@ def best(spec: SweepSpec, summary: pd.DataFrame, n: int = 3) -> pd.DataFrame:
     return summary.sort_values(["seeds", spec.metric], ascending=[False, spec.mode == "min"], na_position="last").head(n)
 
 
+def progress_line(spec: SweepSpec, values: Mapping, result: Mapping, done: int, total: int,
+                  error: object = None, sweep_seconds: float | None = None) -> str:
+    """The console line of one finished (or failed) trial: its swept values and seed, its metric, how long it took."""
+    what = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()) or "?"
+    started, ended = result.get("started"), result.get("finished")
+    took = ended - started if isinstance(started, float) and isinstance(ended, float) else result.get("time_total_s")
+    elapsed = [_duration(took)] if isinstance(took, (int, float)) and not error else []
+    elapsed += [] if sweep_seconds is None else [f"sweep {_duration(sweep_seconds)}"]
+    when = f"  ({'; '.join(elapsed)})" if elapsed else ""
+    if error is not None:
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        return f"trial {done}/{total} failed: {what}: {lines[-1] if lines else type(error).__name__}{when}"
+    metric = result.get(spec.metric)
+    shown = f"{spec.metric} {metric:.3f}" if isinstance(metric, (int, float)) else f"{spec.metric} -"
+    r, rounds = result.get("round"), result.get("rounds")
+    if isinstance(r, int) and isinstance(rounds, int) and r < rounds:
+        shown += f", stopped at round {r}/{rounds}"
+    return f"trial {done}/{total} finished: {what}  {shown}{when}"
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as '4.2 s', '3 min 05 s' or '1 h 02 min'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
 def render(spec: SweepSpec, trials: pd.DataFrame, summary: pd.DataFrame, sweep_dir: Path) -> str:
     """What the command prints: counts, the per-configuration summary and the best configurations."""
     counts = trials["status"].value_counts()
@@ -162,8 +197,11 @@ def render(spec: SweepSpec, trials: pd.DataFrame, summary: pd.DataFrame, sweep_d
     shown[spec.metric] = [interval(r, spec.metric, "{:.3f}") for _, r in summary.iterrows()]
     shown["mean_gain"] = [interval(r, "mean_gain", "{:+.2f}") for _, r in summary.iterrows()]
     lines += ["per configuration, trials that ran every round: mean over seeds [95% interval]; "
-              "gain in accuracy points over isolated",
-              shown.to_string(index=False), "", f"best by {spec.metric} ({spec.mode}):"]
+              "gain in accuracy points over isolated", shown.to_string(index=False)]
+    if (summary["seeds"] < MIN_SEEDS).any():
+        lines.append(f"no interval where a configuration has fewer than {MIN_SEEDS} seeds: too few seeds "
+                     "(list more under sweep.seeds)")
+    lines += ["", f"best by {spec.metric} ({spec.mode}):"]
     for i, (_, r) in enumerate(best(spec, summary).iterrows(), 1):
         lines.append(f"  {i}. " + " ".join(f"{c}={r[c]:.4g}" if isinstance(r[c], float) else f"{c}={r[c]}" for c in config)
                      + f"  {spec.metric} "
