@@ -78,9 +78,8 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
                 where = out_dir / "runs" / (name if len(seeds) == 1 else f"{name}-s{seed}")
                 log.info("run %d/%d: %s, seed %d", len(results) + 1, len(configs) * len(seeds), name, seed)
                 result = run(sub, where, pool=pool)
-                if name not in cfg.schemes and name != BASELINE:  # a variant: its rows carry its own label
-                    for table in (result.metrics, result.ledger, result.institutions):
-                        table["scheme"] = name
+                for table in (result.metrics, result.ledger, result.institutions):
+                    table["scheme"] = name  # the label asked for: a variant's, or a scheme file's own name
                 results.append(result)
     finally:
         pool.close()

@@ -218,6 +218,12 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
 
     for values in check_points(spec):  # impossible reservations fail now, not as a Tune trial that never starts
         resources({**values, INDEX: 0})
+    need = max(sum(b.get("CPU", 0) for b in bundles) for bundles in cache.values())
+    side = int(cpus // need) if need > 0 else spec.trial_count()
+    if spec.max_concurrent:
+        side = min(side, spec.max_concurrent)
+    log.info("sweep %s: %d trial(s), each reserving %g CPU: up to %d at a time on %g CPUs", spec.name,
+             spec.trial_count(), need, max(1, side), cpus)
     trainable = tune.with_resources(make_trainable(spec, base, sweep_dir), resources)
     if resume:
         log.info("resuming the sweep in %s", sweep_dir)

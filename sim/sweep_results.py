@@ -15,11 +15,11 @@ from typing import Callable, Mapping
 
 import pandas as pd
 
+from analysis.metrics import MIN_SEEDS  # fewest seeds an interval is shown for
 from sim.results import frame
 from sim.search_space import METRICS, SweepSpec, trial_values
 
 TIMES = "trial.json"  # when a trial's run started and finished, next to its tables (kept across a resume)
-MIN_SEEDS = 3  # fewest seeds an interval is shown for; analysis.metrics.MIN_SEEDS is the same, import it once committed
 SCENARIO_GROUPS = ("scenario", "data", "model")  # swept keys under these name the scenario in the combined tables
 
 
@@ -74,6 +74,7 @@ def collect(spec: SweepSpec, grid, sweep_dir: Path, scheme_of: Callable[[dict], 
             for kind in tables:
                 tables[kind].append(_relabel(spec, pd.read_parquet(run_dir / f"{kind}.parquet"), row))
             row["run_id"] = tables["metrics"][-1]["run_id"].iloc[0]
+            row.update(_selected(tables["metrics"][-1]))
         rows.append(row)
     trials = pd.DataFrame(rows)
     trials = trials.merge(gains(spec, trials, tables["metrics"]), on="trial_id", how="left")
@@ -82,6 +83,20 @@ def collect(spec: SweepSpec, grid, sweep_dir: Path, scheme_of: Callable[[dict], 
     trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
     combined = {k: pd.concat(v, ignore_index=True) if v else frame(k, []) for k, v in tables.items()}
     return trials, combined
+
+
+def _selected(metrics: pd.DataFrame) -> dict[str, float]:
+    """A finished trial's scores at the rounds its model-selection rule picked (results.select), as every table reports them.
+
+    Tune saw every round's scores while the trial ran (schedulers stop trials on them); the
+    trials table reports what the compare and the report would: the selected round's.
+    """
+    from analysis.metrics import GLOBAL, final_table
+
+    final = final_table(metrics)
+    glob, inst = final[final["institution"] == GLOBAL], final[final["institution"] != GLOBAL]
+    return {"global_accuracy": float(glob["accuracy"].mean()), "global_loss": float(glob["loss"].mean()),
+            "mean_accuracy": float(inst["accuracy"].mean()), "worst_accuracy": float(inst["accuracy"].min())}
 
 
 def _relabel(spec: SweepSpec, df: pd.DataFrame, row: Mapping) -> pd.DataFrame:

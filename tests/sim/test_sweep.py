@@ -363,7 +363,7 @@ def test_two_trials_hold_both_cpus_at_once(resumed):
     # processes are warm a trial of 2 smoke rounds lasts well under a second, so their time windows need not overlap;
     # trials that start actors of their own are checked against their placement groups in
     # test_a_run_inside_a_placement_group_is_laid_out_on_that_reservation.)
-    assert "Logical resource usage: 2.0/2 CPUs" in resumed.first
+    assert "each reserving 1 CPU: up to 2 at a time on 2 CPUs" in resumed.first, resumed.first[-2000:]
 
 
 @pytest.mark.slow
