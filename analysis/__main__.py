@@ -1,4 +1,4 @@
-"""Command line: ``python -m analysis report RUN_DIR... [--out DIR]`` and ``python -m analysis contribution ...``.
+"""Command line: ``python -m analysis report RUN_DIR... [--out DIR]``, ``contribution ...`` and ``stability RUN_DIR...``.
 
 Bad input (a missing directory, one without metrics.parquet) ends with one line on
 stderr and exit status 2, as argparse does for bad arguments.
@@ -48,6 +48,22 @@ def contribution(args: argparse.Namespace) -> int:
     return 0
 
 
+def stability(args: argparse.Namespace) -> int:
+    """Print how far each institution's reported accuracy moves over the last rounds under each selection rule."""
+    from analysis.metrics import GLOBAL, selection_stability
+    from sim.results import read_table
+
+    dirs = find_run_dirs(args.run_dirs)
+    table = selection_stability(read_table("metrics", dirs), window=args.window)
+    table = table[table["institution"] != GLOBAL]
+    per_inst = table.groupby(["scheme", "institution"], sort=False)[["best_val_range", "last_range"]].max()
+    print(f"largest move of each institution's reported test accuracy (points) had the run ended in any of its last "
+          f"{args.window} rounds, over {table['seed'].nunique()} seed(s):")
+    print(per_inst.reset_index().to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"worst: best_val {per_inst['best_val_range'].max():.2f} points, last {per_inst['last_range'].max():.2f} points")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m analysis``."""
     p = argparse.ArgumentParser(prog="python -m analysis", description="Analyse collabsim results.")
@@ -64,6 +80,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--permutations", type=int, default=200, help="Monte-Carlo permutations beyond --exact-max")
     c.add_argument("--seed", type=int, default=0, help="seed of the permutation sampler")
     c.set_defaults(func=contribution)
+    s = sub.add_parser("stability", help="how much reported accuracies move over the last rounds, per selection rule")
+    s.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run, compare or sweep directory")
+    s.add_argument("--window", type=int, default=5, help="last rounds considered (default 5)")
+    s.set_defaults(func=stability)
     return p
 
 

@@ -98,6 +98,35 @@ def final_round(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics[chosen | (~marked & last)]
 
 
+def selection_stability(metrics: pd.DataFrame, window: int = 5) -> pd.DataFrame:
+    """How much each institution's reported accuracy would move had each run stopped in one of its last ``window`` rounds.
+
+    For every run x institution and each of the run's last ``window`` scored rounds t, both
+    rules are applied to the rounds up to t and the test accuracy they report is taken;
+    ``best_val_range`` and ``last_range`` are max - min of those ``window`` values, in accuracy
+    points. A stable protocol gives the same answer whichever of those rounds the run ended in.
+    """
+    rows = []
+    for run_id, m in metrics.groupby("run_id", sort=False):
+        rounds = sorted(m.loc[m["metric"] == "accuracy", "round"].unique())[-window:]
+        seen = {rule: [] for rule in SELECT_RULES}
+        for t in rounds:
+            upto = m[m["round"] <= t]
+            for rule in SELECT_RULES:
+                picked = upto[select_rounds(upto, rule) & (upto["metric"] == "accuracy")]
+                seen[rule].append(picked.set_index("institution")["value"])
+        first = m.iloc[0]
+        for rule, per_round in seen.items():
+            table = pd.concat(per_round, axis=1)
+            seen[rule] = (table.max(axis=1) - table.min(axis=1)) * 100
+        for institution in seen["best_val"].index:
+            rows.append({"run_id": run_id, "scheme": first["scheme"], "scenario": first["scenario"],
+                         "seed": first["seed"], "institution": institution, "rounds": len(rounds),
+                         "best_val_range": seen["best_val"][institution], "last_range": seen["last"][institution]})
+    return order_rows(pd.DataFrame(rows, columns=["run_id", "scheme", "scenario", "seed", "institution", "rounds",
+                                                  "best_val_range", "last_range"]))
+
+
 def final_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Final-round values: one row per run x institution (and global), one column per metric."""
     df = final_round(metrics).assign(discipline=lambda d: d["discipline"].fillna("unknown"))

@@ -34,8 +34,18 @@ def population(n: int, cohort: int, rounds: int) -> list[str]:
             f"scheme.cohort_fraction={cohort / n:g}", f"rounds={rounds}", "engine.eval_scope=cohort"]
 
 
+PLAIN_PROTOCOL = ["training.schedule=constant", "data.val_fraction=0", "results.select=last"]
+"""What the plain loop does: a constant learning rate, no validation split, the last round reported."""
+
+
 def fedavg_workloads(quick: bool, scale_rounds: int | None) -> dict[str, list[str]]:
-    """Name -> run-config overrides of every workload that has a plain FedAvg twin (P, S, scale-N)."""
+    """Name -> run-config overrides of every workload that has a plain FedAvg twin (P, S, scale-N), protocol included."""
+    named = _fedavg_workloads(quick, scale_rounds)
+    return {name: [*overrides, *PLAIN_PROTOCOL] for name, overrides in named.items()}
+
+
+def _fedavg_workloads(quick: bool, scale_rounds: int | None) -> dict[str, list[str]]:
+    """The workloads' own overrides."""
     if quick:  # a smoke test of the benchmark itself: every path, tiny sizes
         one_epoch = ["training.local_epochs=1"]
         return {"P": ["data=digits", "model=mlp", "scheme=fedavg", "scenario.num_institutions=20", "rounds=3", *one_epoch],

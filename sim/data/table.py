@@ -201,24 +201,26 @@ def sites_from_table(data: Mapping) -> list[tuple[str, str, int]]:
     """(institution, discipline, n_rows) per site of the file (table or text data), in order of first appearance.
 
     Every site must be able to train and be scored alone: enough rows for its train,
-    validation and test splits, and at least two classes (checked here, before anything starts).
+    validation and test splits (checked here); sim.data.checks refuses a site with a single class.
     """
     if data.get("name") not in ("table", "text"):
         raise ConfigError("data.name", f"sites come from a file; got dataset '{data.get('name')}', use data=table or data=text")
     data = {**DEFAULTS, "discipline_column": None, **data}
-    inst, disc, label = data["institution_column"], data["discipline_column"], data["label_column"]
+    inst, disc = data["institution_column"], data["discipline_column"]
     if inst is None:
         raise ConfigError("data.institution_column", "name the column that says which site each row comes from")
     path = _path(data)
     header = list(read(path, nrows=0).columns)
-    for role, col in (("institution_column", inst), ("discipline_column", disc), ("label_column", label)):
+    for role, col in (("institution_column", inst), ("discipline_column", disc)):
         if col is not None and col not in header:
             shown = ", ".join(map(str, header[:20])) + (", ..." if len(header) > 20 else "")
             raise ConfigError(f"data.{role}", f"no column '{col}' in {path.name}; columns are: {shown}")
-    df = read(path, list(dict.fromkeys(c for c in (inst, disc, label) if c is not None)))
+    df = read(path, list(dict.fromkeys(c for c in (inst, disc) if c is not None)))
     if df[inst].isna().any():
         raise ConfigError("data.institution_column", f"{int(df[inst].isna().sum())} rows of {path.name} name no site in "
                           f"'{inst}'; fill or drop them")
+    if df.empty:
+        raise ConfigError("data.path", f"{path.name} has no rows (only a header)")
     df[inst] = df[inst].astype(str)
     need = rows_needed(data["test_fraction"], data.get("val_fraction", 0.0))
     sites = []
@@ -231,11 +233,6 @@ def sites_from_table(data: Mapping) -> list[tuple[str, str, int]]:
             raise ConfigError("data.institution_column", f"site '{name}' has {len(rows)} row{'s' * (len(rows) != 1)} in "
                               f"{path.name}; a site needs at least {need} (train, validation and test rows): "
                               "drop it or merge it into another site")
-        classes = rows[label].dropna().unique()
-        if len(classes) < 2:
-            raise ConfigError("data.label_column", f"site '{name}' holds a single class ({classes[0]!r}) in {path.name}: "
-                              "it cannot learn to tell classes apart, and its accuracy would say nothing; drop the "
-                              "site or merge it into another")
         sites.append((str(name), kinds[0], len(rows)))
     return sites
 

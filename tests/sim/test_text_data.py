@@ -147,17 +147,17 @@ def test_subpackage_task_tokenises_once_into_int64_shards_with_per_institution_l
     # Execute
     fed = build_federation(docs(corpus_dir), scenario, seed=0, model=MINILM)
     # Assert: one tokenizer call for every row any institution holds, int64 ids (max_length,)
-    assert calls == [sum(s.num_train + len(s.y_test) for s in fed.shards)]
+    assert calls == [sum(s.num_train + len(s.y_val) + len(s.y_test) for s in fed.shards)]
     assert fed.input_shape == (32,)
     _, classes = docstrings.labels(docstrings.corpus(corpus_dir[0]), docs(corpus_dir))
     assert fed.num_classes == len(classes) > 8 * 2
     held = []
     for spec, shard in zip(scenario.institutions, fed.shards):
         assert shard.x_train.dtype == shard.x_test.dtype == np.int64 and shard.x_train.shape[1] == 32
-        assert shard.num_train + len(shard.y_test) == 400  # max_rows_per_institution; every package has more
+        assert shard.num_train + len(shard.y_val) + len(shard.y_test) == 400  # max_rows_per_institution; every package has more
         assert (shard.x_train[:, 0] == tokenizer.cls_token_id).all()
         module = next(m for d, m, _, _ in docstrings.PACKAGES if d == spec.name)
-        labels = {classes[i] for i in np.concatenate([shard.y_train, shard.y_test])}
+        labels = {classes[i] for i in np.concatenate([shard.y_train, shard.y_val, shard.y_test])}
         assert len(labels) >= 2 and all(label.startswith(module + ".") for label in labels)
         held.append(labels)
     assert all(not (a & b) for i, a in enumerate(held) for b in held[i + 1:])  # label spaces are disjoint
@@ -168,9 +168,9 @@ def test_ids_are_the_tokenizers_ids_of_the_rows_text(corpus_dir, tokenizer):
     fed = build_federation(data, package_scenario(["scikit-image", "networkx"]), seed=0, model=MINILM)
     texts = docstrings.corpus(corpus_dir[0]).query("package == 'scikit-image'")["text"]
     shard = next(s for s in fed.shards if s.name == "scikit-image")
-    assert shard.num_train + len(shard.y_test) == len(texts)  # all rows: the institution holds its whole package
+    assert shard.num_train + len(shard.y_val) + len(shard.y_test) == len(texts)  # all rows: the institution holds its whole package
     want = tokenizer(list(texts), padding="max_length", truncation=True, max_length=32, return_tensors="np")
-    ours = {tuple(r) for r in np.concatenate([shard.x_train, shard.x_test])}
+    ours = {tuple(r) for r in np.concatenate([shard.x_train, shard.x_val, shard.x_test])}
     assert ours == {tuple(r) for r in want["input_ids"]}
 
 
@@ -179,7 +179,7 @@ def test_discipline_task_shares_one_label_space_over_any_institutions(corpus_dir
     fed = build_federation(data, sites("a", "b", "c"), seed=0, smoke=True, model=MINILM)
     assert fed.num_classes == 8
     for shard in fed.shards:
-        assert shard.num_train + len(shard.y_test) == 60  # smoke
+        assert shard.num_train + len(shard.y_val) + len(shard.y_test) == 60  # smoke
         assert len(np.unique(shard.y_train)) >= 6  # iid over 8 disciplines, 48 train rows
     again = build_federation(data, sites("a", "b", "c"), seed=0, smoke=True, model=MINILM)
     assert all(np.array_equal(s.x_train, t.x_train) and np.array_equal(s.y_test, t.y_test)
@@ -214,7 +214,7 @@ def test_text_file_natural_split_gives_token_id_shards(tmp_path, tokenizer, suff
     fed = build_federation(data, sites("s0", "s1", "s2"), seed=0, model=MINILM)
     assert fed.input_shape == (8,) and fed.num_classes == 2
     for shard in fed.shards:
-        assert (shard.num_train, len(shard.y_test)) == (9, 3)  # the split column, not test_fraction
+        assert (shard.num_train + len(shard.y_val), len(shard.y_test)) == (9, 3)  # the split column, not test_fraction
         assert shard.x_train.dtype == np.int64
     first = tokenizer("protein cell gene enzyme number 0", padding="max_length", max_length=8, truncation=True)
     assert list(fed.shards[0].x_train[0]) == first["input_ids"] and fed.shards[0].y_train[0] == 1  # astro=0, bio=1
@@ -225,7 +225,7 @@ def test_text_file_iid_caps_rows_per_institution(tmp_path):
     data = defaults("text") | {"path": str(path), "partition": "iid", "institution_column": None,
                                "max_rows_per_institution": 20}
     fed = build_federation(data, sites("x", "y"), seed=3, model=MINILM)
-    assert [s.num_train + len(s.y_test) for s in fed.shards] == [20, 20]
+    assert [s.num_train + len(s.y_val) + len(s.y_test) for s in fed.shards] == [20, 20]
     assert all(len(np.unique(s.y_train)) == 2 for s in fed.shards)
 
 
