@@ -65,16 +65,24 @@ class Scheme:
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Continue from what :meth:`state` returned."""
 
+    def check(self, institutions: int) -> None:
+        """Raise ConfigError if the scheme cannot run with this many institutions (most can run with any)."""
+
 
 def sample_cohort(ctx: RoundContext, fraction: float) -> tuple[str, ...]:
     """Deterministic cohort of ``ceil(fraction * n)`` institutions, seeded from (seed, round)."""
     names = ctx.cohort
     if fraction >= 1.0:
         return names
-    k = max(1, int(np.ceil(fraction * len(names))))
+    k = cohort_size(len(names), fraction)
     rng = np.random.default_rng([ctx.seed, ctx.round, 0xC0401])
     picked = np.sort(rng.choice(len(names), size=k, replace=False))
     return tuple(names[i] for i in picked)
+
+
+def cohort_size(institutions: int, fraction: float) -> int:
+    """How many of ``institutions`` :func:`sample_cohort` picks: ``ceil(fraction * n)``, at least one."""
+    return institutions if fraction >= 1.0 else max(1, int(np.ceil(fraction * institutions)))
 
 
 def check_range(key: str, value: float, low: float, high: float = float("inf"), *, low_open: bool = False) -> float:

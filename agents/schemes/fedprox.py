@@ -2,7 +2,7 @@
 
 Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, "Federated Optimization in Heterogeneous
 Networks", MLSys 2020. Each institution minimises loss + (mu/2)*||w - w_global||^2,
-which limits client drift on skewed shards; the server step is FedAvg's.
+which limits client drift on skewed shards; the server step (and its ``merge`` rule) is FedAvg's.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from sim.types import LocalPlan
 class FedProx(FedAvg):
     """FedAvg whose local objective adds (mu/2)*||w - w_global||^2."""
 
-    def __init__(self, *, mu: float = 0.01, weighting: str = "samples", server_lr: float = 1.0, cohort_fraction: float = 1.0):
-        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction)
+    def __init__(self, *, mu: float = 0.01, weighting: str = "samples", server_lr: float = 1.0, cohort_fraction: float = 1.0,
+                 merge: str = "mean", trim: float = 0.2, byzantine: int = 1, krum_m: int = 1, clip_norm: float = 0.1):
+        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction, merge=merge, trim=trim,
+                         byzantine=byzantine, krum_m=krum_m, clip_norm=clip_norm)
         self.mu = check_range("mu", mu, 0.0)
 
     def plan(self, round: int) -> LocalPlan:
