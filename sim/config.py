@@ -231,10 +231,11 @@ def _check_groups(spec: RunSpec) -> None:
 
     schema.check_by_signature("scheme", spec.scheme, get_object(spec.scheme["_target_"]), schema.Field("int", 0))
     try:
-        instantiate(dict(spec.scheme))
+        scheme = instantiate(dict(spec.scheme))
     except (InstantiationException, TypeError, ValueError) as e:
         cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
         raise cause or ConfigError("scheme", _first_line(e)) from None
+    scheme.check(len(spec.only or spec.scenario.institutions))  # e.g. Krum's cohort bound, before any actor starts
     schema.check_data_types(spec.data)
     check_data(spec.data, spec.scenario, spec.model)
     if spec.select == "best_val" and not (spec.data.get("val_fraction") or 0) > 0:
