@@ -73,7 +73,11 @@ class Host:
         cohort = set(ctx.cohort)
         trained = [i for i in self.institutions if i.spec.name in cohort]
         if trained and self.vectorise and batchable(self.model, ctx.plan, self.training):
-            updates = self._train_together(trained, ctx, global_state)
+            # Free-riders skip the step: they answer on their own, the others train together; scenario order kept.
+            together = [i for i in trained if not i.free_rides(ctx.plan)]
+            done = dict(zip((i.spec.name for i in together), self._train_together(together, ctx, global_state))) \
+                if together else {}
+            updates = [done.get(i.spec.name) or i.train(self.model, ctx, global_state) for i in trained]
         else:
             updates = [i.train(self.model, ctx, global_state) for i in trained]
         return updates, self.persistent(trained)

@@ -9,6 +9,11 @@ Personalisation (the plan's ``personal_keys``, ``personal_mu`` and ``adapt_*`` f
 happens here: which keys stay home, a second proximal training of a personal model, and
 fine-tuning a throw-away copy before scoring. Each draws from its own RNG stream, keyed
 by (seed, institution, round, stream), so none of them moves another's random numbers.
+
+Behaviours (agents/behaviours.py) on the update happen here too: a free-rider skips its
+local step and sends back what it received; ``sign_flip`` and ``scaled`` bend the honest
+result before it is sent. Whatever the scheme asks to be uploaded but weights or a
+gradient (data, nothing) is never bent.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from agents import behaviours
 from sim.models import get_state, set_state
 from sim.train import _to_tensors, evaluate, full_gradient, local_train, rng_for, scheduled
 from sim.types import (ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update,
@@ -68,6 +74,10 @@ class Institution:
         self.changed = False  # whether anything above moved away from its starting value
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # its training shard in torch, made once
 
+    def free_rides(self, plan: LocalPlan) -> bool:
+        """Whether it skips this round's local step: a free-rider asked to send weights or a gradient."""
+        return self.spec.behaviour == "free_rider" and plan.upload in ("weights", "gradient")
+
     def train(self, model: torch.nn.Module, ctx: RoundContext, global_state: State | None) -> Update:
         """Run this round's local step on ``model`` and return what crosses to the coordinator."""
         plan, shard = ctx.plan, self.shard
@@ -75,6 +85,8 @@ class Institution:
         kept = personal_keys(plan, global_state) if global_state else ()
         if kept:  # FedPer: the shared part from the global model, the head its own
             start = {**global_state, **{k: self.personal[k] for k in kept}}
+        if self.free_rides(plan):
+            return self._free_ride(plan, ctx.round, global_state, start, kept)
         key = (self.seed, self.spec.index, ctx.round)
         training = scheduled(self.training, ctx.round)
         t0 = time.perf_counter()
@@ -106,6 +118,8 @@ class Institution:
                 samples_processed += self.training.local_epochs * shard.num_train
             if plan.upload == "nothing":
                 payload = {}
+            else:  # an adversary bends its change from where it started (a gradient: the gradient itself)
+                payload = behaviours.bend(self.spec, payload, {} if plan.upload == "gradient" else start)
         received = state_nbytes(global_state) - state_nbytes({k: global_state[k] for k in kept}) if global_state else 0
         return Update(
             institution=self.spec.name,
@@ -116,6 +130,24 @@ class Institution:
             compute_seconds=time.perf_counter() - t0,
             bytes_up=state_nbytes(payload),
             samples_processed=samples_processed,
+            bytes_down=received if plan.start == "global" else 0,
+        )
+
+    def _free_ride(self, plan: LocalPlan, round: int, global_state: State | None, start: State | None,
+                   kept: tuple[str, ...]) -> Update:
+        """A free-rider's update: the model it received (a zero gradient), noise if it adds any; no compute spent."""
+        if plan.upload == "gradient":
+            sent = {k: np.zeros_like(v) for k, v in (start or {}).items() if k not in kept}
+        else:
+            sent = {k: v for k, v in (start or {}).items() if k not in kept}
+        noise = float(getattr(self.spec, "behaviour_noise", 0.0))
+        rng = np.random.default_rng([self.seed, self.spec.index, round, behaviours.FREE_RIDE_STREAM]) if noise > 0 else None
+        payload = behaviours.free_ride(sent, noise, rng)
+        received = state_nbytes(global_state) - state_nbytes({k: global_state[k] for k in kept}) if global_state else 0
+        return Update(
+            institution=self.spec.name, index=self.spec.index, state=payload,
+            num_samples=self.shard.num_train,  # what it claims, so a weighted mean gives its nothing full weight
+            train_loss=float("nan"), compute_seconds=0.0, bytes_up=state_nbytes(payload), samples_processed=0,
             bytes_down=received if plan.start == "global" else 0,
         )
 
@@ -136,9 +168,10 @@ class Institution:
 
         Book-keeping is :meth:`train`'s for a plan without personal keys, personal training or one-step gradients.
         """
+        start = self.start(plan, global_state)  # before a personal start is overwritten: an adversary bends from it
         if plan.start == "personal":
             self.personal, self.changed = state, True
-        payload = state if plan.upload == "weights" else {}
+        payload = behaviours.bend(self.spec, state, start) if plan.upload == "weights" else {}
         return Update(
             institution=self.spec.name, index=self.spec.index, state=payload, num_samples=self.shard.num_train,
             train_loss=loss, compute_seconds=seconds, bytes_up=state_nbytes(payload),

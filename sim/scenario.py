@@ -5,21 +5,42 @@ shares, skew, compute); ``num_institutions: N``, a generated population with Dir
 label skew and power-law data shares over round-robin disciplines; or the sites of the
 user's own table (:func:`from_sites`: one institution per value of ``data.institution_column``,
 shares from row counts), which ``from_data: auto`` picks whenever the data name such a column.
+
+Behaviours (agents/behaviours.py): a row's ``behaviour`` and its settings, or for a generated
+population ``behaviours: {free_rider: 0.1, sign_flip: 0.2}``, shares of the institutions
+drawn from the seed's own stream. A misbehaving institution's spec is a :class:`BehavingSpec`,
+which carries the settings; an honest one stays a plain :class:`InstitutionSpec`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import numpy as np
 
-from sim.schema import BEHAVIOURS, INSTITUTION, SCENARIO, check_group, check_value
+from sim.schema import (BEHAVIOUR_KEYS, BEHAVIOUR_SETTINGS, BEHAVIOURS, INSTITUTION, PROBABILITY, SCENARIO, check_group,
+                        check_value)
 from sim.types import ConfigError, InstitutionSpec, Scenario
 
-__all__ = ["BEHAVIOURS", "build_scenario", "from_sites", "uses_sites"]
+__all__ = ["BEHAVIOURS", "BehavingSpec", "build_scenario", "from_sites", "uses_sites"]
 SHARE_TOLERANCE = 1e-3  # shares are typed by hand with two decimals; allow rounding slack
 EVEN_PART = 0.5  # generated populations: fraction of the data spread evenly under the power law
 FAULT_KEYS = ("availability", "failure_rate")  # scenario-level defaults that every institution may override
+BEHAVIOUR_STREAM = 0xBE4A  # second element of the RNG key that picks which generated institutions misbehave
+
+
+@dataclass(frozen=True)
+class BehavingSpec(InstitutionSpec):
+    """A misbehaving institution: its spec plus its behaviour's settings (agents/behaviours.py reads them)."""
+
+    behaviour_noise: float = 0.0  # free_rider: std of Gaussian noise on the model it sends back (0: exactly as received)
+    label_noise: float = 0.3  # noisy_labels: fraction of its training labels flipped to another class
+    scale: float | None = None  # sign_flip sends global - scale*change, scaled global + scale*change; None: 1 / 10
+    poison_fraction: float = 0.3  # data_poisoning: fraction of its training rows triggered and relabelled
+    trigger_features: int = 4  # data_poisoning: leading input elements the trigger sets (digits: top-left pixels)
+    trigger_value: float = 1.0  # data_poisoning: their value (digits' brightest pixel)
+    target_label: int = 0  # data_poisoning: the label a triggered row is given
 
 
 def build_scenario(cfg: Mapping[str, Any], seed: int) -> Scenario:
@@ -27,13 +48,17 @@ def build_scenario(cfg: Mapping[str, Any], seed: int) -> Scenario:
     check_group("scenario", cfg, SCENARIO)
     name = str(cfg.get("name") or "scenario")
     faults = {k: cfg.get(k, getattr(InstitutionSpec, k)) for k in FAULT_KEYS}
+    settings = {k: cfg[k] for k in BEHAVIOUR_SETTINGS if cfg.get(k) is not None}  # defaults for misbehaving rows
     n = cfg.get("num_institutions")
     if n is not None:
         return _generated(cfg, name, n, seed, faults)
+    if cfg.get("behaviours"):
+        raise ConfigError("scenario.behaviours", "shares of behaviours apply to a generated population "
+                          "(scenario.num_institutions=N); with a list, set behaviour on each institution row")
     rows = cfg.get("institutions") or []
     if not rows:
         raise ConfigError("scenario.institutions", "no institutions listed; list some or set scenario.num_institutions=N")
-    specs = tuple(_institution(i, row, faults) for i, row in enumerate(rows))
+    specs = tuple(_institution(i, row, faults, settings) for i, row in enumerate(rows))
     _check_names(specs)
     total = sum(s.share for s in specs)
     if abs(total - 1.0) > SHARE_TOLERANCE:
@@ -65,6 +90,9 @@ def uses_sites(cfg: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
 def from_sites(cfg: Mapping[str, Any], name: str, sites: list[tuple[str, str, int]]) -> Scenario:
     """One institution per site (name, discipline, rows): shares from row counts, compute from the scenario's defaults."""
     check_group("scenario", cfg, SCENARIO)
+    if cfg.get("behaviours"):
+        raise ConfigError("scenario.behaviours", "shares of behaviours apply to a generated population "
+                          "(scenario.num_institutions=N), not to the sites of a table")
     total = sum(rows for _, _, rows in sites)
     faults = {k: float(cfg.get(k, getattr(InstitutionSpec, k))) for k in FAULT_KEYS}
     specs = tuple(
@@ -99,19 +127,65 @@ def _generated(cfg: Mapping[str, Any], name: str, n: int, seed: int, faults: dic
         )
         for i in range(n)
     )
-    return Scenario(name=f"{name}-n{n}", institutions=specs)
+    return Scenario(name=f"{name}-n{n}", institutions=_assign(specs, cfg, seed))
 
 
-def _institution(i: int, row: Any, faults: dict[str, float]) -> InstitutionSpec:
-    """One validated institution from its config row (scenario-level fault rates unless it sets its own)."""
+def _assign(specs: tuple[InstitutionSpec, ...], cfg: Mapping[str, Any], seed: int) -> tuple[InstitutionSpec, ...]:
+    """Give ``scenario.behaviours``' shares of a generated population their behaviour, drawn from the seed's own stream.
+
+    A share s of n institutions is round(s * n) of them (half up), at least one for any s > 0;
+    behaviours take their institutions in the order of BEHAVIOURS from one seeded permutation.
+    """
+    shares = cfg.get("behaviours") or {}
+    n = len(specs)
+    counts = {}
+    for b, share in shares.items():
+        if b not in BEHAVIOURS or b == "honest":
+            raise ConfigError(f"scenario.behaviours.{b}", f"unknown behaviour {b!r}; choose among "
+                              f"{', '.join(x for x in BEHAVIOURS if x != 'honest')} (the rest are honest)")
+        check_value(f"scenario.behaviours.{b}", share, PROBABILITY)
+        counts[b] = max(1, int(np.floor(share * n + 0.5))) if share > 0 else 0
+    if sum(counts.values()) > n:
+        raise ConfigError("scenario.behaviours", f"asks for {sum(counts.values())} misbehaving institutions but the "
+                          f"population has {n}; lower the shares (each positive share is at least one institution)")
+    settings = {k: cfg[k] for k in BEHAVIOUR_SETTINGS if cfg.get(k) is not None}
+    out, order, at = list(specs), np.random.default_rng([seed, BEHAVIOUR_STREAM]).permutation(n), 0
+    for b in BEHAVIOURS:
+        for j in order[at : at + counts.get(b, 0)]:
+            out[j] = _behaving(out[j], b, settings, "scenario")
+        at += counts.get(b, 0)
+    return tuple(out)
+
+
+def _behaving(spec: InstitutionSpec, behaviour: str, settings: Mapping[str, Any], key: str) -> InstitutionSpec:
+    """``spec`` with ``behaviour`` and the settings that behaviour takes (an honest spec stays plain)."""
+    if behaviour == "honest":
+        return spec
+    check_value(f"{key}.behaviour", behaviour, INSTITUTION["behaviour"])
+    own = {k: settings[k] for k in BEHAVIOUR_KEYS[behaviour] if k in settings}
+    for k, v in own.items():
+        check_value(f"{key}.{k}", v, BEHAVIOUR_SETTINGS[k])
+    base = {f.name: getattr(spec, f.name) for f in fields(InstitutionSpec)}
+    numbers = {k: (int(v) if k in ("trigger_features", "target_label") else float(v)) for k, v in own.items()}
+    return BehavingSpec(**(base | {"behaviour": behaviour}), **numbers)
+
+
+def _institution(i: int, row: Any, faults: dict[str, float], settings: Mapping[str, Any]) -> InstitutionSpec:
+    """One validated institution from its config row (scenario-level fault rates and behaviour settings unless it sets its own)."""
     key = f"scenario.institutions[{i}]"
     check_group(key, row, INSTITUTION)
+    behaviour = row.get("behaviour", "honest")
+    for k in BEHAVIOUR_SETTINGS:
+        if k in row and k not in BEHAVIOUR_KEYS.get(behaviour, ()):
+            takes = [b for b, ks in BEHAVIOUR_KEYS.items() if k in ks]
+            raise ConfigError(f"{key}.{k}", f"is a setting of behaviour {' / '.join(takes)}, but this institution is "
+                              f"{behaviour}; remove it or set behaviour: {takes[0]}")
     if not row.get("name"):
         raise ConfigError(f"{key}.name", "every institution needs a name")
     check_value(f"{key}.share", row.get("share"), INSTITUTION["share"])
     label_skew = row.get("label_skew")
     number = lambda k, default: float(row.get(k, default))  # noqa: E731 - the schema has checked every value
-    return InstitutionSpec(
+    spec = InstitutionSpec(
         index=i,
         name=row["name"],
         discipline=row.get("discipline") or "general",
@@ -120,11 +194,11 @@ def _institution(i: int, row: Any, faults: dict[str, float]) -> InstitutionSpec:
         feature_skew=number("feature_skew", 0.0),
         cpus=number("cpus", 1.0),
         gpus=number("gpus", 0.0),
-        behaviour=row.get("behaviour", "honest"),
         bandwidth_mbps=number("bandwidth_mbps", 100.0),
         latency_s=number("latency_s", 0.05),
         **{k: number(k, v) for k, v in faults.items()},
     )
+    return _behaving(spec, behaviour, {**settings, **{k: row[k] for k in BEHAVIOUR_SETTINGS if k in row}}, key)
 
 
 def _check_names(specs: tuple[InstitutionSpec, ...]) -> None:

@@ -155,7 +155,7 @@ def check_by_signature(prefix: str, cfg: Mapping, factory: Any, count: Field) ->
 
 PLACEMENTS = ("auto", "dedicated", "pooled")
 GPU_POLICIES = ("warn", "require")
-BEHAVIOURS = ("honest",)
+BEHAVIOURS = ("honest", "free_rider", "noisy_labels", "sign_flip", "scaled", "data_poisoning")  # agents/behaviours.py
 DATASETS = ("synthetic", "digits", "table", "text", "docstrings")  # sim.data.DATASETS; a test keeps the two in step
 PARTITIONS = ("iid", "dirichlet", "quantity", "natural")  # sim.data.partition.PARTITIONS, likewise
 GROUPS = ("scenario", "scheme", "model", "data", "training", "engine", "cluster", "results")
@@ -223,6 +223,7 @@ SCENARIO = {
     "availability": PROBABILITY,
     "failure_rate": PROBABILITY,
     "from_data": Field("any"),  # true | false | auto: institutions are the sites of data=table/text (sim.scenario)
+    "behaviours": Field("group", null=True),  # generated populations: behaviour -> share of the institutions (sim.scenario)
 }
 INSTITUTION = {
     "name": Field("str"),
@@ -238,6 +239,26 @@ INSTITUTION = {
     "availability": PROBABILITY,
     "failure_rate": PROBABILITY,
 }
+BEHAVIOUR_SETTINGS = {
+    "behaviour_noise": Field("float", 0.0),  # free_rider: std of the Gaussian noise on the model it sends back
+    "label_noise": PROBABILITY,  # noisy_labels: fraction of its training labels flipped to another class
+    "scale": Field("float", 0.0, low_open=True),  # sign_flip / scaled: multiple of its change it sends (1 / 10)
+    "poison_fraction": PROBABILITY,  # data_poisoning: fraction of its training rows given the trigger
+    "trigger_features": Field("int", 1, MAX_WIDTH),  # data_poisoning: how many leading input elements the trigger sets
+    "trigger_value": Field("float"),  # data_poisoning: the value they are set to
+    "target_label": Field("int", 0),  # data_poisoning: the label triggered rows are given
+}
+"""Settings of a behaviour, on an institution row or (as defaults for every row) on the scenario."""
+BEHAVIOUR_KEYS = {
+    "free_rider": ("behaviour_noise",),
+    "noisy_labels": ("label_noise",),
+    "sign_flip": ("scale",),
+    "scaled": ("scale",),
+    "data_poisoning": ("poison_fraction", "trigger_features", "trigger_value", "target_label"),
+}
+"""Which settings each behaviour takes; a row that sets another behaviour's setting is refused."""
+SCENARIO.update({k: Field(f.kind, f.low, f.high, f.low_open, f.high_open, null=True) for k, f in BEHAVIOUR_SETTINGS.items()})
+INSTITUTION.update(BEHAVIOUR_SETTINGS)
 _PARTITION = {"dirichlet_alpha": Field("float", 0.0, low_open=True), "quantity_exponent": Field("float", 0.0)}
 _TEXT = {"max_length": Field("int", 2, 512), "max_rows_per_institution": Field("int", 1, null=True)}
 _COMMON = {"name": Field("str", choices=DATASETS), "partition": Field("str", choices=PARTITIONS),

@@ -21,6 +21,10 @@ global validation set is their union.
 An institution's ``feature_skew`` adds one fixed Gaussian shift (that std, one value per
 input element, drawn from its own stream) to all its inputs, train and test: its
 instruments read differently, after labels are fixed.
+
+Data-side behaviours (``noisy_labels``, ``data_poisoning``: agents/behaviours.py) change a
+misbehaving institution's training split only, last, from its own stream: its test and
+validation splits, and so the global test set, stay honest.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from agents import behaviours
 from sim.data import digits, docstrings, synthetic, table, text
 from sim.data.partition import FEATURE_SKEW, MIN_TRAIN, PARTITIONS, VALIDATION, Pool, check_sizes, num_test, stream
 from sim.types import ConfigError, Federation, Scenario, Shard
@@ -131,7 +136,11 @@ def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: boo
             xs = [x + shift for x in xs]
         dtype = np.int64 if is_text else np.float32  # token ids stay integers
         x_train, x_val, x_test = (x.astype(dtype, copy=False) for x in xs)
-        shards.append(Shard(spec.name, x_train, pool.y[train].astype(np.int64), x_test, pool.y[test].astype(np.int64),
+        y_train = pool.y[train].astype(np.int64)
+        if spec.behaviour in behaviours.DATA_BEHAVIOURS:
+            _check_behaviour(spec, x_train, int(pool.num_classes), is_text)
+            x_train, y_train = behaviours.corrupt(spec, x_train, y_train, int(pool.num_classes), seed)
+        shards.append(Shard(spec.name, x_train, y_train, x_test, pool.y[test].astype(np.int64),
                             x_val, pool.y[val].astype(np.int64)))
     return Federation(
         shards=tuple(shards),
@@ -142,6 +151,22 @@ def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: boo
         x_val=np.concatenate([s.x_val for s in shards]),
         y_val=np.concatenate([s.y_val for s in shards]),
     )
+
+
+def _check_behaviour(spec, x_train: np.ndarray, num_classes: int, is_text: bool) -> None:
+    """A data poisoner's trigger and target must fit the data; raises ConfigError naming the institution's key."""
+    if spec.behaviour != "data_poisoning":
+        return
+    key = f"scenario.institutions[{spec.index}]"
+    if is_text:
+        raise ConfigError(f"{key}.behaviour", "data_poisoning sets input features, which token ids are not; "
+                          "use it with a numeric dataset")
+    if spec.target_label >= num_classes:
+        raise ConfigError(f"{key}.target_label", f"is {spec.target_label} but the data has {num_classes} classes "
+                          f"(0..{num_classes - 1})")
+    width = int(np.prod(x_train.shape[1:]))
+    if spec.trigger_features > width:
+        raise ConfigError(f"{key}.trigger_features", f"is {spec.trigger_features} but an input has {width} elements")
 
 
 def hold_out(train: np.ndarray, fraction: float, seed: int, index: int, name: str) -> tuple[np.ndarray, np.ndarray]:
