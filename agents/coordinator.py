@@ -86,6 +86,11 @@ class Coordinator:
         status = {n: faults.IDLE for n in self.specs} | dict(ctx.dropped) | dict(lost)
         rows = [self._ledger_row(self.specs[u.institution], u) for u in updates]
         rows += [_absent(self.specs[n], status[n], sent) for n in self.specs if n not in arrived]
+        extras, epsilon = self.scheme.ledger(ctx, updates), self.scheme.epsilon(ctx.round)
+        for row in rows:
+            _book(self.specs[row["institution"]], row, extras.get(row["institution"]))
+            if epsilon == epsilon:  # NaN (no privacy noise): the engine's default stands
+                row["epsilon"] = epsilon  # client-level DP: every institution's guarantee is the same
         samples = sum(s for s, _ in self.central_work)
         rows.append({
             "institution": GLOBAL, "participated": bool(self.central_work), "bytes_up": 0, "bytes_down": 0,
@@ -132,6 +137,18 @@ class Coordinator:
             + clock.transfer_seconds(spec, u.bytes_up, u.bytes_down),
             "status": faults.OK,
         }
+
+
+def _book(spec: InstitutionSpec, row: dict[str, Any], extra: Mapping[str, float] | None) -> None:
+    """Add a scheme's extra bytes and round trips (secure aggregation) to a ledger row, and the time they take:
+    the extra bytes over the link plus one latency each way per extra round trip."""
+    if not extra:
+        return
+    up, down = int(extra.get("bytes_up", 0)), int(extra.get("bytes_down", 0))
+    row["bytes_up"] += up
+    row["bytes_down"] += down
+    row["simulated_seconds"] += ((up + down) * 8 / (spec.bandwidth_mbps * 1e6)
+                                 + 2 * extra.get("round_trips", 0) * spec.latency_s)
 
 
 def _absent(spec: InstitutionSpec, status: str, sent: int) -> dict[str, Any]:

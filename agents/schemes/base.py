@@ -65,6 +65,15 @@ class Scheme:
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Continue from what :meth:`state` returned."""
 
+    def ledger(self, ctx: RoundContext, updates: Sequence[Update]) -> dict[str, dict[str, float]]:
+        """Extra ``bytes_up``, ``bytes_down`` and ``round_trips`` per institution this round beyond the plain exchange
+        (e.g. secure aggregation's key agreement); most schemes add nothing."""
+        return {}
+
+    def epsilon(self, round: int) -> float:
+        """Client-level privacy spent after ``round`` rounds, the same for every institution; NaN without privacy noise."""
+        return float("nan")
+
     def check(self, institutions: int) -> None:
         """Raise ConfigError if the scheme cannot run with this many institutions (most can run with any)."""
 

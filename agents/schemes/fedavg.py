@@ -8,15 +8,20 @@ Optimization", ICLR 2021): new = old + server_lr * (mean - old).
 
 ``merge`` swaps the mean for a robust rule of :mod:`agents.schemes.robust` (median,
 trimmed mean, Krum, Multi-Krum, norm clipping); the server step is the same.
+``secure_aggregation`` has the coordinator see only pairwise-masked updates and their sum
+(Bonawitz et al. 2017, :mod:`agents.schemes.secagg`); it needs ``merge=mean``.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from agents.schemes import robust
+import numpy as np
+
+from agents.schemes import privacy, robust, secagg
 from agents.schemes.aggregate import server_step, weighted_average
 from agents.schemes.base import Scheme, check_range, cohort_size, register, sample_cohort
+from sim.faults import FAILED
 from sim.types import ConfigError, LocalPlan, RoundContext, State, Update
 
 WEIGHTINGS = ("samples", "uniform")
@@ -31,12 +36,16 @@ class FedAvg(Scheme):
     """Average the cohort's weights (by samples or uniformly, or by a robust rule) and step the global model towards it."""
 
     def __init__(self, *, weighting: str = "samples", server_lr: float = 1.0, cohort_fraction: float = 1.0,
-                 merge: str = "mean", trim: float = 0.2, byzantine: int = 1, krum_m: int = 1, clip_norm: float = 0.1):
+                 merge: str = "mean", trim: float = 0.2, byzantine: int = 1, krum_m: int = 1, clip_norm: float = 0.1,
+                 secure_aggregation: bool = False):
         if weighting not in WEIGHTINGS:
             raise ConfigError("scheme.weighting", f"unknown weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         if merge not in MERGES:
             raise ConfigError("scheme.merge", f"unknown merge {merge!r}; use one of {', '.join(MERGES)}")
-        self.weighting, self.merge_rule = weighting, merge
+        if secure_aggregation and merge != "mean":
+            raise ConfigError("scheme.secure_aggregation", f"the coordinator sees only the masked sum, and merge={merge} "
+                              "needs every update in the clear; use scheme.merge=mean or secure_aggregation=false")
+        self.weighting, self.merge_rule, self.secure_aggregation = weighting, merge, bool(secure_aggregation)
         self.server_lr = check_range("server_lr", server_lr, 0.0, low_open=True)
         self.cohort_fraction = check_range("cohort_fraction", cohort_fraction, 0.0, 1.0, low_open=True)
         self.trim = check_range("trim", trim, 0.0, 0.5)
@@ -80,7 +89,7 @@ class FedAvg(Scheme):
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
         """The merge rule over the updates' (possibly partial) states, applied with ``server_lr`` (times the round's
         ``training.server_schedule`` factor); None if nothing usable arrived."""
-        target = self.aggregate(state, updates)
+        target = self.secure_aggregate(ctx, state, updates) if self.secure_aggregation else self.aggregate(state, updates)
         return None if target is None else self.step(state, target, self.server_lr * ctx.server_scale)
 
     def aggregate(self, state: State, updates: Sequence[Update]) -> dict | None:
@@ -98,6 +107,56 @@ class FedAvg(Scheme):
         weights = [1.0 if self.weighting == "uniform" else float(u.num_samples) for u in usable]
         return self.rule(state, [u.state for u in usable], weights)
 
+    def secure_aggregate(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> dict | None:
+        """The weighted mean under secure aggregation: global + sum(w_i * change_i) / sum(w_i), the two sums read off
+        the masked vectors only; None if nothing arrived or too few survived to unmask (the protocol loses the round)."""
+        usable = [u for u in updates if u.state and (self.weighting == "uniform" or u.num_samples > 0)]
+        weights = [1.0 if self.weighting == "uniform" else float(u.num_samples) for u in usable]
+        changes = [privacy.delta(state, u.state) for u in usable]
+        total = self.secure_sum(ctx, [secagg.flatten(c, list(c)) * w for c, w in zip(changes, weights)], weights, usable)
+        if total is None:
+            return None
+        keys = list(changes[0])
+        mean = secagg.unflatten(total[:-1] / total[-1], changes[0], keys)
+        return {k: np.asarray(state[k], np.float64) + mean[k] for k in keys}
+
+    def secure_sum(self, ctx: RoundContext, vectors: list, weights: list[float], usable: Sequence[Update]):
+        """Sum of (vector, weight) over ``usable`` as the coordinator learns it: each survivor's vector is masked with
+        the round's pairwise masks and only the masked vectors are added up (the last entry is the weights' sum);
+        None when nothing arrived or fewer than the protocol's threshold survived."""
+        if not usable:
+            return None
+        if len({tuple(u.state) for u in usable}) > 1:
+            raise ValueError("secure aggregation needs every update to carry the same keys")
+        members = secure_members(ctx)
+        n = len(members)
+        masked = {members.index(u.institution): secagg.mask(secagg.encode(np.append(v, w)), members.index(u.institution),
+                                                            n, ctx.seed, ctx.round)
+                  for u, v, w in zip(usable, vectors, weights)}
+        if len(masked) < secagg.threshold(n):
+            return None
+        return secagg.unmask_sum(masked, n, ctx.seed, ctx.round)
+
+    def ledger(self, ctx: RoundContext, updates: Sequence[Update]) -> dict[str, dict]:
+        """Secure aggregation's extra bytes and round trips per key-agreement member (see :func:`secagg.overhead`)."""
+        if not self.secure_aggregation:
+            return {}
+        members, arrived = secure_members(ctx), {u.institution: u for u in updates}
+        out = {}
+        for name in members:
+            u = arrived.get(name)
+            words = 0 if u is None else sum(np.size(u.state[k]) for k in privacy.floating(u.state)) + 1
+            up, down = secagg.overhead(len(members), words, u is not None)
+            plain = 0 if u is None else sum(np.asarray(u.state[k]).nbytes for k in privacy.floating(u.state))
+            out[name] = {"bytes_up": up - plain, "bytes_down": down, "round_trips": secagg.EXTRA_ROUND_TRIPS}
+        return out
+
     def step(self, state: State, target: State, lr: float) -> State:
         """The server step towards the merged state: new = old + lr * (target - old)."""
         return server_step(state, target, lr)
+
+
+def secure_members(ctx: RoundContext) -> list[str]:
+    """Who took part in the round's key agreement, in name order: the cohort plus members whose local step failed
+    (they had agreed masks before dropping out); members offline from the start never joined."""
+    return sorted(set(ctx.cohort) | {name for name, fault in ctx.dropped if fault == FAILED})
