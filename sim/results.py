@@ -123,8 +123,7 @@ def select_rounds(metrics: pd.DataFrame, rule: str) -> pd.Series:
         unvalidated = last.merge(pick[keys], on=keys, how="left", indicator=True)["_merge"] == "left_only"
         pick = pd.concat([pick, last[unvalidated.to_numpy()]], ignore_index=True)
     chosen = metrics[keys + ["round"]].merge(pick.assign(_pick=True), on=[*keys, "round"], how="left")["_pick"]
-    return pd.Series(chosen.fillna(False).to_numpy(dtype=bool), index=metrics.index, name="selected")
-
+    return pd.Series(chosen.notna().to_numpy(), index=metrics.index, name="selected")
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
