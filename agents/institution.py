@@ -10,6 +10,10 @@ happens here: which keys stay home, a second proximal training of a personal mod
 fine-tuning a throw-away copy before scoring. Each draws from its own RNG stream, keyed
 by (seed, institution, round, stream), so none of them moves another's random numbers.
 
+SCAFFOLD's control variate c_i (the plan's ``control``) is persistent state too, kept
+here and restored like the personal model; q-FFL's loss of the received model (the
+plan's ``start_loss``) is measured here before training.
+
 Behaviours (agents/behaviours.py) on the update happen here too: a free-rider skips its
 local step and sends back what it received; ``sign_flip`` and ``scaled`` bend the honest
 result before it is sent. Whatever the scheme asks to be uploaded but weights or a
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from agents import behaviours
+from agents.schemes.scaffold import CHANGE
 from sim.models import get_state, set_state
 from sim.train import _to_tensors, evaluate, full_gradient, local_train, rng_for, scheduled
 from sim.types import (ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update,
@@ -37,6 +42,11 @@ ADAPT_STREAM = 0xADA97
 """Fourth element of the RNG key of adaptation before scoring (finetune, reptile)."""
 HEAD_NAMES = ("classifier", "score", "head")
 """Module names transformers give a classification head; ``auto`` keeps all of such a head, not just its last layer."""
+
+
+def control_nbytes(plan: LocalPlan) -> int:
+    """Bytes of SCAFFOLD's server control c that come down with the global state (0 without it)."""
+    return state_nbytes(plan.control) if plan.control is not None else 0
 
 
 def personal_keys(plan: LocalPlan, state: State) -> tuple[str, ...]:
@@ -70,6 +80,7 @@ class Institution:
         self.training = training
         self.seed = seed
         self.personal: State = initial  # its own model; used by schemes whose plan says "personal"
+        self.control: State = {}  # SCAFFOLD's c_i over trainable parameters; empty = zeros (never trained under it)
         self.uploaded_data = False
         self.changed = False  # whether anything above moved away from its starting value
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # its training shard in torch, made once
@@ -90,7 +101,7 @@ class Institution:
         key = (self.seed, self.spec.index, ctx.round)
         training = scheduled(self.training, ctx.round)
         t0 = time.perf_counter()
-        loss, samples_processed = float("nan"), 0
+        loss, samples_processed, start_loss, change = float("nan"), 0, float("nan"), {}
         if plan.upload == "data":
             # Data sharing: the shard itself crosses, once; nothing is trained locally.
             payload = {} if self.uploaded_data else {"x": shard.x_train, "y": shard.y_train}
@@ -101,9 +112,13 @@ class Institution:
                 payload, loss = full_gradient(model, shard.x_train, shard.y_train, precision=self.training.precision)
                 samples_processed = shard.num_train
             else:
+                if plan.start_loss:  # q-FFL: F_k, the received model's loss on the own training data
+                    start_loss = evaluate(model, shard.x_train, shard.y_train, precision=self.training.precision)[1]
                 anchor = start if plan.prox_mu > 0 else None
+                correction = self._correction(model, plan.control) if plan.control is not None else None
                 loss, steps = local_train(
-                    model, shard.x_train, shard.y_train, training=training, plan=plan, key=key, anchor=anchor
+                    model, shard.x_train, shard.y_train, training=training, plan=plan, key=key, anchor=anchor,
+                    correction=correction,
                 )
                 samples_processed = self.training.local_epochs * shard.num_train
                 payload = get_state(model)
@@ -120,6 +135,9 @@ class Institution:
                 payload = {}
             else:  # an adversary bends its change from where it started (a gradient: the gradient itself)
                 payload = behaviours.bend(self.spec, payload, {} if plan.upload == "gradient" else start)
+            if plan.control is not None and not plan.one_step and plan.upload == "weights":
+                change = self._update_control(plan.control, start, payload, steps, training.lr)
+                payload = {**payload, **{CHANGE + k: v for k, v in change.items()}}
         received = state_nbytes(global_state) - state_nbytes({k: global_state[k] for k in kept}) if global_state else 0
         return Update(
             institution=self.spec.name,
@@ -130,7 +148,8 @@ class Institution:
             compute_seconds=time.perf_counter() - t0,
             bytes_up=state_nbytes(payload),
             samples_processed=samples_processed,
-            bytes_down=received if plan.start == "global" else 0,
+            bytes_down=(received + control_nbytes(plan)) if plan.start == "global" else 0,
+            start_loss=start_loss,
         )
 
     def _free_ride(self, plan: LocalPlan, round: int, global_state: State | None, start: State | None,
@@ -148,8 +167,38 @@ class Institution:
             institution=self.spec.name, index=self.spec.index, state=payload,
             num_samples=self.shard.num_train,  # what it claims, so a weighted mean gives its nothing full weight
             train_loss=float("nan"), compute_seconds=0.0, bytes_up=state_nbytes(payload), samples_processed=0,
-            bytes_down=received if plan.start == "global" else 0,
+            bytes_down=(received + control_nbytes(plan)) if plan.start == "global" else 0,
         )
+
+    def _correction(self, model: torch.nn.Module, control: State) -> dict[str, np.ndarray]:
+        """SCAFFOLD's gradient correction c - c_i over the trainable parameters (a missing variate is zero)."""
+        out = {}
+        for k, p in model.named_parameters():
+            if p.requires_grad and (k in control or k in self.control):
+                zero = np.zeros(tuple(p.shape), np.float32)
+                out[k] = np.asarray(control.get(k, zero), np.float32) - np.asarray(self.control.get(k, zero), np.float32)
+        return out
+
+    def _update_control(self, control: State, start: State, sent: State, steps: int, lr: float) -> dict[str, np.ndarray]:
+        """SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K * lr) over the sent floating keys; returns c_i+ - c_i.
+
+        ``x`` is the received model, ``y_i`` what is sent (after any behaviour), ``K`` the local steps taken.
+        No steps (an empty shard) leaves c_i as it is.
+        """
+        if steps <= 0:
+            return {}
+        change = {}
+        for k, y in sent.items():
+            y = np.asarray(y)
+            if not np.issubdtype(y.dtype, np.floating) or k not in start:
+                continue
+            drift = (np.asarray(start[k], np.float64) - y.astype(np.float64)) / (steps * lr)
+            c = np.asarray(control.get(k, 0.0), np.float64)
+            old = np.asarray(self.control.get(k, np.zeros_like(y)), np.float32)
+            new = (old.astype(np.float64) - c + drift).astype(np.float32)
+            change[k], self.control[k] = new - old, new
+        self.changed = True
+        return change
 
     def tensors(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Its training shard as tensors on the model's device and dtype: made on first use, then reused every round."""
@@ -197,13 +246,15 @@ class Institution:
         """What it carries from round to round, as flat numpy arrays (empty while nothing changed)."""
         if not self.changed:
             return {}
-        return {"uploaded_data": np.asarray(self.uploaded_data)} | {f"personal/{k}": v for k, v in self.personal.items()}
+        return ({"uploaded_data": np.asarray(self.uploaded_data)} | {f"personal/{k}": v for k, v in self.personal.items()}
+                | {f"control/{k}": v for k, v in self.control.items()})
 
     def restore(self, saved: Mapping[str, np.ndarray]) -> None:
         """Take back what :meth:`persistent` returned (after a restart or from a checkpoint)."""
         if saved:
             self.uploaded_data = bool(saved["uploaded_data"])
             self.personal = {k.removeprefix("personal/"): np.asarray(v) for k, v in saved.items() if k.startswith("personal/")}
+            self.control = {k.removeprefix("control/"): np.asarray(v) for k, v in saved.items() if k.startswith("control/")}
             self.changed = True
 
     def evaluate(self, model: torch.nn.Module, plan: LocalPlan, global_state: State | None,

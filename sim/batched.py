@@ -59,6 +59,8 @@ def batchable(model: nn.Module, plan: LocalPlan, training: TrainingSpec) -> bool
         and plan.upload in ("weights", "nothing")
         and not plan.personal_keys  # FedPer keeps its head home: the institution's own step handles that
         and plan.personal_mu is None  # Ditto trains a second, personal model
+        and plan.control is None  # SCAFFOLD corrects gradients and updates the institution's control variate
+        and not plan.start_loss  # q-FFL scores the received model first
         and training.precision == "fp32"
         and training.optimizer == "sgd"  # the vectorised step writes out SGD's update, not Adam's
     )

@@ -112,6 +112,7 @@ def local_train(
     plan: LocalPlan,
     key: tuple[int, ...],
     anchor: State | None = None,
+    correction: State | None = None,
 ) -> tuple[float, int]:
     """Train ``model`` in place with SGD on (x, y); return (mean per-sample training loss, optimizer steps).
 
@@ -119,7 +120,9 @@ def local_train(
     ``plan.prox_mu > 0`` the FedProx term (mu/2)*||w - anchor||^2 is added over the
     parameters named in ``anchor`` (default: the weights training started from).
     With ``plan.one_step`` a single full-batch step is taken instead of epochs.
-    The reported loss is the data loss only (no proximal term), so schemes compare.
+    With ``correction`` (SCAFFOLD's c - c_i) the term <w, correction> is added over the
+    parameters it names, so each step follows g + correction.
+    The reported loss is the data loss only (no proximal or correction term), so schemes compare.
 
     A fresh optimizer is built every call: momentum does not carry across rounds
     (institutions restart from a merged state that momentum buffers would not match).
@@ -135,6 +138,8 @@ def local_train(
     if plan.prox_mu > 0:
         source = anchor if anchor is not None else {k: p.detach() for k, p in params.items()}
         pull = {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dtype).clone() for k, v in source.items() if k in params}
+    shift = {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dtype) for k, v in (correction or {}).items()
+             if k in params}
     trainable: list = [p for p in model.parameters() if p.requires_grad]
     head = getattr(model, "head_keys", frozenset())
     if training.head_lr is not None and head:  # a fresh head learns faster than pretrained weights may move
@@ -170,6 +175,8 @@ def local_train(
             loss = data_loss
             if pull:
                 loss = loss + 0.5 * plan.prox_mu * sum(((params[k] - a) ** 2).sum() for k, a in pull.items())
+            if shift:  # a linear term: its gradient is the correction itself
+                loss = loss + sum((params[k] * c).sum() for k, c in shift.items())
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()

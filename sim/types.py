@@ -133,6 +133,10 @@ class LocalPlan:
     adapt_steps: int = 0  # minibatch SGD steps on the own training data before scoring (finetune, reptile)
     adapt_epochs: int = 0  # whole local epochs of that adaptation instead; wins over adapt_steps when > 0
     adapt_round: int = 0  # the planned round; seeds adaptation's RNG (scoring is not told the round)
+    # SCAFFOLD: the server control c (name -> array over trainable parameters; {} = all zeros): local gradients
+    # become g - c_i + c and the change of c_i is uploaded. None = off. Not compared or shown (arrays).
+    control: State | None = field(default=None, compare=False, repr=False)
+    start_loss: bool = False  # q-FFL: also measure the received model's loss on the own training data before training
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,7 @@ class Update:
     bytes_up: int  # bytes that actually cross to the coordinator
     samples_processed: int = 0  # forward+backward passes done (drives the simulated clock)
     bytes_down: int = 0  # bytes of global state this institution received for the round
+    start_loss: float = float("nan")  # q-FFL: loss of the received model on its training data; NaN when not asked
 
 
 def state_nbytes(state: State) -> int:

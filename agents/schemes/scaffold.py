@@ -1,0 +1,107 @@
+"""SCAFFOLD: FedAvg whose local steps are corrected by control variates against client drift.
+
+Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, "SCAFFOLD: Stochastic Controlled Averaging
+for Federated Learning", ICML 2020, Algorithm 1 with option II. The server keeps a control
+c, each institution its own c_i (both start at zero). A local step follows g - c_i + c;
+after K local steps at rate lr the institution sets c_i+ = c_i - c + (x - y_i) / (K * lr)
+and sends y_i and c_i+ - c_i. The server moves x += server_lr * mean(y_i - x) and
+c += (|S| / N) * mean(c_i+ - c_i) = (1 / N) * sum(c_i+ - c_i) over the updates that arrived,
+so c stays the mean of all N institutions' c_i.
+
+How c and c_i travel, and where they live:
+
+- c is this scheme's state (:meth:`state` / :meth:`load_state`, so checkpoints keep it).
+  It reaches institutions in the round's ``LocalPlan.control`` (a flat ``name -> array``
+  mapping over trainable parameters, float32), not inside the global state: the global
+  state stays exactly the model, so the coordinator, evaluation and every model loader
+  read it unchanged. Institutions book c's bytes in ``bytes_down``; members that received
+  it and then failed are booked by :meth:`ledger`.
+- c_i is the institution's persistent state (``control/<key>`` in ``Institution.persistent``),
+  checkpointed and given back to a restarted host like Ditto's personal model.
+- The upload is the weights y_i (the server knows x, so y_i and y_i - x carry the same
+  information and bytes) plus c_i+ - c_i under ``control_change/<key>``: twice the trainable
+  model, which ``bytes_up`` counts. A free-rider sends no change (its c_i stays put).
+
+Local steps of plain SGD are what option II assumes: with momentum, weight decay or a
+learning-rate schedule the (x - y_i) / (K * lr) estimate is the paper's, with lr the
+round's scheduled rate. The vectorised local step does not run SCAFFOLD (``batchable``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from agents.schemes.aggregate import server_step, weighted_average
+from agents.schemes.base import register
+from agents.schemes.fedavg import FedAvg
+from sim.faults import FAILED
+from sim.types import LocalPlan, RoundContext, State, Update, state_nbytes
+
+CHANGE = "control_change/"
+"""Key prefix of an institution's c_i+ - c_i in its upload."""
+
+
+def split_upload(sent: State) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(model weights, control change) of one SCAFFOLD upload."""
+    model = {k: np.asarray(v) for k, v in sent.items() if not k.startswith(CHANGE)}
+    change = {k.removeprefix(CHANGE): np.asarray(v) for k, v in sent.items() if k.startswith(CHANGE)}
+    return model, change
+
+
+def control_step(control: State, changes: Sequence[State], institutions: int) -> dict[str, np.ndarray]:
+    """c + (1 / N) * sum of the changes (float64 sums, float32 result): the paper's c += (|S|/N) * mean(dc)."""
+    keys = sorted({k for c in changes for k in c} | set(control))
+    out = {}
+    for k in keys:
+        total = sum((np.asarray(c[k], np.float64) for c in changes if k in c), np.zeros(()))
+        base = np.asarray(control[k], np.float64) if k in control else np.zeros(np.shape(total))
+        out[k] = (base + total / institutions).astype(np.float32)
+    return out
+
+
+@register("scaffold")
+class Scaffold(FedAvg):
+    """FedAvg with SCAFFOLD's control variates: server control c (kept here), institution controls c_i (kept there)."""
+
+    def __init__(self, *, weighting: str = "uniform", server_lr: float = 1.0, cohort_fraction: float = 1.0):
+        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction)
+        self.c: dict[str, np.ndarray] = {}
+        self.population = 0  # N, all institutions: learnt in select, which runs before every merge
+        self.sent = 0  # bytes of the c sent with this round's plan
+
+    def plan(self, round: int) -> LocalPlan:
+        """Local SGD corrected by c - c_i; upload the weights and the change of c_i."""
+        self.sent = state_nbytes(self.c)
+        return LocalPlan(control=dict(self.c))
+
+    def select(self, ctx: RoundContext) -> tuple[str, ...]:
+        """FedAvg's cohort; remember how many institutions there are (N in the control step)."""
+        self.population = len(ctx.cohort)
+        return super().select(ctx)
+
+    def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
+        """x += server_lr * mean(y_i - x); c += sum(dc_i) / N. None (and c kept) if nothing usable arrived."""
+        usable = [u for u in updates if u.state and (self.weighting == "uniform" or u.num_samples > 0)]
+        if not usable:
+            return None
+        parts = [split_upload(u.state) for u in usable]
+        weights = [1.0 if self.weighting == "uniform" else float(u.num_samples) for u in usable]
+        target = weighted_average([m for m, _ in parts], weights)
+        self.c = control_step(self.c, [c for _, c in parts], max(self.population, len(usable)))
+        return server_step(state, target, self.server_lr * ctx.server_scale)
+
+    def ledger(self, ctx: RoundContext, updates: Sequence[Update]) -> dict[str, dict[str, float]]:
+        """c's bytes for members that received this round's plan but sent nothing back (failed, crashed, timed out)."""
+        arrived = {u.institution for u in updates}
+        received = (set(ctx.cohort) - arrived) | {name for name, fault in ctx.dropped if fault == FAILED}
+        return {name: {"bytes_down": self.sent} for name in sorted(received)} if self.sent else {}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The server control c, for checkpoints."""
+        return {f"c/{k}": v for k, v in self.c.items()}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Continue with a checkpoint's server control."""
+        self.c = {k.removeprefix("c/"): np.asarray(v, np.float32) for k, v in arrays.items() if k.startswith("c/")}
