@@ -238,7 +238,7 @@ def final(result, metric: str = "accuracy") -> tuple[float, pd.Series]:
     return float(last[last.institution == "global"].value.iloc[0]), last[last.institution != "global"].value
 
 
-def test_scaffold_against_drift_on_label_skewed_shards(tmp_path) -> None:
+def test_scaffold_and_fedavg_on_label_skewed_shards_both_learn(tmp_path) -> None:
     # Six institutions with two or so labels each (Dirichlet 0.1), five local epochs: FedAvg's local models drift.
     # The numbers are reported (pytest -s), not compared with a margin: a small run moves by a few points per seed.
     acc = {s: final(run(compose("config", SKEWED + [f"scheme={s}"]), tmp_path / s, backend="inprocess"))[0]
@@ -247,10 +247,11 @@ def test_scaffold_against_drift_on_label_skewed_shards(tmp_path) -> None:
     assert all(a > 0.2 for a in acc.values())  # both learn (chance is 0.1)
 
 
-def test_larger_q_narrows_the_spread_of_institution_accuracies(tmp_path) -> None:
-    # Reported (pytest -s): the standard deviation and worst of institutions' accuracies for q = 0, 1, 5.
+def test_spread_of_institution_accuracies_over_q_is_reported(tmp_path) -> None:
+    # Reported (pytest -s): the standard deviation and worst of institutions' accuracies for q = 0 .. 5. In 6 rounds a
+    # large q (5) also shrinks the step (h_k grows with q * F^(q-1) * ||Delta||^2), so it undertrains: reported, not asserted.
     out = {}
-    for q in (0.0, 1.0, 5.0):
+    for q in (0.0, 0.5, 1.0, 2.0, 5.0):
         glob, each = final(run(compose("config", SKEWED + ["scheme=qffl", f"scheme.q={q}"]), tmp_path / str(q),
                                backend="inprocess"))
         out[q] = (round(glob, 3), round(float(each.std()), 3), round(float(each.min()), 3))
