@@ -125,7 +125,7 @@ def test_first_round_with_zero_controls_is_fedavgs_local_step() -> None:
 def test_scaffold_with_a_tiny_lr_and_one_step_is_fedavg_to_first_order() -> None:
     # Two institutions, round 2 with controls from round 1: y_i = x - lr (g_i - c_i + c); the mean over both
     # has sum(c - c_i) = 0 when c = mean(c_i), so SCAFFOLD's merged step equals FedAvg's up to float rounding.
-    states, plain = [], []
+    states = []
     x = None
     for rows, seed in ((16, 0), (16, 1)):
         inst, model = institution(lr=1e-3, rows=rows)
