@@ -76,7 +76,8 @@ class Coordinator:
 
         ``lost`` names cohort members whose host crashed or timed out (status per name).
         """
-        updates = sorted((u for lst in update_lists for u in lst), key=lambda u: u.index)
+        # What crossed (compressed, say) becomes what the merge reads; the ledger keeps the bytes that crossed.
+        updates = self.scheme.receive(self.state, sorted((u for lst in update_lists for u in lst), key=lambda u: u.index))
         sent = state_nbytes(self.state) if ctx.plan.start == "global" else 0  # what a dropped member had received
         self.central_work = []
         merged = self.scheme.merge(ctx, self.state, updates)

@@ -14,6 +14,11 @@ SCAFFOLD's control variate c_i (the plan's ``control``) is persistent state too,
 here and restored like the personal model; q-FFL's loss of the received model (the
 plan's ``start_loss``) is measured here before training.
 
+Compression of a weights upload (the plan's ``compression``) happens here, last: the
+change from the global model is sent as top-k values and indices or int8 codes
+(:mod:`agents.schemes.compression`), and with error feedback what was dropped (the
+residual) is persistent state, added to the next round's change.
+
 Behaviours (agents/behaviours.py) on the update happen here too: a free-rider skips its
 local step and sends back what it received; ``sign_flip`` and ``scaled`` bend the honest
 result before it is sent. Whatever the scheme asks to be uploaded but weights or a
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 from agents import behaviours
+from agents.schemes import compression
 from agents.schemes.scaffold import CHANGE
 from sim.models import get_state, set_state
 from sim.train import _to_tensors, evaluate, full_gradient, local_train, rng_for, scheduled
@@ -81,6 +87,7 @@ class Institution:
         self.seed = seed
         self.personal: State = initial  # its own model; used by schemes whose plan says "personal"
         self.control: State = {}  # SCAFFOLD's c_i over trainable parameters; empty = zeros (never trained under it)
+        self.residual: State = {}  # error feedback: what compression dropped from the last upload; empty = zeros
         self.uploaded_data = False
         self.changed = False  # whether anything above moved away from its starting value
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # its training shard in torch, made once
@@ -138,6 +145,7 @@ class Institution:
             if plan.control is not None and not plan.one_step and plan.upload == "weights":
                 change = self._update_control(plan.control, start, payload, steps, training.lr)
                 payload = {**payload, **{CHANGE + k: v for k, v in change.items()}}
+            payload = self._compress(plan, global_state, payload)
         received = state_nbytes(global_state) - state_nbytes({k: global_state[k] for k in kept}) if global_state else 0
         return Update(
             institution=self.spec.name,
@@ -161,7 +169,7 @@ class Institution:
             sent = {k: v for k, v in (start or {}).items() if k not in kept}
         noise = float(getattr(self.spec, "behaviour_noise", 0.0))
         rng = np.random.default_rng([self.seed, self.spec.index, round, behaviours.FREE_RIDE_STREAM]) if noise > 0 else None
-        payload = behaviours.free_ride(sent, noise, rng)
+        payload = self._compress(plan, global_state, behaviours.free_ride(sent, noise, rng), feedback=False)
         received = state_nbytes(global_state) - state_nbytes({k: global_state[k] for k in kept}) if global_state else 0
         return Update(
             institution=self.spec.name, index=self.spec.index, state=payload,
@@ -169,6 +177,29 @@ class Institution:
             train_loss=float("nan"), compute_seconds=0.0, bytes_up=state_nbytes(payload), samples_processed=0,
             bytes_down=(received + control_nbytes(plan)) if plan.start == "global" else 0,
         )
+
+    def _compress(self, plan: LocalPlan, global_state: State | None, payload: State, *,
+                  feedback: bool = True) -> State:
+        """The wire form of a weights upload under ``plan.compression``: its floating arrays as their change from the
+        global model, compressed (plus the residual under error feedback, which is then updated); the rest as is.
+
+        A free-rider (``feedback=False``) sends its compressed nothing and keeps no residual.
+        """
+        if plan.compression == "none" or plan.upload != "weights" or not global_state or not payload:
+            return payload
+        change = {}
+        for k, v in payload.items():
+            v = np.asarray(v)
+            if k in global_state and np.issubdtype(v.dtype, np.floating):
+                change[k] = (v.astype(np.float64) - np.asarray(global_state[k], np.float64)).astype(v.dtype)
+        rest = {k: v for k, v in payload.items() if k not in change}
+        if plan.error_feedback and feedback:
+            sent, self.residual = compression.with_feedback(change, self.residual, plan.compression,
+                                                            plan.compression_ratio)
+            self.changed = True
+        else:
+            sent = compression.compress(change, plan.compression, plan.compression_ratio)
+        return {**rest, **sent}
 
     def _correction(self, model: torch.nn.Module, control: State) -> dict[str, np.ndarray]:
         """SCAFFOLD's gradient correction c - c_i over the trainable parameters (a missing variate is zero)."""
@@ -221,6 +252,7 @@ class Institution:
         if plan.start == "personal":
             self.personal, self.changed = state, True
         payload = behaviours.bend(self.spec, state, start) if plan.upload == "weights" else {}
+        payload = self._compress(plan, global_state, payload)
         return Update(
             institution=self.spec.name, index=self.spec.index, state=payload, num_samples=self.shard.num_train,
             train_loss=loss, compute_seconds=seconds, bytes_up=state_nbytes(payload),
@@ -247,7 +279,8 @@ class Institution:
         if not self.changed:
             return {}
         return ({"uploaded_data": np.asarray(self.uploaded_data)} | {f"personal/{k}": v for k, v in self.personal.items()}
-                | {f"control/{k}": v for k, v in self.control.items()})
+                | {f"control/{k}": v for k, v in self.control.items()}
+                | {f"residual/{k}": v for k, v in self.residual.items()})
 
     def restore(self, saved: Mapping[str, np.ndarray]) -> None:
         """Take back what :meth:`persistent` returned (after a restart or from a checkpoint)."""
@@ -255,6 +288,8 @@ class Institution:
             self.uploaded_data = bool(saved["uploaded_data"])
             self.personal = {k.removeprefix("personal/"): np.asarray(v) for k, v in saved.items() if k.startswith("personal/")}
             self.control = {k.removeprefix("control/"): np.asarray(v) for k, v in saved.items() if k.startswith("control/")}
+            self.residual = {k.removeprefix("residual/"): np.asarray(v) for k, v in saved.items()
+                             if k.startswith("residual/")}
             self.changed = True
 
     def evaluate(self, model: torch.nn.Module, plan: LocalPlan, global_state: State | None,

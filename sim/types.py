@@ -137,6 +137,9 @@ class LocalPlan:
     # become g - c_i + c and the change of c_i is uploaded. None = off. Not compared or shown (arrays).
     control: State | None = field(default=None, compare=False, repr=False)
     start_loss: bool = False  # q-FFL: also measure the received model's loss on the own training data before training
+    compression: Literal["none", "topk", "int8"] = "none"  # how the change to the global model is sent (agents/schemes/compression.py)
+    compression_ratio: float = 1.0  # topk: fraction of each array's entries sent, in (0, 1]
+    error_feedback: bool = True  # add what compression dropped to the next round's change (kept by the institution)
 
 
 @dataclass(frozen=True)

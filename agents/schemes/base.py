@@ -54,6 +54,10 @@ class Scheme:
         """Pick this round's cohort out of ``ctx.cohort`` (all institutions), in scenario order."""
         return ctx.cohort
 
+    def receive(self, state: State, updates: Sequence[Update]) -> list[Update]:
+        """The updates as :meth:`merge` reads them, from what crossed (compressed uploads back to weights); most pass as is."""
+        return list(updates)
+
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
         """Turn the updates that arrived (in scenario order) into the next global state; None keeps ``state``."""
         return None

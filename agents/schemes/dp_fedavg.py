@@ -33,7 +33,7 @@ class DPFedAvg(FedAvg):
 
     def __init__(self, *, clip_norm: float | None = 0.5, noise_multiplier: float | None = None,
                  target_epsilon: float | None = None, delta: float = 1e-5, cohort_fraction: float = 1.0,
-                 planned_rounds: int = 20, server_lr: float = 1.0, secure_aggregation: bool = False):
+                 planned_rounds: int = 20, server_lr: float = 1.0, secure_aggregation: bool = False, compression: str = "none", compression_ratio: float = 0.1, error_feedback: bool = True):
         if noise_multiplier is not None and target_epsilon is not None:
             raise ConfigError("scheme.target_epsilon", "give scheme.noise_multiplier or scheme.target_epsilon, not both "
                               "(set the other to null)")
@@ -43,7 +43,7 @@ class DPFedAvg(FedAvg):
             raise ConfigError("scheme.clip_norm", f"DP noise is calibrated to a clipping norm: set scheme.clip_norm > 0 "
                               f"(got {clip_norm!r})")
         super().__init__(weighting="uniform", server_lr=server_lr, cohort_fraction=cohort_fraction, clip_norm=clip_norm,
-                         secure_aggregation=secure_aggregation)
+                         secure_aggregation=secure_aggregation, compression=compression, compression_ratio=compression_ratio, error_feedback=error_feedback)
         self.delta = float(delta)
         if not 0.0 < self.delta < 1.0:
             raise ConfigError("scheme.delta", f"must lie in (0, 1) (typically below 1 / institutions), got {delta!r}")

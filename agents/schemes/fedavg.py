@@ -10,14 +10,21 @@ Optimization", ICLR 2021): new = old + server_lr * (mean - old).
 trimmed mean, Krum, Multi-Krum, norm clipping); the server step is the same.
 ``secure_aggregation`` has the coordinator see only pairwise-masked updates and their sum
 (Bonawitz et al. 2017, :mod:`agents.schemes.secagg`); it needs ``merge=mean``.
+``compression`` (``topk`` with ``compression_ratio``, or ``int8``; :mod:`agents.schemes.compression`)
+has institutions send their change in compressed form, with ``error_feedback`` carrying what
+was dropped into the next round; :meth:`FedAvg.receive` turns uploads back into weights
+before any merge, so every rule above reads them unchanged. Masks do not add up over
+sparse or quantised changes, so compression refuses ``secure_aggregation``.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
 
+from agents.schemes import compression as compress
 from agents.schemes import privacy, robust, secagg
 from agents.schemes.aggregate import server_step, weighted_average
 from agents.schemes.base import Scheme, check_range, cohort_size, register, sample_cohort
@@ -37,7 +44,8 @@ class FedAvg(Scheme):
 
     def __init__(self, *, weighting: str = "samples", server_lr: float = 1.0, cohort_fraction: float = 1.0,
                  merge: str = "mean", trim: float = 0.2, byzantine: int = 1, krum_m: int = 1, clip_norm: float = 0.1,
-                 secure_aggregation: bool = False):
+                 secure_aggregation: bool = False, compression: str = "none", compression_ratio: float = 0.1,
+                 error_feedback: bool = True):
         if weighting not in WEIGHTINGS:
             raise ConfigError("scheme.weighting", f"unknown weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         if merge not in MERGES:
@@ -45,6 +53,15 @@ class FedAvg(Scheme):
         if secure_aggregation and merge != "mean":
             raise ConfigError("scheme.secure_aggregation", f"the coordinator sees only the masked sum, and merge={merge} "
                               "needs every update in the clear; use scheme.merge=mean or secure_aggregation=false")
+        if compression not in compress.METHODS:
+            raise ConfigError("scheme.compression", f"unknown compression {compression!r}; use one of "
+                              f"{', '.join(compress.METHODS)}")
+        if compression != "none" and secure_aggregation:
+            raise ConfigError("scheme.compression", f"secure aggregation's masks do not add up over {compression} "
+                              "changes; use scheme.compression=none or scheme.secure_aggregation=false")
+        self.compression = compression
+        self.compression_ratio = check_range("compression_ratio", compression_ratio, 0.0, 1.0, low_open=True)
+        self.error_feedback = bool(error_feedback)
         self.weighting, self.merge_rule, self.secure_aggregation = weighting, merge, bool(secure_aggregation)
         self.server_lr = check_range("server_lr", server_lr, 0.0, low_open=True)
         self.cohort_fraction = check_range("cohort_fraction", cohort_fraction, 0.0, 1.0, low_open=True)
@@ -64,8 +81,17 @@ class FedAvg(Scheme):
         }[merge]
 
     def plan(self, round: int) -> LocalPlan:
-        """Plain local SGD from the global model; upload the weights."""
-        return LocalPlan()
+        """Plain local SGD from the global model; upload the weights (compressed if asked)."""
+        if self.compression == "none":
+            return LocalPlan()
+        return LocalPlan(compression=self.compression, compression_ratio=self.compression_ratio,
+                         error_feedback=self.error_feedback)
+
+    def receive(self, state: State, updates: Sequence[Update]) -> list[Update]:
+        """Compressed uploads back to weights: global + the decompressed change (other keys as sent)."""
+        if self.compression == "none":
+            return list(updates)
+        return [replace(u, state=compress.restore(state, u.state)) if u.state else u for u in updates]
 
     def check(self, institutions: int) -> None:
         """Refuse Krum settings the cohort can never satisfy (n > 2f + 2; Multi-Krum also m <= n - f)."""

@@ -7,6 +7,8 @@ which limits client drift on skewed shards; the server step (and its ``merge`` r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from agents.schemes.base import check_range, register
 from agents.schemes.fedavg import FedAvg
 from sim.types import LocalPlan
@@ -17,11 +19,12 @@ class FedProx(FedAvg):
     """FedAvg whose local objective adds (mu/2)*||w - w_global||^2."""
 
     def __init__(self, *, mu: float = 0.01, weighting: str = "samples", server_lr: float = 1.0, cohort_fraction: float = 1.0,
-                 merge: str = "mean", trim: float = 0.2, byzantine: int = 1, krum_m: int = 1, clip_norm: float = 0.1):
+                 merge: str = "mean", trim: float = 0.2, byzantine: int = 1, krum_m: int = 1, clip_norm: float = 0.1,
+                 compression: str = "none", compression_ratio: float = 0.1, error_feedback: bool = True):
         super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction, merge=merge, trim=trim,
-                         byzantine=byzantine, krum_m=krum_m, clip_norm=clip_norm)
+                         byzantine=byzantine, krum_m=krum_m, clip_norm=clip_norm, compression=compression, compression_ratio=compression_ratio, error_feedback=error_feedback)
         self.mu = check_range("mu", mu, 0.0)
 
     def plan(self, round: int) -> LocalPlan:
         """Local SGD from the global model with the proximal weight ``mu``."""
-        return LocalPlan(prox_mu=self.mu)
+        return replace(super().plan(round), prox_mu=self.mu)

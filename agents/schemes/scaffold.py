@@ -29,6 +29,7 @@ round's scheduled rate. The vectorised local step does not run SCAFFOLD (``batch
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -65,8 +66,8 @@ def control_step(control: State, changes: Sequence[State], institutions: int) ->
 class Scaffold(FedAvg):
     """FedAvg with SCAFFOLD's control variates: server control c (kept here), institution controls c_i (kept there)."""
 
-    def __init__(self, *, weighting: str = "uniform", server_lr: float = 1.0, cohort_fraction: float = 1.0):
-        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction)
+    def __init__(self, *, weighting: str = "uniform", server_lr: float = 1.0, cohort_fraction: float = 1.0, compression: str = "none", compression_ratio: float = 0.1, error_feedback: bool = True):
+        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction, compression=compression, compression_ratio=compression_ratio, error_feedback=error_feedback)
         self.c: dict[str, np.ndarray] = {}
         self.population = 0  # N, all institutions: learnt in select, which runs before every merge
         self.sent = 0  # bytes of the c sent with this round's plan
@@ -74,7 +75,7 @@ class Scaffold(FedAvg):
     def plan(self, round: int) -> LocalPlan:
         """Local SGD corrected by c - c_i; upload the weights and the change of c_i."""
         self.sent = state_nbytes(self.c)
-        return LocalPlan(control=dict(self.c))
+        return replace(super().plan(round), control=dict(self.c))
 
     def select(self, ctx: RoundContext) -> tuple[str, ...]:
         """FedAvg's cohort; remember how many institutions there are (N in the control step)."""
