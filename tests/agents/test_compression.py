@@ -178,6 +178,8 @@ def test_plans_carry_compression_alongside_their_own_fields() -> None:
     assert (prox.prox_mu, prox.compression, prox.compression_ratio, prox.error_feedback) == (0.1, "topk", 0.2, True)
     scaffold = Scaffold(compression="int8", error_feedback=False).plan(1)
     assert scaffold.control == {} and scaffold.compression == "int8" and not scaffold.error_feedback
+    # DP-FedAvg combines: the coordinator clips and noises the decompressed change (central DP)
+    assert DPFedAvg(noise_multiplier=1.0, compression="topk").plan(1).compression == "topk"
 
 
 def test_receive_turns_uploads_back_into_weights() -> None:
