@@ -214,3 +214,82 @@ def _seed_note(summary: pd.DataFrame, gains: pd.DataFrame) -> list[tuple[str, st
     return [("Certainty", f"figures are means over {count}: {TOO_FEW_SEEDS}"
              + (f" where there are fewer than {MIN_SEEDS}" if high >= MIN_SEEDS else "")
              + ", so small differences may be noise.")]
+
+
+def count_phrase(k: int, n: int, noun: str, verb: str, verb_one: str | None = None) -> str:
+    """'all 3 merge rules keep', '1 of 3 merge rules keeps', 'none of the 3 merge rules keeps': counted, never 'each' for fewer."""
+    one = verb_one or verb + "s"
+    if k == 0:
+        return f"no {noun} {one}" if n == 1 else f"none of the {n} {noun}s {one}"
+    if n == 1:
+        return f"the only {noun} {one}"
+    return f"all {n} {noun}s {verb}" if k == n else f"{k} of {n} {noun}s {one if k == 1 else verb}"
+
+
+def _of(k: int, n: int, noun: str) -> str:
+    """'all 5 schemes', '2 of 5 schemes', 'none of the 5 schemes', 'the only scheme', 'no scheme'."""
+    if n == 1:
+        return f"the only {noun}" if k else f"no {noun}"
+    return f"none of the {n} {noun}s" if k == 0 else f"all {n} {noun}s" if k == n else f"{k} of {n} {noun}s"
+
+
+def privacy_findings(privacy: pd.DataFrame) -> list[tuple[str, str]]:
+    """What privacy costs: the most accurate run with a guarantee, the strictest budget, and the best without one."""
+    if privacy.empty or privacy["epsilon"].isna().all():
+        return []
+    private = privacy.dropna(subset=["epsilon", "mean_accuracy"])
+    best = private.loc[private["mean_accuracy"].idxmax()]
+    strict = private.loc[private["epsilon"].idxmin()]
+    text = (f"with a privacy guarantee, the most accurate is {best['scheme']} at ε = {best['epsilon']:g} "
+            f"({fmt(best['mean_accuracy'], 'pct')} mean accuracy)")
+    if strict.name != best.name:
+        text += f"; at the strictest budget, ε = {strict['epsilon']:g}, {strict['scheme']} reaches {fmt(strict['mean_accuracy'], 'pct')}"
+    loose = privacy[privacy["epsilon"].isna() & privacy["scheme"].map(is_federated)].dropna(subset=["mean_accuracy"])
+    if len(loose):
+        top = loose.loc[loose["mean_accuracy"].idxmax()]
+        text += (f"; without a guarantee, {top['scheme']} reaches {fmt(top['mean_accuracy'], 'pct')}, "
+                 f"{fmt((top['mean_accuracy'] - best['mean_accuracy']) * 100, 'pts')} points against the best private run")
+    alone = privacy[privacy["scheme"] == BASELINE].dropna(subset=["mean_accuracy"])
+    if len(alone):
+        a = alone["mean_accuracy"].mean()
+        above = int((private["mean_accuracy"] > a).sum())
+        text += (f"; {count_phrase(above, len(private), 'private run', 'beat', 'beats')} training alone "
+                 f"({fmt(a, 'pct')})")
+    return [("What privacy costs", text + ".")]
+
+
+KEEP = 0.95
+"""Share of the reference accuracy a merge rule must keep to count as withstanding the misbehaving institutions."""
+
+
+def damage_findings(damage: pd.DataFrame) -> list[tuple[str, str]]:
+    """How much misbehaving institutions hurt the honest ones under each scheme, and what the misbehaving gain."""
+    if damage.empty:
+        return []
+    out = []
+    rated = damage.dropna(subset=["kept"])
+    if len(rated):
+        held = rated[rated["kept"] >= KEEP]
+        worst = rated.loc[rated["kept"].idxmin()]
+        text = (f"against {rated['reference'].iloc[0]} (nobody cheating), "
+                f"{count_phrase(len(held), len(rated), 'scheme', 'keep', 'keeps')} at least {KEEP:.0%} of the honest "
+                f"institutions' accuracy")
+        if len(held):
+            text += f" ({_names(list(held['scheme']))})"
+        text += f"; {worst['scheme']} keeps the least, {fmt(worst['kept'], 'pct')} ({fmt(worst['damage'], 'pts')} points)"
+        out.append(("Damage by misbehaving partners", text + "."))
+    else:
+        out.append(("Damage by misbehaving partners", "no run has every institution honest, so the damage cannot be "
+                    "measured; add a reference run with nobody misbehaving."))
+    parts = []
+    for column in [c for c in damage.columns if c.startswith("gain_")]:
+        g = damage.dropna(subset=[column])
+        if g.empty:
+            continue
+        top = g.loc[g[column].idxmax()]
+        gaining = int((g[column] > 0).sum())
+        text = f"institutions behaving as {column[5:]} gain over training alone under {_of(gaining, len(g), 'scheme')}"
+        parts.append(text + (f" (most under {top['scheme']}, {fmt(top[column], 'pts')} points on average)" if gaining else ""))
+    if parts:
+        out.append(("What misbehaving pays", "; ".join(parts) + "."))
+    return out

@@ -73,6 +73,15 @@ GUIDE: dict[str, tuple[str, str, str]] = {
     "epsilon": ("Privacy ε", "Largest differential-privacy budget spent by any institution (— = no privacy noise).", "float"),
     "accuracy_per_mb": ("Accuracy per MB", "Mean accuracy divided by megabytes exchanged (— when nothing is exchanged).", "ratio"),
     "pareto": ("Pareto front", "Yes when no other scheme is both more accurate and cheaper to communicate.", "bool"),
+    "honest_accuracy": ("Honest accuracy", f"Mean accuracy of the honest institutions on {OWN_TEST}, with the others "
+                        "misbehaving.", "pct"),
+    "misbehaving": ("Misbehaving", "Institutions per run that do not behave honestly.", "int"),
+    "reference": ("Reference", "Scheme whose runs have every institution honest: what the honest ones reach when "
+                  "nobody cheats.", "text"),
+    "reference_accuracy": ("Reference accuracy", "The same honest institutions' mean accuracy under the reference, "
+                           "same seeds.", "pct"),
+    "kept": ("Kept", "Honest accuracy as a share of the reference accuracy (100% = no damage).", "pct"),
+    "damage": ("Damage", "Honest accuracy minus reference accuracy, in percentage points.", "pts"),
     "shapley": ("Shapley value", f"Average improvement of the merged model's accuracy on the {GLOBAL_TEST} when this "
                 "institution joins, over all orders of joining, in percentage points.", "pts"),
     "shapley_bound": ("± bound", "Error bound of a Monte-Carlo estimate at 95% (0 = computed exactly).", "pts_abs"),
@@ -88,6 +97,9 @@ GUIDE: dict[str, tuple[str, str, str]] = {
 }
 
 POINT_SCALED = {"shapley", "shapley_bound", "loo", "accuracy_parity"}  # fractions shown as points
+
+
+_GUIDE = GUIDE
 
 
 def fmt(value, kind: str) -> str:
@@ -115,8 +127,19 @@ def fmt(value, kind: str) -> str:
     return str(value)
 
 
-def table(df: pd.DataFrame, columns: Sequence[str], *, row_class: Sequence[str] | None = None, guide: bool = True) -> str:
-    """An HTML table of ``columns`` with explained headings, and a short guide to the columns below it."""
+def behaviour_guide(columns: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+    """Guide entries for the ``gain_<behaviour>`` columns of the damage table."""
+    return {c: (f"Gain of {c[5:].replace('_', ' ')}", f"Mean gain over training alone of the institutions that behave "
+                f"as {c[5:]}, in percentage points, on {OWN_TEST}.", "pts") for c in columns if c.startswith("gain_")}
+
+
+def table(df: pd.DataFrame, columns: Sequence[str], *, row_class: Sequence[str] | None = None, guide: bool = True,
+          extra: dict[str, tuple[str, str, str]] | None = None) -> str:
+    """An HTML table of ``columns`` with explained headings, and a short guide to the columns below it.
+
+    ``extra`` explains columns the fixed GUIDE cannot know (one per behaviour, say).
+    """
+    GUIDE = {**_GUIDE, **(extra or {})}  # noqa: N806 - the module's guide, widened for this table only
     numeric = {c for c in columns if GUIDE.get(c, ("", "", "text"))[2] not in ("text", "bool")}
     num = {c: ' class="num"' if c in numeric else "" for c in columns}
     head = "".join(

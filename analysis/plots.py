@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator, PercentFormatter
 from matplotlib.transforms import Bbox, ScaledTranslation
 
 from analysis.metrics import BASELINE, POOLED, scheme_order
@@ -307,6 +307,52 @@ def contribution_plot(contribution: pd.DataFrame, institutions: pd.DataFrame, ga
         ax.set_title(label, fontsize=10, loc="left")
     axes[0].set_yticks(y, names)
     axes[0].invert_yaxis()
+    return fig
+
+
+def privacy_plot(privacy: pd.DataFrame, title: str = "Mean accuracy against privacy budget ε") -> Figure:
+    """Mean accuracy (own test splits) per scheme against epsilon, from :func:`analysis.metrics.privacy_table`.
+
+    Schemes with privacy noise are drawn at their epsilon (log scale; smaller is more
+    private), joined when one scheme has several budgets; schemes that share updates
+    without noise stand at "no guarantee" right of a break; isolated (nothing shared) is
+    a dashed line. Whiskers: 95% interval over seeds where there are enough.
+    """
+    fig, ax = _figure()
+    styles = scheme_styles(privacy["scheme"])
+    private = privacy[privacy["epsilon"].notna()]
+    loose = privacy[privacy["epsilon"].isna() & (privacy["scheme"] != BASELINE)]
+    eps = private["epsilon"].to_numpy(dtype=float)
+    lo, hi = float(eps.min()), float(eps.max())
+    beyond = hi * max(4.0, (hi / lo) ** 0.35)  # where "no guarantee" stands, clear of the largest budget
+    ax.set_xscale("log")
+    for k, (scheme, g) in enumerate(pd.concat([private, loose.assign(epsilon=beyond)]).groupby("scheme", sort=False)):
+        st = styles[scheme]
+        g = g.sort_values("epsilon")
+        ends = pd.concat([g["mean_accuracy"], g["mean_accuracy_low"], g["mean_accuracy_high"]]).dropna()
+        ax.scatter(np.resize(g["epsilon"].to_numpy(), len(ends)), ends, s=0)  # shifted lines set no limits: their values do
+        shift = ScaledTranslation((k - len(styles) / 2) * DODGE / 72, 0, fig.dpi_scale_trans)  # equal points stay apart
+        ax.plot(g["epsilon"], g["mean_accuracy"], linestyle=st.linestyle if len(g) > 1 else "none", color=st.colour,
+                marker=st.marker, markersize=8, markeredgecolor="white", label=scheme, zorder=3, transform=ax.transData + shift)
+        spread = np.vstack([g["mean_accuracy"] - g["mean_accuracy_low"], g["mean_accuracy_high"] - g["mean_accuracy"]])
+        if np.isfinite(spread).any():
+            ax.errorbar(g["epsilon"], g["mean_accuracy"], yerr=np.clip(np.nan_to_num(spread), 0, None), fmt="none",
+                        ecolor=st.colour, elinewidth=1, capsize=3, alpha=0.7, transform=ax.transData + shift)
+    alone = privacy[privacy["scheme"] == BASELINE]
+    if len(alone):
+        ax.axhline(float(alone["mean_accuracy"].mean()), color=FIXED[BASELINE].colour, linestyle=(0, (4, 2)), linewidth=1.5,
+                   label=f"{BASELINE} (shares nothing)")
+    ticks = sorted(set(eps)) + ([beyond] if len(loose) else [])
+    ax.set_xticks(ticks, [f"{e:g}" for e in sorted(set(eps))] + (["no\nguarantee"] if len(loose) else []))
+    ax.xaxis.set_minor_locator(NullLocator())  # name only the budgets that were run
+    if len(loose):
+        ax.axvline(np.sqrt(hi * beyond), color="#bbbbbb", linewidth=1, linestyle=":")
+    ax.set_xlim(lo / 2, (beyond if len(loose) else hi) * 2)
+    _percent_axis(ax.yaxis)
+    ax.set_xlabel("Privacy budget ε spent by the end of the run (log scale; smaller = more private)")
+    ax.set_ylabel(f"{GUIDE['mean_accuracy'][0]} (own test splits)")
+    ax.set_title(f"{title}\n(accuracy on {OWN_TEST}; whiskers: 95% interval over seeds)", loc="left", fontsize=11)
+    ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 from analysis import findings as words
 from analysis import metrics as m
 from analysis import plots
-from analysis.page import gain_matrix, image, interval_note, interval_text, page, section, table
+from analysis.page import behaviour_guide, gain_matrix, image, interval_note, interval_text, page, section, table
 from analysis.runs import Results, load_results
 from sim.results import write_table, write_text
 
@@ -50,6 +50,8 @@ def analyse(results: Results) -> dict[str, pd.DataFrame]:
         "accuracy_per_round": m.round_curve(mt),
         "own_accuracy_per_round": m.round_curve(mt[mt["institution"] != m.GLOBAL]),  # each on its own test split
         "final_values": m.final_table(mt),
+        "privacy": m.privacy_table(mt, lg),
+        "damage": m.damage_table(mt, results.institutions),
         "institutions": results.institutions.drop_duplicates(["scenario", "institution"]).reset_index(drop=True),
         "runs": results.runs,
     }
@@ -75,7 +77,7 @@ def build_report(
     if contribution is not None:
         tables["contribution"] = contribution
     export(tables, out_dir / "tables")
-    body = _header(results, contribution is not None) + _warnings(results, notes)
+    body = _header(results, contribution is not None, tables) + _warnings(results, notes)
     scenarios = sorted(results.metrics["scenario"].dropna().unique())
     for k, scenario in enumerate(scenarios):
         body += _scenario(scenario, results, tables, tag=f"-{k + 1}" if k else "", several=len(scenarios) > 1)
@@ -100,7 +102,7 @@ def export(tables: dict[str, pd.DataFrame], folder: Path) -> None:
         write_text(df.to_csv(index=False), folder / f"{name}.csv")
 
 
-def _header(results: Results, with_contribution: bool) -> str:
+def _header(results: Results, with_contribution: bool, tables: dict[str, pd.DataFrame]) -> str:
     """Title, what the report covers, and links to its sections."""
     mt = results.metrics
     scenarios = sorted(mt["scenario"].dropna().unique())
@@ -111,6 +113,8 @@ def _header(results: Results, with_contribution: bool) -> str:
            + " · ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in counts) + f" · generated {when}")
     links = [("findings", "Findings"), ("scenario", "Scenario"), ("summary", "Summary"), ("gains", "Who gains"),
              ("fairness", "Fairness"), ("costs", "Costs"), ("rounds", "Over rounds")]
+    links[-1:-1] = [("privacy", "Privacy")] if tables["privacy"]["epsilon"].notna().any() else []  # before the rounds
+    links[-1:-1] = [("damage", "Damage")] if len(tables["damage"]) else []
     links += [("contribution", "Contribution")] if with_contribution else []
     links += [("runs", "Runs")]
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in links)
@@ -143,7 +147,8 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
     gains = m.order_rows(gains.drop(columns="_at"))  # schemes in reading order, institutions in scenario order
     described = words.describe_scenario(pick["institutions"], configs, schemes, sorted(mt["seed"].unique()))
     items = "".join(f"<li><strong>{html.escape(topic)}:</strong> {html.escape(text)}</li>"
-                    for topic, text in words.findings(summary, gains, pick["fairness"], pick["costs"]))
+                    for topic, text in words.findings(summary, gains, pick["fairness"], pick["costs"])
+                    + words.privacy_findings(pick["privacy"]) + words.damage_findings(pick["damage"]))
     out = (f'<section id="findings{tag}" class="findings"><h2>Key findings{html.escape(suffix)}</h2>'
            f"<ul>{items}</ul></section>")
     out += section(f"scenario{tag}", "The scenario" + suffix,
@@ -177,6 +182,7 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                          "A scheme is on the Pareto front when no other is both more accurate and cheaper to communicate. "
                          "Markers that would cover each other are set side by side; the table has the exact values.")
                    + table(costs, cost_cols), "Communication, compute and time per run, mean over seeds.")
+    out += _privacy(pick["privacy"], tag, suffix) + _damage(pick["damage"], tag, suffix)
     curve, own = pick["accuracy_per_round"], pick["own_accuracy_per_round"]
     if len(curve) or len(own):
         out += section(f"rounds{tag}", "Accuracy over rounds" + suffix,
@@ -187,6 +193,34 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                              "institution on its own test split, the figure gains are measured on. Schemes are drawn a "
                              "few points apart at each round so that equal curves stay visible."))
     return out
+
+
+def _privacy(privacy: pd.DataFrame, tag: str, suffix: str) -> str:
+    """Accuracy against epsilon, when some run spends a privacy budget ('' otherwise)."""
+    if privacy.empty or privacy["epsilon"].isna().all():
+        return ""
+    body = image(plots.png_bytes(plots.privacy_plot(privacy)), "Mean accuracy against privacy budget epsilon",
+                 "Schemes with privacy noise at the epsilon they spent; schemes that share updates without noise at "
+                 "'no guarantee'; isolated shares nothing.")
+    body += table(privacy, ["scheme", "epsilon", "seeds", "mean_accuracy", "global_accuracy"])
+    return section(f"privacy{tag}", "What privacy costs" + suffix, body + _note(interval_note(privacy["seeds"])),
+                   "Differential privacy bounds what any one institution's participation reveals, by epsilon (smaller "
+                   "is more private, at delta of the scheme's config); the noise that buys it costs accuracy.")
+
+
+def _damage(damage: pd.DataFrame, tag: str, suffix: str) -> str:
+    """The damage misbehaving institutions do under each scheme, when some misbehave ('' otherwise)."""
+    if damage.empty:
+        return ""
+    behaviours = [c for c in damage.columns if c.startswith("gain_")]
+    columns = ["scheme", "seeds", "misbehaving", "honest_accuracy", "reference", "reference_accuracy", "kept", "damage",
+               *behaviours]
+    note = ("" if damage["reference"].notna().any() else "No run has every institution honest, so there is no reference: "
+            "add one, e.g. +variants.fedavg_honest=['scheme=fedavg','scenario.behaviours=null'].")
+    return section(f"damage{tag}", "Damage by misbehaving partners" + suffix,
+                   table(damage, [c for c in columns if c in damage], extra=behaviour_guide(behaviours)) + _note(note),
+                   "What the honest institutions keep of the accuracy they reach when nobody cheats, under each merge "
+                   "rule, and what the misbehaving ones gain over training alone.")
 
 
 def _note(text: str) -> str:
