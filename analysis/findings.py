@@ -12,6 +12,10 @@ from analysis.metrics import BASELINE, MIN_SEEDS, POOLED, is_federated
 from analysis.page import TOO_FEW_SEEDS, fmt, interval_text
 
 
+VARIES = "differs by seed"
+"""The behaviour column of an institution whose behaviour the seed draws (a share of a generated population)."""
+
+
 def _names(items: list[str], limit: int = 4) -> str:
     """'a', 'a and b', 'a, b and c', or the first few and how many more."""
     items = list(items)
@@ -73,8 +77,12 @@ def describe_scenario(institutions: pd.DataFrame, configs: list[dict], schemes: 
     gpu_text = "none has a GPU" if (gpus == 0).all() else f"{int((gpus > 0).sum())} use GPUs"
     out.append(f"Compute ranges from {inst['cpus'].min():.2g} to {inst['cpus'].max():.2g} CPUs per institution; {gpu_text}.")
     odd = inst[inst["behaviour"].fillna("honest") != "honest"]
-    if len(odd):
-        out.append("Not every partner behaves: " + _names([f"{r.institution} is {r.behaviour}" for r in odd.itertuples()]) + ".")
+    fixed, drawn = odd[odd["behaviour"] != VARIES], odd[odd["behaviour"] == VARIES]
+    if len(fixed):
+        out.append("Not every partner behaves: " + _names([f"{r.institution} is {r.behaviour}" for r in fixed.itertuples()]) + ".")
+    if len(drawn):
+        out.append(f"Which institutions misbehave is drawn anew for each seed (scenario.behaviours): {len(drawn)} of "
+                   f"{len(inst)} do so in some seed, so their behaviour reads '{VARIES}'.")
     config = configs[0] if configs else {}
     setup = [f"{config['rounds']} rounds" if config.get("rounds") else None,
              f"model {_config_name(config, 'model')}" if _config_name(config, "model") else None,

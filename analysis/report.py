@@ -52,9 +52,25 @@ def analyse(results: Results) -> dict[str, pd.DataFrame]:
         "final_values": m.final_table(mt),
         "privacy": m.privacy_table(mt, lg),
         "damage": m.damage_table(mt, results.institutions),
-        "institutions": results.institutions.drop_duplicates(["scenario", "institution"]).reset_index(drop=True),
+        "institutions": _institutions(results.institutions),
         "runs": results.runs,
     }
+
+
+def _institutions(institutions: pd.DataFrame) -> pd.DataFrame:
+    """One row per scenario x institution; a behaviour drawn anew for each seed (scenario.behaviours) reads VARIES.
+
+    Runs where every institution is honest (an honest-only reference) do not count as a difference.
+    """
+    table = institutions.drop_duplicates(["scenario", "institution"]).reset_index(drop=True)
+    if "behaviour" in institutions and len(table):
+        who = institutions.assign(b=institutions["behaviour"].fillna(m.HONEST))
+        who = who[who.groupby("run_id")["b"].transform(lambda b: (b != m.HONEST).any())]  # all-honest references aside
+        kinds = who.groupby(["scenario", "institution"])["b"]
+        said = kinds.first().where(kinds.nunique().eq(1), words.VARIES)  # what runs with misbehaviour say, if one thing
+        key = pd.MultiIndex.from_frame(table[["scenario", "institution"]])
+        table["behaviour"] = pd.Series(said.reindex(key).to_numpy(), index=table.index).fillna(table["behaviour"])
+    return table
 
 
 def build_report(

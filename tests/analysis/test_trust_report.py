@@ -86,3 +86,17 @@ def test_findings_count_schemes_and_never_say_all_for_some():
     text = dict(words.privacy_findings(privacy))["What privacy costs"]
     assert "dp at ε = 8 (80.0% mean accuracy)" in text and "ε = 1, dp reaches 50.0%" in text
     assert "1 of 2 private runs beats training alone" in text
+
+
+def test_behaviours_drawn_per_seed_read_differs_by_seed_but_an_all_honest_reference_does_not_count(tmp_path):
+    # Prepare: B misbehaves in the cheated run only; the fedavg runs (all honest) are the reference
+    mt, lg, inst = _trust_tables()
+    redrawn = inst[inst["scheme"] == "cheated"].assign(run_id="cheated-1", seed=1, behaviour=lambda d: d["behaviour"][::-1].to_numpy())
+    write_run(tmp_path / "run", mt, lg, inst)
+    write_run(tmp_path / "redrawn", mt[mt["run_id"] == "cheated-0"].assign(run_id="cheated-1", seed=1), lg.iloc[:0], redrawn)
+    # Execute
+    fixed = build_report([tmp_path / "run"], tmp_path / "a").read_text()
+    varied = build_report([tmp_path / "run", tmp_path / "redrawn"], tmp_path / "b").read_text()
+    # Assert: one seed: B is named; two seeds with A and B swapped: both read 'differs by seed', nobody is named
+    assert "Not every partner behaves: B is sign_flip." in fixed and words.VARIES not in fixed
+    assert "2 of 2 do so in some seed" in varied and "B is sign_flip" not in varied
