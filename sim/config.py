@@ -189,9 +189,9 @@ def _scenario(c: dict[str, Any], seed: int) -> tuple[Scenario, dict[str, Any]]:
     scenario = build_scenario(cfg, seed)
     if isinstance(data, Mapping) and data.get("name") in ("table", "text") and cfg.get("from_data") == "auto" \
             and data.get("partition") != "natural":
-        _warn_once(f"warning: data.path: the rows of {Path(str(data.get('path'))).name} are spread over the {len(scenario.institutions)} "
-                   f"fictional institutions of scenario={scenario.name}; to make each site of the file an institution, "
-                   "set data.institution_column=COLUMN")
+        _warn_once(f"warning: data.path: the rows of {Path(str(data.get('path'))).name} are spread over the "
+                   f"{len(scenario.institutions)} fictional institutions of scenario={scenario.name}; to make each "
+                   "site of the file an institution, set data.institution_column=COLUMN")
     return scenario, c
 
 

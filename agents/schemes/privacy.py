@@ -15,6 +15,8 @@ Gaussian with sampling rate ``q``. No Ray, no torch; maths in float64, results c
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -100,6 +102,7 @@ def _event(noise_multiplier: float, sampling_rate: float, rounds: int) -> dp_acc
     return dp_accounting.SelfComposedDpEvent(once, rounds)
 
 
+@functools.lru_cache(maxsize=1024)  # pure; the pre-run check, the spec and the run ask the same questions
 def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float) -> float:
     """The (epsilon, delta)-DP epsilon spent after ``rounds`` rounds, per dp-accounting's RDP accountant (0 before any)."""
     if rounds <= 0:
@@ -110,6 +113,7 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
         return float(accountant.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=256)  # pure and slow (seconds): solved once per process for each question
 def solve_noise(target_epsilon: float, delta: float, sampling_rate: float, rounds: int) -> float:
     """The smallest noise multiplier whose epsilon after ``rounds`` rounds is at most ``target_epsilon`` (dp-accounting's
     own calibration). Raises ValueError when even ``MAX_NOISE`` does not reach it."""

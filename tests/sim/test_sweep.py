@@ -358,6 +358,19 @@ def test_a_directory_holding_a_sweep_is_not_overwritten(resumed):
 
 
 @pytest.mark.slow
+def test_the_sweep_prints_one_line_per_trial_and_no_tune_tables(resumed):
+    # Both the interrupted run and the resumed one print a line per finished trial, never Tune's status tables;
+    # with 2 seeds per configuration the summary gives no interval and says so once.
+    first = [ln for ln in resumed.first.splitlines() if ln.startswith("trial ")]
+    rest = [ln for ln in resumed.proc.stdout.splitlines() if ln.startswith("trial ")]
+    assert len(first) >= 2 and rest, resumed.first[-2000:]
+    assert all(" finished: " in ln and ln.split("/")[1].startswith("4 ") for ln in first + rest)
+    assert {ln.split("seed=")[1].split()[0] for ln in first + rest} <= {"0", "1"}
+    assert "Trial status" not in resumed.first + resumed.proc.stdout + resumed.proc.stderr
+    assert resumed.proc.stdout.count("too few seeds") == 1
+
+
+@pytest.mark.slow
 def test_two_trials_hold_both_cpus_at_once(resumed):
     # In-process trials (the default sweep.backend) reserve one CPU each: two run at once on 2 CPUs. (Once their
     # processes are warm a trial of 2 smoke rounds lasts well under a second, so their time windows need not overlap;

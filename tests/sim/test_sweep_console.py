@@ -13,7 +13,6 @@ from sim.cli import compose
 from sim.search_space import load_sweep
 from sim.sweep_results import progress_line, render, summarize
 
-TINY = ["smoke=true", "rounds=2", "data.num_samples=600", "cluster.num_cpus=2"]
 
 
 def sweep_of(**fields):
@@ -127,16 +126,3 @@ def test_compare_refuses_a_seed_sweep_with_one_line_saying_use_seeds(argv, use):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: compare runs replications itself: " + use)
     assert "instead of -m seed=..." in proc.stderr
-
-
-@pytest.mark.slow
-def test_a_sweep_prints_one_line_per_trial_and_no_tune_tables(tmp_path):
-    out = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "sim.sweep", "sweep=compare_schemes", "sweep.space.scheme={grid:[isolated]}",
-                           "sweep.seeds=[0,1]", *TINY, f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("trial ")]
-    assert sorted(ln.split(":")[0] for ln in lines) == ["trial 1/2 finished", "trial 2/2 finished"], proc.stdout
-    assert {ln.split(": ", 1)[1].split()[1] for ln in lines} == {"seed=0", "seed=1"}
-    assert "Trial status" not in proc.stdout + proc.stderr  # Tune's own tables
-    assert proc.stdout.count("too few seeds") == 1
