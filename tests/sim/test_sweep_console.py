@@ -14,7 +14,6 @@ from sim.search_space import load_sweep
 from sim.sweep_results import progress_line, render, summarize
 
 
-
 def sweep_of(**fields):
     """A sweep spec from conf/sweep_main.yaml's defaults plus ``fields``."""
     return load_sweep({**compose("sweep_main", ["sweep=compare_schemes"]).sweep, **fields})
