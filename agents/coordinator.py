@@ -136,7 +136,7 @@ class Coordinator:
             "compute_seconds": u.compute_seconds, "samples": u.num_samples, "train_loss": u.train_loss,
             "simulated_seconds": clock.compute_seconds(spec, u.samples_processed, self.flops)
             + clock.transfer_seconds(spec, u.bytes_up, u.bytes_down),
-            "status": faults.OK,
+            "status": faults.OK, "epsilon": u.epsilon,  # DP-SGD's own; NaN (the default) without it
         }
 
 

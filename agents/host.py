@@ -74,7 +74,8 @@ class Host:
         trained = [i for i in self.institutions if i.spec.name in cohort]
         if trained and self.vectorise and batchable(self.model, ctx.plan, self.training):
             # Free-riders skip the step: they answer on their own, the others train together; scenario order kept.
-            together = [i for i in trained if not i.free_rides(ctx.plan)]
+            # DP-SGD institutions clip per sample: the vectorised step cannot, so they train on their own too.
+            together = [i for i in trained if not i.free_rides(ctx.plan) and not i.spec.private]
             done = dict(zip((i.spec.name for i in together), self._train_together(together, ctx, global_state))) \
                 if together else {}
             updates = [done.get(i.spec.name) or i.train(self.model, ctx, global_state) for i in trained]

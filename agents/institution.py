@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from agents import behaviours
-from agents.schemes import compression
+from agents.schemes import compression, privacy
 from agents.schemes.scaffold import CHANGE
+from sim import dp_sgd
 from sim.models import get_state, set_state
 from sim.train import _to_tensors, evaluate, full_gradient, local_train, rng_for, scheduled
 from sim.types import (ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update,
@@ -89,6 +90,7 @@ class Institution:
         self.control: State = {}  # SCAFFOLD's c_i over trainable parameters; empty = zeros (never trained under it)
         self.residual: State = {}  # error feedback: what compression dropped from the last upload; empty = zeros
         self.uploaded_data = False
+        self.dp_steps = 0  # DP-SGD steps taken so far: what its epsilon composes
         self.changed = False  # whether anything above moved away from its starting value
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # its training shard in torch, made once
 
@@ -123,10 +125,13 @@ class Institution:
                     start_loss = evaluate(model, shard.x_train, shard.y_train, precision=self.training.precision)[1]
                 anchor = start if plan.prox_mu > 0 else None
                 correction = self._correction(model, plan.control) if plan.control is not None else None
+                dp = dp_sgd.DpSgd(self.spec.dp_noise_multiplier, self.spec.dp_clip_norm) if self.spec.private else None
                 loss, steps = local_train(
                     model, shard.x_train, shard.y_train, training=training, plan=plan, key=key, anchor=anchor,
-                    correction=correction,
+                    correction=correction, dp=dp,
                 )
+                if dp is not None:
+                    self.dp_steps, self.changed = self.dp_steps + steps, True
                 samples_processed = self.training.local_epochs * shard.num_train
                 payload = get_state(model)
             if kept:
@@ -158,7 +163,15 @@ class Institution:
             samples_processed=samples_processed,
             bytes_down=(received + control_nbytes(plan)) if plan.start == "global" else 0,
             start_loss=start_loss,
+            epsilon=self.epsilon(),
         )
+
+    def epsilon(self) -> float:
+        """Its cumulative DP-SGD epsilon (dp-accounting's RDP accountant, see sim.dp_sgd); NaN without DP-SGD."""
+        if not self.spec.private:
+            return float("nan")
+        q, _ = dp_sgd.schedule(max(1, self.shard.num_train), self.training.batch_size, self.training.local_epochs)
+        return privacy.epsilon(self.spec.dp_noise_multiplier, q, self.dp_steps, self.spec.dp_delta)
 
     def _free_ride(self, plan: LocalPlan, round: int, global_state: State | None, start: State | None,
                    kept: tuple[str, ...]) -> Update:
@@ -278,7 +291,9 @@ class Institution:
         """What it carries from round to round, as flat numpy arrays (empty while nothing changed)."""
         if not self.changed:
             return {}
-        return ({"uploaded_data": np.asarray(self.uploaded_data)} | {f"personal/{k}": v for k, v in self.personal.items()}
+        return ({"uploaded_data": np.asarray(self.uploaded_data)}
+                | ({"dp_steps": np.asarray(self.dp_steps)} if self.dp_steps else {})
+                | {f"personal/{k}": v for k, v in self.personal.items()}
                 | {f"control/{k}": v for k, v in self.control.items()}
                 | {f"residual/{k}": v for k, v in self.residual.items()})
 
@@ -286,6 +301,7 @@ class Institution:
         """Take back what :meth:`persistent` returned (after a restart or from a checkpoint)."""
         if saved:
             self.uploaded_data = bool(saved["uploaded_data"])
+            self.dp_steps = int(saved.get("dp_steps", 0))
             self.personal = {k.removeprefix("personal/"): np.asarray(v) for k, v in saved.items() if k.startswith("personal/")}
             self.control = {k.removeprefix("control/"): np.asarray(v) for k, v in saved.items() if k.startswith("control/")}
             self.residual = {k.removeprefix("residual/"): np.asarray(v) for k, v in saved.items()

@@ -236,6 +236,7 @@ def _check_groups(spec: RunSpec) -> None:
         cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
         raise cause or ConfigError("scheme", _first_line(e)) from None
     scheme.check(len(spec.only or spec.scenario.institutions))  # e.g. Krum's cohort bound, before any actor starts
+    _check_dp_sgd(spec, scheme)
     schema.check_data_types(spec.data)
     check_data(spec.data, spec.scenario, spec.model)
     if spec.select == "best_val" and not (spec.data.get("val_fraction") or 0) > 0:
@@ -255,6 +256,22 @@ def _check_groups(spec: RunSpec) -> None:
         with torch.device("meta"):
             build_model(spec.model, (1, 8, 8) if spec.model.get("_target_", "").endswith("cnn") else (4,), 2, seed=0)
     _check_resources(spec)
+
+
+def _check_dp_sgd(spec: RunSpec, scheme: Any) -> None:
+    """DP-SGD (sim.dp_sgd) needs local SGD steps, in fp32, on a numeric model (not a transformer)."""
+    private = next((s for s in spec.scenario.institutions if s.private), None)
+    if private is None:
+        return
+    key = f"scenario.institutions[{private.index}].dp_noise_multiplier"
+    plan = scheme.plan(1)
+    if plan.one_step or plan.upload == "data":
+        raise ConfigError(key, f"DP-SGD privatises local SGD steps, but scheme {spec.scheme.get('_target_')} sends "
+                          f"{'a full-shard gradient' if plan.one_step else 'raw data'}; use a weights-sending scheme")
+    if str(spec.model.get("_target_", "")).startswith("sim.models.foundation."):
+        raise ConfigError(key, "DP-SGD is not supported for text/transformer models; use a numeric model (model=mlp)")
+    if spec.training.precision != "fp32":
+        raise ConfigError("training.precision", "DP-SGD computes per-sample gradients in fp32; set it to fp32")
 
 
 def _factory(target: str) -> Any:

@@ -14,13 +14,13 @@ which carries the settings; an honest one stays a plain :class:`InstitutionSpec`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 import numpy as np
 
-from sim.schema import (BEHAVIOUR_KEYS, BEHAVIOUR_SETTINGS, BEHAVIOURS, INSTITUTION, PROBABILITY, SCENARIO, check_group,
-                        check_value)
+from sim.schema import (BEHAVIOUR_KEYS, BEHAVIOUR_SETTINGS, BEHAVIOURS, DP_SETTINGS, INSTITUTION, PROBABILITY, SCENARIO,
+                        check_group, check_value)
 from sim.types import ConfigError, InstitutionSpec, Scenario
 
 __all__ = ["BEHAVIOURS", "BehavingSpec", "build_scenario", "from_sites", "uses_sites"]
@@ -51,14 +51,16 @@ def build_scenario(cfg: Mapping[str, Any], seed: int) -> Scenario:
     settings = {k: cfg[k] for k in BEHAVIOUR_SETTINGS if cfg.get(k) is not None}  # defaults for misbehaving rows
     n = cfg.get("num_institutions")
     if n is not None:
-        return _generated(cfg, name, n, seed, faults)
+        scenario = _generated(cfg, name, n, seed, faults)
+        return replace(scenario, institutions=tuple(_private(s, cfg, {}, "scenario") for s in scenario.institutions))
     if cfg.get("behaviours"):
         raise ConfigError("scenario.behaviours", "shares of behaviours apply to a generated population "
                           "(scenario.num_institutions=N); with a list, set behaviour on each institution row")
     rows = cfg.get("institutions") or []
     if not rows:
         raise ConfigError("scenario.institutions", "no institutions listed; list some or set scenario.num_institutions=N")
-    specs = tuple(_institution(i, row, faults, settings) for i, row in enumerate(rows))
+    specs = tuple(_private(_institution(i, row, faults, settings), cfg, row, f"scenario.institutions[{i}]")
+                  for i, row in enumerate(rows))
     _check_names(specs)
     total = sum(s.share for s in specs)
     if abs(total - 1.0) > SHARE_TOLERANCE:
@@ -101,7 +103,7 @@ def from_sites(cfg: Mapping[str, Any], name: str, sites: list[tuple[str, str, in
         for i, (site, discipline, rows) in enumerate(sites)
     )
     _check_names(specs)
-    return Scenario(name=name, institutions=specs)
+    return Scenario(name=name, institutions=tuple(_private(s, cfg, {}, "scenario") for s in specs))
 
 
 def _generated(cfg: Mapping[str, Any], name: str, n: int, seed: int, faults: dict[str, float]) -> Scenario:
@@ -199,6 +201,22 @@ def _institution(i: int, row: Any, faults: dict[str, float], settings: Mapping[s
         **{k: number(k, v) for k, v in faults.items()},
     )
     return _behaving(spec, behaviour, {**settings, **{k: row[k] for k in BEHAVIOUR_SETTINGS if k in row}}, key)
+
+
+def _private(spec: InstitutionSpec, cfg: Mapping[str, Any], row: Mapping[str, Any], key: str) -> InstitutionSpec:
+    """``spec`` with its DP-SGD settings: the row's own, else the scenario's defaults (a spec without any stays as is)."""
+    own = {k: (row[k], key) if row.get(k) is not None else (cfg.get(k), "scenario") for k in DP_SETTINGS}
+    if all(v is None for v, _ in own.values()):
+        return spec
+    (noise, at), (clip, _) = own["dp_noise_multiplier"], own["dp_clip_norm"]
+    if noise is None:
+        raise ConfigError(f"{key}.dp_noise_multiplier",
+                          "DP-SGD settings are given without a noise multiplier; set it (> 0) or remove them")
+    if clip is None:
+        raise ConfigError(f"{at}.dp_clip_norm", "a noise multiplier needs a clipping norm; set dp_clip_norm (> 0)")
+    delta, _ = own["dp_delta"]
+    return replace(spec, dp_noise_multiplier=float(noise), dp_clip_norm=float(clip),
+                   dp_delta=spec.dp_delta if delta is None else float(delta))
 
 
 def _check_names(specs: tuple[InstitutionSpec, ...]) -> None:

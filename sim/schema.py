@@ -259,6 +259,14 @@ BEHAVIOUR_KEYS = {
 """Which settings each behaviour takes; a row that sets another behaviour's setting is refused."""
 SCENARIO.update({k: Field(f.kind, f.low, f.high, f.low_open, f.high_open, null=True) for k, f in BEHAVIOUR_SETTINGS.items()})
 INSTITUTION.update(BEHAVIOUR_SETTINGS)
+DP_SETTINGS = {
+    "dp_noise_multiplier": Field("float", 0.0, low_open=True),  # DP-SGD: Gaussian noise std over the clipping norm
+    "dp_clip_norm": Field("float", 0.0, low_open=True),  # DP-SGD: L2 bound on each sample's gradient
+    "dp_delta": Field("float", 0.0, 1.0, low_open=True, high_open=True),  # DP-SGD: delta of the reported epsilon
+}
+"""Sample-level DP-SGD of an institution's local step (sim.dp_sgd), on a row or (for every row) on the scenario."""
+SCENARIO.update({k: Field(f.kind, f.low, f.high, f.low_open, f.high_open, null=True) for k, f in DP_SETTINGS.items()})
+INSTITUTION.update(DP_SETTINGS)
 _PARTITION = {"dirichlet_alpha": Field("float", 0.0, low_open=True), "quantity_exponent": Field("float", 0.0)}
 _TEXT = {"max_length": Field("int", 2, 512), "max_rows_per_institution": Field("int", 1, null=True)}
 _COMMON = {"name": Field("str", choices=DATASETS), "partition": Field("str", choices=PARTITIONS),

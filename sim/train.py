@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sim import dp_sgd
 from sim.types import LocalPlan, State, TrainingSpec
 
 _CHUNK = 4096  # samples per forward pass when a whole shard is processed at once (bounds memory)
@@ -113,6 +114,7 @@ def local_train(
     key: tuple[int, ...],
     anchor: State | None = None,
     correction: State | None = None,
+    dp: dp_sgd.DpSgd | None = None,
 ) -> tuple[float, int]:
     """Train ``model`` in place with SGD on (x, y); return (mean per-sample training loss, optimizer steps).
 
@@ -123,6 +125,9 @@ def local_train(
     With ``correction`` (SCAFFOLD's c - c_i) the term <w, correction> is added over the
     parameters it names, so each step follows g + correction.
     The reported loss is the data loss only (no proximal or correction term), so schemes compare.
+    With ``dp`` each step's data gradient is DP-SGD's (:mod:`sim.dp_sgd`: per-sample clipping, Gaussian noise from
+    the stream ``(*key, dp_sgd.NOISE_STREAM)``, in fp32 without autocast); proximal and correction terms touch no
+    data and are added unclipped.
 
     A fresh optimizer is built every call: momentum does not carry across rounds
     (institutions restart from a merged state that momentum buffers would not match).
@@ -155,7 +160,9 @@ def local_train(
         return float("nan"), 0
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     amp = training.precision
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")  # off: plain backward/step
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda" and dp is None)
+    noise_gen = rng_for((*key, dp_sgd.NOISE_STREAM))[1] if dp is not None else None
+    expected = min(max(1, int(training.batch_size)), n)  # DP-SGD's fixed denominator
 
     was_training = model.training
     model.train()
@@ -169,15 +176,20 @@ def local_train(
             index = torch.from_numpy(idx).to(device)
             xb, yb = xt.index_select(0, index), yt.index_select(0, index)
             opt.zero_grad(set_to_none=True)
-            with _autocast(device, amp):
-                logits = model(xb)
-            data_loss = F.cross_entropy(_widened(logits), yb)
-            loss = data_loss
+            if dp is not None:  # the data gradient is written to .grad already; only extra terms are backpropagated
+                data_loss = dp_sgd.noisy_gradient(model, xb, yb, dp, expected, noise_gen)
+                loss = torch.zeros((), device=device)
+            else:
+                with _autocast(device, amp):
+                    logits = model(xb)
+                data_loss = F.cross_entropy(_widened(logits), yb)
+                loss = data_loss
             if pull:
                 loss = loss + 0.5 * plan.prox_mu * sum(((params[k] - a) ** 2).sum() for k, a in pull.items())
             if shift:  # a linear term: its gradient is the correction itself
                 loss = loss + sum((params[k] * c).sum() for k, c in shift.items())
-            scaler.scale(loss).backward()
+            if loss.requires_grad:
+                scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             loss_sum += data_loss.detach().double() * len(idx)

@@ -49,6 +49,14 @@ class InstitutionSpec:
     latency_s: float = 0.05  # one-way latency used by the simulated clock
     availability: float = 1.0  # probability of taking part in a round it is selected for (sim/faults.py)
     failure_rate: float = 0.0  # probability its local step fails mid-round, so its update never arrives
+    dp_noise_multiplier: float = 0.0  # sample-level DP-SGD in its local step (sim.dp_sgd): noise std / clip norm; 0 = off
+    dp_clip_norm: float = 0.0  # DP-SGD: L2 bound on each sample's gradient
+    dp_delta: float = 1e-5  # DP-SGD: the delta its epsilon is reported for
+
+    @property
+    def private(self) -> bool:
+        """Whether its local step is DP-SGD (per-sample clipping and Gaussian noise)."""
+        return self.dp_noise_multiplier > 0
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,7 @@ class Update:
     samples_processed: int = 0  # forward+backward passes done (drives the simulated clock)
     bytes_down: int = 0  # bytes of global state this institution received for the round
     start_loss: float = float("nan")  # q-FFL: loss of the received model on its training data; NaN when not asked
+    epsilon: float = float("nan")  # DP-SGD: its cumulative epsilon after this round; NaN when it trains without DP
 
 
 def state_nbytes(state: State) -> int:
