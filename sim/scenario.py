@@ -75,9 +75,7 @@ def uses_sites(cfg: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
     set and to ``data=text`` with its natural partition, unless ``num_institutions`` asks for a
     generated population. A scenario file of one's own (no ``from_data`` key) keeps its list.
     """
-    mode = cfg.get("from_data", False)
-    if mode not in (True, False, "auto"):
-        raise ConfigError("scenario.from_data", f"expected true, false or auto, got {mode!r}")
+    mode = check_value("scenario.from_data", cfg.get("from_data", False), SCENARIO["from_data"])
     if mode is False or cfg.get("num_institutions") is not None:
         return False
     column = data.get("institution_column", "institution" if data.get("name") == "text" else None)

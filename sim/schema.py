@@ -222,7 +222,7 @@ SCENARIO = {
     "institutions": Field("list", null=True),
     "availability": PROBABILITY,
     "failure_rate": PROBABILITY,
-    "from_data": Field("any"),  # true | false | auto: institutions are the sites of data=table/text (sim.scenario)
+    "from_data": Field("bool", words=("auto",)),  # true | false | auto: institutions are the sites of data=table/text (sim.scenario)
     "behaviours": Field("group", null=True),  # generated populations: behaviour -> share of the institutions (sim.scenario)
 }
 INSTITUTION = {
