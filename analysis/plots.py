@@ -311,7 +311,7 @@ def contribution_plot(contribution: pd.DataFrame, institutions: pd.DataFrame, ga
 
 
 def privacy_plot(privacy: pd.DataFrame, title: str = "Mean accuracy against privacy budget ε") -> Figure:
-    """Mean accuracy (own test splits) per scheme against epsilon, from :func:`analysis.metrics.privacy_table`.
+    """Mean accuracy (own test splits) per scheme against epsilon, from :func:`analysis.trust.privacy_table`.
 
     Schemes with privacy noise are drawn at their epsilon (log scale; smaller is more
     private), joined when one scheme has several budgets; schemes that share updates

@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis import findings as words
 from analysis import metrics as m
-from analysis import plots
+from analysis import plots, trust
 from analysis.page import behaviour_guide, gain_matrix, image, interval_note, interval_text, page, section, table
 from analysis.runs import Results, load_results
 from sim.results import write_table, write_text
@@ -50,8 +50,8 @@ def analyse(results: Results) -> dict[str, pd.DataFrame]:
         "accuracy_per_round": m.round_curve(mt),
         "own_accuracy_per_round": m.round_curve(mt[mt["institution"] != m.GLOBAL]),  # each on its own test split
         "final_values": m.final_table(mt),
-        "privacy": m.privacy_table(mt, lg),
-        "damage": m.damage_table(mt, results.institutions),
+        "privacy": trust.privacy_table(mt, lg),
+        "damage": trust.damage_table(mt, results.institutions),
         "institutions": _institutions(results.institutions),
         "runs": results.runs,
     }
@@ -64,8 +64,8 @@ def _institutions(institutions: pd.DataFrame) -> pd.DataFrame:
     """
     table = institutions.drop_duplicates(["scenario", "institution"]).reset_index(drop=True)
     if "behaviour" in institutions and len(table):
-        who = institutions.assign(b=institutions["behaviour"].fillna(m.HONEST))
-        who = who[who.groupby("run_id")["b"].transform(lambda b: (b != m.HONEST).any())]  # all-honest references aside
+        who = institutions.assign(b=institutions["behaviour"].fillna(trust.HONEST))
+        who = who[who.groupby("run_id")["b"].transform(lambda b: (b != trust.HONEST).any())]  # all-honest references aside
         kinds = who.groupby(["scenario", "institution"])["b"]
         said = kinds.first().where(kinds.nunique().eq(1), words.VARIES)  # what runs with misbehaviour say, if one thing
         key = pd.MultiIndex.from_frame(table[["scenario", "institution"]])

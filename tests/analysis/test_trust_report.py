@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import findings as words
-from analysis import metrics as m
+from analysis import trust
 from analysis.report import build_report
 from sim.results import frame
 from conftest import small_tables, write_run
@@ -46,7 +46,7 @@ def test_no_epsilon_and_everyone_honest_means_no_privacy_panel_and_no_damage_tab
     # Execute
     page = build_report([tmp_path / "run"], tmp_path / "out").read_text()
     # Assert
-    assert m.privacy_table(mt, lg).empty and m.damage_table(mt, inst).empty
+    assert trust.privacy_table(mt, lg).empty and trust.damage_table(mt, inst).empty
     assert 'id="privacy"' not in page and 'id="damage"' not in page and "What privacy costs" not in page
 
 
@@ -55,7 +55,7 @@ def test_epsilon_and_misbehaviour_bring_the_panel_the_table_and_correct_numbers(
     mt, lg, inst = _trust_tables()
     write_run(tmp_path / "run", mt, lg, inst)
     # Execute
-    privacy, damage = m.privacy_table(mt, lg), m.damage_table(mt, inst)
+    privacy, damage = trust.privacy_table(mt, lg), trust.damage_table(mt, inst)
     page = build_report([tmp_path / "run"], tmp_path / "out").read_text()
     # Assert: epsilon is the run's last (largest) spend; schemes without noise have none
     dp = privacy.set_index("scheme").loc["dp"]
