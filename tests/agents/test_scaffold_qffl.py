@@ -22,7 +22,7 @@ from sim.engine import run
 from sim.models import get_state, set_state
 from sim.train import full_gradient
 from sim.types import InstitutionSpec, LocalPlan, RoundContext, Shard, TrainingSpec, Update, state_nbytes
-from stopping import Stop, stop_after
+from stopping import resume_matches_straight
 
 F64 = 1e-12
 NAMES = ("a", "b", "c", "d")
@@ -205,22 +205,11 @@ def test_bad_settings_give_one_line_before_anything_runs(scheme: str, override: 
 
 # --- end to end: resume, determinism, what each is for ---------------------------------
 
-SMALL = ["smoke=false", "rounds=4", "data.num_samples=600", "checkpoint_every=1", "training.local_epochs=1"]
-
 
 @pytest.mark.parametrize("scheme", ["scaffold", "qffl"])
 def test_a_run_resumed_after_round_2_matches_4_rounds_straight(scheme: str, tmp_path) -> None:
-    # Prepare: the uninterrupted reference
-    cfg = compose("config", SMALL + [f"scheme={scheme}"])
-    ref = run(cfg, tmp_path / "ref", backend="inprocess")
-    # Execute: stop after round 2, resume from its checkpoint (SCAFFOLD: c from the scheme, c_i from institutions)
-    with pytest.raises(Stop):
-        run(cfg, tmp_path / "cut", backend="inprocess", on_round=stop_after(2))
-    resumed = run(compose("config", [f"resume={tmp_path / 'cut'}"]), backend="inprocess")
-    # Assert: every metric of every round identical; a second run from scratch too
-    pd.testing.assert_frame_equal(resumed.metrics, ref.metrics)
-    again = run(cfg, tmp_path / "again", backend="inprocess")
-    pd.testing.assert_frame_equal(again.metrics.drop(columns="run_id"), ref.metrics.drop(columns="run_id"))
+    # SCAFFOLD: c comes back from the scheme's state, c_i from the institutions'; every metric identical
+    ref = resume_matches_straight([f"scheme={scheme}"], tmp_path)
     if scheme == "scaffold":  # from round 2 the download carries c beside the model
         led = ref.ledger[ref.ledger.institution != "global"]
         down = led.groupby("round").bytes_down.max()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import hydra.utils
 import numpy as np
-import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
@@ -20,11 +19,10 @@ from agents.schemes.fedavg import FedAvg
 from agents.schemes.fedavgm import FedAvgM
 from agents.schemes.fedyogi import FedYogi
 from agents.schemes.server_optimisers import adaptive_step, momentum_step
-from sim.cli import compose, guard
+from sim.cli import guard
 from sim.config import load_spec
-from sim.engine import run
 from sim.types import RoundContext, Update
-from stopping import Stop, stop_after
+from stopping import resume_matches_straight
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "scheme"
 NEW = ("fedavgm", "fedadam", "fedyogi")
@@ -173,19 +171,8 @@ def test_momentum_of_one_is_refused(capsys) -> None:
 
 # --- end to end: resume and determinism -----------------------------------------------
 
-SMALL = ["smoke=false", "rounds=4", "data.num_samples=600", "checkpoint_every=1", "training.local_epochs=1"]
-
 
 @pytest.mark.parametrize("scheme", NEW)
 def test_a_run_resumed_after_round_2_matches_4_rounds_straight(scheme: str, tmp_path) -> None:
-    # Prepare: the uninterrupted reference
-    cfg = compose("config", SMALL + [f"scheme={scheme}"])
-    ref = run(cfg, tmp_path / "ref", backend="inprocess")
-    # Execute: stop after round 2, resume from its checkpoint
-    with pytest.raises(Stop):
-        run(cfg, tmp_path / "cut", backend="inprocess", on_round=stop_after(2))
-    resumed = run(compose("config", [f"resume={tmp_path / 'cut'}"]), backend="inprocess")
-    # Assert: every metric of every round identical (the optimiser's moments came back exactly)
-    pd.testing.assert_frame_equal(resumed.metrics, ref.metrics)
-    again = run(cfg, tmp_path / "again", backend="inprocess")
-    pd.testing.assert_frame_equal(again.metrics.drop(columns="run_id"), ref.metrics.drop(columns="run_id"))
+    # The optimiser's moments come back exactly from the checkpoint: every metric of every round identical
+    resume_matches_straight([f"scheme={scheme}"], tmp_path)
