@@ -72,13 +72,20 @@ def read(path: Path, columns: list[str] | None = None, nrows: int | None = None)
         raise ConfigError("data.path", f"cannot read {path.name}: {str(err).splitlines()[0]}") from err
 
 
+def check_named(data: Mapping, roles, header: list[str], file: str) -> str:
+    """Raise ConfigError naming the first of ``roles`` (config keys) whose column is not in ``header``; return the
+    header as shown in such messages."""
+    shown = ", ".join(map(str, header[:20])) + (", ..." if len(header) > 20 else "")
+    for role in roles:
+        if data.get(role) is not None and data[role] not in header:
+            raise ConfigError(f"data.{role}", f"no column '{data[role]}' in {file}; columns are: {shown}")
+    return shown
+
+
 def _check_columns(data: Mapping, path: Path) -> None:
     """Every column the config names exists; natural needs an institution column."""
     header = list(read(path, nrows=0).columns)
-    shown = ", ".join(map(str, header[:20])) + (", ..." if len(header) > 20 else "")
-    for role in _ROLES:
-        if data[role] is not None and data[role] not in header:
-            raise ConfigError(f"data.{role}", f"no column '{data[role]}' in {path.name}; columns are: {shown}")
+    shown = check_named(data, _ROLES, header, path.name)
     listed = data["feature_columns"]
     if listed is not None and (isinstance(listed, str) or not all(isinstance(c, str) for c in listed)):
         raise ConfigError("data.feature_columns", f"must be a list of column names or null, got {listed!r}")
@@ -205,16 +212,12 @@ def sites_from_table(data: Mapping) -> list[tuple[str, str, int]]:
     """
     if data.get("name") not in ("table", "text"):
         raise ConfigError("data.name", f"sites come from a file; got dataset '{data.get('name')}', use data=table or data=text")
-    data = {**DEFAULTS, "discipline_column": None, **data}
+    data = {**DEFAULTS, **data}  # text data name no discipline column: the table default (none) applies
     inst, disc = data["institution_column"], data["discipline_column"]
     if inst is None:
         raise ConfigError("data.institution_column", "name the column that says which site each row comes from")
     path = _path(data)
-    header = list(read(path, nrows=0).columns)
-    for role, col in (("institution_column", inst), ("discipline_column", disc)):
-        if col is not None and col not in header:
-            shown = ", ".join(map(str, header[:20])) + (", ..." if len(header) > 20 else "")
-            raise ConfigError(f"data.{role}", f"no column '{col}' in {path.name}; columns are: {shown}")
+    check_named(data, ("institution_column", "discipline_column"), list(read(path, nrows=0).columns), path.name)
     df = read(path, list(dict.fromkeys(c for c in (inst, disc) if c is not None)))
     if df[inst].isna().any():
         raise ConfigError("data.institution_column", f"{int(df[inst].isna().sum())} rows of {path.name} name no site in "

@@ -25,7 +25,7 @@ import pandas as pd
 from sim.data.partition import (
     PARTITION, ROWS, Pool, apportion, check_partition, check_sizes, natural, partition, smallest_workable, stream,
 )
-from sim.data.table import _is_test, _labels, _path, read, split_rows
+from sim.data.table import _is_test, _labels, _path, check_named, read, split_rows
 from sim.types import ConfigError, Scenario
 
 DEFAULTS = {
@@ -135,10 +135,7 @@ def compact(texts: np.ndarray, y: np.ndarray, parts: list[tuple[np.ndarray, np.n
 
 def _check_columns(data: Mapping, header: list[str], file: str) -> None:
     """Every column the config names exists; natural needs an institution column."""
-    shown = ", ".join(map(str, header[:20])) + (", ..." if len(header) > 20 else "")
-    for role in _ROLES:
-        if data[role] is not None and data[role] not in header:
-            raise ConfigError(f"data.{role}", f"no column '{data[role]}' in {file}; columns are: {shown}")
+    check_named(data, _ROLES, header, file)
     if data["partition"] == "natural" and data["institution_column"] is None:
         raise ConfigError("data.institution_column",
                           "partition natural needs the column that names each row's institution")
