@@ -151,7 +151,6 @@ class Institution:
                 change = self._update_control(plan.control, start, payload, steps, training.lr)
                 payload = {**payload, **{CHANGE + k: v for k, v in change.items()}}
             payload = self._compress(plan, global_state, payload)
-        received = state_nbytes(global_state) - state_nbytes({k: global_state[k] for k in kept}) if global_state else 0
         return Update(
             institution=self.spec.name,
             index=self.spec.index,
@@ -161,7 +160,7 @@ class Institution:
             compute_seconds=time.perf_counter() - t0,
             bytes_up=state_nbytes(payload),
             samples_processed=samples_processed,
-            bytes_down=(received + control_nbytes(plan)) if plan.start == "global" else 0,
+            bytes_down=received(plan, global_state, kept),
             start_loss=start_loss,
             epsilon=self.epsilon(),
         )
@@ -183,12 +182,11 @@ class Institution:
         noise = float(getattr(self.spec, "behaviour_noise", 0.0))
         rng = np.random.default_rng([self.seed, self.spec.index, round, behaviours.FREE_RIDE_STREAM]) if noise > 0 else None
         payload = self._compress(plan, global_state, behaviours.free_ride(sent, noise, rng), feedback=False)
-        received = state_nbytes(global_state) - state_nbytes({k: global_state[k] for k in kept}) if global_state else 0
         return Update(
             institution=self.spec.name, index=self.spec.index, state=payload,
             num_samples=self.shard.num_train,  # what it claims, so a weighted mean gives its nothing full weight
             train_loss=float("nan"), compute_seconds=0.0, bytes_up=state_nbytes(payload), samples_processed=0,
-            bytes_down=(received + control_nbytes(plan)) if plan.start == "global" else 0,
+            bytes_down=received(plan, global_state, kept),
         )
 
     def _compress(self, plan: LocalPlan, global_state: State | None, payload: State, *,
@@ -270,7 +268,7 @@ class Institution:
             institution=self.spec.name, index=self.spec.index, state=payload, num_samples=self.shard.num_train,
             train_loss=loss, compute_seconds=seconds, bytes_up=state_nbytes(payload),
             samples_processed=self.training.local_epochs * self.shard.num_train,
-            bytes_down=state_nbytes(global_state) if plan.start == "global" and global_state else 0,
+            bytes_down=received(plan, global_state, ()),  # batchable plans keep no keys home and carry no controls
         )
 
     def _train_personal(self, model: torch.nn.Module, plan: LocalPlan, global_state: State, round: int,
@@ -352,3 +350,12 @@ class Institution:
             x, y = x[idx], y[idx]
             training = replace(self.training, local_epochs=1, batch_size=size)
         local_train(model, x, y, training=training, plan=LocalPlan(), key=key)
+
+
+def received(plan: LocalPlan, global_state: State | None, kept: tuple[str, ...]) -> int:
+    """Bytes an institution receives in a round that starts from the global model: that model less the keys it keeps
+    at home, plus SCAFFOLD's control variates; none when it starts from its own model."""
+    if plan.start != "global":
+        return 0
+    model = state_nbytes(global_state) - state_nbytes({k: global_state[k] for k in kept}) if global_state else 0
+    return model + control_nbytes(plan)
