@@ -17,12 +17,16 @@ TRAIN_COST = 3  # forward + backward is about three forward passes
 
 def compute_seconds(spec: InstitutionSpec, samples_processed: int, flops_per_sample: int) -> float:
     """Seconds of local training for ``samples_processed`` forward+backward passes at the spec's compute."""
-    rate = spec.gpus * FLOPS_PER_GPU + spec.cpus * FLOPS_PER_CPU
     if samples_processed == 0:
         return 0.0
+    return TRAIN_COST * samples_processed * flops_per_sample / flops_rate(spec)
+
+
+def flops_rate(spec: InstitutionSpec) -> float:
+    """Multiply-adds per second the institution sustains: its GPUs and CPUs, times its ``speed`` factor."""
+    rate = spec.gpus * FLOPS_PER_GPU + spec.cpus * FLOPS_PER_CPU
     # An institution with no declared compute still trains; charge it a tenth of a core.
-    rate = max(rate, 0.1 * FLOPS_PER_CPU)
-    return TRAIN_COST * samples_processed * flops_per_sample / rate
+    return max(rate, 0.1 * FLOPS_PER_CPU) * spec.speed
 
 
 def transfer_seconds(spec: InstitutionSpec, bytes_up: int, bytes_down: int) -> float:

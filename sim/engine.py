@@ -274,5 +274,5 @@ def _institution_row(keys: dict, s: InstitutionSpec, shard: Shard) -> dict:
         "train_samples": shard.num_train, "test_samples": len(shard.y_test),
         "label_skew": math.nan if s.label_skew is None else s.label_skew, "feature_skew": s.feature_skew,
         "cpus": s.cpus, "gpus": s.gpus, "behaviour": s.behaviour,
-        "availability": s.availability, "failure_rate": s.failure_rate,
+        "availability": s.availability, "failure_rate": s.failure_rate, "speed": s.speed,
     }

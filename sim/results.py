@@ -74,6 +74,7 @@ INSTITUTION_COLUMNS = {
     "behaviour": "string",
     "availability": "float64",  # probability of taking part in a round (fault model)
     "failure_rate": "float64",  # probability its local step fails mid-round (fault model)
+    "speed": "float64",  # compute speed factor on top of cpus/gpus (simulated clock)
 }
 
 SCHEMAS = {"metrics": METRICS_COLUMNS, "ledger": LEDGER_COLUMNS, "institutions": INSTITUTION_COLUMNS}

@@ -26,7 +26,7 @@ from sim.types import ConfigError, InstitutionSpec, Scenario
 __all__ = ["BEHAVIOURS", "BehavingSpec", "build_scenario", "from_sites", "uses_sites"]
 SHARE_TOLERANCE = 1e-3  # shares are typed by hand with two decimals; allow rounding slack
 EVEN_PART = 0.5  # generated populations: fraction of the data spread evenly under the power law
-FAULT_KEYS = ("availability", "failure_rate")  # scenario-level defaults that every institution may override
+FAULT_KEYS = ("availability", "failure_rate", "speed")  # scenario-level defaults that every institution may override
 BEHAVIOUR_STREAM = 0xBE4A  # second element of the RNG key that picks which generated institutions misbehave
 
 

@@ -222,6 +222,7 @@ SCENARIO = {
     "institutions": Field("list", null=True),
     "availability": PROBABILITY,
     "failure_rate": PROBABILITY,
+    "speed": Field("float", 0.0, low_open=True),  # compute speed factor on top of cpus/gpus (sim/clock.py); each row may set its own
     "from_data": Field("bool", words=("auto",)),  # true | false | auto: institutions are the sites of data=table/text (sim.scenario)
     "behaviours": Field("group", null=True),  # generated populations: behaviour -> share of the institutions (sim.scenario)
 }
@@ -236,6 +237,7 @@ INSTITUTION = {
     "behaviour": Field("str", choices=BEHAVIOURS),
     "bandwidth_mbps": Field("float", 0.0, low_open=True),
     "latency_s": Field("float", 0.0),
+    "speed": Field("float", 0.0, low_open=True),
     "availability": PROBABILITY,
     "failure_rate": PROBABILITY,
 }

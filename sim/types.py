@@ -49,6 +49,7 @@ class InstitutionSpec:
     latency_s: float = 0.05  # one-way latency used by the simulated clock
     availability: float = 1.0  # probability of taking part in a round it is selected for (sim/faults.py)
     failure_rate: float = 0.0  # probability its local step fails mid-round, so its update never arrives
+    speed: float = 1.0  # compute speed factor on top of its cpus/gpus for the simulated clock (0.1: ten times slower)
     dp_noise_multiplier: float = 0.0  # sample-level DP-SGD in its local step (sim.dp_sgd): noise std / clip norm; 0 = off
     dp_clip_norm: float = 0.0  # DP-SGD: L2 bound on each sample's gradient
     dp_delta: float = 1e-5  # DP-SGD: the delta its epsilon is reported for

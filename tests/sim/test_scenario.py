@@ -56,3 +56,14 @@ def test_bad_population_size_is_refused():
     with pytest.raises(ConfigError) as err:
         build_scenario({"num_institutions": 0}, seed=0)
     assert err.value.key == "scenario.num_institutions"
+
+
+def test_speed_scales_simulated_compute_and_is_checked():
+    from sim import clock
+
+    cfg = {"name": "s", "speed": 0.5, "institutions": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "speed": 2}]}
+    a, b = build_scenario(cfg, seed=0).institutions
+    assert (a.speed, b.speed) == (0.5, 2.0)
+    assert clock.compute_seconds(a, 100, 1000) == pytest.approx(4 * clock.compute_seconds(b, 100, 1000))
+    with pytest.raises(ConfigError, match=r"scenario.institutions\[0\].speed"):
+        build_scenario({"name": "s", "institutions": [{"name": "a", "share": 1.0, "speed": 0}]}, seed=0)

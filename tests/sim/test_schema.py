@@ -60,6 +60,8 @@ def bad_for(path, base):
     """Values that are wrong for this key whatever the rest of the config: wrong type, out of range, unknown word."""
     key = dotted(path)
     other = st.one_of(st.lists(st.integers(), min_size=1, max_size=2), st.dictionaries(st.just("a"), st.integers(), min_size=1))
+    if key == "scenario.from_data":  # true, false or "auto"
+        return st.one_of(st.integers(), st.floats(), st.text(max_size=5).filter(lambda t: t != "auto"), other)
     if key == "engine.pooled_hosts":  # a whole number >= 1 or "auto"
         return st.one_of(st.integers(max_value=0), st.text(max_size=5).filter(lambda t: t != "auto"), other)
     if isinstance(base, bool):
