@@ -96,7 +96,8 @@ class Coordinator:
         rows.append({
             "institution": GLOBAL, "participated": bool(self.central_work), "bytes_up": 0, "bytes_down": 0,
             "compute_seconds": sum(w for _, w in self.central_work), "samples": samples,
-            "simulated_seconds": clock.compute_seconds(self.central, samples, self.flops),
+            "simulated_seconds": (central := clock.compute_seconds(self.central, samples, self.flops)),
+            "sim_compute_seconds": central,
             "status": faults.OK if self.central_work else faults.IDLE,
         })
         return rows
@@ -131,11 +132,12 @@ class Coordinator:
 
     def _ledger_row(self, spec: InstitutionSpec, u: Update) -> dict[str, Any]:
         """Ledger entry of one update that arrived."""
+        compute = clock.compute_seconds(spec, u.samples_processed, self.flops)
         return {
             "institution": u.institution, "participated": True, "bytes_up": u.bytes_up, "bytes_down": u.bytes_down,
             "compute_seconds": u.compute_seconds, "samples": u.num_samples, "train_loss": u.train_loss,
-            "simulated_seconds": clock.compute_seconds(spec, u.samples_processed, self.flops)
-            + clock.transfer_seconds(spec, u.bytes_up, u.bytes_down),
+            "simulated_seconds": compute + clock.transfer_seconds(spec, u.bytes_up, u.bytes_down),
+            "sim_compute_seconds": compute,
             "status": faults.OK, "epsilon": u.epsilon,  # DP-SGD's own; NaN (the default) without it
         }
 
@@ -161,4 +163,5 @@ def _absent(spec: InstitutionSpec, status: str, sent: int) -> dict[str, Any]:
     down = sent if status in (faults.FAILED, faults.CRASHED, faults.TIMEOUT) else 0
     return {"institution": spec.name, "participated": False, "bytes_up": 0, "bytes_down": down,
             "compute_seconds": 0.0, "samples": 0, "simulated_seconds": clock.transfer_seconds(spec, 0, down),
+            "sim_compute_seconds": 0.0,
             "status": status}

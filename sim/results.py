@@ -52,6 +52,8 @@ LEDGER_COLUMNS = {
     "bytes_down": "int64",  # bytes received from the coordinator
     "compute_seconds": "float64",  # measured wall time of local work (varies run to run)
     "simulated_seconds": "float64",  # deterministic: compute at the spec's cpus + transfer time
+    "sim_compute_seconds": "float64",  # the compute part of simulated_seconds (device time a cost model prices)
+    "sim_time": "float64",  # simulated seconds elapsed since the start of the run at the end of this round (same for all rows)
     "samples": "int64",  # training samples behind the update
     "epsilon": "float64",  # privacy spent so far; NaN when the scheme adds no noise
     "status": "string",  # ok | idle | unavailable | failed | crashed | timeout (sim/faults.py)
