@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from sim.types import ConfigError
@@ -29,6 +29,7 @@ BACKENDS = ("inprocess", "ray")
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 SMOKE_KEEP = 2  # smoke=true keeps this many values of each categorical dimension, seeds and samples
 INDEX = "__trial_index__"  # Tune's Repeater numbers the repeats of one configuration with this key
+VARIANT = "variant"  # the dimension whose values are sweep.variants: each a named list of overrides
 SAMPLE = "sample"  # random search: the drawn values of one configuration, a grid entry in Tune's param space
 
 
@@ -68,6 +69,7 @@ class SweepSpec:
     bundle_strategy: str
     backend: str = "inprocess"  # inprocess: the trial's own (reused) process runs the simulation | ray: the trial starts actors
     tune_verbose: bool = False  # true: Tune's own progress tables on the console, instead of one line per finished trial
+    variants: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # value of the ``variant`` dimension -> its overrides
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -102,7 +104,17 @@ def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
     for key in cfg:
         if key not in known:
             raise ConfigError(f"sweep.{key}", f"unknown key; a sweep takes {', '.join(sorted(known))}")
-    dims = dimensions(cfg.get("space"))
+    variants = expand_variants(cfg.get("variants"))
+    space = dict(cfg.get("space") or {})
+    if variants and VARIANT not in space:
+        space = {VARIANT: {"grid": list(variants)}, **space}  # every variant, crossed with the rest of the space
+    dims = dimensions(space)
+    if VARIANT in (d.key for d in dims):
+        listed = next(d for d in dims if d.key == VARIANT)
+        wrong = [v for v in listed.values if v not in variants]
+        if wrong:
+            raise ConfigError(f"sweep.space.{VARIANT}", f"{wrong[0]!r} is not a variant of sweep.variants"
+                              + (f" ({', '.join(variants)})" if variants else "; define them there"))
     search = _word(cfg, "search", SEARCHES, "grid")
     scheduler = cfg.get("scheduler")
     if scheduler is not None and scheduler not in SCHEDULERS:
@@ -139,11 +151,57 @@ def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
         bundle_strategy=_word(cfg, "bundle_strategy", STRATEGIES, "STRICT_PACK"),
         backend=_word(cfg, "backend", BACKENDS, "inprocess"),
         tune_verbose=_flag(cfg, "tune_verbose", False),
+        variants=variants,
     )
     if spec.trial_cpus is not None and spec.trial_cpus <= spec.driver_cpus:
         raise ConfigError("sweep.trial_cpus", f"{spec.trial_cpus:g} leaves nothing for the simulation after "
                           f"sweep.driver_cpus={spec.driver_cpus:g}; raise it")
     return shrink(spec) if smoke else spec
+
+
+def expand_variants(cfg: Any) -> dict[str, tuple[str, ...]]:
+    """``sweep.variants`` as ``{value: overrides}``: what the ``variant`` dimension's values set.
+
+    A variant is ``LABEL: [overrides]``, or ``LABEL: {overrides: [..], grid: {key: [values]}}``,
+    which makes one value per combination of its own grid, ``LABEL[key=value,...]``: a scheme
+    crossed with a key only that scheme has (``dp_fedavg`` over ``scheme.target_epsilon``)
+    while the other variants run once. Results carry LABEL in their ``scheme`` column.
+    """
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, Mapping) or not cfg:
+        raise ConfigError("sweep.variants", f"expected LABEL: [overrides] entries, got {cfg!r}")
+    out: dict[str, tuple[str, ...]] = {}
+    for label, body in cfg.items():
+        where = f"sweep.variants.{label}"
+        if not re.fullmatch(r"[A-Za-z_][\w\-]*", str(label)):
+            raise ConfigError(where, "a label is a word (letters, digits, _ or -), as it names the results' scheme column")
+        grid: Mapping = {}
+        if isinstance(body, Mapping):
+            unknown = set(body) - {"overrides", "grid"}
+            if unknown:
+                raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key; a variant takes overrides and grid")
+            grid, body = body.get("grid") or {}, body.get("overrides")
+        if not isinstance(body, (list, tuple)) or not body or not all(isinstance(o, str) and "=" in o for o in body):
+            raise ConfigError(where, f"expected a list of overrides like scheme=fedavg, got {body!r}")
+        if not isinstance(grid, Mapping):
+            raise ConfigError(f"{where}.grid", f"expected {{key: [values]}}, got {grid!r}")
+        try:
+            axes = [_dimension(str(k), v if isinstance(v, Mapping) else {"grid": v}) for k, v in grid.items()]
+        except ConfigError as e:
+            raise ConfigError(f"{where}.grid.{e.key.removeprefix('sweep.space.')}", e.problem) from None
+        if any(d.kind != "grid" for d in axes):
+            raise ConfigError(f"{where}.grid", "a variant's own values are a grid: {key: [values]}")
+        for combo in itertools.product(*[d.values for d in axes]):
+            own = [f"{d.key}={override_value(v)}" for d, v in zip(axes, combo)]
+            name = f"{label}[{','.join(own)}]" if own else str(label)
+            out[name] = (*body, *own)
+    return out
+
+
+def variant_label(value: str) -> str:
+    """The label a variant's results carry: ``dp_fedavg[scheme.target_epsilon=1.0]`` -> ``dp_fedavg``."""
+    return value.split("[", 1)[0]
 
 
 def dimensions(space: Any) -> tuple[Dimension, ...]:
@@ -265,9 +323,13 @@ def trial_values(spec: SweepSpec, config: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def trial_overrides(values: Mapping[str, Any]) -> list[str]:
-    """Hydra overrides that set a trial's values (``scheme=fedprox``, ``scheme.mu=0.01``, ``seed=1``)."""
-    return [f"{k}={override_value(v)}" for k, v in values.items()]
+def trial_overrides(values: Mapping[str, Any], variants: Mapping[str, tuple[str, ...]] | None = None) -> list[str]:
+    """Hydra overrides that set a trial's values (``scheme=fedprox``, ``scheme.mu=0.01``, ``seed=1``);
+    a ``variant`` value stands for its overrides (``sweep.variants``)."""
+    out: list[str] = []
+    for k, v in values.items():
+        out += list((variants or {})[v]) if k == VARIANT else [f"{k}={override_value(v)}"]
+    return out
 
 
 def override_value(v: Any) -> str:

@@ -33,7 +33,8 @@ from sim.cli import SEARCH_PATH, compose, explain, fail, guard, searchpath_overr
 from sim.config import load_spec
 from sim import rundir
 from sim.results import write_csv, write_table, write_text
-from sim.search_space import INDEX, SweepSpec, check_points, load_sweep, param_space, trial_overrides, trial_values
+from sim.search_space import (INDEX, VARIANT, SweepSpec, check_points, load_sweep, param_space, trial_overrides, trial_values,
+                              variant_label)
 from sim.sweep_results import TIMES, collect, finished, progress_line, read_text, render, replay, summarize
 from sim.types import ConfigError
 
@@ -53,9 +54,9 @@ def base_overrides(spec: SweepSpec, command_line: list[str]) -> list[str]:
     return [*([searchpath_override(SEARCH_PATH)] if SEARCH_PATH else []), *spec.overrides, *own]
 
 
-def trial_config(base: list[str], values: Mapping[str, Any]) -> DictConfig:
+def trial_config(base: list[str], values: Mapping[str, Any], variants: Mapping[str, tuple[str, ...]] | None = None) -> DictConfig:
     """Compose one trial's run config; later overrides of the same key win (the trial's values last)."""
-    overrides = [*base, *trial_overrides(values)]
+    overrides = [*base, *trial_overrides(values, variants)]
     last = {_key(o): o for o in overrides}
     return compose("config", list(last.values()))
 
@@ -71,7 +72,7 @@ def check(cfg: DictConfig, command_line: list[str]) -> SweepSpec:
     base = base_overrides(spec, command_line)
     for values in check_points(spec):
         try:
-            load_spec(trial_config(base, values))
+            load_spec(trial_config(base, values, spec.variants))
         except ConfigError as e:
             raise ConfigError(_where(spec, e.key), e.problem) from None
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors become one line naming the key
@@ -91,6 +92,9 @@ def _where(spec: SweepSpec, key: str) -> str:
     """Name a bad key where the user wrote it: in the sweep's space, its overrides, or the command line."""
     if key in spec.keys:
         return f"sweep.space.{key}"
+    for value, overrides in spec.variants.items():
+        if any(_key(o) == key or _key(o).startswith(key + ".") for o in overrides):
+            return f"sweep.variants.{variant_label(value)}: {key}"
     if any(_key(o) == key or _key(o).startswith(key + ".") for o in spec.overrides):
         return f"sweep.overrides: {key}"
     return key
@@ -148,7 +152,7 @@ def make_trainable(spec: SweepSpec, base: list[str], sweep_dir: Path) -> Callabl
         from sim.engine import run
 
         values = trial_values(spec, config)
-        cfg = trial_config(base, values)
+        cfg = trial_config(base, values, spec.variants)
         run_dir = sweep_dir / "trials" / tune.get_context().get_trial_id()
         rounds, times = load_spec(cfg).rounds, {"started": time.time()}
         last: list[dict] = []
@@ -212,7 +216,7 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
         values = trial_values(spec, config)
         key = repr(sorted(values.items()))
         if key not in cache:
-            cache[key] = trial_bundles(spec, trial_config(base, values), cpus, gpus)
+            cache[key] = trial_bundles(spec, trial_config(base, values, spec.variants), cpus, gpus)
             check_fits(cache[key], spec.bundle_strategy, nodes)
         return tune.PlacementGroupFactory(cache[key], strategy=spec.bundle_strategy)
 
@@ -232,7 +236,8 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
         tuner = tune.Tuner(trainable, param_space=param_space(spec, int(cfg.seed)), tune_config=_tune_config(spec, cfg),
                            run_config=run_config(spec, sweep_dir))
     grid = tuner.fit()
-    trials, tables = collect(spec, grid, sweep_dir, lambda values: load_spec(trial_config(base, values)).scheme_name)
+    trials, tables = collect(spec, grid, sweep_dir, lambda values: variant_label(values[VARIANT]) if VARIANT in values
+                             else load_spec(trial_config(base, values)).scheme_name)
     summary = summarize(spec, trials)
     write_text(OmegaConf.to_yaml(cfg, resolve=True), sweep_dir / "config.yaml")
     for kind, df in tables.items():

@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis.metrics import MIN_SEEDS  # fewest seeds an interval is shown for
 from sim.results import frame
-from sim.search_space import METRICS, SweepSpec, trial_values
+from sim.search_space import METRICS, VARIANT, SweepSpec, trial_values
 
 TIMES = "trial.json"  # when a trial's run started and finished, next to its tables (kept across a resume)
 SCENARIO_GROUPS = ("scenario", "data", "model")  # swept keys under these name the scenario in the combined tables
@@ -100,7 +100,10 @@ def _selected(metrics: pd.DataFrame) -> dict[str, float]:
 
 
 def _relabel(spec: SweepSpec, df: pd.DataFrame, row: Mapping) -> pd.DataFrame:
-    """Name the scenario after the swept scenario/data/model values, so analysis matches gains within it."""
+    """Name the scenario after the swept scenario/data/model values, so analysis matches gains within it;
+    a variant's runs carry its label as their scheme (as a compare's variants do)."""
+    if VARIANT in row:
+        df = df.assign(scheme=row["scheme"])
     keys = [k for k in spec.keys if k.split(".")[0] in SCENARIO_GROUPS]
     if keys:
         df = df.assign(scenario=df["scenario"] + " (" + ", ".join(f"{k}={row[k]}" for k in keys) + ")")
@@ -115,7 +118,7 @@ def gains(spec: SweepSpec, trials: pd.DataFrame, metrics: list[pd.DataFrame]) ->
     out = pd.DataFrame({"trial_id": trials["trial_id"], "mean_gain": math.nan, "worse_off": pd.NA})
     if not metrics:
         return out.astype({"worse_off": "Int64"})
-    same = [k for k in spec.keys if k != "scheme" and not k.startswith("scheme.")] + ["seed"]
+    same = [k for k in spec.keys if k not in ("scheme", VARIANT) and not k.startswith("scheme.")] + ["seed"]
     runs = trials.dropna(subset=["run_id"]).set_index("run_id")
     by_run = {df["run_id"].iloc[0]: df for df in metrics}
     for _, group in runs.groupby(same, dropna=False):
@@ -141,7 +144,7 @@ def summarize(spec: SweepSpec, trials: pd.DataFrame) -> pd.DataFrame:
     """
     from analysis.metrics import mean_interval, scheme_order
 
-    config = ["scheme"] + [k for k in spec.keys if k != "scheme"]
+    config = ["scheme"] + [k for k in spec.keys if k != "scheme"]  # a variant's value keeps its own grid's values apart
     done = trials[trials["status"] == "complete"]  # a trial stopped early ends on an earlier round: not comparable
     rows = []
     for values, g in done.groupby(config, dropna=False, sort=False):

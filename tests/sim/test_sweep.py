@@ -420,3 +420,37 @@ def test_hydra_multirun_directories_read_together(tmp_path):
     assert [p.name for p in runs] == ["0", "1"]
     assert set(read_table("metrics", runs)["scheme"]) == {"fedavg", "fedprox"}
     assert set(load_results([out]).metrics["scheme"]) == {"fedavg", "fedprox"}
+
+
+def test_variants_name_override_lists_and_cross_a_key_only_one_scheme_has():
+    from sim.search_space import expand_variants, trial_overrides, variant_label
+
+    # Prepare
+    cfg = {"variants": {"fedavg": ["scheme=fedavg"],
+                        "dp": {"overrides": ["scheme=dp_fedavg"], "grid": {"scheme.target_epsilon": [1.0, 8.0]}}},
+           "space": {"training.lr": {"grid": [0.1, 0.2]}}, "seeds": [0]}
+    # Execute
+    spec = load_sweep(cfg)
+    # Assert: one variant value per grid entry, crossed with the rest of the space; a value stands for its overrides
+    assert spec.keys == ("variant", "training.lr") and spec.trial_count() == 6
+    assert spec.dimensions[0].values == ("fedavg", "dp[scheme.target_epsilon=1.0]", "dp[scheme.target_epsilon=8.0]")
+    assert trial_overrides({"variant": "dp[scheme.target_epsilon=8.0]", "training.lr": 0.1}, spec.variants) == [
+        "scheme=dp_fedavg", "scheme.target_epsilon=8.0", "training.lr=0.1"]
+    assert variant_label("dp[scheme.target_epsilon=8.0]") == "dp"
+    assert expand_variants(None) == {}
+
+
+@pytest.mark.parametrize("variants, space, key", [
+    ({"a b": ["scheme=fedavg"]}, None, "sweep.variants.a b"),
+    ({"a": []}, None, "sweep.variants.a"),
+    ({"a": ["fedavg"]}, None, "sweep.variants.a"),
+    ({"a": {"overrides": ["scheme=fedavg"], "grid": {"scheme.mu": {"uniform": [0, 1]}}}}, None, "sweep.variants.a.grid"),
+    ({"a": {"overrides": ["scheme=fedavg"], "sample": 1}}, None, "sweep.variants.a.sample"),
+    ({"a": ["scheme=fedavg"]}, {"variant": {"grid": ["b"]}}, "sweep.space.variant"),
+    (None, {"variant": {"grid": ["b"]}}, "sweep.space.variant"),
+])
+def test_bad_variants_are_refused_naming_the_key(variants, space, key):
+    cfg = {"seeds": [0], "space": space or {}, **({"variants": variants} if variants is not None else {})}
+    with pytest.raises(ConfigError) as err:
+        load_sweep(cfg)
+    assert err.value.key == key, str(err.value)
