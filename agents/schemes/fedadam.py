@@ -26,8 +26,11 @@ class FedAdam(FedAvg):
     # Defaults from Reddi et al.: beta1 = 0.9, beta2 = 0.99, tau = 1e-3; server_lr = 0.01 is the paper's usual best
     # for FedAdam (its Table 8 grids), a per-coordinate step of at most ~0.01 per round.
     def __init__(self, *, weighting: str = "samples", server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3, cohort_fraction: float = 1.0, compression: str = "none", compression_ratio: float = 0.1, error_feedback: bool = True):
-        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction, compression=compression, compression_ratio=compression_ratio, error_feedback=error_feedback)
+                 tau: float = 1e-3, cohort_fraction: float = 1.0, secure_aggregation: bool = False,
+                 compression: str = "none", compression_ratio: float = 0.1, error_feedback: bool = True):
+        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction,
+                         secure_aggregation=secure_aggregation, compression=compression,
+                         compression_ratio=compression_ratio, error_feedback=error_feedback)
         for key, value in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= float(value) < 1.0:
                 raise ConfigError(f"scheme.{key}", f"must lie in [0, 1), got {value!r}")

@@ -21,8 +21,11 @@ class FedAvgM(FedAvg):
     """FedAvg's mean, applied with server momentum; the velocity is kept in checkpoints."""
 
     def __init__(self, *, weighting: str = "samples", server_lr: float = 0.1, momentum: float = 0.9,
-                 cohort_fraction: float = 1.0, compression: str = "none", compression_ratio: float = 0.1, error_feedback: bool = True):
-        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction, compression=compression, compression_ratio=compression_ratio, error_feedback=error_feedback)
+                 cohort_fraction: float = 1.0, secure_aggregation: bool = False, compression: str = "none",
+                 compression_ratio: float = 0.1, error_feedback: bool = True):
+        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction,
+                         secure_aggregation=secure_aggregation, compression=compression,
+                         compression_ratio=compression_ratio, error_feedback=error_feedback)
         self.momentum = check_range("momentum", momentum, 0.0, 1.0)
         if self.momentum >= 1.0:  # the velocity would never forget a step
             raise ConfigError("scheme.momentum", f"must lie in [0, 1), got {momentum!r}")
