@@ -260,4 +260,6 @@ def _suggest(key: str) -> str:
         node = node.get(part, {}) if isinstance(node, dict) else {}
     known = list(node) if isinstance(node, dict) else []
     close = difflib.get_close_matches(leaf, known, n=1)
+    if close and close[0] == leaf:  # the default option has it, the one chosen (scheme=scaffold, say) does not
+        return f"; the {parent} chosen here has no such key, though the default {parent} has"
     return f"; did you mean {'.'.join(filter(None, [parent, close[0]]))}?" if close else ""
