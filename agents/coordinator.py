@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
+from agents import behaviours
 from sim import clock, faults
 from sim.models import build_model, get_state, set_state
 from sim.train import evaluate, local_train, lr_scale, scheduled
@@ -55,6 +56,9 @@ class Coordinator:
         self.central_work: list[tuple[int, float]] = []  # (samples processed, wall seconds) this round
         self.scheme = instantiate(dict(scheme))
         self.scheme.bind(self._train_central)
+        # A backdoor planted by a data-poisoning institution (the first one's trigger): scored on the global test set.
+        self.backdoor = next(((s.trigger_features, s.trigger_value, s.target_label) for s in specs
+                              if s.behaviour == "data_poisoning"), None)
 
     def current_state(self) -> State:
         """The global state now (before round 1: also every institution's starting personal model)."""
@@ -118,7 +122,22 @@ class Coordinator:
         out = {"accuracy": acc, "loss": loss}
         if self.global_val is not None and len(self.global_val[1]):
             out["val_accuracy"], out["val_loss"] = evaluate(self.model, *self.global_val, precision=self.training.precision)
+        if self.backdoor is not None:
+            out["backdoor_success"] = self._backdoor_success()
         return out
+
+    def _backdoor_success(self) -> float:
+        """Share of the global test rows not of the target class that the global model labels as the target once
+        triggered (BadNets' attack success rate, :func:`agents.behaviours.backdoor_success`); NaN when none are."""
+        features, value, target = self.backdoor
+        x, y = self.global_test
+        victims = np.asarray(y) != target
+        if not victims.any():
+            return float("nan")
+        triggered = behaviours.add_trigger(np.asarray(x)[victims], features, value)
+        success, _ = evaluate(self.model, triggered, np.full(int(victims.sum()), target, dtype=np.asarray(y).dtype),
+                              precision=self.training.precision)
+        return success
 
     def _train_central(self, state: State, x: np.ndarray, y: np.ndarray, key: tuple[int, ...]) -> tuple[State, float]:
         """The Trainer a scheme may use to train on data held centrally."""

@@ -31,7 +31,7 @@ GLOBAL = "global"
 """Institution name of the merged model on the global test set (as sim.types.GLOBAL)."""
 RUN = ["run_id", "scheme", "scenario", "seed"]
 """Columns that identify a run."""
-METRICS = ("accuracy", "loss", "train_loss")
+METRICS = ("accuracy", "loss", "train_loss", "backdoor_success")
 MIN_SEEDS = 3
 """Fewest seeds an interval is shown for: from two seeds a t-interval is too wide to mean anything."""
 

@@ -82,6 +82,9 @@ GUIDE: dict[str, tuple[str, str, str]] = {
                            "same seeds.", "pct"),
     "kept": ("Kept", "Honest accuracy as a share of the reference accuracy (100% = no damage).", "pct"),
     "damage": ("Damage", "Honest accuracy minus reference accuracy, in percentage points.", "pts"),
+    "backdoor_success": ("Backdoor success", "Share of the global test rows (not already of the target class) that "
+                         "the merged model labels as the poisoner's target once the trigger is added: the attack's "
+                         "success rate.", "pct"),
     "shapley": ("Shapley value", f"Average improvement of the merged model's accuracy on the {GLOBAL_TEST} when this "
                 "institution joins, over all orders of joining, in percentage points.", "pts"),
     "shapley_bound": ("± bound", "Error bound of a Monte-Carlo estimate at 95% (0 = computed exactly).", "pts_abs"),

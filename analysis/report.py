@@ -230,7 +230,7 @@ def _damage(damage: pd.DataFrame, tag: str, suffix: str) -> str:
         return ""
     behaviours = [c for c in damage.columns if c.startswith("gain_")]
     columns = ["scheme", "seeds", "misbehaving", "honest_accuracy", "reference", "reference_accuracy", "kept", "damage",
-               *behaviours]
+               *behaviours, *(["backdoor_success"] if damage["backdoor_success"].notna().any() else [])]
     note = ("" if damage["reference"].notna().any() else "No run has every institution honest, so there is no reference: "
             "add one, e.g. +variants.fedavg_honest=['scheme=fedavg','scenario.behaviours=null'].")
     return section(f"damage{tag}", "Damage by misbehaving partners" + suffix,

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.metrics import (
-    RUN, gain_table, institution_finals, is_federated, mean_interval, order_rows, run_accuracy, run_costs,
+    GLOBAL, RUN, final_table, gain_table, institution_finals, is_federated, mean_interval, order_rows, run_accuracy,
+    run_costs,
 )
 
 HONEST = "honest"
@@ -53,7 +54,9 @@ def damage_table(metrics: pd.DataFrame, institutions: pd.DataFrame) -> pd.DataFr
     whose runs have every institution honest (a label starting with fedavg first, e.g.
     ``fedavg_honest``), named in ``reference``; blank when there is none. ``kept`` is their
     ratio, ``damage`` their difference in accuracy points. ``gain_<behaviour>`` is the mean gain
-    over isolated (points) of the institutions with that behaviour. Means are over seeds.
+    over isolated (points) of the institutions with that behaviour. ``backdoor_success`` is the merged model's
+    attack success rate on the triggered global test set (a data-poisoning institution's backdoor; NaN without
+    one). Means are over seeds.
     """
     if institutions.empty or "behaviour" not in institutions:
         return pd.DataFrame()
@@ -67,6 +70,8 @@ def damage_table(metrics: pd.DataFrame, institutions: pd.DataFrame) -> pd.DataFr
     behaviours = sorted(b for b in who["behaviour"].unique() if b != HONEST)
     gains = gain_table(metrics).merge(who[["run_id", "institution", "behaviour"]], on=["run_id", "institution"], how="left")
     rows = []
+    final = final_table(metrics)
+    glob = final[final["institution"] == GLOBAL]  # the merged model's attack success rate (data poisoning), per run
     bad = finals[finals["run_id"].map(cheating).eq(True) & finals["scheme"].map(is_federated)]
     for (scenario, scheme), f in bad.groupby(["scenario", "scheme"], sort=False):
         refs = clean[clean["scenario"] == scenario]
@@ -82,10 +87,12 @@ def damage_table(metrics: pd.DataFrame, institutions: pd.DataFrame) -> pd.DataFr
                "reference_accuracy": ref_seed.mean() if ref_seed.notna().any() else np.nan}
         row["kept"] = row["honest_accuracy"] / row["reference_accuracy"] if row["reference_accuracy"] else np.nan
         row["damage"] = (row["honest_accuracy"] - row["reference_accuracy"]) * 100
+        backdoor = glob[(glob["scenario"] == scenario) & (glob["scheme"] == scheme)]["backdoor_success"]
+        row["backdoor_success"] = backdoor.mean() if backdoor.notna().any() else np.nan
         g = gains[(gains["scenario"] == scenario) & (gains["scheme"] == scheme)]
         for b in behaviours:
             row[f"gain_{b}"] = g.loc[g["behaviour"] == b, "gain"].mean() if (g["behaviour"] == b).any() else np.nan
         rows.append(row)
     columns = ["scenario", "scheme", "seeds", "misbehaving", "honest_accuracy", "reference", "reference_accuracy", "kept",
-               "damage", *[f"gain_{b}" for b in behaviours]]
+               "damage", *[f"gain_{b}" for b in behaviours], "backdoor_success"]
     return order_rows(pd.DataFrame(rows, columns=columns))

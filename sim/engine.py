@@ -29,8 +29,9 @@ from sim.results import frame, select_rounds, write_table, write_text
 from sim.types import GLOBAL, Federation, InstitutionSpec, RunFailed, Shard, Snapshot
 
 log = logging.getLogger("collabsim")
-SCORES = ("accuracy", "loss", "val_accuracy", "val_loss")
-"""Metrics of a scored round: on the test split, then on the validation split (what model selection sees)."""
+SCORES = ("accuracy", "loss", "val_accuracy", "val_loss", "backdoor_success")
+"""Metrics of a scored round: on the test split, then on the validation split (what model selection sees); with a
+data-poisoning institution, the global model's attack success rate on the triggered global test set."""
 
 
 @dataclass
@@ -237,7 +238,7 @@ class Diverged(RunFailed):
 
 def _check_finite(r: int, rows: list[dict]) -> None:
     """Stop the run (status failed) at the first NaN or infinite score or training loss, naming round and institution."""
-    bad = next((row for row in rows if not math.isfinite(row["value"])), None)
+    bad = next((row for row in rows if not math.isfinite(row["value"]) and row["metric"] != "backdoor_success"), None)
     if bad is not None:
         raise Diverged(f"round {r}: the {bad['metric']} of institution '{bad['institution']}' is {bad['value']}; "
                        "the model diverged: lower training.lr or check the data for extreme values")

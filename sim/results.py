@@ -36,6 +36,7 @@ METRICS_COLUMNS = {
     "institution": "string",  # institution name, or "global"
     "discipline": "string",  # the institution's discipline, "global" for the global row
     "metric": "string",  # accuracy | loss (test split) | val_accuracy | val_loss (validation split) | train_loss
+    #                      | backdoor_success (global row, with a data_poisoning institution: attack success rate)
     "value": "float64",
     "selected": "bool",  # the round results.select picked for this institution (select_rounds); analysis reports it
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 from itertools import combinations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from agents import behaviours as B
@@ -239,3 +240,22 @@ def test_a_free_riders_shapley_value_is_about_zero() -> None:
     honest = [phi[p] for p in players if p != rider]
     assert min(honest) > 0.3, phi
     assert -0.05 < phi[rider] < 0.01, phi
+
+
+def test_a_backdoor_is_scored_on_the_triggered_global_test_set_and_reported_in_the_damage_table() -> None:
+    from analysis.trust import damage_table
+
+    # Prepare: two of five institutions poison half their rows; the reference has everybody honest
+    cfg = IID_DIGITS + ["rounds=3", "scenario.poison_fraction=0.5"]
+    # Execute
+    poisoned = run(compose("config", cfg + ["scenario.behaviours={data_poisoning: 0.4}"]), backend="inprocess")
+    honest = run(compose("config", cfg), backend="inprocess")
+    # Assert: the global model learns the trigger (from chance at round 0); runs without a poisoner score nothing
+    m = poisoned.metrics[poisoned.metrics.metric == "backdoor_success"]
+    assert set(m.institution) == {"global"} and list(m["round"]) == [0, 1, 2, 3]
+    assert m.value.iloc[0] < 0.3 and m.value.iloc[-1] > 0.8
+    assert "backdoor_success" not in set(honest.metrics.metric)
+    honest.metrics["scheme"] = honest.institutions["scheme"] = "fedavg_honest"
+    both = (pd.concat([poisoned.metrics, honest.metrics]), pd.concat([poisoned.institutions, honest.institutions]))
+    row = damage_table(*both).set_index("scheme").loc["fedavg"]
+    assert row["backdoor_success"] == pytest.approx(m[m.selected].value.iloc[0])
