@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from agents.institution import Institution
+from agents.schemes import secagg
 from sim.batched import batchable, train_many
 from sim.train import scheduled
 from sim.models import build_model, check_state_keys
@@ -81,6 +82,8 @@ class Host:
             updates = [done.get(i.spec.name) or i.train(self.model, ctx, global_state) for i in trained]
         else:
             updates = [i.train(self.model, ctx, global_state) for i in trained]
+        if ctx.plan.secure_aggregation and global_state:  # only masked vectors leave this process
+            updates = [secagg.seal(ctx.plan, ctx, global_state, u) for u in updates]
         return updates, self.persistent(trained)
 
     def _train_together(self, trained: Sequence[Institution], ctx: RoundContext,

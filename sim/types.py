@@ -149,6 +149,11 @@ class LocalPlan:
     compression: Literal["none", "topk", "int8"] = "none"  # how the change to the global model is sent (agents/schemes/compression.py)
     compression_ratio: float = 1.0  # topk: fraction of each array's entries sent, in (0, 1]
     error_feedback: bool = True  # add what compression dropped to the next round's change (kept by the institution)
+    # Secure aggregation (agents/schemes/secagg.py): the institution's host sends only its masked vector
+    # (its change times its weight, then the weight), never the update itself.
+    secure_aggregation: bool = False
+    secure_weighting: Literal["samples", "uniform"] = "samples"  # the weight: its sample count, or 1
+    secure_clip: float = 0.0  # > 0: the change is first clipped to this L2 norm (DP-FedAvg, clipped on the client)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ noise multiplier is either given or solved there for ``target_epsilon`` over
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy as np
 from agents.schemes import privacy, secagg
 from agents.schemes.base import check_range, register
 from agents.schemes.fedavg import FedAvg
-from sim.types import ConfigError, RoundContext, State, Update
+from sim.types import ConfigError, LocalPlan, RoundContext, State, Update
 
 SAMPLING_STREAM = 0xD95A
 """Last element of the Poisson-sampling RNG key."""
@@ -61,6 +62,11 @@ class DPFedAvg(FedAvg):
         self.noise_multiplier = check_range("noise_multiplier", noise_multiplier, 0.0, low_open=True)
         self.population = 0  # institutions the cohort is sampled from (set by check and select)
 
+    def plan(self, round: int) -> LocalPlan:
+        """FedAvg's plan; under secure aggregation each institution clips its own change before sealing it."""
+        plan = super().plan(round)
+        return replace(plan, secure_clip=self.clip_norm) if plan.secure_aggregation else plan
+
     def check(self, institutions: int) -> None:
         """Remember how many institutions the cohort is sampled from (the noise is scaled by q * N)."""
         self.population = institutions
@@ -79,13 +85,13 @@ class DPFedAvg(FedAvg):
             raise RuntimeError("DPFedAvg.merge before select: the population size is unknown")
         expected = self.cohort_fraction * self.population
         usable = [u for u in updates if u.state]
-        clipped = [privacy.clip(privacy.delta(state, u.state), self.clip_norm) for u in usable]
-        if self.secure_aggregation and usable:
-            keys = list(clipped[0])
-            total = self.secure_sum(ctx, [secagg.flatten(c, keys) for c in clipped], [1.0] * len(usable), usable)
-            if total is None:  # too few survived to unmask: the protocol loses the round, nothing is released
+        if self.secure_aggregation and usable:  # each host clipped and sealed its change (plan.secure_clip)
+            summed = secagg.masked_sum(ctx, state, usable)
+            if summed is None:  # too few survived to unmask: the protocol loses the round, nothing is released
                 return None
-            clipped = [secagg.unflatten(total[:-1], clipped[0], keys)]
+            clipped = [summed[0]]
+        else:
+            clipped = [privacy.clip(privacy.delta(state, u.state), self.clip_norm) for u in usable]
         std = privacy.noise_std(self.noise_multiplier, self.clip_norm, expected)
         noise = privacy.gaussian_noise(state, std, ctx.seed, ctx.round)
         target = privacy.noised_mean(state, clipped, expected, noise)

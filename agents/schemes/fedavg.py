@@ -28,7 +28,6 @@ from agents.schemes import compression as compress
 from agents.schemes import privacy, robust, secagg
 from agents.schemes.aggregate import server_step, weighted_average
 from agents.schemes.base import Scheme, check_range, cohort_size, register, sample_cohort
-from sim.faults import FAILED
 from sim.types import ConfigError, LocalPlan, RoundContext, State, Update
 
 WEIGHTINGS = ("samples", "uniform")
@@ -81,7 +80,9 @@ class FedAvg(Scheme):
         }[merge]
 
     def plan(self, round: int) -> LocalPlan:
-        """Plain local SGD from the global model; upload the weights (compressed if asked)."""
+        """Plain local SGD from the global model; upload the weights (compressed, or sealed under masks, if asked)."""
+        if self.secure_aggregation:
+            return LocalPlan(secure_aggregation=True, secure_weighting=self.weighting)
         if self.compression == "none":
             return LocalPlan()
         return LocalPlan(compression=self.compression, compression_ratio=self.compression_ratio,
@@ -134,55 +135,30 @@ class FedAvg(Scheme):
         return self.rule(state, [u.state for u in usable], weights)
 
     def secure_aggregate(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> dict | None:
-        """The weighted mean under secure aggregation: global + sum(w_i * change_i) / sum(w_i), the two sums read off
-        the masked vectors only; None if nothing arrived or too few survived to unmask (the protocol loses the round)."""
-        usable = [u for u in updates if u.state and (self.weighting == "uniform" or u.num_samples > 0)]
-        weights = [1.0 if self.weighting == "uniform" else float(u.num_samples) for u in usable]
-        changes = [privacy.delta(state, u.state) for u in usable]
-        total = self.secure_sum(ctx, [secagg.flatten(c, list(c)) * w for c, w in zip(changes, weights)], weights, usable)
-        if total is None:
+        """The weighted mean under secure aggregation: global + sum(w_i * change_i) / sum(w_i), both sums read off the
+        masked vectors the institutions' hosts sealed (:func:`secagg.seal`); None if nothing arrived or too few
+        survived to unmask (the protocol loses the round)."""
+        summed = secagg.masked_sum(ctx, state, updates)
+        if summed is None or summed[1] <= 0:
             return None
-        keys = list(changes[0])
-        mean = secagg.unflatten(total[:-1] / total[-1], changes[0], keys)
-        return {k: np.asarray(state[k], np.float64) + mean[k] for k in keys}
-
-    def secure_sum(self, ctx: RoundContext, vectors: list, weights: list[float], usable: Sequence[Update]):
-        """Sum of (vector, weight) over ``usable`` as the coordinator learns it: each survivor's vector is masked with
-        the round's pairwise masks and only the masked vectors are added up (the last entry is the weights' sum);
-        None when nothing arrived or fewer than the protocol's threshold survived."""
-        if not usable:
-            return None
-        if len({tuple(u.state) for u in usable}) > 1:
-            raise ValueError("secure aggregation needs every update to carry the same keys")
-        members = secure_members(ctx)
-        n = len(members)
-        masked = {members.index(u.institution): secagg.mask(secagg.encode(np.append(v, w)), members.index(u.institution),
-                                                            n, ctx.seed, ctx.round)
-                  for u, v, w in zip(usable, vectors, weights)}
-        if len(masked) < secagg.threshold(n):
-            return None
-        return secagg.unmask_sum(masked, n, ctx.seed, ctx.round)
+        total, weight = summed
+        return {k: np.asarray(state[k], np.float64) + v / weight for k, v in total.items()}
 
     def ledger(self, ctx: RoundContext, updates: Sequence[Update]) -> dict[str, dict]:
         """Secure aggregation's extra bytes and round trips per key-agreement member (see :func:`secagg.overhead`)."""
         if not self.secure_aggregation:
             return {}
-        members, arrived = secure_members(ctx), {u.institution: u for u in updates}
+        members, arrived = secagg.members(ctx), {u.institution: u for u in updates}
         out = {}
         for name in members:
             u = arrived.get(name)
-            words = 0 if u is None else sum(np.size(u.state[k]) for k in privacy.floating(u.state)) + 1
+            words = int(np.size(u.state[secagg.MASKED])) if u is not None and u.state else 0
             up, down = secagg.overhead(len(members), words, u is not None)
-            plain = 0 if u is None else sum(np.asarray(u.state[k]).nbytes for k in privacy.floating(u.state))
-            out[name] = {"bytes_up": up - plain, "bytes_down": down, "round_trips": secagg.EXTRA_ROUND_TRIPS}
+            # the masked vector itself is the update's own upload (bytes_up); the rest is the protocol's
+            out[name] = {"bytes_up": up - words * secagg.WORD_BYTES, "bytes_down": down,
+                         "round_trips": secagg.EXTRA_ROUND_TRIPS}
         return out
 
     def step(self, state: State, target: State, lr: float) -> State:
         """The server step towards the merged state: new = old + lr * (target - old)."""
         return server_step(state, target, lr)
-
-
-def secure_members(ctx: RoundContext) -> list[str]:
-    """Who took part in the round's key agreement, in name order: the cohort plus members whose local step failed
-    (they had agreed masks before dropping out); members offline from the start never joined."""
-    return sorted(set(ctx.cohort) | {name for name, fault in ctx.dropped if fault == FAILED})

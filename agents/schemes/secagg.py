@@ -14,15 +14,22 @@ other member j > i and subtracts ``mask_ji`` for every j < i (all mod 2^64, so a
 vector is uniformly random on its own); the masks cancel in the sum over everyone. When
 members drop out after the masks were agreed, the survivors' masks with them are
 removed in the unmasking round; fewer than ``threshold(n)`` survivors lose the round.
-Members are numbered 0..n-1 (the caller fixes the order; schemes use name order) among those that took part in
-key agreement.
+Members are numbered 0..n-1 (:func:`members`: name order) among those that took part in key agreement.
+
+:func:`seal` is the institution's side: its host turns the update into the masked vector
+before it leaves the process (the plan says so), so the coordinator only ever receives and
+adds up masked vectors; :func:`masked_sum` is the coordinator's side.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from sim.faults import FAILED
+from sim.types import LocalPlan, RoundContext, State, Update
 
 FRACTION_BITS = 32
 """Fixed-point precision: values are rounded to multiples of 2^-32 (about 2.3e-10)."""
@@ -35,6 +42,8 @@ ID_BYTES = 4  # one member id in the survivor list
 EXTRA_ROUND_TRIPS = 3  # AdvertiseKeys, ShareKeys, Unmasking (the masked upload replaces the plain one)
 MASK_STREAM = 0x5EC
 """Last element of the pair-seed RNG key, so masks never share a stream with training, sampling or noise."""
+MASKED = "__masked__"
+"""The one key of a sealed update's state: the masked vector (uint64 words)."""
 
 
 def threshold(n: int) -> int:
@@ -129,3 +138,57 @@ def overhead(n: int, words: int, survived: bool) -> tuple[int, int]:
         up += words * WORD_BYTES + (n - 1) * KEY_BYTES
         down += n * ID_BYTES
     return up, down
+
+
+def members(ctx: RoundContext) -> list[str]:
+    """Who took part in the round's key agreement, in name order: the cohort plus members whose local step failed
+    (they had agreed masks before dropping out); members offline from the start never joined."""
+    return sorted(set(ctx.cohort) | {name for name, fault in ctx.dropped if fault == FAILED})
+
+
+def floating(state: State) -> list[str]:
+    """Keys of ``state`` whose arrays are floating point, in its order: what is summed (integer buffers are not)."""
+    return [k for k, v in state.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+
+
+def seal(plan: LocalPlan, ctx: RoundContext, global_state: State, update: Update) -> Update:
+    """The institution's side: ``update`` with its state replaced by its masked vector, ready to leave its host.
+
+    The vector is its change to the global model over the global state's floating keys (clipped
+    to ``plan.secure_clip`` when set), times its weight, then the weight; encoded in fixed point
+    and masked with the round's pairwise masks. An update with nothing to send stays as it is.
+    """
+    if not update.state:
+        return update
+    keys = floating(global_state)
+    missing = [k for k in keys if k not in update.state]
+    if missing:
+        raise ValueError(f"secure aggregation: {update.institution}'s update lacks {missing[0]!r}; every member must "
+                         "send every key of the global state")
+    change = {k: np.asarray(update.state[k], np.float64) - np.asarray(global_state[k], np.float64) for k in keys}
+    if plan.secure_clip > 0:
+        norm = float(np.sqrt(sum(float(np.sum(np.square(c))) for c in change.values())))
+        change = {k: c * min(1.0, plan.secure_clip / norm) if norm > 0 else c for k, c in change.items()}
+    weight = 1.0 if plan.secure_weighting == "uniform" else float(update.num_samples)
+    who = members(ctx)
+    words = mask(encode(np.append(flatten(change, keys) * weight, weight)), who.index(update.institution), len(who),
+                 ctx.seed, ctx.round)
+    return replace(update, state={MASKED: words}, bytes_up=int(words.nbytes))
+
+
+def masked_sum(ctx: RoundContext, global_state: State, updates: Sequence[Update]) -> tuple[dict[str, np.ndarray], float] | None:
+    """The coordinator's side: (sum of the members' weighted changes, sum of their weights), read off the sealed
+    updates alone (dropped members' masks removed); None when nothing arrived or too few survived to unmask."""
+    sealed = [u for u in updates if u.state]
+    if not sealed:
+        return None
+    plain = next((u.institution for u in sealed if set(u.state) != {MASKED}), None)
+    if plain is not None:
+        raise ValueError(f"secure aggregation: {plain}'s update arrived unmasked; its host must seal it (plan.secure_aggregation)")
+    who = members(ctx)
+    masked = {who.index(u.institution): u.state[MASKED] for u in sealed}
+    if len(masked) < threshold(len(who)):
+        return None
+    total = unmask_sum(masked, len(who), ctx.seed, ctx.round)
+    keys = floating(global_state)
+    return unflatten(total[:-1], {k: global_state[k] for k in keys}, keys), float(total[-1])

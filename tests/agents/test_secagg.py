@@ -12,7 +12,7 @@ import pytest
 
 from agents.schemes import secagg
 from agents.schemes.dp_fedavg import DPFedAvg
-from agents.schemes.fedavg import FedAvg, secure_members
+from agents.schemes.fedavg import FedAvg
 from sim.cli import compose, guard
 from sim.config import load_spec
 from sim.engine import run
@@ -31,6 +31,12 @@ def updates(seed: int = 0) -> tuple[dict, list[Update]]:
                   state={k: (v + rng.normal(size=v.shape) * 0.1).astype(np.float32) for k, v in glob.items()})
            for i, n in enumerate(NAMES)]
     return glob, ups
+
+
+def sealed(scheme, ctx: RoundContext, glob: dict, ups: list[Update]) -> list[Update]:
+    """The updates as the institutions' hosts send them under ``scheme``'s plan (masked when it asks)."""
+    plan = scheme.plan(ctx.round)
+    return [secagg.seal(plan, ctx, glob, u) for u in ups] if plan.secure_aggregation else ups
 
 
 # --- the pure protocol ----------------------------------------------------------------
@@ -87,13 +93,17 @@ def test_coordinator_sees_only_masked_updates_and_merges_like_fedavg(monkeypatch
     seen: list[np.ndarray] = []
     real = secagg.unmask_sum
     monkeypatch.setattr(secagg, "unmask_sum", lambda masked, *a: seen.extend(masked.values()) or real(masked, *a))
+    scheme = FedAvg(secure_aggregation=True)
+    arrived = sealed(scheme, ctx, glob, ups)
     # Execute
     plain = FedAvg().merge(ctx, glob, ups)
-    secure = FedAvg(secure_aggregation=True).merge(ctx, glob, ups)
+    secure = scheme.merge(ctx, glob, arrived)
     # Assert: the same model to 1e-5; what the coordinator saw is nowhere near any true weighted change
     for k in glob:
         np.testing.assert_allclose(secure[k], plain[k], rtol=0, atol=1e-5)
-    assert len(seen) == 5
+    assert len(seen) == 5 and all(set(u.state) == {secagg.MASKED} for u in arrived)  # nothing else left the hosts
+    with pytest.raises(ValueError, match="arrived unmasked"):
+        scheme.merge(ctx, glob, ups)
     for vector, u in zip(seen, ups):
         true = np.append(np.concatenate([(u.state[k] - glob[k]).ravel() * u.num_samples for k in glob]), u.num_samples)
         assert np.min(np.abs(secagg.decode(vector) - true)) > 1.0
@@ -104,16 +114,17 @@ def test_a_member_failing_after_masking_is_unmasked_and_the_round_merges() -> No
     glob, ups = updates(3)
     ctx = RoundContext(round=2, seed=5, cohort=("inst0", "inst1", "inst3"), dropped=(("inst2", FAILED), ("inst4", UNAVAILABLE)))
     arrived = [u for u in ups if u.institution in ctx.cohort]
+    scheme = FedAvg(secure_aggregation=True)
     # Execute
-    secure = FedAvg(secure_aggregation=True).merge(ctx, glob, arrived)
+    secure = scheme.merge(ctx, glob, sealed(scheme, ctx, glob, arrived))
     # Assert: key agreement had 4 members; the survivors' FedAvg comes out
-    assert secure_members(ctx) == ["inst0", "inst1", "inst2", "inst3"]
+    assert secagg.members(ctx) == ["inst0", "inst1", "inst2", "inst3"]
     plain = FedAvg().merge(ctx, glob, arrived)
     for k in glob:
         np.testing.assert_allclose(secure[k], plain[k], rtol=0, atol=1e-5)
     # ... and with 2 of 5 left the protocol loses the round: the global model stays
     lost = RoundContext(round=2, seed=5, cohort=("inst0", "inst1", "inst3", "inst4"), dropped=(("inst2", FAILED),))
-    assert FedAvg(secure_aggregation=True).merge(lost, glob, ups[:2]) is None
+    assert scheme.merge(lost, glob, sealed(scheme, lost, glob, ups[:2])) is None
 
 
 def test_dp_under_secure_aggregation_equals_dp_in_the_clear() -> None:
@@ -122,7 +133,7 @@ def test_dp_under_secure_aggregation_equals_dp_in_the_clear() -> None:
     plain, secure = DPFedAvg(noise_multiplier=1.0, clip_norm=0.1), DPFedAvg(noise_multiplier=1.0, clip_norm=0.1,
                                                                              secure_aggregation=True)
     plain.check(5), secure.check(5)
-    a, b = plain.merge(ctx, glob, ups), secure.merge(ctx, glob, ups)
+    a, b = plain.merge(ctx, glob, ups), secure.merge(ctx, glob, sealed(secure, ctx, glob, ups))
     for k in glob:
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5)
 
@@ -138,11 +149,12 @@ def test_fedavg_family_under_secure_aggregation_equals_the_scheme_in_the_clear(n
     # Execute
     for r in (1, 2, 3):
         ctx = RoundContext(round=r, seed=2, cohort=NAMES)
-        a, b = plain.merge(ctx, a, ups), secure.merge(ctx, b, ups)
+        a, b = plain.merge(ctx, a, ups), secure.merge(ctx, b, sealed(secure, ctx, b, ups))
     # Assert: the same model to within 1e-5 (fixed-point masks round at 2^-32)
     for k in glob:
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5)
-    assert secure.ledger(RoundContext(round=1, seed=2, cohort=NAMES), ups)  # and the protocol's bytes are booked
+    ctx = RoundContext(round=1, seed=2, cohort=NAMES)
+    assert secure.ledger(ctx, sealed(secure, ctx, glob, ups))  # and the protocol's bytes are booked
 
 
 def test_robust_merges_are_refused_under_secure_aggregation(capsys) -> None:
