@@ -160,7 +160,12 @@ def summarize(spec: SweepSpec, trials: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     rank = {s: i for i, s in enumerate(scheme_order(table["scheme"].dropna()))}
-    return table.assign(_r=table["scheme"].map(rank)).sort_values(["_r", *config[1:]]).drop(columns="_r").reset_index(drop=True)
+    keys = ["_r", *config[1:]]
+    table = table.assign(_r=table["scheme"].map(rank))
+    if VARIANT in table:  # variants in the file's order (epsilon 1, 4, 16), not as their names sort
+        order = {v: i for i, v in enumerate(next(d.values for d in spec.dimensions if d.key == VARIANT))}
+        table, keys = table.assign(_v=table[VARIANT].map(order)), [k if k != VARIANT else "_v" for k in keys]
+    return table.sort_values(keys).drop(columns=["_r", "_v"], errors="ignore").reset_index(drop=True)
 
 
 def best(spec: SweepSpec, summary: pd.DataFrame, n: int = 3) -> pd.DataFrame:
