@@ -24,6 +24,7 @@ from agents.placement import Layout
 from agents.warm import ActorPool, WarmHost
 from sim import faults
 from sim.config import RunSpec
+from sim.stragglers import Deadline
 from sim.types import Federation, InstitutionSpec, LocalPlan, RoundContext, RunFailed, Snapshot
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ def _kwargs(spec: RunSpec, fed: Federation, flops: int) -> tuple[dict, dict]:
         global_val=None if fed.y_val is None else (fed.x_val, fed.y_val),
     )
     hosts = dict(common, vectorise=spec.engine.vectorise)
-    coord = dict(common, scheme=spec.scheme, flops_per_sample=flops)
+    sizes = {sh.name: sh.num_train for sh in fed.shards}
+    coord = dict(common, scheme=spec.scheme, flops_per_sample=flops,
+                 deadline=Deadline(spec.stragglers, sizes, spec.training, flops))
     return hosts, coord
 
 

@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 
 from agents import behaviours
-from sim import clock, faults
+from sim import clock, faults, stragglers
 from sim.models import build_model, get_state, set_state
 from sim.train import evaluate, local_train, lr_scale, scheduled
 from sim.types import GLOBAL, InstitutionSpec, RoundContext, State, TrainingSpec, Update, state_nbytes
@@ -39,6 +39,7 @@ class Coordinator:
         flops_per_sample: int,
         global_val: tuple[np.ndarray, np.ndarray] | None = None,
         threads: int = 1,
+        deadline: stragglers.Deadline | None = None,
     ):
         torch.set_num_threads(threads)
         self.specs = {s.name: s for s in specs}
@@ -59,6 +60,7 @@ class Coordinator:
         # A backdoor planted by a data-poisoning institution (the first one's trigger): scored on the global test set.
         self.backdoor = next(((s.trigger_features, s.trigger_value, s.target_label) for s in specs
                               if s.behaviour == "data_poisoning"), None)
+        self.deadline = deadline  # per-round slowdowns and engine.round_deadline_s (sim/stragglers.py)
 
     def current_state(self) -> State:
         """The global state now (before round 1: also every institution's starting personal model)."""
@@ -73,6 +75,8 @@ class Coordinator:
         ctx = replace(everyone, cohort=tuple(n for n in selected if n not in out), plan=self.scheme.plan(round),
                       sim_time=sim_time, dropped=dropped,
                       server_scale=lr_scale(self.training.server_schedule, round, self.training))
+        if self.deadline is not None:  # stragglers: slowed, late (out of the cohort) or capped to partial work
+            ctx = self.deadline.apply(ctx, self.specs, state_nbytes(self.state), self.scheme.stragglers)
         return ctx, self.state
 
     def merge(self, ctx: RoundContext, lost: dict[str, str], *update_lists: Sequence[Update]) -> list[dict[str, Any]]:
@@ -89,7 +93,8 @@ class Coordinator:
             self.state = {k: np.asarray(v) for k, v in merged.items()}
         arrived = {u.institution for u in updates}
         status = {n: faults.IDLE for n in self.specs} | dict(ctx.dropped) | dict(lost)
-        rows = [self._ledger_row(self.specs[u.institution], u) for u in updates]
+        rows = [self._ledger_row(stragglers.slowed(self.specs[u.institution], ctx), u,
+                                 stragglers.work_done(ctx, u.institution)) for u in updates]
         rows += [_absent(self.specs[n], status[n], sent) for n in self.specs if n not in arrived]
         extras, epsilon = self.scheme.ledger(ctx, updates), self.scheme.epsilon(ctx.round)
         for row in rows:
@@ -102,7 +107,7 @@ class Coordinator:
             "compute_seconds": sum(w for _, w in self.central_work), "samples": samples,
             "simulated_seconds": (central := clock.compute_seconds(self.central, samples, self.flops)),
             "sim_compute_seconds": central,
-            "status": faults.OK if self.central_work else faults.IDLE,
+            "status": faults.OK if self.central_work else faults.IDLE, "work_done": float(bool(self.central_work)),
         })
         return rows
 
@@ -149,15 +154,15 @@ class Coordinator:
         self.central_work.append((self.training.local_epochs * len(y), time.perf_counter() - t0))
         return get_state(self.model), loss
 
-    def _ledger_row(self, spec: InstitutionSpec, u: Update) -> dict[str, Any]:
-        """Ledger entry of one update that arrived."""
+    def _ledger_row(self, spec: InstitutionSpec, u: Update, work_done: float = 1.0) -> dict[str, Any]:
+        """Ledger entry of one update that arrived (``spec`` at this round's speed; ``work_done`` of its planned work)."""
         compute = clock.compute_seconds(spec, u.samples_processed, self.flops)
         return {
             "institution": u.institution, "participated": True, "bytes_up": u.bytes_up, "bytes_down": u.bytes_down,
             "compute_seconds": u.compute_seconds, "samples": u.num_samples, "train_loss": u.train_loss,
             "simulated_seconds": compute + clock.transfer_seconds(spec, u.bytes_up, u.bytes_down),
             "sim_compute_seconds": compute,
-            "status": faults.OK, "epsilon": u.epsilon,  # DP-SGD's own; NaN (the default) without it
+            "status": faults.OK, "work_done": work_done, "epsilon": u.epsilon,  # DP-SGD's own; NaN (the default) without it
         }
 
 
@@ -176,11 +181,12 @@ def _book(spec: InstitutionSpec, row: dict[str, Any], extra: Mapping[str, float]
 def _absent(spec: InstitutionSpec, status: str, sent: int) -> dict[str, Any]:
     """Ledger entry of an institution whose update did not arrive: not selected, offline, failed or lost.
 
-    Members that failed or were lost mid-round had already received the global state
-    (``sent`` bytes), so the download is booked; offline or unselected ones cost nothing.
+    Members that failed, were lost mid-round or were late (stragglers dropped at the deadline)
+    had already received the global state (``sent`` bytes), so the download is booked; offline
+    or unselected ones cost nothing.
     """
-    down = sent if status in (faults.FAILED, faults.CRASHED, faults.TIMEOUT) else 0
+    down = sent if status in (faults.FAILED, faults.CRASHED, faults.TIMEOUT, faults.LATE) else 0
     return {"institution": spec.name, "participated": False, "bytes_up": 0, "bytes_down": down,
             "compute_seconds": 0.0, "samples": 0, "simulated_seconds": clock.transfer_seconds(spec, 0, down),
             "sim_compute_seconds": 0.0,
-            "status": status}
+            "status": status, "work_done": 0.0}

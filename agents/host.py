@@ -17,6 +17,7 @@ import torch
 
 from agents.institution import Institution
 from agents.schemes import secagg
+from sim import stragglers
 from sim.batched import batchable, train_many
 from sim.train import scheduled
 from sim.models import build_model, check_state_keys
@@ -94,15 +95,17 @@ class Host:
         own = self.model.state_dict()
         for i, start in zip(trained, starts):  # what set_state would refuse, the vectorised step refuses too
             check_state_keys(own, start, i.spec.name)
+        caps = [stragglers.cap(ctx, i.spec.name) for i in trained]  # partial stragglers stop early
         t0 = time.perf_counter()
         results = train_many(self.model, starts, [i.tensors(self.model) for i in trained],
                              [(i.seed, i.spec.index, ctx.round) for i in trained],
                              training=scheduled(self.training, ctx.round), plan=plan,
-                             anchors=starts if plan.prox_mu > 0 else None)
+                             anchors=starts if plan.prox_mu > 0 else None, max_steps=caps)
         seconds = time.perf_counter() - t0
         total = max(1, sum(i.shard.num_train for i in trained))
-        return [i.trained(plan, global_state, state, loss, seconds * i.shard.num_train / total)
-                for i, (state, loss, _) in zip(trained, results)]
+        return [i.trained(plan, global_state, state, loss, seconds * i.shard.num_train / total,
+                          None if cap is None else steps)
+                for i, cap, (state, loss, steps) in zip(trained, caps, results)]
 
     def persistent(self, institutions: Sequence[Institution] | None = None) -> dict[str, dict[str, np.ndarray]]:
         """Name -> persistent state of the hosted institutions (all by default) whose state changed."""

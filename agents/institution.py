@@ -37,7 +37,7 @@ import torch
 from agents import behaviours
 from agents.schemes import compression, privacy
 from agents.schemes.scaffold import CHANGE
-from sim import dp_sgd
+from sim import dp_sgd, stragglers
 from sim.models import get_state, set_state
 from sim.train import _to_tensors, evaluate, full_gradient, local_train, rng_for, scheduled
 from sim.types import (ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update,
@@ -111,6 +111,7 @@ class Institution:
         training = scheduled(self.training, ctx.round)
         t0 = time.perf_counter()
         loss, samples_processed, start_loss, change = float("nan"), 0, float("nan"), {}
+        cap, num_samples = stragglers.cap(ctx, self.spec.name), shard.num_train  # a partial straggler stops early
         if plan.upload == "data":
             # Data sharing: the shard itself crosses, once; nothing is trained locally.
             payload = {} if self.uploaded_data else {"x": shard.x_train, "y": shard.y_train}
@@ -128,11 +129,14 @@ class Institution:
                 dp = dp_sgd.DpSgd(self.spec.dp_noise_multiplier, self.spec.dp_clip_norm) if self.spec.private else None
                 loss, steps = local_train(
                     model, shard.x_train, shard.y_train, training=training, plan=plan, key=key, anchor=anchor,
-                    correction=correction, dp=dp,
+                    correction=correction, dp=dp, max_steps=cap,
                 )
                 if dp is not None:
                     self.dp_steps, self.changed = self.dp_steps + steps, True
                 samples_processed = self.training.local_epochs * shard.num_train
+                if cap is not None:
+                    samples_processed = stragglers.processed(steps, shard.num_train, training)
+                    num_samples = stragglers.seen(steps, shard.num_train, training)
                 payload = get_state(model)
             if kept:
                 head = {k: payload.pop(k) for k in kept}  # never uploaded
@@ -155,7 +159,7 @@ class Institution:
             institution=self.spec.name,
             index=self.spec.index,
             state=payload,
-            num_samples=shard.num_train,
+            num_samples=num_samples,
             train_loss=loss,
             compute_seconds=time.perf_counter() - t0,
             bytes_up=state_nbytes(payload),
@@ -254,20 +258,24 @@ class Institution:
         return self.personal if plan.start == "personal" else global_state
 
     def trained(self, plan: LocalPlan, global_state: State | None, state: State, loss: float,
-                seconds: float) -> Update:
+                seconds: float, steps: int | None = None) -> Update:
         """The update of a plain local step its host ran for it (vectorised with other institutions).
 
-        Book-keeping is :meth:`train`'s for a plan without personal keys, personal training or one-step gradients.
+        Book-keeping is :meth:`train`'s for a plan without personal keys, personal training or one-step gradients;
+        ``steps`` are the minibatches a partial straggler trained (None: its full local step).
         """
+        n = self.shard.num_train
         start = self.start(plan, global_state)  # before a personal start is overwritten: an adversary bends from it
         if plan.start == "personal":
             self.personal, self.changed = state, True
         payload = behaviours.bend(self.spec, state, start) if plan.upload == "weights" else {}
         payload = self._compress(plan, global_state, payload)
         return Update(
-            institution=self.spec.name, index=self.spec.index, state=payload, num_samples=self.shard.num_train,
+            institution=self.spec.name, index=self.spec.index, state=payload,
+            num_samples=n if steps is None else stragglers.seen(steps, n, self.training),
             train_loss=loss, compute_seconds=seconds, bytes_up=state_nbytes(payload),
-            samples_processed=self.training.local_epochs * self.shard.num_train,
+            samples_processed=self.training.local_epochs * n if steps is None else
+            stragglers.processed(steps, n, self.training),
             bytes_down=received(plan, global_state, ()),  # batchable plans keep no keys home and carry no controls
         )
 

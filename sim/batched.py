@@ -95,20 +95,23 @@ def train_many(
     plan: LocalPlan,
     anchors: Sequence[State | None] | None = None,
     max_batch: int = MAX_BATCH,
+    max_steps: Sequence[int | None] | None = None,
 ) -> list[Result]:
     """Local training of every institution k from ``starts[k]`` on ``shards_xy[k]`` with key ``keys[k]``, batched.
 
     Returns what ``set_state(model, starts[k]); local_train(...); get_state(model)`` would,
     per institution and in input order. ``anchors[k]`` is the FedProx anchor (None: the
-    start). ``model`` supplies the architecture, device, and values of keys a start omits;
-    it is not changed. Call only when :func:`batchable` is True.
+    start). ``max_steps[k]`` cuts institution k's minibatches short as ``local_train``'s
+    ``max_steps`` does (a partial straggler; None: all). ``model`` supplies the architecture,
+    device, and values of keys a start omits; it is not changed. Call only when :func:`batchable` is True.
     """
     if not (len(starts) == len(shards_xy) == len(keys)) or (anchors is not None and len(anchors) != len(starts)):
         raise ValueError("train_many: starts, shards_xy, keys (and anchors) must have one entry per institution")
     base = get_state(model)
     full = [base | {k: np.asarray(v) for k, v in s.items()} for s in starts]  # set_state keeps omitted keys
     sizes = [len(y) for _, y in shards_xy]
-    plans = [_steps_of(key, n, training) if n else [] for key, n in zip(keys, sizes)]
+    caps = max_steps if max_steps is not None else [None] * len(starts)
+    plans = [_steps_of(key, n, training)[:cap] if n else [] for key, n, cap in zip(keys, sizes, caps)]
     results: list[Result | None] = [None] * len(starts)
     # Group institutions with similar step counts so few of a chunk's steps are spent on frozen ones.
     order = sorted(range(len(starts)), key=lambda i: len(plans[i]))

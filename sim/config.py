@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from sim import schema
 from sim.scenario import build_scenario, from_sites, uses_sites
 from sim.schema import CLUSTER, ENGINE, GPU_POLICIES, PLACEMENTS, RESULTS, TOP, TRAINING, check_group
+from sim.stragglers import StragglerSpec, load as load_stragglers
 from sim.types import ConfigError, Scenario, TrainingSpec
 
 log = logging.getLogger("collabsim")
@@ -41,6 +42,7 @@ class EngineSpec:
     max_dedicated: int = 16
     gpu_policy: str = "warn"
     round_timeout_s: float = 600.0  # a host that has not answered by then is given up on for the round
+    round_deadline_s: float | None = None  # simulated seconds a round waits for updates (sim/stragglers.py); None = no deadline
     backend: str = "ray"  # ray: institutions on Ray actors | inprocess: everything in this process (small runs, tests)
     eval_every: int = 1  # score every N rounds (round 0 and the last round always)
     vectorise: bool = True  # plain local steps of a host's institutions run as one vmapped computation (sim/batched.py)
@@ -68,6 +70,7 @@ class RunSpec:
     checkpoint_every: int = 0  # rounds between checkpoints; 0 = none
     resume: str | None = None  # the run directory this run continues
     overwrite: bool = False  # a fresh run may replace what an earlier one left in its directory (not part of run_id)
+    stragglers: StragglerSpec = field(default_factory=StragglerSpec)  # slowdowns and deadline
     select: str = "best_val"  # results.select: which round's model each institution is reported with (sim.results)
     config: Mapping[str, Any] = field(default_factory=dict, compare=False)  # the validated config, as written to config.yaml
 
@@ -100,6 +103,7 @@ def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
         rounds = min(rounds, SMOKE_ROUNDS)
     scenario, c = _scenario(c, seed)
     scheme_name = _scheme_name(c.get("scheme") or {})
+    engine = _engine(c.get("engine") or {})
     # Where a run was resumed from, and whether it may replace an earlier run's files, are not what it is.
     hashed = {k: v for k, v in c.items() if k not in ("resume", "overwrite")}
     spec = RunSpec(
@@ -112,7 +116,8 @@ def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
         model=_group(c, "model"),
         data=_group(c, "data"),
         training=replace(_training(c.get("training") or {}), rounds=rounds),
-        engine=_engine(c.get("engine") or {}),
+        engine=engine,
+        stragglers=load_stragglers(c.get("scenario") or {}, engine.round_deadline_s, scenario.names),
         cluster=check_group("cluster", c.get("cluster") or {}, CLUSTER),
         smoke=smoke,
         config_hash=hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8],

@@ -26,6 +26,7 @@ from sim.config import RunSpec, load_spec
 from sim.data import build_federation
 from sim.models import build_model, model_flops
 from sim.results import frame, select_rounds, write_table, write_text
+from sim.stragglers import round_seconds
 from sim.types import GLOBAL, Federation, InstitutionSpec, RunFailed, Shard, Snapshot
 
 log = logging.getLogger("collabsim")
@@ -87,8 +88,8 @@ def run(
                 progress.add("metrics", _scores(keys, 0, runner.evaluate(ctx.plan), discipline))
             # 5. Local steps fan out; the coordinator merges what arrived, in scenario order.
             rows = runner.train_and_merge(ctx)
-            # 6. The round lasts as long as its slowest participant (synchronous rounds).
-            progress.sim_time += max((row["simulated_seconds"] for row in rows), default=0.0)
+            # 6. The round lasts as long as its slowest participant (synchronous rounds), at most engine.round_deadline_s.
+            progress.sim_time += round_seconds(rows, spec.engine.round_deadline_s)
             losses = []
             for row in rows:
                 loss = row.pop("train_loss", math.nan)

@@ -22,7 +22,8 @@ UNAVAILABLE = "unavailable"  # selected but offline this round (fault model)
 FAILED = "failed"  # took the global state, its local step failed (fault model)
 CRASHED = "crashed"  # its host actor died or raised (a real process fault)
 TIMEOUT = "timeout"  # its host missed the round deadline engine.round_timeout_s (a real process fault)
-STATUSES = (OK, IDLE, UNAVAILABLE, FAILED, CRASHED, TIMEOUT)
+LATE = "late"  # a straggler its scheme does not wait for past engine.round_deadline_s (sim/stragglers.py)
+STATUSES = (OK, IDLE, UNAVAILABLE, FAILED, CRASHED, TIMEOUT, LATE)
 """Values of the ledger's ``status`` column."""
 
 FAULT_STREAM = 0xFA17

@@ -57,7 +57,8 @@ LEDGER_COLUMNS = {
     "sim_time": "float64",  # simulated seconds elapsed since the start of the run at the end of this round (same for all rows)
     "samples": "int64",  # training samples behind the update
     "epsilon": "float64",  # privacy spent so far; NaN when the scheme adds no noise
-    "status": "string",  # ok | idle | unavailable | failed | crashed | timeout (sim/faults.py)
+    "status": "string",  # ok | idle | unavailable | failed | crashed | timeout | late (sim/faults.py)
+    "work_done": "float64",  # fraction of its planned local work behind the update that arrived (< 1: a partial straggler; 0 if none arrived)
 }
 
 INSTITUTION_COLUMNS = {

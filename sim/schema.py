@@ -199,6 +199,7 @@ ENGINE = {
     "max_dedicated": Field("int", 0),
     "gpu_policy": Field("str", choices=GPU_POLICIES),
     "round_timeout_s": Field("float", 0.0, low_open=True),
+    "round_deadline_s": Field("float", 0.0, low_open=True, null=True),  # simulated seconds a round waits (sim/stragglers.py)
     "backend": Field("str", choices=("ray", "inprocess")),
     "eval_every": Field("int", 1),
     "eval_scope": Field("str", choices=("all", "cohort")),
@@ -223,6 +224,9 @@ SCENARIO = {
     "availability": PROBABILITY,
     "failure_rate": PROBABILITY,
     "speed": Field("float", 0.0, low_open=True),  # compute speed factor on top of cpus/gpus (sim/clock.py); each row may set its own
+    "straggler_share": PROBABILITY,  # probability an institution is slowed in a round (sim/stragglers.py)
+    "slowdown": Field("list", null=True),  # [low, high]: a slowed institution computes U[low, high] times longer
+    "speed_trace": Field("str", null=True),  # CSV of institution, round, speed and/or available (FedScale-style trace)
     "from_data": Field("bool", words=("auto",)),  # true | false | auto: institutions are the sites of data=table/text (sim.scenario)
     "behaviours": Field("group", null=True),  # generated populations: behaviour -> share of the institutions (sim.scenario)
 }

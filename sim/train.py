@@ -115,6 +115,7 @@ def local_train(
     anchor: State | None = None,
     correction: State | None = None,
     dp: dp_sgd.DpSgd | None = None,
+    max_steps: int | None = None,
 ) -> tuple[float, int]:
     """Train ``model`` in place with SGD on (x, y); return (mean per-sample training loss, optimizer steps).
 
@@ -125,6 +126,8 @@ def local_train(
     With ``correction`` (SCAFFOLD's c - c_i) the term <w, correction> is added over the
     parameters it names, so each step follows g + correction.
     The reported loss is the data loss only (no proximal or correction term), so schemes compare.
+    With ``max_steps`` only the first that many minibatches are trained (a straggler's partial
+    work, :mod:`sim.stragglers`): the same draws as a full step, cut short.
     With ``dp`` each step's data gradient is DP-SGD's (:mod:`sim.dp_sgd`: per-sample clipping, Gaussian noise from
     the stream ``(*key, dp_sgd.NOISE_STREAM)``, in fp32 without autocast); proximal and correction terms touch no
     data and are added unclipped.
@@ -155,7 +158,7 @@ def local_train(
         opt: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=training.lr, weight_decay=training.weight_decay)
     else:
         opt = torch.optim.SGD(trainable, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
-    batches = [np.arange(n)] if plan.one_step else _minibatches(np_rng, n, training)
+    batches = [np.arange(n)] if plan.one_step else _minibatches(np_rng, n, training)[:max_steps]
     if not batches:  # local_epochs == 0
         return float("nan"), 0
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=gen))

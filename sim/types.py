@@ -167,6 +167,8 @@ class RoundContext:
     sim_time: float = 0.0  # simulated seconds elapsed before this round
     dropped: tuple[tuple[str, str], ...] = ()  # (institution, fault) of selected institutions that will send nothing
     server_scale: float = 1.0  # this round's factor on a scheme's server_lr (training.server_schedule)
+    slowdown: tuple[tuple[str, float], ...] = ()  # (institution, factor on its speed) of those slowed this round (sim.stragglers)
+    partial: tuple[tuple[str, int, float], ...] = ()  # (institution, minibatch steps, share of planned) of partial stragglers
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class Scheme:
     """Base class: every institution, every round, plain local epochs, no merge."""
 
     name: ClassVar[str] = "base"
+    stragglers: str = "drop"  # past engine.round_deadline_s: drop (wait for nobody late) | partial (take work done so far)
 
     def bind(self, trainer: Trainer) -> None:
         """Receive the coordinator's central trainer; only schemes that train centrally keep it."""

@@ -15,6 +15,9 @@ has institutions send their change in compressed form, with ``error_feedback`` c
 was dropped into the next round; :meth:`FedAvg.receive` turns uploads back into weights
 before any merge, so every rule above reads them unchanged. Masks do not add up over
 sparse or quantised changes, so compression refuses ``secure_aggregation``.
+``stragglers`` says what an institution that misses ``engine.round_deadline_s`` does
+(:mod:`sim.stragglers`): ``drop`` (the default, as in the paper: the round goes on without it)
+or ``partial`` (it sends the local steps it finished).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from agents.schemes import compression as compress
 from agents.schemes import privacy, robust, secagg
 from agents.schemes.aggregate import server_step, weighted_average
 from agents.schemes.base import Scheme, check_range, cohort_size, register, sample_cohort
+from sim.stragglers import check_policy
 from sim.types import ConfigError, LocalPlan, RoundContext, State, Update
 
 WEIGHTINGS = ("samples", "uniform")
@@ -44,7 +48,7 @@ class FedAvg(Scheme):
     def __init__(self, *, weighting: str = "samples", server_lr: float = 1.0, cohort_fraction: float = 1.0,
                  merge: str = "mean", trim: float = 0.2, byzantine: int = 1, krum_m: int = 1, clip_norm: float = 0.1,
                  secure_aggregation: bool = False, compression: str = "none", compression_ratio: float = 0.1,
-                 error_feedback: bool = True):
+                 error_feedback: bool = True, stragglers: str = "drop"):
         if weighting not in WEIGHTINGS:
             raise ConfigError("scheme.weighting", f"unknown weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         if merge not in MERGES:
@@ -58,6 +62,7 @@ class FedAvg(Scheme):
         if compression != "none" and secure_aggregation:
             raise ConfigError("scheme.compression", f"secure aggregation's masks do not add up over {compression} "
                               "changes; use scheme.compression=none or scheme.secure_aggregation=false")
+        self.stragglers = check_policy(stragglers)  # McMahan et al.: the server does not wait for late devices
         self.compression = compression
         self.compression_ratio = check_range("compression_ratio", compression_ratio, 0.0, 1.0, low_open=True)
         self.error_feedback = bool(error_feedback)
