@@ -28,6 +28,13 @@ def money_text(value) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:,.2f}" if abs(value) >= 1 else f"{value:.3g}"
 
 
+def seconds_text(value) -> str:
+    """Simulated seconds for reading: three significant figures below 100 (toy runs last fractions of a second)."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def guide(currency: str) -> dict[str, tuple[str, str, str]]:
     """Column guide of the money tables (amounts arrive as text from :func:`money_text`, hence kind 'money')."""
     c = currency
@@ -42,10 +49,10 @@ def guide(currency: str) -> dict[str, tuple[str, str, str]]:
         "kwh": ("Energy (kWh)", "CPU-hours x watts per core + GPU-hours x watts per GPU, per run.", "float"),
         "co2_kg": ("CO2e (kg)", "kWh times the grid's kg CO2e per kWh.", "float"),
         "duration": ("Duration (s)", "Simulated seconds from the start to the end of the run (sim_time of its last round).",
-                     "sec"),
+                     "money"),
         "reached": ("Reached", "Seeds whose run reaches the target accuracy.", "text"),
         "time_to_target": ("Time to target (s)", "Simulated seconds until the first scored round at the target, mean over "
-                           "the seeds that reach it.", "sec"),
+                           "the seeds that reach it.", "money"),
         "cost_to_target": (f"Cost to target ({c})", "Money spent up to and including that round, mean over the seeds "
                            "that reach it.", "money"),
         "pareto_money": ("Pareto (money)", "Yes when no other scheme is both more accurate and cheaper.", "bool"),
@@ -64,10 +71,12 @@ def money_section(money: pd.DataFrame, per_inst: pd.DataFrame, goal: pd.DataFram
     shown = money.assign(reached=[f"{r} of {n}" for r, n in zip(money["reached"], money["runs"])])
     for column in ("money", "compute_money", "transfer_money", "energy_money", "cost_to_target"):
         shown[column] = shown[column].map(money_text)
+    for column in ("duration", "time_to_target"):  # kind "money" in the guide: shown as the text made here; duration in tables/
+        shown[column] = shown[column].map(seconds_text)
     columns = ["scheme", "money", "compute_money", "transfer_money",  # device-hours are in tables/money.csv
                *(["energy_money"] if (money["energy_money"] > 0).any() else []),
                *[c for c in ("kwh", "co2_kg") if money[c].notna().any()],
-               "duration", "reached", "time_to_target", "cost_to_target", "mean_accuracy", "pareto_money"]
+               "reached", "time_to_target", "cost_to_target", "mean_accuracy", "pareto_money"]
     out = f'<h3>Money, energy and time to target</h3><p class="lead">{html.escape(target_text(goal))}</p>'
     out += table(shown, columns, extra=extra)
     out += image(plots.png_bytes(plots.pareto_plot(money, "Mean accuracy against money", x="money", front="pareto_money",
@@ -94,6 +103,8 @@ def who_pays(per_inst: pd.DataFrame, extra: dict) -> str:
 
 def target_text(goal: pd.DataFrame) -> str:
     """One sentence on the target accuracy and where it comes from."""
+    if goal.empty:
+        return "No target accuracy: no round of these runs scores every institution."
     g = goal.iloc[0]
     said = f"Target: {fmt(g['target'], 'pct')} mean accuracy on {OWN_TEST}"
     if pd.notna(g["fraction"]):
@@ -118,11 +129,11 @@ def cost_findings(money: pd.DataFrame, per_inst: pd.DataFrame, goal: pd.DataFram
         cheap = there.loc[there["cost_to_target"].idxmin()]
         text = (f"{len(there)} of {len(money)} schemes reach the target of {target} mean accuracy; {cheap['scheme']} gets "
                 f"there for the least money, {money_text(cheap['cost_to_target'])} {currency} after "
-                f"{fmt(cheap['time_to_target'], 'sec')} simulated seconds")
+                f"{seconds_text(cheap['time_to_target'])} simulated seconds")
         fast = there.dropna(subset=["time_to_target"])
         if len(fast) and fast.loc[fast["time_to_target"].idxmin(), "scheme"] != cheap["scheme"]:
             f = fast.loc[fast["time_to_target"].idxmin()]
-            text += (f", and {f['scheme']} the soonest, after {fmt(f['time_to_target'], 'sec')} seconds for "
+            text += (f", and {f['scheme']} the soonest, after {seconds_text(f['time_to_target'])} seconds for "
                      f"{money_text(f['cost_to_target'])} {currency}")
         if never:
             text += f"; {_names(never)} never {'reaches' if len(never) == 1 else 'reach'} it in these runs"

@@ -41,7 +41,7 @@ import pandas as pd
 from analysis.metrics import GLOBAL, RUN, order_rows, pareto_front, run_accuracy
 from analysis.runs import read_config
 from sim.results import TableError, read_one
-from sim.schema import PRICES, check_group
+from sim.schema import PRICES
 
 TARGET_FRACTION = 0.95
 """Default target: this share of the best mean accuracy any scheme reaches (close to the best, reachable in noise)."""
@@ -84,11 +84,14 @@ def prices_from_config(config: Mapping) -> Prices | None:
 
 
 def run_prices(configs: Mapping[str, Mapping]) -> dict[str, Prices]:
-    """run_id -> prices, from each directory's config.yaml; a compare's runs/*/config.yaml refine their own runs."""
+    """run_id -> prices, from each directory's config.yaml (a compare's runs/*/config.yaml price what it does not).
+
+    The directory's own config wins, so repricing a compare is one edit of its config.yaml.
+    """
     out: dict[str, Prices] = {}
     for directory, config in configs.items():
-        found = [(Path(directory), config)] + [(p.parent, read_config(p.parent))
-                                               for p in sorted(Path(directory).glob("runs/*/config.yaml"))]
+        found = [(p.parent, read_config(p.parent)) for p in sorted(Path(directory).glob("runs/*/config.yaml"))]
+        found.append((Path(directory), config))
         for where, cfg in found:
             prices, ledger = prices_from_config(cfg), where / "ledger.parquet"
             if prices is None or not ledger.is_file():

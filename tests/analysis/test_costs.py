@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from analysis.__main__ import main
@@ -15,7 +14,7 @@ from conftest import write_run
 from sim.results import frame
 from sim.types import ConfigError
 
-# Prices chosen so every product is exact in binary floating point to well below the 1e-9 tolerance used.
+# Prices and usages are small binary-friendly numbers: sums agree with the hand computation to far below 1e-9.
 COSTS = {"currency": "EUR", "cpu_hour": 1.0, "gpu_hour": 10.0, "gb": 2.0, "cpu_watts": 100.0, "gpu_watts": 1000.0,
          "kwh": 0.5, "co2_per_kwh": 0.2, "institutions": {"B": {"gpu_hour": 4.0}}}
 SIM_TIME = {"fedavg": {1: 3700.0, 2: 7400.0}, "pooled": {1: 8000.0, 2: 15200.0}}
@@ -174,3 +173,17 @@ def test_cli_target_option(priced_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["report", str(priced_run), "--target", "1.5"])
     assert exit_.value.code == 2 and "expected an accuracy in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_compare_is_repriced_by_its_own_config_over_its_runs_configs(tmp_path):
+    metrics, ledger, institutions = hand_tables()
+    compare = write_run(tmp_path / "cmp", metrics, ledger, institutions, config={"seed": 0, "costs": COSTS})
+    cheap = {**COSTS, "gb": 0.0, "institutions": {}}
+    for scheme in ("fedavg", "pooled"):  # each run's own directory, as sim.compare writes it
+        pick = [t[t["scheme"] == scheme] for t in (metrics, ledger, institutions)]
+        write_run(compare / "runs" / scheme, *pick, config={"seed": 0, "costs": cheap})
+    out, _ = tables(compare)
+    assert out["money"].set_index("scheme").loc["fedavg", "money"] == pytest.approx(19.5)  # the compare's prices
+    (compare / "config.yaml").write_text("seed: 0\n")  # no costs of its own: each run's config prices it
+    out, _ = tables(compare)
+    assert out["money"].set_index("scheme").loc["fedavg", "transfer_money"] == 0.0
