@@ -66,3 +66,20 @@ def test_a_real_run_is_priced_from_its_own_ledger_and_config(small_cfg, tmp_path
     again = run(small_cfg("scheme=fedavg", "costs.cpu_hour=2.0", "costs.gb=3.0"), tmp_path / "r2", backend="inprocess")
     pd.testing.assert_frame_equal(again.ledger.drop(columns="compute_seconds"),
                                   results.ledger.drop(columns="compute_seconds"), check_dtype=False)
+
+
+def test_a_stopped_run_repriced_in_its_config_yaml_resumes_to_the_same_numbers(small_cfg, tmp_path):
+    from sim.cli import compose
+    from stopping import Stop, stop_after
+
+    cfg = small_cfg("checkpoint_every=1")
+    ref = run(cfg, tmp_path / "ref", backend="inprocess")
+    with pytest.raises(Stop):
+        run(cfg, tmp_path / "cut", backend="inprocess", on_round=stop_after(1))
+    path = tmp_path / "cut" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    saved["costs"]["gpu_hour"] = 7.0  # repricing is not editing the run: the resume is accepted
+    path.write_text(yaml.safe_dump(saved))
+    resumed = run(compose("config", [f"resume={tmp_path / 'cut'}"]), backend="inprocess")
+    pd.testing.assert_frame_equal(resumed.metrics, ref.metrics)
+    assert yaml.safe_load(path.read_text())["costs"]["gpu_hour"] == 7.0
