@@ -4,8 +4,8 @@ How the ledger becomes money (all per round x institution, then summed):
 
 - **Device-hours.** An institution's row books ``sim_compute_seconds``: the simulated seconds
   its declared ``cpus``/``gpus`` were busy training. CPU-hours = sim_compute_seconds x cpus /
-  3600, GPU-hours likewise. One that declares neither is charged a tenth of a core, as the
-  simulated clock (sim/clock.py) runs it on one.
+  3600, GPU-hours likewise. One that declares less than a tenth of a core (none, say) is
+  charged a tenth of a core, as the simulated clock (sim/clock.py) runs it on one.
 - **Central compute.** The ``global`` row books training the coordinator does on pooled data;
   the clock runs it on the consortium's combined compute, every institution's cpus and gpus
   together. So those seconds are charged to the institutions: each pays for its own devices
@@ -40,12 +40,13 @@ import pandas as pd
 
 from analysis.metrics import GLOBAL, RUN, order_rows, pareto_front, run_accuracy
 from analysis.runs import read_config
+from sim.clock import FLOPS_PER_CPU, FLOPS_PER_GPU
 from sim.results import TableError, read_one
 from sim.schema import PRICES
 
 TARGET_FRACTION = 0.95
 """Default target: this share of the best mean accuracy any scheme reaches (close to the best, reachable in noise)."""
-MIN_CPUS = 0.1  # sim/clock.py runs an institution with no declared compute on a tenth of a core; so it is charged
+MIN_CPUS = 0.1  # sim/clock.py runs an institution declaring less than a tenth of a core on one; so it is charged
 USAGE = ["cpu_hours", "gpu_hours", "gb", "kwh", "co2_kg"]
 CHARGES = (("cpu_hours", "cpu_hour", "compute_money"), ("gpu_hours", "gpu_hour", "compute_money"),
            ("gb", "gb", "transfer_money"), ("kwh", "kwh", "energy_money"))
@@ -116,7 +117,8 @@ def priced_ledger(ledger: pd.DataFrame, institutions: pd.DataFrame, prices: Mapp
     lg = ledger[booked & ledger["run_id"].isin(list(prices))]
     devices = institutions[["run_id", "institution", "cpus", "gpus"]].drop_duplicates(["run_id", "institution"])
     cpus, gpus = devices["cpus"].fillna(0.0), devices["gpus"].fillna(0.0)
-    devices = devices.assign(cpus=cpus.where(cpus + gpus > 0, MIN_CPUS), gpus=gpus)
+    slow = cpus + gpus * FLOPS_PER_GPU / FLOPS_PER_CPU < MIN_CPUS  # the clock runs these on a tenth of a core
+    devices = devices.assign(cpus=cpus.where(~slow, MIN_CPUS), gpus=gpus.where(~slow, 0.0))
     own = lg[lg["institution"] != GLOBAL].merge(devices, on=["run_id", "institution"], how="left").assign(work="own")
     own[["cpus", "gpus"]] = own[["cpus", "gpus"]].fillna({"cpus": MIN_CPUS, "gpus": 0.0})
     central = lg[(lg["institution"] == GLOBAL) & (lg["sim_compute_seconds"].fillna(0) > 0)]

@@ -99,17 +99,18 @@ def test_per_institution_override_changes_only_that_institution():
     assert rows["kwh"].isna().all() and rows["co2_kg"].isna().all()  # no watts: no energy figures, no energy money
 
 
-def test_an_institution_without_declared_compute_pays_for_the_clocks_tenth_of_a_core():
+def test_an_institution_with_under_a_tenth_of_a_core_pays_for_the_clocks_tenth_of_a_core():
     from sim.clock import compute_seconds
     from sim.types import InstitutionSpec
 
-    none = InstitutionSpec(index=0, name="n", discipline="d", share=1.0, cpus=0.0, gpus=0.0)
-    tenth = InstitutionSpec(index=0, name="n", discipline="d", share=1.0, cpus=MIN_CPUS, gpus=0.0)
-    assert compute_seconds(none, 100, 1000) == compute_seconds(tenth, 100, 1000)
-    metrics, ledger, institutions = hand_tables()
-    institutions.loc[institutions["institution"] == "A", "cpus"] = 0.0
-    rows = priced_ledger(ledger, institutions, {"fedavg-0": prices_from_config({"costs": COSTS})})
-    assert rows[rows["institution"] == "A"]["cpu_hours"].sum() == pytest.approx(2 * 3600 * MIN_CPUS / 3600)
+    spec = lambda cpus: InstitutionSpec(index=0, name="n", discipline="d", share=1.0, cpus=cpus, gpus=0.0)  # noqa: E731
+    assert compute_seconds(spec(0.0), 100, 1000) == compute_seconds(spec(0.05), 100, 1000) == \
+        compute_seconds(spec(MIN_CPUS), 100, 1000) > compute_seconds(spec(0.2), 100, 1000)
+    for declared in (0.0, 0.05):
+        metrics, ledger, institutions = hand_tables()
+        institutions.loc[institutions["institution"] == "A", "cpus"] = declared
+        rows = priced_ledger(ledger, institutions, {"fedavg-0": prices_from_config({"costs": COSTS})})
+        assert rows[rows["institution"] == "A"]["cpu_hours"].sum() == pytest.approx(2 * 3600 * MIN_CPUS / 3600)
 
 
 def test_time_and_cost_to_target_default_and_given(priced_run):
