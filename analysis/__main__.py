@@ -22,7 +22,7 @@ def report(args: argparse.Namespace) -> int:
 
     find_run_dirs(args.run_dirs)  # fail on bad input before any work
     out = args.out if args.out is not None else Path(args.run_dirs[0])
-    path = build_report(args.run_dirs, out, include_incomplete=args.include_incomplete)
+    path = build_report(args.run_dirs, out, include_incomplete=args.include_incomplete, target=args.target)
     print(path)
     return 0
 
@@ -64,6 +64,17 @@ def stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accuracy(text: str) -> float:
+    """A target accuracy for --target: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected an accuracy in (0, 1], e.g. 0.8, got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m analysis``."""
     p = argparse.ArgumentParser(prog="python -m analysis", description="Analyse collabsim results.")
@@ -72,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run, compare or sweep directory")
     r.add_argument("--out", type=Path, default=None, help="output directory (default: the first RUN_DIR)")
     r.add_argument("--include-incomplete", action="store_true", help="keep runs whose status.json is not complete")
+    r.add_argument("--target", type=_accuracy, default=None, metavar="ACC",
+                   help="accuracy (0-1] that time and cost to target are measured at (default: 95%% of the best reached)")
     r.set_defaults(func=report)
     c = sub.add_parser("contribution", help="Shapley and leave-one-out values by re-running coalitions on Ray")
     c.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run whose scenario is split into coalitions")

@@ -175,51 +175,52 @@ def gain_plot(gains: pd.DataFrame, title: str = "Gain over training alone") -> F
     return fig
 
 
-def pareto_plot(costs: pd.DataFrame, title: str = "Mean accuracy against MB exchanged") -> Figure:
-    """Mean accuracy (own test splits) against megabytes per scheme; the Pareto front filled and joined.
+def pareto_plot(costs: pd.DataFrame, title: str = "Mean accuracy against MB exchanged", *, x: str = "megabytes",
+                xlabel: str | None = None, front: str = "pareto") -> Figure:
+    """Mean accuracy (own test splits) against a cost per scheme (``x``: megabytes, or money); the Pareto front filled and joined.
 
     Markers closer than their own width are set side by side (the values stay in the
     table), and each label takes the first free place around its marker.
     """
     fig, ax = _figure()
-    costs = costs.dropna(subset=["megabytes", "mean_accuracy"])
+    costs = costs.dropna(subset=[x, "mean_accuracy"])
     styles = scheme_styles(costs["scheme"])
-    front = costs[costs["pareto"].astype(bool)].sort_values("megabytes")
-    if len(front) > 1:
-        ax.plot(front["megabytes"], front["mean_accuracy"], color="#999999", linewidth=1, drawstyle="steps-post", zorder=2)
-    positive = costs["megabytes"][costs["megabytes"] > 0]
+    on = costs[front].astype(bool).to_numpy()
+    steps = costs[on].sort_values(x)
+    if len(steps) > 1:
+        ax.plot(steps[x], steps["mean_accuracy"], color="#999999", linewidth=1, drawstyle="steps-post", zorder=2)
+    positive = costs[x][costs[x] > 0]
     if len(positive) and positive.max() / positive.min() > 100:
         ax.set_xscale("symlog", linthresh=float(positive.min()))
-    ax.scatter(costs["megabytes"], costs["mean_accuracy"], s=0)  # sets the limits before markers are placed
+    ax.scatter(costs[x], costs["mean_accuracy"], s=0)  # sets the limits before markers are placed
     ax.margins(x=0.18, y=0.22)
     _percent_axis(ax.yaxis)
-    ax.set_xlabel(f"{GUIDE['megabytes'][0]} per run (up + down, all institutions)")
+    ax.set_xlabel(xlabel or f"{GUIDE['megabytes'][0]} per run (up + down, all institutions)")
     ax.set_ylabel(f"{GUIDE['mean_accuracy'][0]} (own test splits)")
     ax.set_title(f"{title}\n(accuracy on {OWN_TEST}; filled = Pareto front)", loc="left", fontsize=11)
     fig.draw_without_rendering()
     fig.set_layout_engine("none")  # freeze the layout: placements below are in pixels of this one
     size = 9.5 * 1.3 * fig.dpi / 72  # marker width in pixels (s=90 is 9.5 points across; a diamond reaches further)
-    points = ax.transData.transform(costs[["megabytes", "mean_accuracy"]].to_numpy(dtype=float))
+    points = ax.transData.transform(costs[[x, "mean_accuracy"]].to_numpy(dtype=float))
     shifts = side_by_side(points, size)
-    placed: list[Bbox] = [Bbox.from_bounds(x + dx - size / 2, y - size / 2, size, size) for (x, y), dx in zip(points, shifts)]
-    corners = ax.transData.transform(front[["megabytes", "mean_accuracy"]].to_numpy(dtype=float))
+    placed: list[Bbox] = [Bbox.from_bounds(px + dx - size / 2, y - size / 2, size, size) for (px, y), dx in zip(points, shifts)]
+    corners = ax.transData.transform(steps[[x, "mean_accuracy"]].to_numpy(dtype=float))
     for (x0, y0), (x1, y1) in zip(corners[:-1], corners[1:]):  # the front's steps: across, then up or down
         placed += [Bbox.from_extents(x0, y0 - 2, x1, y0 + 2), Bbox.from_extents(x1 - 2, min(y0, y1), x1 + 2, max(y0, y1))]
     renderer = fig.canvas.get_renderer()
-    for (_, row), (x, y), dx in zip(costs.iterrows(), points, shifts):
+    for (_, row), (px, y), dx, on_front in zip(costs.iterrows(), points, shifts, on):
         st = styles[row["scheme"]]
-        on_front = bool(row["pareto"])
         moved = ax.transData + ScaledTranslation(dx / fig.dpi, 0, fig.dpi_scale_trans)
-        ax.scatter(row["megabytes"], row["mean_accuracy"], s=90, marker=st.marker, zorder=3, transform=moved,
+        ax.scatter(row[x], row["mean_accuracy"], s=90, marker=st.marker, zorder=3, transform=moved,
                    color=st.colour if on_front else "white", edgecolors=st.colour, linewidths=2)
         text = ax.text(0, 0, row["scheme"], fontsize=9)
         extent = text.get_window_extent(renderer)
         text.remove()
-        box = label_place((x + dx, y), extent.width, extent.height, size / 2 + 4, placed, ax.get_window_extent())
+        box = label_place((px + dx, y), extent.width, extent.height, size / 2 + 4, placed, ax.get_window_extent())
         placed.append(box)
-        offset = ((box.x0 - x) * 72 / fig.dpi, (box.y0 - y) * 72 / fig.dpi)
-        far = np.hypot(box.x0 + box.width / 2 - x - dx, box.y0 + box.height / 2 - y) > 3 * size
-        ax.annotate(row["scheme"], (row["megabytes"], row["mean_accuracy"]), xytext=offset, textcoords="offset points",
+        offset = ((box.x0 - px) * 72 / fig.dpi, (box.y0 - y) * 72 / fig.dpi)
+        far = np.hypot(box.x0 + box.width / 2 - px - dx, box.y0 + box.height / 2 - y) > 3 * size
+        ax.annotate(row["scheme"], (row[x], row["mean_accuracy"]), xytext=offset, textcoords="offset points",
                     fontsize=9, ha="left", va="bottom", annotation_clip=False, color=_ink(st.colour),
                     arrowprops={"arrowstyle": "-", "color": "#999999", "linewidth": 0.8} if far else None)
     return fig

@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis import findings as words
 from analysis import metrics as m
-from analysis import plots, trust
+from analysis import cost_report, costs, plots, trust
 from analysis.page import behaviour_guide, gain_matrix, image, interval_note, interval_text, page, section, table
 from analysis.runs import Results, load_results
 from sim.results import write_table, write_text
@@ -32,8 +32,11 @@ COST_COLUMNS = ["scheme", "megabytes", "mb_up", "mb_down", "mb_per_member_round"
                 "simulated_duration", "epsilon", "mean_accuracy", "accuracy_per_mb", "pareto"]
 
 
-def analyse(results: Results) -> dict[str, pd.DataFrame]:
-    """Every table of the report, computed from the runs' tables (full precision, as exported)."""
+def analyse(results: Results, target: float | None = None) -> dict[str, pd.DataFrame]:
+    """Every table of the report, computed from the runs' tables (full precision, as exported).
+
+    ``target``: the accuracy time and cost to target are measured at (default: analysis.costs.TARGET_FRACTION of the best).
+    """
     mt, lg = results.metrics, results.ledger
     replicates = mt.groupby(["scenario", "scheme", "seed"])["run_id"].nunique()
     if (replicates > 1).any():
@@ -41,7 +44,10 @@ def analyse(results: Results) -> dict[str, pd.DataFrame]:
         warnings.warn(f"several runs of {scheme} in scenario {scenario!r} with seed {seed} (a sweep over settings?) "
                       "are averaged as if they were repeats", m.AnalysisWarning, stacklevel=2)
     gains = m.gain_table(mt)
-    return {
+    priced, notes = costs.cost_tables(mt, lg, results.institutions, results.configs, target)
+    if priced and notes:  # some runs priced, some not: say so; with none priced the section says it once
+        warnings.warn(" ".join(notes), m.AnalysisWarning, stacklevel=2)
+    return {**priced,
         "summary": m.summary(mt, lg),
         "gains_per_run": gains,
         "gains": m.gain_summary(gains),
@@ -79,13 +85,14 @@ def build_report(
     contribution: pd.DataFrame | None = None,
     *,
     include_incomplete: bool = False,
+    target: float | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` (self-contained) and ``out_dir/tables/``; return the report's path."""
     out_dir = Path(out_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", m.AnalysisWarning)
         results = load_results(run_dirs, include_incomplete=include_incomplete)
-        tables = analyse(results)
+        tables = analyse(results, target)
     notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, m.AnalysisWarning)))
     for w in caught:  # other warnings (a library's deprecations) are for developers, not the page
         if not issubclass(w.category, m.AnalysisWarning):
@@ -164,7 +171,8 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
     described = words.describe_scenario(pick["institutions"], configs, schemes, sorted(mt["seed"].unique()))
     items = "".join(f"<li><strong>{html.escape(topic)}:</strong> {html.escape(text)}</li>"
                     for topic, text in words.findings(summary, gains, pick["fairness"], pick["costs"])
-                    + words.privacy_findings(pick["privacy"]) + words.damage_findings(pick["damage"]))
+                    + words.privacy_findings(pick["privacy"]) + words.damage_findings(pick["damage"])
+                    + cost_report.cost_findings(*_money(pick)))
     out = (f'<section id="findings{tag}" class="findings"><h2>Key findings{html.escape(suffix)}</h2>'
            f"<ul>{items}</ul></section>")
     out += section(f"scenario{tag}", "The scenario" + suffix,
@@ -197,7 +205,8 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                    image(plots.png_bytes(plots.pareto_plot(costs)), "Mean accuracy against MB exchanged",
                          "A scheme is on the Pareto front when no other is both more accurate and cheaper to communicate. "
                          "Markers that would cover each other are set side by side; the table has the exact values.")
-                   + table(costs, cost_cols), "Communication, compute and time per run, mean over seeds.")
+                   + table(costs, cost_cols) + cost_report.money_section(*_money(pick)),
+                   "Communication, compute, time and money per run, mean over seeds.")
     out += _privacy(pick["privacy"], tag, suffix) + _damage(pick["damage"], tag, suffix)
     curve, own = pick["accuracy_per_round"], pick["own_accuracy_per_round"]
     if len(curve) or len(own):
@@ -209,6 +218,11 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                              "institution on its own test split, the figure gains are measured on. Schemes are drawn a "
                              "few points apart at each round so that equal curves stay visible."))
     return out
+
+
+def _money(pick: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One scenario's money, who-pays and target tables (empty when its runs carry no cost model)."""
+    return tuple(pick.get(k, pd.DataFrame()) for k in ("money", "money_per_institution", "targets"))
 
 
 def _privacy(privacy: pd.DataFrame, tag: str, suffix: str) -> str:

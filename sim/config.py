@@ -102,10 +102,12 @@ def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
     if smoke:
         rounds = min(rounds, SMOKE_ROUNDS)
     scenario, c = _scenario(c, seed)
+    schema.check_costs(c.get("costs"), scenario.names)  # prices (analysis/costs.py): checked now, priced after the run
     scheme_name = _scheme_name(c.get("scheme") or {})
     engine = _engine(c.get("engine") or {})
-    # Where a run was resumed from, and whether it may replace an earlier run's files, are not what it is.
-    hashed = {k: v for k, v in c.items() if k not in ("resume", "overwrite")}
+    # Where a run was resumed from, whether it may replace an earlier run's files and what its compute is priced at
+    # are not what it is: none of them changes a number it computes.
+    hashed = {k: v for k, v in c.items() if k not in ("resume", "overwrite", "costs")}
     spec = RunSpec(
         seed=seed,
         rounds=rounds,
@@ -124,7 +126,7 @@ def load_spec(cfg: DictConfig | Mapping[str, Any]) -> RunSpec:
         checkpoint_every=c.get("checkpoint_every", 0),
         overwrite=bool(c.get("overwrite", False)),
         select=check_group("results", c.get("results") or {}, RESULTS).get("select", "best_val"),
-        config={**hashed, "resume": None},
+        config={**hashed, "resume": None, **({"costs": c["costs"]} if c.get("costs") is not None else {})},
     )
     check_address(spec.cluster.get("address"))  # cheap, so before the groups are built
     _check_groups(spec)
@@ -156,7 +158,7 @@ def _check_unedited(run_dir: str, spec: RunSpec, saved: Mapping[str, Any]) -> No
     if expected == recorded:
         return
     made = rundir.read_marker(Path(run_dir).expanduser(), rundir.RUN_MARKER).get("config")
-    ignored = {"resume", "overwrite"}
+    ignored = {"resume", "overwrite", "costs"}
     keys = [k for k in rundir.changed_keys(made, dict(saved)) if k.split(".")[0] not in ignored] if made else []
     what = f" (changed: {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})" if keys else ""
     raise ConfigError("resume", f"{run_dir}/config.yaml was edited after the run{what}: the directory belongs to run "

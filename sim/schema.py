@@ -158,7 +158,7 @@ GPU_POLICIES = ("warn", "require")
 BEHAVIOURS = ("honest", "free_rider", "noisy_labels", "sign_flip", "scaled", "data_poisoning")  # agents/behaviours.py
 DATASETS = ("synthetic", "digits", "table", "text", "docstrings")  # sim.data.DATASETS; a test keeps the two in step
 PARTITIONS = ("iid", "dirichlet", "quantity", "natural")  # sim.data.partition.PARTITIONS, likewise
-GROUPS = ("scenario", "scheme", "model", "data", "training", "engine", "cluster", "results")
+GROUPS = ("scenario", "scheme", "model", "data", "training", "engine", "cluster", "results", "costs")
 OTHER_ENTRY_POINTS = ("hydra", "sweep", "schemes", "report", "seeds", "variants", "sweep_trust")  # keys of Hydra, sim.sweep and sim.compare
 
 PROBABILITY = Field("float", 0.0, 1.0)
@@ -173,7 +173,7 @@ TOP = {
     # A run directory to continue. sim.sweep's config (conf/sweep_main.yaml) reuses the key as a
     # true/false flag for the sweep itself, so booleans mean "not a run directory" here.
     "resume": Field("any"),
-    **{g: Field("group", null=g in ("training", "engine", "cluster", "results")) for g in GROUPS},
+    **{g: Field("group", null=g in ("training", "engine", "cluster", "results", "costs")) for g in GROUPS},
 }
 TRAINING = {
     "local_epochs": Field("int", 1),
@@ -299,3 +299,31 @@ def check_data_types(data: Mapping) -> None:
     """Types and ranges of the data group; sim.data.check_data then checks it against the scenario."""
     check_value("data.name", data.get("name"), Field("str", choices=DATASETS))
     check_group("data", data, DATA[data["name"]], allowed=HYDRA_KEYS)
+
+
+PRICES = {
+    "cpu_hour": Field("float", 0.0),  # money per CPU-core-hour
+    "gpu_hour": Field("float", 0.0),  # money per GPU-hour
+    "gb": Field("float", 0.0),  # money per GB (1e9 bytes) sent or received
+    "cpu_watts": Field("float", 0.0, null=True),  # power of one busy core (null: no energy figures)
+    "gpu_watts": Field("float", 0.0, null=True),  # power of one busy GPU
+    "kwh": Field("float", 0.0),  # money per kWh, on top of the device prices
+    "co2_per_kwh": Field("float", 0.0, null=True),  # kg CO2e per kWh (null: no emissions figures)
+}
+"""Prices of the cost model (conf/costs/, analysis/costs.py), consortium-wide or per institution."""
+COSTS = {"currency": Field("str"), **PRICES, "institutions": Field("group", null=True)}
+
+
+def check_costs(costs: Mapping | None, names: tuple[str, ...] | list[str]) -> Mapping:
+    """The costs group, checked: prices >= 0 and finite, no unknown key, overrides only for the scenario's institutions."""
+    if costs is None:
+        return {}
+    check_group("costs", costs, COSTS)
+    overrides = costs.get("institutions") or {}
+    known = set(names)
+    for name, prices in overrides.items():
+        if name not in known:
+            shown = ", ".join(list(names)[:6]) + (", ..." if len(names) > 6 else "")
+            raise ConfigError(f"costs.institutions.{name}", f"unknown institution {_shown(name)}; the scenario has {shown}")
+        check_group(f"costs.institutions.{name}", prices, PRICES)
+    return costs
