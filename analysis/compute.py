@@ -72,9 +72,10 @@ def balance_table(ledger: pd.DataFrame) -> pd.DataFrame:
     gave.index = gave.index.set_names("institution", level=2)
     key = pd.MultiIndex.from_frame(table_[["scenario", "scheme", "institution"]])
     giver = table_["compute_given_seconds"].to_numpy() > 0
+    gave_to, took_from = gave.reindex(key).to_numpy(), took.reindex(key).to_numpy()
     table_ = table_.assign(
         role=["giver" if g else "taker" for g in giver],
-        partners=[p for p in pd.Series(gave.reindex(key).to_numpy()).where(giver, took.reindex(key).to_numpy())],
+        partners=[to if g else source for to, source, g in zip(gave_to, took_from, giver)],
         net_compute_seconds=table_["compute_given_seconds"] - table_["compute_taken_seconds"],
         data_mb=table_["data_bytes"] / 1e6,
     )
@@ -82,7 +83,8 @@ def balance_table(ledger: pd.DataFrame) -> pd.DataFrame:
 
 
 def saved_table(ledger: pd.DataFrame) -> pd.DataFrame:
-    """Per scenario x scheme: simulated run length with and without compute sharing, and the difference (mean over seeds)."""
+    """Per scenario x scheme: simulated run length with and without compute sharing, and the difference (mean over
+    seeds)."""
     lg = _with_defaults(ledger)
     cols = ["scenario", *SAVED_COLUMNS]
     if lg.empty:
@@ -111,6 +113,6 @@ def compute_section(balance: pd.DataFrame, saved: pd.DataFrame, tag: str, suffix
     body = table(balance.drop(columns="scenario", errors="ignore"), BALANCE_COLUMNS, extra=GUIDE)
     body += table(saved[saved["scheme"].isin(schemes)], SAVED_COLUMNS, extra=GUIDE)
     return section(f"compute{tag}", "Who lent compute to whom" + suffix, body,
-                   "Under compute sharing, institutions too slow to keep up hand their training (and, once, their raw "
-                   "data) to a partner with spare compute; the giver's device time is booked, and priced, to the giver. "
-                   "Simulated seconds, summed over a run's rounds, mean over seeds.")
+                   "Under compute sharing, institutions too slow to keep up hand their training (and, once, their "
+                   "raw data) to a partner with spare compute; the giver's device time is booked, and priced, to the "
+                   "giver. Simulated seconds, summed over a run's rounds, mean over seeds.")

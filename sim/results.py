@@ -95,13 +95,20 @@ SELECT_RULES = ("last", "best_val")
 """Model-selection rules (``results.select``): the last round, or each institution's round of best validation accuracy."""
 
 
+ZERO_IF_MISSING = {"data_bytes"}
+"""Counts a row may leave out, read as 0: rows written before compute sharing moved data (tools' and tests' own)."""
+
+
 def frame(kind: str, rows: Iterable[Mapping]) -> pd.DataFrame:
-    """Build a table of ``kind`` with exactly the schema's columns and dtypes (a flag a row leaves out is False)."""
+    """Build a table of ``kind`` with exactly the schema's columns and dtypes (a flag a row leaves out is False,
+    a count of :data:`ZERO_IF_MISSING` 0)."""
     columns = SCHEMAS[kind]
     df = pd.DataFrame(list(rows), columns=list(columns))
     for name, dtype in columns.items():
         if dtype == "bool":
             df[name] = df[name].astype(object).where(df[name].notna(), False)
+        elif name in ZERO_IF_MISSING:
+            df[name] = df[name].fillna(0)
     return df.astype(columns)
 
 

@@ -74,12 +74,10 @@ def plan(specs: Sequence[InstitutionSpec], slow_factor: float, reference: str = 
     finish = {n: own[n] for n in own if n not in takers}  # every giver, busy with its own data first
     partner: dict[str, str] = {}
     for k in takers:
-        def done(g: str) -> float:
-            return finish[g] + share[k] / (rate[g] / clock.FLOPS_PER_CPU)
-
-        best = min(finish, key=lambda g: (done(g), -rate[g], order[g]), default=None)
-        if best is not None and done(best) < own[k]:
-            finish[best], partner[k] = done(best), best
+        done = {g: finish[g] + share[k] / (rate[g] / clock.FLOPS_PER_CPU) for g in finish}  # if g took k on now
+        best = min(done, key=lambda g: (done[g], -rate[g], order[g]), default=None)
+        if best is not None and done[best] < own[k]:
+            finish[best], partner[k] = done[best], best
     used = {g: finish[g] for g in finish if g in partner.values()}
     return Plan(own=own, reference=ref, takers=takers, partner=partner, finish=used)
 
@@ -87,16 +85,18 @@ def plan(specs: Sequence[InstitutionSpec], slow_factor: float, reference: str = 
 def check(specs: Sequence[InstitutionSpec], slow_factor: float, reference: str = "median") -> Plan:
     """The plan, or a ConfigError naming the key when nobody is slow enough or nobody has spare capacity."""
     if len(specs) < 2:
-        raise ConfigError("scenario.institutions", f"compute sharing needs at least two institutions, got {len(specs)}; "
-                          "add institutions or use scheme=fedavg")
+        raise ConfigError("scenario.institutions", f"compute sharing needs at least two institutions, got "
+                          f"{len(specs)}; add institutions or use scheme=fedavg")
     p = plan(specs, slow_factor, reference)
     slowest = max(p.own, key=lambda n: p.own[n])
     if not p.takers:
-        raise ConfigError("scheme.slow_factor", f"no institution is slow enough to hand its training over: the slowest, "
-                          f"{slowest}, takes {p.own[slowest] / p.reference:.2f}x the {reference} institution's time, "
-                          f"not more than slow_factor={slow_factor:g}; lower scheme.slow_factor (>= 1) or use scheme=fedavg")
+        ratio = p.own[slowest] / p.reference if p.reference > 0 else 1.0
+        raise ConfigError("scheme.slow_factor", f"no institution is slow enough to hand its training over: the "
+                          f"slowest, {slowest}, takes {ratio:.2f}x the {reference} institution's time, not more "
+                          f"than slow_factor={slow_factor:g}; lower scheme.slow_factor (>= 1) or use scheme=fedavg")
     if not p.partner:
-        raise ConfigError("scenario.institutions", f"compute sharing with no institution that has spare capacity: no "
-                          f"partner would finish the training of {', '.join(p.takers)} sooner than they do at home; give "
-                          "a partner more cpus/gpus/speed (scenario.institutions[i].cpus) or use scheme=fedavg")
+        raise ConfigError("scenario.institutions", f"compute sharing with no institution that has spare capacity: "
+                          f"no partner would finish the training of {', '.join(p.takers)} sooner than they do at "
+                          "home; give a partner more cpus/gpus/speed (scenario.institutions[i].cpus) or use "
+                          "scheme=fedavg")
     return p

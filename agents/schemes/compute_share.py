@@ -58,7 +58,8 @@ class ComputeShare(FedAvg):
                          compression_ratio=compression_ratio, error_feedback=error_feedback)
         self.slow_factor = check_range("slow_factor", slow_factor, 1.0)
         if reference not in broker.REFERENCES:
-            raise ConfigError("scheme.reference", f"unknown reference {reference!r}; use one of {', '.join(broker.REFERENCES)}")
+            raise ConfigError("scheme.reference", f"unknown reference {reference!r}; use one of "
+                              f"{', '.join(broker.REFERENCES)}")
         self.reference = reference
         self.specs: dict[str, InstitutionSpec] = {}
         self.partner: dict[str, str] = {}  # taker -> giver, from the broker
