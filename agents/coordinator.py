@@ -61,6 +61,7 @@ class Coordinator:
         self.backdoor = next(((s.trigger_features, s.trigger_value, s.target_label) for s in specs
                               if s.behaviour == "data_poisoning"), None)
         self.deadline = deadline  # per-round slowdowns and engine.round_deadline_s (sim/stragglers.py)
+        self.scheme.attach(tuple(specs), row_bytes=_row_bytes(global_test))
 
     def current_state(self) -> State:
         """The global state now (before round 1: also every institution's starting personal model)."""
@@ -101,6 +102,7 @@ class Coordinator:
             _book(self.specs[row["institution"]], row, extras.get(row["institution"]))
             if epsilon == epsilon:  # NaN (no privacy noise): the engine's default stands
                 row["epsilon"] = epsilon  # client-level DP: every institution's guarantee is the same
+        self.scheme.book(ctx, rows)  # compute_share moves a taker's training to its giver's row and clock
         samples = sum(s for s, _ in self.central_work)
         rows.append({
             "institution": GLOBAL, "participated": bool(self.central_work), "bytes_up": 0, "bytes_down": 0,
@@ -109,7 +111,7 @@ class Coordinator:
             "sim_compute_seconds": central,
             "status": faults.OK if self.central_work else faults.IDLE, "work_done": float(bool(self.central_work)),
         })
-        return rows
+        return [_unshared(row) for row in rows]
 
     def snapshot(self) -> tuple[State, dict[str, np.ndarray]]:
         """The global state and the scheme's own state, for a checkpoint."""
@@ -176,6 +178,18 @@ def _book(spec: InstitutionSpec, row: dict[str, Any], extra: Mapping[str, float]
     row["bytes_down"] += down
     row["simulated_seconds"] += ((up + down) * 8 / (spec.bandwidth_mbps * 1e6)
                                  + 2 * extra.get("round_trips", 0) * spec.latency_s)
+
+
+def _unshared(row: dict[str, Any]) -> dict[str, Any]:
+    """Fill the compute-sharing columns a scheme left out: trained on its own compute, nothing moved or lent."""
+    return {"trained_by": row["institution"], "data_bytes": 0, "compute_given_seconds": 0.0,
+            "compute_taken_seconds": 0.0, "solo_seconds": row["simulated_seconds"]} | row
+
+
+def _row_bytes(data: tuple[np.ndarray, np.ndarray]) -> int:
+    """Bytes of one raw training row (inputs and label), read off the global test set of the same dtypes."""
+    x, y = data
+    return int(x[:1].nbytes + y[:1].nbytes) if len(y) else 0
 
 
 def _absent(spec: InstitutionSpec, status: str, sent: int) -> dict[str, Any]:

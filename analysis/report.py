@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis import findings as words
 from analysis import metrics as m
-from analysis import cost_report, costs, plots, trust
+from analysis import compute, cost_report, costs, plots, trust
 from analysis.page import behaviour_guide, gain_matrix, image, interval_note, interval_text, page, section, table
 from analysis.runs import Results, load_results
 from sim.results import write_table, write_text
@@ -58,6 +58,8 @@ def analyse(results: Results, target: float | None = None) -> dict[str, pd.DataF
         "final_values": m.final_table(mt),
         "privacy": trust.privacy_table(mt, lg),
         "damage": trust.damage_table(mt, results.institutions),
+        "compute_balance": compute.balance_table(lg),  # compute_share: who lent compute to whom
+        "time_saved": compute.saved_table(lg),
         "institutions": _institutions(results.institutions),
         "runs": results.runs,
     }
@@ -138,6 +140,7 @@ def _header(results: Results, with_contribution: bool, tables: dict[str, pd.Data
              ("fairness", "Fairness"), ("costs", "Costs"), ("rounds", "Over rounds")]
     links[-1:-1] = [("privacy", "Privacy")] if tables["privacy"]["epsilon"].notna().any() else []  # before the rounds
     links[-1:-1] = [("damage", "Damage")] if len(tables["damage"]) else []
+    links[-1:-1] = [("compute", "Compute balance")] if len(tables["compute_balance"]) else []
     links += [("contribution", "Contribution")] if with_contribution else []
     links += [("runs", "Runs")]
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in links)
@@ -208,6 +211,7 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                    + table(costs, cost_cols) + cost_report.money_section(*_money(pick)),
                    "Communication, compute, time and money per run, mean over seeds.")
     out += _privacy(pick["privacy"], tag, suffix) + _damage(pick["damage"], tag, suffix)
+    out += compute.compute_section(pick["compute_balance"], pick["time_saved"], tag, suffix)
     curve, own = pick["accuracy_per_round"], pick["own_accuracy_per_round"]
     if len(curve) or len(own):
         out += section(f"rounds{tag}", "Accuracy over rounds" + suffix,

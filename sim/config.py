@@ -243,6 +243,7 @@ def _check_groups(spec: RunSpec) -> None:
         cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
         raise cause or ConfigError("scheme", _first_line(e)) from None
     scheme.check(len(spec.only or spec.scenario.institutions))  # e.g. Krum's cohort bound, before any actor starts
+    scheme.check_institutions([s for s in spec.scenario.institutions if spec.only is None or s.name in spec.only])
     _check_dp_sgd(spec, scheme)
     schema.check_data_types(spec.data)
     check_data(spec.data, spec.scenario, spec.model)

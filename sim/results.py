@@ -55,6 +55,12 @@ LEDGER_COLUMNS = {
     "simulated_seconds": "float64",  # deterministic: compute at the spec's cpus + transfer time
     "sim_compute_seconds": "float64",  # the compute part of simulated_seconds (device time a cost model prices)
     "sim_time": "float64",  # simulated seconds elapsed since the start of the run at the end of this round (same for all rows)
+    # Compute sharing (scheme=compute_share; under every other scheme: own name, 0, 0, 0, simulated_seconds):
+    "trained_by": "string",  # institution whose compute trained this update: its own name, or its compute_share giver
+    "data_bytes": "int64",  # raw training data sent to a partner to train on (the round it moves; not in bytes_up)
+    "compute_given_seconds": "float64",  # simulated device seconds spent training partners' data (part of sim_compute_seconds)
+    "compute_taken_seconds": "float64",  # simulated device seconds a partner spent on this row's data (booked on the partner's row)
+    "solo_seconds": "float64",  # simulated_seconds this row would take without compute sharing (the time saved is the difference)
     "samples": "int64",  # training samples behind the update
     "epsilon": "float64",  # privacy spent so far; NaN when the scheme adds no noise
     "status": "string",  # ok | idle | unavailable | failed | crashed | timeout | late (sim/faults.py)
@@ -91,13 +97,20 @@ SELECT_RULES = ("last", "best_val")
 """Model-selection rules (``results.select``): the last round, or each institution's round of best validation accuracy."""
 
 
+ZERO_IF_MISSING = {"data_bytes"}
+"""Counts a row may leave out, read as 0: rows written before compute sharing moved data (tools' and tests' own)."""
+
+
 def frame(kind: str, rows: Iterable[Mapping]) -> pd.DataFrame:
-    """Build a table of ``kind`` with exactly the schema's columns and dtypes (a flag a row leaves out is False)."""
+    """Build a table of ``kind`` with exactly the schema's columns and dtypes (a flag a row leaves out is False,
+    a count of :data:`ZERO_IF_MISSING` 0)."""
     columns = SCHEMAS[kind]
     df = pd.DataFrame(list(rows), columns=list(columns))
     for name, dtype in columns.items():
         if dtype == "bool":
             df[name] = df[name].astype(object).where(df[name].notna(), False)
+        elif name in ZERO_IF_MISSING:
+            df[name] = df[name].fillna(0)
     return df.astype(columns)
 
 

@@ -7,11 +7,11 @@ of merging lives in :mod:`agents.schemes.aggregate`; a scheme only decides.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 
-from sim.types import ConfigError, LocalPlan, RoundContext, State, Update
+from sim.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, State, Update
 
 SCHEMES: dict[str, type["Scheme"]] = {}
 """Registry: config name (== yaml file name in conf/scheme/) -> scheme class."""
@@ -81,6 +81,16 @@ class Scheme:
 
     def check(self, institutions: int) -> None:
         """Raise ConfigError if the scheme cannot run with this many institutions (most can run with any)."""
+
+    def check_institutions(self, specs: Sequence[InstitutionSpec]) -> None:
+        """Raise ConfigError if the scheme cannot run with these institutions' compute and links (most can)."""
+
+    def attach(self, specs: Sequence[InstitutionSpec], *, row_bytes: int) -> None:
+        """Meet the run's institutions before round 1 (specs, and the bytes of one raw training row); schemes that plan
+        by compute (compute_share) keep them."""
+
+    def book(self, ctx: RoundContext, rows: list[dict[str, Any]]) -> None:
+        """Adjust the round's ledger rows in place for where the work really ran (compute_share); most leave them."""
 
 
 def sample_cohort(ctx: RoundContext, fraction: float) -> tuple[str, ...]:
