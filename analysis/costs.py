@@ -127,7 +127,8 @@ def priced_ledger(ledger: pd.DataFrame, institutions: pd.DataFrame, prices: Mapp
     seconds = rows["sim_compute_seconds"].fillna(0.0).astype(float)
     rows["cpu_hours"] = seconds * rows["cpus"] / 3600
     rows["gpu_hours"] = seconds * rows["gpus"] / 3600
-    rows["gb"] = (rows["bytes_up"].fillna(0).astype(float) + rows["bytes_down"].fillna(0).astype(float)) / 1e9
+    moved = rows["data_bytes"].fillna(0).astype(float) if "data_bytes" in rows else 0.0  # raw data to a compute partner
+    rows["gb"] = (rows["bytes_up"].fillna(0).astype(float) + rows["bytes_down"].fillna(0).astype(float) + moved) / 1e9
     pairs = rows[["run_id", "institution"]].drop_duplicates()
     table = pd.DataFrame([{"run_id": r, "institution": i, **{f"price_{k}": v for k, v in prices[r].of(i).items()}}
                           for r, i in pairs.itertuples(index=False)],

@@ -51,11 +51,12 @@ class ComputeShare(FedAvg):
     def __init__(self, *, slow_factor: float = 1.25, reference: str = "median", weighting: str = "samples",
                  server_lr: float = 1.0, cohort_fraction: float = 1.0, merge: str = "mean", trim: float = 0.2,
                  byzantine: int = 1, krum_m: int = 1, clip_norm: float = 0.1, secure_aggregation: bool = False,
-                 compression: str = "none", compression_ratio: float = 0.1, error_feedback: bool = True):
+                 compression: str = "none", compression_ratio: float = 0.1, error_feedback: bool = True,
+                 stragglers: str = "drop"):
         super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction, merge=merge,
                          trim=trim, byzantine=byzantine, krum_m=krum_m, clip_norm=clip_norm,
                          secure_aggregation=secure_aggregation, compression=compression,
-                         compression_ratio=compression_ratio, error_feedback=error_feedback)
+                         compression_ratio=compression_ratio, error_feedback=error_feedback, stragglers=stragglers)
         self.slow_factor = check_range("slow_factor", slow_factor, 1.0)
         if reference not in broker.REFERENCES:
             raise ConfigError("scheme.reference", f"unknown reference {reference!r}; use one of "
