@@ -232,7 +232,8 @@ def summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     Columns: scheme, global_accuracy, mean_accuracy, worst_accuracy, mean_gain, worse_off,
     megabytes; a leading ``scenario`` column appears only when the runs span several scenarios.
     ``worse_off`` counts institutions whose mean gain over seeds is below zero (NA when no
-    isolated baseline matches); ``megabytes`` is (bytes_up + bytes_down) / 1e6 summed over a run.
+    isolated baseline matches); ``megabytes`` is (bytes_up + bytes_down) / 1e6 summed over a run;
+    ``simulated_duration`` is how long a run lasts on the simulated clock, in seconds (:func:`run_costs`).
     ``seeds`` counts the runs behind each row; ``mean_gain_low``/``mean_gain_high`` bound the
     95% t-interval of the mean gain over seeds (each seed's mean over institutions), NaN with
     fewer than :data:`MIN_SEEDS` seeds.
@@ -241,8 +242,8 @@ def summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     per_run = run_accuracy(metrics)
     per_run = per_run.merge(gains.groupby("run_id")["gain"].mean().rename("mean_gain"), on="run_id", how="left")
     per_run.loc[per_run["scheme"] == BASELINE, "mean_gain"] = 0.0
-    per_run = per_run.merge(run_costs(ledger)[["run_id", "megabytes"]], on="run_id", how="left")
-    values = ["global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain", "megabytes"]
+    per_run = per_run.merge(run_costs(ledger)[["run_id", "megabytes", "simulated_duration"]], on="run_id", how="left")
+    values = ["global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain", "megabytes", "simulated_duration"]
     groups = per_run.groupby(["scenario", "scheme"], sort=False)
     table = groups[values].mean().reset_index()
     table["seeds"] = groups["run_id"].nunique().to_numpy()
@@ -258,7 +259,7 @@ def summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     table["worse_off"] = table["worse_off"].astype("Int64")
     table = order_rows(table)
     columns = ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain", "mean_gain_low",
-               "mean_gain_high", "worse_off", "megabytes"]
+               "mean_gain_high", "worse_off", "megabytes", "simulated_duration"]
     if table["scenario"].nunique() > 1:
         columns = ["scenario", *columns]
     return table[columns]
