@@ -9,7 +9,7 @@ parameters as one vector), adds Gaussian noise of std ``noise_multiplier * clip_
 sum and divides by the *expected* batch size ``q * n`` (so one sample moves a step by at most
 ``clip_norm / (q n)`` whatever the batch drawn). Both the sampling and the noise come from
 torch generators seeded from the institution's stream, so a run repeats bit for bit
-(``secure_mode=False``: Opacus's secure noise draws from the OS and could not).
+(``secure_mode=False``: a secure run wants a cryptographic generator, which cannot be replayed).
 
 Accounting (by the institution with dp-accounting's RDP accountant,
 :func:`agents.schemes.privacy.epsilon`): ``steps`` compositions of the Poisson-subsampled
@@ -99,7 +99,10 @@ def private(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DpSgd, expec
                           expected_batch_size=expected_batch, loss_reduction="mean", generator=generator,
                           secure_mode=False)
     finally:
-        hooked.to_standard_module()  # removes the hooks and the attributes Opacus put on the parameters
+        hooked.to_standard_module()  # removes the hooks and most attributes Opacus put on the parameters
+        for p in model.parameters():
+            if hasattr(p, "summed_grad"):  # DPOptimizer's, which that leaves
+                del p.summed_grad
         for module in model.modules():
             for attr in ("activations", "max_batch_len"):
                 if hasattr(module, attr):

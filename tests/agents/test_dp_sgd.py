@@ -150,8 +150,26 @@ def test_local_train_takes_empty_batches_as_noise_steps() -> None:
     assert empty > 0 and runs[0][1] == 40 and math.isfinite(runs[0][0]) and runs[0][0] == runs[1][0]
     assert all(torch.equal(p, q) for p, q in zip(runs[0][2], runs[1][2]))
     model = runs[0][3]
-    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    assert not any(hasattr(p, a) for p in model.parameters() for a in ("grad_sample", "summed_grad", "_forward_counter"))
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dp_sgd_on_a_gpu_draws_its_noise_there_and_repeats() -> None:
+    # Prepare: a model on the GPU (Opacus draws the noise on the parameters' device, with a generator seeded there)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((200, 5)).astype(np.float32), rng.integers(0, 3, 200)
+    training, dp = TrainingSpec(batch_size=16, local_epochs=1, lr=0.1), dp_sgd.DpSgd(1.0, 1.0)
+    # Execute: twice from the same weights and key
+    runs = []
+    for _ in range(2):
+        model = mlp().cuda()
+        loss, steps = local_train(model, x, y, training=training, plan=LocalPlan(), key=(0, 1, 1), dp=dp)
+        runs.append((loss, steps, [p.detach().cpu() for p in model.parameters()]))
+    # Assert: trained there, the same weights twice
+    assert math.isfinite(runs[0][0]) and runs[0][1] == 13
+    assert all(torch.equal(p, q) for p, q in zip(runs[0][2], runs[1][2]))
 
 
 def test_ledger_epsilon_of_the_dp_institution_is_the_accountants_answer() -> None:
