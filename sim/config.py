@@ -262,12 +262,13 @@ def _check_groups(spec: RunSpec) -> None:
         check_config(spec.model)  # pretrained folder, config.json, adapter and LoRA targets; reads no weights
     else:  # shapes are checked for real when the data is built; a meta-device probe (no memory) catches bad keys now
         with torch.device("meta"):
-            build_model(spec.model, (1, 8, 8) if spec.model.get("_target_", "").endswith("cnn") else (4,), 2, seed=0)
+            probe = build_model(spec.model, (1, 8, 8) if spec.model.get("_target_", "").endswith("cnn") else (4,), 2, seed=0)
+        _check_dp_model(spec, probe)
     _check_resources(spec)
 
 
 def _check_dp_sgd(spec: RunSpec, scheme: Any) -> None:
-    """DP-SGD (sim.dp_sgd) needs local SGD steps, in fp32, on a numeric model (not a transformer)."""
+    """DP-SGD (sim.dp_sgd, Opacus) needs local SGD steps, in fp32, on a numeric model (not a transformer)."""
     private = next((s for s in spec.scenario.institutions if s.private), None)
     if private is None:
         return
@@ -280,6 +281,16 @@ def _check_dp_sgd(spec: RunSpec, scheme: Any) -> None:
         raise ConfigError(key, "DP-SGD is not supported for text/transformer models; use a numeric model (model=mlp)")
     if spec.training.precision != "fp32":
         raise ConfigError("training.precision", "DP-SGD computes per-sample gradients in fp32; set it to fp32")
+
+
+def _check_dp_model(spec: RunSpec, model: torch.nn.Module) -> None:
+    """A private institution's model must be one Opacus computes per-sample gradients for (no BatchNorm, ...)."""
+    from sim import dp_sgd
+
+    private = next((s for s in spec.scenario.institutions if s.private), None)
+    if private is not None and (why := dp_sgd.unsupported(model)):
+        raise ConfigError("model", f"DP-SGD (scenario.institutions[{private.index}].dp_noise_multiplier) cannot "
+                          f"train {spec.model.get('_target_')}: {why}; use a model without it (e.g. model=mlp)")
 
 
 def _factory(target: str) -> Any:

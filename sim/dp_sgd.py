@@ -1,33 +1,42 @@
-"""Sample-level DP-SGD for one institution's local step: per-sample gradients, clipped and noised. Pure torch, no Ray.
+"""Sample-level DP-SGD for one institution's local step, with Opacus. Pure torch, no Ray.
 
-Abadi et al., "Deep Learning with Differential Privacy", CCS 2016. Each sample's gradient
-(over the trainable parameters, as one vector) is clipped to L2 norm ``clip_norm``; the
-clipped gradients are summed, Gaussian noise of std ``noise_multiplier * clip_norm`` is
-added, and the sum is divided by the *expected* batch size (a fixed denominator, so one
-sample moves a step by at most ``clip_norm / batch``). Per-sample gradients come from
-``torch.func`` (``vmap`` over ``grad``), which is what Opacus's functorch hooks do too,
-without wrapping the model or the optimizer; the noise comes from a torch generator the
-caller seeds (drawn on the CPU, so every device sees the same numbers).
+Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, as Opacus implements it:
+each step's batch is a Poisson sample of the shard (every sample joins independently with
+probability ``q = batch_size / n``, so batches vary in size and may be empty), Opacus's
+:class:`~opacus.GradSampleModule` computes each sample's gradient, its
+:class:`~opacus.optimizers.DPOptimizer` clips each to L2 norm ``clip_norm`` (all trainable
+parameters as one vector), adds Gaussian noise of std ``noise_multiplier * clip_norm`` to the
+sum and divides by the *expected* batch size ``q * n`` (so one sample moves a step by at most
+``clip_norm / (q n)`` whatever the batch drawn). Both the sampling and the noise come from
+torch generators seeded from the institution's stream, so a run repeats bit for bit
+(``secure_mode=False``: a secure run wants a cryptographic generator, which cannot be replayed).
 
-Accounting (done by the institution with dp-accounting's RDP accountant,
-:func:`agents.schemes.privacy.epsilon`): ``steps`` compositions of a Poisson-subsampled
-Gaussian at rate ``batch / n``. The batches are fixed-size slices of a shuffle, not Poisson
-samples; treating them as Poisson at the same rate is the usual approximation (TF Privacy's
-``compute_dp_sgd_privacy``, Opacus without Poisson sampling), not a formal guarantee for shuffling.
+Accounting (by the institution with dp-accounting's RDP accountant,
+:func:`agents.schemes.privacy.epsilon`): ``steps`` compositions of the Poisson-subsampled
+Gaussian mechanism at rate ``q``, which is exactly what the steps are.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
+
+# Opacus is imported where it is used: importing it takes seconds (scipy.stats, torch.distributed.tensor),
+# which every actor and test would pay through sim.train although only private institutions need it.
 
 NOISE_STREAM = 0xD95D
-"""Last element of the RNG key of DP-SGD's noise, apart from shuffling and dropout."""
+"""Last element of the RNG key of DP-SGD's noise, apart from sampling and dropout."""
+SAMPLING_STREAM = 0xD95A
+"""Last element of the RNG key of DP-SGD's Poisson sampling."""
 
 
 @dataclass(frozen=True)
@@ -39,43 +48,77 @@ class DpSgd:
 
 
 def schedule(n: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
-    """(sampling rate, steps) of one round's local training on ``n`` samples: what the accountant composes."""
+    """(sampling rate q, steps) of one round's local training on ``n`` samples: what the accountant composes.
+
+    ``q = batch_size / n`` (1 when the batch covers the shard) and ``local_epochs * ceil(n / batch_size)`` steps,
+    so a round still sees each sample ``local_epochs`` times in expectation.
+    """
     size = min(max(1, batch_size), n)
     return size / n, local_epochs * math.ceil(n / size)
 
 
-def per_sample_grads(model: nn.Module, x: torch.Tensor,
-                     y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Gradient of each sample's cross-entropy over the trainable parameters (leading batch axis), and the losses."""
-    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    rest = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad} | dict(model.named_buffers())
+def poisson_batches(n: int, batch_size: int, local_epochs: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Index tensors of a round's steps, each a Poisson sample of ``range(n)`` at rate q (Opacus's sampler, seeded)."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    def loss(ps: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = functional_call(model, ps | rest, (xi.unsqueeze(0),))
-        value = F.cross_entropy(logits.float(), yi.unsqueeze(0))
-        return value, value.detach()
-
-    # randomness="different": each sample its own dropout mask, drawn from the (forked, seeded) global RNG
-    grads, losses = vmap(grad(loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")(params, x, y)
-    return grads, losses
+    q, steps = schedule(n, batch_size, local_epochs)
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=generator, steps=steps)
+    return [torch.tensor(idx, dtype=torch.int64) for idx in sampler]
 
 
-def clip(grads: dict[str, torch.Tensor], clip_norm: float) -> dict[str, torch.Tensor]:
-    """Each sample's gradient scaled by ``min(1, clip_norm / ||g||)`` (all parameters as one vector), still per sample."""
-    norms = torch.sqrt(sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values()))
-    scale = (clip_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's guard: a zero gradient stays zero
-    return {k: g * scale.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
+def unsupported(model: nn.Module) -> str | None:
+    """Why Opacus cannot compute per-sample gradients of ``model`` (e.g. BatchNorm mixes samples); None if it can.
+
+    The first sentence of Opacus's validator's first complaint.
+    """
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    return None if not errors else str(errors[0]).strip().split(". ")[0].rstrip(".")
 
 
-def noisy_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dp: DpSgd, expected_batch: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """Write (sum of clipped per-sample gradients + N(0, (z C)^2)) / expected_batch into ``.grad``; return the mean loss."""
-    grads, losses = per_sample_grads(model, x, y)
-    clipped = clip(grads, dp.clip_norm)
-    std = dp.noise_multiplier * dp.clip_norm
-    params = dict(model.named_parameters())
-    for k, g in clipped.items():
-        noise = torch.randn(tuple(g.shape[1:]), generator=generator, dtype=torch.float64) * std
-        total = g.sum(0).double() + noise.to(g.device)
-        params[k].grad = (total / expected_batch).to(params[k].dtype)
-    return losses.mean()
+def noise_generator(key_generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` (where Opacus draws the noise) seeded like ``key_generator``."""
+    return torch.Generator(device).manual_seed(key_generator.initial_seed())
+
+
+@contextmanager
+def private(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DpSgd, expected_batch: int,
+            generator: torch.Generator) -> Iterator["DPOptimizer"]:
+    """``optimizer`` as Opacus's DPOptimizer over ``model`` with per-sample gradient hooks; the hooks go on exit.
+
+    The model is hooked in place (not replaced), so the caller keeps calling it as before;
+    the noise is drawn with ``generator``, which must live on the model's device.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    hooked = GradSampleModule(model, loss_reduction="mean", strict=True)
+    try:
+        yield DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
+                          expected_batch_size=expected_batch, loss_reduction="mean", generator=generator,
+                          secure_mode=False)
+    finally:
+        hooked.to_standard_module()  # removes the hooks and most attributes Opacus put on the parameters
+        for p in model.parameters():
+            if hasattr(p, "summed_grad"):  # DPOptimizer's, which that leaves
+                del p.summed_grad
+        for module in model.modules():
+            for attr in ("activations", "max_batch_len"):
+                if hasattr(module, attr):
+                    delattr(module, attr)
+
+
+def step(optimizer: "DPOptimizer", data_loss: torch.Tensor, extra: torch.Tensor) -> None:
+    """One DP-SGD step after a forward pass: the data gradient clipped per sample and noised, ``extra``'s added unclipped.
+
+    ``extra`` holds terms that touch no data (FedProx's proximal pull, SCAFFOLD's correction):
+    they are backpropagated after Opacus has written the private gradient, so they add to it.
+    """
+    with warnings.catch_warnings():  # the first layer's input needs no gradient: torch says so, Opacus expects it
+        warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+        data_loss.backward()  # fills each parameter's grad_sample (an empty batch gives empty ones: pure noise)
+    optimizer.pre_step()  # clip, sum, noise, divide by the expected batch: .grad is now private
+    if extra.requires_grad:
+        extra.backward()
+    optimizer.original_optimizer.step()

@@ -128,9 +128,9 @@ def local_train(
     The reported loss is the data loss only (no proximal or correction term), so schemes compare.
     With ``max_steps`` only the first that many minibatches are trained (a straggler's partial
     work, :mod:`sim.stragglers`): the same draws as a full step, cut short.
-    With ``dp`` each step's data gradient is DP-SGD's (:mod:`sim.dp_sgd`: per-sample clipping, Gaussian noise from
-    the stream ``(*key, dp_sgd.NOISE_STREAM)``, in fp32 without autocast); proximal and correction terms touch no
-    data and are added unclipped.
+    With ``dp`` the steps are DP-SGD's (:mod:`sim.dp_sgd`, Opacus): Poisson-sampled batches from the stream
+    ``(*key, dp_sgd.SAMPLING_STREAM)`` instead of shuffled ones, per-sample clipping and Gaussian noise from
+    ``(*key, dp_sgd.NOISE_STREAM)``, in fp32; proximal and correction terms touch no data and are added unclipped.
 
     A fresh optimizer is built every call: momentum does not carry across rounds
     (institutions restart from a merged state that momentum buffers would not match).
@@ -158,14 +158,20 @@ def local_train(
         opt: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=training.lr, weight_decay=training.weight_decay)
     else:
         opt = torch.optim.SGD(trainable, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
-    batches = [np.arange(n)] if plan.one_step else _minibatches(np_rng, n, training)[:max_steps]
+    if dp is not None:  # Poisson samples of the shard, as the accountant counts them
+        batches = dp_sgd.poisson_batches(n, training.batch_size, training.local_epochs,
+                                         rng_for((*key, dp_sgd.SAMPLING_STREAM))[1])[:max_steps]
+    else:
+        batches = [np.arange(n)] if plan.one_step else _minibatches(np_rng, n, training)[:max_steps]
     if not batches:  # local_epochs == 0
         return float("nan"), 0
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     amp = training.precision
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda" and dp is None)
-    noise_gen = rng_for((*key, dp_sgd.NOISE_STREAM))[1] if dp is not None else None
-    expected = min(max(1, int(training.batch_size)), n)  # DP-SGD's fixed denominator
+    private = contextlib.nullcontext(opt)
+    if dp is not None:  # the optimizer becomes Opacus's DPOptimizer while the model carries its hooks
+        noise_gen = dp_sgd.noise_generator(rng_for((*key, dp_sgd.NOISE_STREAM))[1], device)
+        private = dp_sgd.private(model, opt, dp, min(max(1, int(training.batch_size)), n), noise_gen)
 
     was_training = model.training
     model.train()
@@ -173,32 +179,32 @@ def local_train(
     seen = 0
     # Dropout and friends draw from torch's global RNG: fork it (CPU, and the model's GPU
     # if any) and seed it from the key, so callers' RNG state is untouched.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), private as opt:
         torch.manual_seed(dropout_seed)
         for idx in batches:
-            index = torch.from_numpy(idx).to(device)
+            index = torch.as_tensor(idx).to(device)
             xb, yb = xt.index_select(0, index), yt.index_select(0, index)
             opt.zero_grad(set_to_none=True)
-            if dp is not None:  # the data gradient is written to .grad already; only extra terms are backpropagated
-                data_loss = dp_sgd.noisy_gradient(model, xb, yb, dp, expected, noise_gen)
-                loss = torch.zeros((), device=device)
-            else:
-                with _autocast(device, amp):
-                    logits = model(xb)
-                data_loss = F.cross_entropy(_widened(logits), yb)
-                loss = data_loss
+            with _autocast(device, amp):
+                logits = model(xb)
+            data_loss = F.cross_entropy(_widened(logits), yb)
+            loss = data_loss if dp is None else torch.zeros((), device=device)  # DP: only the extra terms
             if pull:
                 loss = loss + 0.5 * plan.prox_mu * sum(((params[k] - a) ** 2).sum() for k, a in pull.items())
             if shift:  # a linear term: its gradient is the correction itself
                 loss = loss + sum((params[k] * c).sum() for k, c in shift.items())
-            if loss.requires_grad:
-                scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += data_loss.detach().double() * len(idx)
-            seen += len(idx)
+            if dp is not None:
+                dp_sgd.step(opt, data_loss, loss)
+            else:
+                if loss.requires_grad:
+                    scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            if len(idx):  # an empty Poisson batch still steps (pure noise) but has no loss
+                loss_sum += data_loss.detach().double() * len(idx)
+                seen += len(idx)
     model.train(was_training)
-    return float(loss_sum) / seen, len(batches)
+    return float(loss_sum) / seen if seen else float("nan"), len(batches)
 
 
 def full_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray, precision: str = "fp32") -> tuple[dict[str, np.ndarray], float]:
