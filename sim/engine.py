@@ -86,8 +86,11 @@ def run(
                 progress.add("metrics", _scores(keys, 0, runner.evaluate(ctx.plan), discipline))
             # 5. Local steps fan out; the coordinator merges what arrived, in scenario order.
             rows = runner.train_and_merge(ctx)
-            # 6. The round lasts as long as its slowest participant (synchronous rounds).
-            progress.sim_time += max((row["simulated_seconds"] for row in rows), default=0.0)
+            # 6. The round lasts as long as its slowest participant (synchronous rounds); an asynchronous scheme's
+            #    round ends when the update it merged arrived (round_end, on the coordinator's row).
+            end = next((row.pop("round_end") for row in rows if "round_end" in row), None)
+            progress.sim_time = end if end is not None else progress.sim_time + max(
+                (row["simulated_seconds"] for row in rows), default=0.0)
             losses = []
             for row in rows:
                 loss = row.pop("train_loss", math.nan)
@@ -96,7 +99,7 @@ def run(
                                           "discipline": discipline[row["institution"]], "metric": "train_loss",
                                           "value": loss})
             progress.add("metrics", losses)
-            progress.add("ledger", [keys | {"round": r, "epsilon": math.nan} | row | {"sim_time": progress.sim_time}
+            progress.add("ledger", [keys | {"round": r, "epsilon": math.nan, "staleness": math.nan} | row | {"sim_time": progress.sim_time}
                                     for row in rows])
             # 7. Score the models everybody ends the round with (every engine.eval_every rounds, and the last).
             if r % spec.engine.eval_every == 0 or r == spec.rounds:

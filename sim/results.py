@@ -56,6 +56,7 @@ LEDGER_COLUMNS = {
     "sim_time": "float64",  # simulated seconds elapsed since the start of the run at the end of this round (same for all rows)
     "samples": "int64",  # training samples behind the update
     "epsilon": "float64",  # privacy spent so far; NaN when the scheme adds no noise
+    "staleness": "float64",  # asynchronous schemes: server steps between the dispatch and the merge of the update merged this round; NaN otherwise
     "status": "string",  # ok | idle | unavailable | failed | crashed | timeout (sim/faults.py)
 }
 

@@ -162,6 +162,9 @@ class RoundContext:
     sim_time: float = 0.0  # simulated seconds elapsed before this round
     dropped: tuple[tuple[str, str], ...] = ()  # (institution, fault) of selected institutions that will send nothing
     server_scale: float = 1.0  # this round's factor on a scheme's server_lr (training.server_schedule)
+    # (institution, simulated seconds its update took: compute + transfer), set by the coordinator before the merge;
+    # asynchronous schemes order arrivals on the simulated clock by it
+    seconds: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
