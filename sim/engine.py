@@ -99,8 +99,8 @@ def run(
                                           "discipline": discipline[row["institution"]], "metric": "train_loss",
                                           "value": loss})
             progress.add("metrics", losses)
-            progress.add("ledger", [keys | {"round": r, "epsilon": math.nan, "staleness": math.nan} | row | {"sim_time": progress.sim_time}
-                                    for row in rows])
+            progress.add("ledger", [keys | {"round": r, "epsilon": math.nan, "staleness": math.nan} | row
+                                    | {"sim_time": progress.sim_time} for row in rows])
             # 7. Score the models everybody ends the round with (every engine.eval_every rounds, and the last).
             if r % spec.engine.eval_every == 0 or r == spec.rounds:
                 # eval_scope=cohort scores only who trained this round (large populations), everybody in the last.
