@@ -1,0 +1,31 @@
+"""Time to the reference scheme's final accuracy on the simulated clock (analysis/asynchrony.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from analysis.asynchrony import time_to_accuracy
+
+
+def tables(scheme: str, accuracies: list[float], times: list[float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Global accuracy at rounds 0..n and the clock at the end of rounds 1..n, for seed 0."""
+    m = pd.DataFrame({"scheme": scheme, "seed": 0, "round": range(len(accuracies)), "institution": "global",
+                      "metric": "accuracy", "value": accuracies})
+    led = pd.DataFrame({"scheme": scheme, "seed": 0, "round": range(1, len(times) + 1), "sim_time": times})
+    return m, led
+
+
+def test_time_to_target_is_the_first_scored_time_at_or_above_the_reference_final_accuracy() -> None:
+    # Prepare: fedavg ends at 0.8 after 30 s (reaching it at 20 s); fast gets there at 4 s; slow never does
+    parts = [tables("fedavg", [0.1, 0.5, 0.8, 0.8], [10.0, 20.0, 30.0]),
+             tables("fast", [0.1, 0.7, 0.81, 0.79], [2.0, 4.0, 6.0]),
+             tables("slow", [0.1, 0.2, 0.3], [40.0, 80.0])]
+    metrics, ledger = (pd.concat([p[i] for p in parts]) for i in (0, 1))
+    # Execute
+    out = time_to_accuracy(metrics, ledger).set_index("scheme")
+    # Assert
+    assert out.loc["fedavg", "time_to_target"] == 20.0 and out.loc["fedavg", "end_time"] == 30.0
+    assert out.loc["fast", "time_to_target"] == 4.0 and out.loc["fast", "final_accuracy"] == 0.79
+    assert math.isnan(out.loc["slow", "time_to_target"]) and (out.target == 0.8).all()
