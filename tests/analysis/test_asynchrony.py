@@ -29,3 +29,16 @@ def test_time_to_target_is_the_first_scored_time_at_or_above_the_reference_final
     assert out.loc["fedavg", "time_to_target"] == 20.0 and out.loc["fedavg", "end_time"] == 30.0
     assert out.loc["fast", "time_to_target"] == 4.0 and out.loc["fast", "final_accuracy"] == 0.79
     assert math.isnan(out.loc["slow", "time_to_target"]) and (out.target == 0.8).all()
+
+
+def test_run_duration_is_the_clock_not_the_sum_of_each_rounds_slowest() -> None:
+    # Prepare: two asynchronous rounds; each dispatches an institution for 5 s, but the arrivals land at 1 s and 2 s
+    from analysis.metrics import run_costs
+
+    ledger = pd.DataFrame({"run_id": "r", "scheme": "fedasync", "scenario": "s", "seed": 0, "round": [1, 2],
+                           "institution": ["a", "b"], "participated": True, "bytes_up": 1, "bytes_down": 1,
+                           "compute_seconds": 0.0, "simulated_seconds": 5.0, "epsilon": math.nan,
+                           "sim_time": [1.0, 2.0]})
+    # Execute / Assert: the clock's 2 s (a table without sim_time falls back to the sum of the maxima, 10 s)
+    assert run_costs(ledger)["simulated_duration"].tolist() == [2.0]
+    assert run_costs(ledger.drop(columns="sim_time"))["simulated_duration"].tolist() == [10.0]
