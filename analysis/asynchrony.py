@@ -6,7 +6,7 @@ ledger's ``sim_time``: for each scheme and seed, the global model's final accura
 time the run ended, and the first simulated time its global accuracy reached the reference
 scheme's final accuracy on the same seed (NaN: never). Reads results tables only.
 
-``python -m analysis.asynchrony RUN_DIR [--reference fedavg]`` prints the table of a compare run.
+``python -m analysis.asynchrony RUN_DIR [--reference fedavg] [--fraction 1.0]`` prints the table of a compare run.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import pandas as pd
 GLOBAL = "global"  # the merged model's rows (sim.types.GLOBAL; analysis does not import the engine's modules)
 
 
-def time_to_accuracy(metrics: pd.DataFrame, ledger: pd.DataFrame, reference: str = "fedavg") -> pd.DataFrame:
-    """One row per scheme x seed: final_accuracy, end_time, target (the reference's final accuracy on that seed) and
-    time_to_target (first simulated time the global accuracy was at least the target; NaN if it never was)."""
+def time_to_accuracy(metrics: pd.DataFrame, ledger: pd.DataFrame, reference: str = "fedavg",
+                     fraction: float = 1.0) -> pd.DataFrame:
+    """One row per scheme x seed: final_accuracy, end_time, target (``fraction`` of the reference's final accuracy on
+    that seed) and time_to_target (first simulated time the global accuracy was at least the target; NaN if never)."""
     acc = metrics[(metrics.institution == GLOBAL) & (metrics.metric == "accuracy")]
     clock = ledger.groupby(["scheme", "seed", "round"]).sim_time.first()
     if reference not in set(acc.scheme):
@@ -31,7 +32,7 @@ def time_to_accuracy(metrics: pd.DataFrame, ledger: pd.DataFrame, reference: str
     rows = []
     for (scheme, seed), runs in acc.sort_values("round").groupby(["scheme", "seed"], sort=True):
         ref = acc[(acc.scheme == reference) & (acc.seed == seed)].sort_values("round")
-        target = float(ref.value.iloc[-1])
+        target = fraction * float(ref.value.iloc[-1])
         times = [0.0 if r == 0 else float(clock[(scheme, seed, r)]) for r in runs["round"]]
         reached = [t for t, v in zip(times, runs.value) if v >= target]
         rows.append({"scheme": scheme, "seed": int(seed), "final_accuracy": float(runs.value.iloc[-1]),
@@ -45,13 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.asynchrony", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--reference", default="fedavg", help="scheme whose final accuracy is the target")
+    parser.add_argument("--fraction", type=float, default=1.0, help="target = this fraction of that accuracy")
     args = parser.parse_args(argv)
     missing = [f for f in ("metrics.parquet", "ledger.parquet") if not (args.run_dir / f).is_file()]
     if missing:
         print(f"run_dir: {args.run_dir} has no {missing[0]}; give a finished run or compare directory", file=sys.stderr)
         return 2
     table = time_to_accuracy(pd.read_parquet(args.run_dir / "metrics.parquet"),
-                             pd.read_parquet(args.run_dir / "ledger.parquet"), args.reference)
+                             pd.read_parquet(args.run_dir / "ledger.parquet"), args.reference, args.fraction)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     means = table.groupby("scheme")[["final_accuracy", "end_time", "time_to_target"]].agg(["mean", "std", "count"])
     print(means.to_string(float_format=lambda x: f"{x:.3f}"))

@@ -29,6 +29,10 @@ def test_time_to_target_is_the_first_scored_time_at_or_above_the_reference_final
     assert out.loc["fedavg", "time_to_target"] == 20.0 and out.loc["fedavg", "end_time"] == 30.0
     assert out.loc["fast", "time_to_target"] == 4.0 and out.loc["fast", "final_accuracy"] == 0.79
     assert math.isnan(out.loc["slow", "time_to_target"]) and (out.target == 0.8).all()
+    # a target of half fedavg's final accuracy: fedavg reaches 0.5 at 10 s, slow never reaches 0.4
+    half = time_to_accuracy(metrics, ledger, fraction=0.5).set_index("scheme")
+    assert half.loc["fedavg", "time_to_target"] == 10.0 and half.loc["fast", "time_to_target"] == 2.0
+    assert math.isnan(half.loc["slow", "time_to_target"])
 
 
 def test_run_duration_is_the_clock_not_the_sum_of_each_rounds_slowest() -> None:
