@@ -199,3 +199,19 @@ def test_ray_placement_gives_the_in_process_numbers(ray_cluster) -> None:
     pd.testing.assert_frame_equal(on_ray.metrics.sort_values(cols).reset_index(drop=True),
                                   here.metrics.sort_values(cols).reset_index(drop=True))
     assert on_ray.ledger.sim_time.equals(here.ledger.sim_time) and math.isnan(here.ledger.staleness.iloc[-1])
+
+
+def test_the_async_experiment_composes_three_schemes_at_equal_time_and_validates() -> None:
+    # Prepare
+    from sim.compare import scheme_configs
+
+    cfg = compose("compare", ["+experiment=async"])
+    # Execute
+    configs = scheme_configs(cfg, ["+experiment=async"])
+    specs = {label: load_spec(c) for label, c in configs.items()}
+    # Assert: fedavg's 20 rounds beside 500 arrivals of each asynchronous scheme, one of each discipline ten times slower
+    assert {k: (s.scheme_name, s.rounds) for k, s in specs.items()} == {
+        "isolated": ("isolated", 20), "fedavg": ("fedavg", 20),
+        "fedasync_same_time": ("fedasync", 500), "fedbuff_same_time": ("fedbuff", 500)}
+    speeds = {(i.discipline, i.speed) for i in specs["fedavg"].scenario.institutions}
+    assert speeds == {(d, v) for d in ("medicine", "physics", "finance") for v in (1.0, 0.1)}
