@@ -73,7 +73,7 @@ class Asynchronous(Scheme):
         self.end: float | None = None  # simulated time this round ends (the arrival taken)
 
     def check(self, institutions: int) -> None:
-        """Refuse a concurrency above the institutions, and buffers that could never fill."""
+        """Refuse a concurrency above the institutions."""
         if self.concurrency > institutions:
             raise ConfigError("scheme.concurrency", f"at most {institutions} institutions can train at once, got "
                               f"concurrency={self.concurrency}; lower it (0 = all)")
