@@ -89,14 +89,19 @@ class Coordinator:
         updates = self.scheme.receive(self.state, sorted((u for lst in update_lists for u in lst), key=lambda u: u.index))
         sent = state_nbytes(self.state) if ctx.plan.start == "global" else 0  # what a dropped member had received
         self.central_work = []
+        rows = [self._ledger_row(stragglers.slowed(self.specs[u.institution], ctx), u,
+                                 stragglers.work_done(ctx, u.institution)) for u in updates]
+        ctx = replace(ctx, seconds=tuple((row["institution"], row["simulated_seconds"]) for row in rows))
         merged = self.scheme.merge(ctx, self.state, updates)
         if merged is not None:
             self.state = {k: np.asarray(v) for k, v in merged.items()}
+        end, staleness = self.scheme.timing()  # asynchronous schemes: when the round ends, how stale what merged
         arrived = {u.institution for u in updates}
         status = {n: faults.IDLE for n in self.specs} | dict(ctx.dropped) | dict(lost)
-        rows = [self._ledger_row(stragglers.slowed(self.specs[u.institution], ctx), u,
-                                 stragglers.work_done(ctx, u.institution)) for u in updates]
         rows += [_absent(self.specs[n], status[n], sent) for n in self.specs if n not in arrived]
+        for row in rows:
+            if row["institution"] in staleness:
+                row["staleness"] = float(staleness[row["institution"]])
         extras, epsilon = self.scheme.ledger(ctx, updates), self.scheme.epsilon(ctx.round)
         for row in rows:
             _book(self.specs[row["institution"]], row, extras.get(row["institution"]))
@@ -110,7 +115,7 @@ class Coordinator:
             "simulated_seconds": (central := clock.compute_seconds(self.central, samples, self.flops)),
             "sim_compute_seconds": central,
             "status": faults.OK if self.central_work else faults.IDLE, "work_done": float(bool(self.central_work)),
-        })
+        } | ({} if end is None else {"round_end": end}))  # the engine's clock reads round_end and drops it
         return [_unshared(row) for row in rows]
 
     def snapshot(self) -> tuple[State, dict[str, np.ndarray]]:

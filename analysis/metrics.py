@@ -269,14 +269,15 @@ def run_costs(ledger: pd.DataFrame) -> pd.DataFrame:
     """Ledger totals per run (sums over rounds and institutions): bytes, megabytes, compute, simulated time, epsilon.
 
     ``simulated_seconds`` adds up every institution's simulated seconds (total busy time);
-    ``simulated_duration`` is how long the run lasts on the simulated clock: the ledger's last
-    ``sim_time`` (older ledgers: the slowest participant's simulated seconds, summed over rounds). ``epsilon`` is the largest
+    ``simulated_duration`` is the ledger's clock at the end of the run (``sim_time``: how long the run lasts when
+    institutions work in parallel; an asynchronous round does not wait for its slowest member); for tables without
+    it, the sum round by round of the slowest participant's simulated seconds. ``epsilon`` is the largest
     privacy spend of any institution by the end of the run, NaN when the scheme adds no noise.
     """
     sums = ledger.groupby(RUN)[["bytes_up", "bytes_down", "compute_seconds", "simulated_seconds"]].sum()
     per_round = ledger.groupby([*RUN, "round"])["simulated_seconds"].max()
     sums["simulated_duration"] = per_round.groupby(level=RUN).sum()
-    if "sim_time" in ledger and ledger["sim_time"].notna().any():  # the engine's clock (deadlines, async) where booked
+    if "sim_time" in ledger:
         sums["simulated_duration"] = ledger.groupby(RUN)["sim_time"].max().fillna(sums["simulated_duration"])
     sums["epsilon"] = ledger.groupby(RUN)["epsilon"].max()
     sums["megabytes"] = (sums["bytes_up"] + sums["bytes_down"]) / 1e6

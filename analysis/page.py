@@ -69,7 +69,7 @@ GUIDE: dict[str, tuple[str, str, str]] = {
                             "part in.", "mb"),
     "compute_seconds": ("Compute (s)", "Measured seconds of local training, summed over institutions and rounds.", "sec"),
     "simulated_seconds": ("Busy time (s)", "Simulated seconds of work and transfer, summed over institutions.", "sec"),
-    "simulated_duration": ("Duration (s)", "Simulated length of the run: each round lasts as long as its slowest participant, or up to the round deadline; asynchronous schemes: until the last update merged.", "sec"),
+    "simulated_duration": ("Duration (s)", "Simulated length of the run: a synchronous round lasts as long as its slowest participant (at most the round deadline), an asynchronous one until the next arrival.", "sec"),
     "epsilon": ("Privacy ε", "Largest differential-privacy budget spent by any institution (— = no privacy noise).", "float"),
     "accuracy_per_mb": ("Accuracy per MB", "Mean accuracy divided by megabytes exchanged (— when nothing is exchanged).", "ratio"),
     "pareto": ("Pareto front", "Yes when no other scheme is both more accurate and cheaper to communicate.", "bool"),

@@ -244,6 +244,9 @@ def _check_groups(spec: RunSpec) -> None:
         raise cause or ConfigError("scheme", _first_line(e)) from None
     scheme.check(len(spec.only or spec.scenario.institutions))  # e.g. Krum's cohort bound, before any actor starts
     scheme.check_institutions([s for s in spec.scenario.institutions if spec.only is None or s.name in spec.only])
+    if getattr(scheme, "asynchronous", False) and spec.engine.round_deadline_s is not None:
+        raise ConfigError("engine.round_deadline_s", f"{spec.scheme_name} is asynchronous: no round waits for its "
+                          "slowest member, so there is no deadline to miss; set engine.round_deadline_s=null")
     _check_dp_sgd(spec, scheme)
     schema.check_data_types(spec.data)
     check_data(spec.data, spec.scenario, spec.model)

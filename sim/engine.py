@@ -88,8 +88,10 @@ def run(
                 progress.add("metrics", _scores(keys, 0, runner.evaluate(ctx.plan), discipline))
             # 5. Local steps fan out; the coordinator merges what arrived, in scenario order.
             rows = runner.train_and_merge(ctx)
-            # 6. The round lasts as long as its slowest participant (synchronous rounds), at most engine.round_deadline_s.
-            progress.sim_time += round_seconds(rows, spec.engine.round_deadline_s)
+            # 6. The round lasts as long as its slowest participant (synchronous rounds), at most engine.round_deadline_s;
+            #    an asynchronous scheme's round ends when the update it merged arrived (round_end, on the coordinator's row).
+            end = next((row.pop("round_end") for row in rows if "round_end" in row), None)
+            progress.sim_time = end if end is not None else progress.sim_time + round_seconds(rows, spec.engine.round_deadline_s)
             losses = []
             for row in rows:
                 loss = row.pop("train_loss", math.nan)
@@ -98,8 +100,8 @@ def run(
                                           "discipline": discipline[row["institution"]], "metric": "train_loss",
                                           "value": loss})
             progress.add("metrics", losses)
-            progress.add("ledger", [keys | {"round": r, "epsilon": math.nan} | row | {"sim_time": progress.sim_time}
-                                    for row in rows])
+            progress.add("ledger", [keys | {"round": r, "epsilon": math.nan, "staleness": math.nan} | row
+                                    | {"sim_time": progress.sim_time} for row in rows])
             # 7. Score the models everybody ends the round with (every engine.eval_every rounds, and the last).
             if r % spec.engine.eval_every == 0 or r == spec.rounds:
                 # eval_scope=cohort scores only who trained this round (large populations), everybody in the last.

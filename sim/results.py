@@ -63,6 +63,7 @@ LEDGER_COLUMNS = {
     "solo_seconds": "float64",  # simulated_seconds this row would take without compute sharing (the time saved is the difference)
     "samples": "int64",  # training samples behind the update
     "epsilon": "float64",  # privacy spent so far; NaN when the scheme adds no noise
+    "staleness": "float64",  # asynchronous schemes: server steps between the dispatch and the merge of the update merged this round; NaN otherwise
     "status": "string",  # ok | idle | unavailable | failed | crashed | timeout | late (sim/faults.py)
     "work_done": "float64",  # fraction of its planned local work behind the update that arrived (< 1: a partial straggler; 0 if none arrived)
 }

@@ -169,6 +169,9 @@ class RoundContext:
     server_scale: float = 1.0  # this round's factor on a scheme's server_lr (training.server_schedule)
     slowdown: tuple[tuple[str, float], ...] = ()  # (institution, factor on its speed) of those slowed this round (sim.stragglers)
     partial: tuple[tuple[str, int, float], ...] = ()  # (institution, minibatch steps, share of planned) of partial stragglers
+    # (institution, simulated seconds its update took: compute + transfer), set by the coordinator before the merge;
+    # asynchronous schemes order arrivals on the simulated clock by it
+    seconds: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

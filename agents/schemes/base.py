@@ -75,6 +75,11 @@ class Scheme:
         (e.g. secure aggregation's key agreement); most schemes add nothing."""
         return {}
 
+    def timing(self) -> tuple[float | None, dict[str, float]]:
+        """After a merge: (simulated time the round ends, staleness of each institution's update merged) for a scheme
+        that does not wait for its slowest member (asynchronous); (None, {}): the round lasts as long as its slowest."""
+        return None, {}
+
     def epsilon(self, round: int) -> float:
         """Client-level privacy spent after ``round`` rounds, the same for every institution; NaN without privacy noise."""
         return float("nan")
