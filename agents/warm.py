@@ -35,6 +35,8 @@ class WarmCoordinator(Coordinator):
 
     def load(self, specs, **kwargs) -> int:
         """Take on a new run (scheme, global model, ledger); returns the pid."""
+        if getattr(self, "data_parallel", None) is not None:
+            self.close()  # the last run's Ray Train job, if it was not ended
         Coordinator.__init__(self, specs, **kwargs)
         return os.getpid()
 
@@ -68,6 +70,12 @@ class ActorPool:
                 return self.idle_coordinators.pop(k)[1]
         return self.ray.remote(WarmCoordinator).options(num_cpus=cpus).remote()
 
+    def end_idle(self) -> None:
+        """End the idle actors: a run that needs room beside its own actors (a Ray Train job) must not wait on them."""
+        for _, a in [*self.idle_coordinators, *self.idle_hosts]:
+            self.ray.kill(a)
+        self.idle_hosts, self.idle_coordinators = [], []
+
     def give_back(self, coordinator: tuple[float, Any], hosts: list[tuple[tuple[float, float], Any]]) -> None:
         """Actors a finished run no longer needs."""
         self.idle_coordinators.append(coordinator)
@@ -75,6 +83,4 @@ class ActorPool:
 
     def close(self) -> None:
         """End every actor of the pool."""
-        for _, a in [*self.idle_coordinators, *self.idle_hosts]:
-            self.ray.kill(a)
-        self.idle_hosts, self.idle_coordinators = [], []
+        self.end_idle()
