@@ -9,13 +9,8 @@ has a whole GPU), so "pool the data and the compute" is simulated with the compu
 partners bring (Li et al., "PyTorch Distributed: Experiences on Accelerating Data
 Parallel Training", VLDB 2020).
 
-Batches: the central trainer takes ``S = ceil(N / batch_size)`` steps per epoch over the
-N pooled rows. Each worker shuffles its own ``n_i`` rows every epoch and splits them into
-the same S chunks (``np.array_split``), so step j's global batch holds about
-``n_i / S`` rows of every institution and ``N / S <= batch_size`` rows in all. Each
-worker's summed loss is scaled by ``k / N_j`` (k workers, N_j rows in step j over all
-workers), so DDP's mean over workers is the mean over the global batch: the gradient a
-central step on that batch would take, with the same learning rate.
+Batches: the same steps, global batch and learning rate as the central trainer
+(:mod:`sim.data_parallel` says how).
 
 One job serves a whole run: it starts at the first pooled round and its workers wait
 between rounds for the next job from a small mailbox actor, so Ray Train's start-up
@@ -109,18 +104,6 @@ def in_trial(plan: WorkerPlan | None, scheme: Mapping[str, Any]) -> WorkerPlan |
     return None
 
 
-def steps_per_epoch(total: int, batch_size: int) -> int:
-    """S: the central trainer's optimizer steps per epoch over ``total`` pooled rows (at least one)."""
-    return max(1, math.ceil(total / max(1, int(batch_size))))
-
-
-def step_rows(sizes: Sequence[int], steps: int) -> np.ndarray:
-    """Rows in each step's global batch: a worker with n rows gives n // S, one more in its first n % S steps
-    (how ``np.array_split`` deals n rows into S chunks)."""
-    j = np.arange(steps)
-    return np.sum([n // steps + (j < n % steps) for n in sizes], axis=0).astype(np.int64)
-
-
 class Mailbox:
     """A tiny async actor between the coordinator and the job's workers: the next round's job in, its result out."""
 
@@ -180,6 +163,7 @@ class DataParallel:
         self.mailbox = self.thread = self.storage = None
         self.seq = 0
         self.world = 0  # workers of the last round, as rank 0 saw them
+        self.jobs = 0  # jobs started (one per run unless the pool changes)
         self.startup_s = math.nan  # wall seconds from starting the job to the end of its first round
 
     def __call__(self, state: State, x: np.ndarray, y: np.ndarray, key: tuple[int, ...],
@@ -189,7 +173,7 @@ class DataParallel:
 
         from sim.train import scheduled
 
-        parts = tuple(parts if parts is not None else [(0, len(y))])
+        parts = tuple((int(i), int(n)) for i, n in (parts if parts is not None else [(0, len(y))]) if n)
         t0 = time.perf_counter()
         fresh = parts != self.parts
         if fresh:  # the pool changed (round 1, or a resumed run): a new job with one worker per shard
@@ -205,19 +189,19 @@ class DataParallel:
         return new, loss
 
     def _start(self, parts: tuple[tuple[int, int], ...], x: np.ndarray, y: np.ndarray) -> None:
-        """Start the Ray Train job: one worker per non-empty shard, in scenario order, fit() in a thread."""
+        """Start the Ray Train job: one worker per shard (``parts``: non-empty ones), in scenario order, fit() in a thread."""
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         edges = np.cumsum([0, *(n for _, n in parts)])
-        shards = [(i, [ray.put(x[a:b]), ray.put(y[a:b])]) for (i, n), a, b in zip(parts, edges[:-1], edges[1:]) if n]
+        shards = [(i, [ray.put(x[a:b]), ray.put(y[a:b])]) for (i, _), a, b in zip(parts, edges[:-1], edges[1:])]
         if len(shards) > self.plan.workers:
             raise RuntimeError(f"ray_train: {len(shards)} shards but {self.plan.workers} workers were reserved")
         self.mailbox = ray.remote(Mailbox).options(num_cpus=0).remote()
         self.storage = tempfile.mkdtemp(prefix="collabsim-train-")
         gpus = self.plan.gpus
-        config = {**self.config, "mailbox": self.mailbox, "shards": shards, "sizes": [int(n) for _, n in parts if n]}
+        config = {**self.config, "mailbox": self.mailbox, "shards": shards, "sizes": [n for _, n in parts]}
         trainer = TorchTrainer(
             _worker, train_loop_config=config,
             torch_config=TorchConfig(backend="nccl" if gpus >= 1 else "gloo"),  # nccl needs a whole GPU per rank
@@ -228,6 +212,7 @@ class DataParallel:
         self.thread = threading.Thread(target=_fit, args=(trainer, self.mailbox), daemon=True, name="ray-train-fit")
         self.thread.start()
         self.parts = parts
+        self.jobs += 1
         log.info("pooled: Ray Train job with %d worker(s), %g CPU%s each", len(shards), self.plan.cpus,
                  f" and {gpus:g} GPU" if gpus else "")
 
@@ -260,6 +245,7 @@ def _worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
+    from sim.data_parallel import train_round
     from sim.models import build_model, get_state, set_state
     from sim.train import _to_tensors
 
@@ -281,64 +267,3 @@ def _worker(config: dict) -> None:
                            key=job["key"])
         if rank == 0:
             ray.get(mailbox.put.remote(seq, get_state(model), loss, ctx.get_world_size()))
-
-
-def train_round(ddp: Any, model: Any, x: Any, y: Any, *, sizes: Sequence[int], rank: int, index: int,
-                training: TrainingSpec, key: tuple[int, ...]) -> float:
-    """``training.local_epochs`` epochs of data-parallel SGD on this worker's shard; the pool's mean training loss.
-
-    Step j's loss is this worker's summed cross-entropy times k / N_j, so DDP's mean over the k
-    workers is the mean over the step's global batch. A worker with no rows in a step still takes
-    part (a zero-weight row), since every rank must join every gradient all-reduce.
-    """
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from sim.train import _autocast, _widened, rng_for
-
-    k, n = len(sizes), sizes[rank]
-    steps = steps_per_epoch(sum(sizes), training.batch_size)
-    rows = step_rows(sizes, steps)
-    np_rng, gen = rng_for((*key, index))  # the institution's own stream: the same whichever rank it gets
-    device = x.device
-    opt = _optimizer(model, training)
-    scaler = torch.amp.GradScaler(device.type, enabled=training.precision == "fp16" and device.type == "cuda")
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    seen = 0
-    ddp.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # dropout, seeded as local_train seeds it
-        for _ in range(training.local_epochs):
-            for j, idx in enumerate(np.array_split(np_rng.permutation(n), steps)):
-                take = torch.from_numpy(idx if len(idx) else np.zeros(1, np.int64)).to(device)
-                opt.zero_grad(set_to_none=True)
-                with _autocast(device, training.precision):
-                    logits = ddp(x.index_select(0, take))
-                data_loss = F.cross_entropy(_widened(logits), y.index_select(0, take), reduction="sum")
-                weight = k / float(rows[j]) if len(idx) else 0.0
-                scaler.scale(data_loss * weight).backward()
-                scaler.step(opt)
-                scaler.update()
-                if len(idx):
-                    loss_sum += data_loss.detach().double()
-                    seen += len(idx)
-    total = torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    return float(total[0] / total[1]) if float(total[1]) else math.nan
-
-
-def _optimizer(model: Any, training: TrainingSpec) -> Any:
-    """SGD or AdamW over the trainable parameters, a transformer's head at ``head_lr``: as :func:`sim.train.local_train`."""
-    import torch
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    head = getattr(model, "head_keys", frozenset())
-    params: list = [p for _, p in named]
-    if training.head_lr is not None and head:
-        params = [{"params": [p for n, p in named if n not in head]},
-                  {"params": [p for n, p in named if n in head], "lr": training.head_lr}]
-    if training.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
-    return torch.optim.SGD(params, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)

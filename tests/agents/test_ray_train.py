@@ -1,12 +1,14 @@
 """Pooled on Ray Train: batch mapping, resource planning, and the job itself (one worker per contributing institution)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 from agents.placement import plan_layout
-from agents.ray_train import DataParallel, WorkerPlan, step_rows, steps_per_epoch
+from agents.ray_train import DataParallel, WorkerPlan
+from sim.data_parallel import step_rows, steps_per_epoch
 from sim import clock
 from sim.cli import compose
 from sim.config import load_spec
@@ -108,32 +110,30 @@ def rounds_of(trainer, state, x, y, parts, rounds=3):
     return state
 
 
-def test_ray_train_is_deterministic_follows_the_shards_and_matches_central_accuracy(ray_cluster):
-    # Prepare: a pool of three institutions' rows (200, 100, and one that sent none), and a fresh model
+def test_ray_train_follows_the_shards_repeats_itself_and_matches_central_accuracy(ray_cluster):
+    # Prepare: a pool of three institutions' rows (200, none, 100), and a fresh model
     x, y = blobs(300)
     x_test, y_test = blobs(500, seed=1)
     model = build_model(MLP, (5,), 2, seed=0)
     start = get_state(model)
     parts = ((0, 200), (3, 0), (5, 100))
-    make = lambda: DataParallel(WorkerPlan(3, 0.5, 0.0), model=MLP, shape=((5,), 2), training=TRAINING, seed=0,
-                                threads=1)
-    # Execute: three rounds on two fresh jobs, and three rounds of the central trainer
-    first, second = make(), make()
+    trainer = DataParallel(WorkerPlan(3, 0.5, 0.0), model=MLP, shape=((5,), 2), training=TRAINING, seed=0, threads=1)
+    # Execute: three rounds on one job, round 1 once more, and three rounds of the central trainer
     try:
-        a = rounds_of(first, start, x, y, parts)
-        b = rounds_of(second, start, x, y, parts)
-        workers = first.world
+        a = rounds_of(trainer, start, x, y, parts)
+        again = rounds_of(trainer, start, x, y, parts, rounds=1)
+        first = rounds_of(trainer, start, x, y, parts[:1] + parts[2:], rounds=1)  # the same pool: no new job
+        workers, jobs = trainer.world, trainer.jobs
     finally:
-        first.close()
-        second.close()
+        trainer.close()
     central = start
     for r in range(1, 4):
         set_state(model, central)
         local_train(model, x, y, training=TRAINING, plan=LocalPlan(upload="data"), key=(0, r, 7))
         central = get_state(model)
-    # Assert: a worker per institution with rows; bit-identical for the same seed; accuracy as central's
-    assert workers == 2
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    # Assert: a worker per institution with rows; the same round gives the same weights; accuracy as central's
+    assert workers == 2 and jobs == 1
+    assert all(np.array_equal(again[k], first[k]) for k in again)
     accuracy = {}
     for name, state in (("ray_train", a), ("central", central)):
         set_state(model, state)
@@ -142,26 +142,32 @@ def test_ray_train_is_deterministic_follows_the_shards_and_matches_central_accur
     assert accuracy["central"] > 0.9 and abs(accuracy["ray_train"] - accuracy["central"]) < 0.03
 
 
-def test_a_pooled_run_on_ray_train_books_the_contributors_compute(small_cfg, ray_cluster):
+def test_a_pooled_run_on_ray_train_books_the_contributors_and_resumes_to_the_same_numbers(small_cfg, ray_cluster,
+                                                                                        tmp_path):
     # Prepare: three institutions of which two hand over their data (cohort_fraction 0.6 -> 2), one host actor
+    from sim.data import build_federation
     from sim.engine import run
+    from sim.models import model_flops
+    from stopping import Stop, stop_after
 
     cfg = small_cfg("scheme=pooled", "scheme.trainer=ray_train", "scheme.cohort_fraction=0.6", "placement=pooled",
-                    "engine.pooled_hosts=1", "scenario.num_institutions=3", "scenario.cpus=0.5", "cluster.num_cpus=4")
+                    "engine.pooled_hosts=1", "scenario.num_institutions=3", "scenario.cpus=0.5", "cluster.num_cpus=4",
+                    "checkpoint_every=1")
     spec = load_spec(cfg)
-    # Execute
-    result = run(cfg)
-    # Assert: the global row trains every round at the two contributors' combined compute
+    # Execute: straight through; and stopped after round 1, then resumed (each a new Ray Train job)
+    result = run(cfg, tmp_path / "ref")
+    with pytest.raises(Stop):
+        run(cfg, tmp_path / "cut", on_round=stop_after(1))
+    resumed = run(compose("config", [f"resume={tmp_path / 'cut'}"]))
+    # Assert: identical numbers; the global row trains every round at the two contributors' combined compute
+    pd.testing.assert_frame_equal(resumed.metrics, result.metrics)
     ledger = result.ledger
     contributors = set(ledger[(ledger["round"] == 1) & (ledger.bytes_up > 0)].institution)
     assert len(contributors) == 2
     rate = sum(clock.flops_rate(s) for s in spec.scenario.institutions if s.name in contributors)
     glob = ledger[ledger.institution == "global"]
-    from sim.data import build_federation
-    from sim.models import model_flops
     fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=spec.smoke, model=spec.model)
     flops = model_flops(build_model(spec.model, fed.input_shape, fed.num_classes, seed=spec.seed), fed.input_shape)
-    expected = clock.TRAIN_COST * glob.samples * flops / rate
-    np.testing.assert_allclose(glob.simulated_seconds, expected, rtol=1e-9)
+    np.testing.assert_allclose(glob.simulated_seconds, clock.TRAIN_COST * glob.samples * flops / rate, rtol=1e-9)
     acc = result.metrics.query("institution == 'global' and metric == 'accuracy'").value
     assert acc.iloc[-1] > acc.iloc[0]  # it learned
