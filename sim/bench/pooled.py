@@ -1,9 +1,10 @@
 """The ``pooled`` section: the central trainer against Ray Train with one and with two CPU workers.
 
-Each variant is ``python -m sim scheme=pooled`` on the same digits pool (iid, equal
-shares), so accuracies compare across variants: ``central`` trains in the coordinator
-(two institutions), ``ray_train-1`` on one Ray Train worker (one institution holds the
-pool), ``ray_train-2`` on two (two institutions, one worker each, DDP over gloo). Every
+Each variant is ``python -m sim scheme=pooled`` on the digits data (iid, equal shares):
+``-1`` variants have one institution holding it all, ``-2`` variants two halves (the
+split into train, validation and test rows differs, so compare within a pair).
+``central-N`` trains in the coordinator, ``ray_train-1`` on one Ray Train worker,
+``ray_train-2`` on two (one per institution, DDP over gloo). Every
 variant runs for the same seeds; the table gives the mean and spread of the final global
 accuracy and the median wall times (start-up includes Ray Train's: its job starts in
 round 1).
@@ -17,8 +18,9 @@ from typing import Any
 from sim.bench.workloads import collab_fedavg, medians, say
 
 VARIANTS = {  # name -> (institutions, trainer)
-    "central": (2, "central"),
+    "central-1": (1, "central"),
     "ray_train-1": (1, "ray_train"),
+    "central-2": (2, "central"),
     "ray_train-2": (2, "ray_train"),
 }
 
