@@ -171,3 +171,21 @@ def test_a_pooled_run_on_ray_train_books_the_contributors_and_resumes_to_the_sam
     np.testing.assert_allclose(glob.simulated_seconds, clock.TRAIN_COST * glob.samples * flops / rate, rtol=1e-9)
     acc = result.metrics.query("institution == 'global' and metric == 'accuracy'").value
     assert acc.iloc[-1] > acc.iloc[0]  # it learned
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pooled_on_ray_train_shares_a_gpu_between_two_workers(tmp_path):
+    # Two institutions with half a GPU each: two workers on one device, so gloo (nccl needs a GPU per rank)
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "sim", "smoke=true", "scheme=pooled", "scheme.trainer=ray_train",
+         "scenario.num_institutions=2", "scenario.gpus=0.5", "engine.gpu_policy=require", "placement=pooled",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    ledger = pd.read_parquet(tmp_path / "run" / "ledger.parquet")
+    assert ledger.query("institution == 'global'").samples.gt(0).all()
