@@ -117,6 +117,7 @@ class RayBackend:
         for key in ("global_test", "global_val"):
             common[key] = coord[key] = ray.put(common[key])
         self.coordinator_cpus = layout.coordinator_cpus
+        started = self.pool.started
         self.coordinator = self.pool.coordinator(layout.coordinator_cpus)
         loaded = [self.coordinator.load.remote(specs, **coord)]
         common["initial"] = self.coordinator.current_state.remote()  # every personal model starts here
@@ -127,8 +128,10 @@ class RayBackend:
         self.layout = [(h, ray.put([by_index[i] for i in h.indices]), ray.put([fed.shards[i] for i in h.indices]))
                        for h in layout.hosts]
         self.hosts = [self.pool.host(h.cpus, h.gpus) for h, _, _ in self.layout]
-        if coord["data_parallel"] is not None:
-            self.pool.end_idle()  # idle actors of other layouts would hold the room kept for the Ray Train workers
+        if coord["data_parallel"] is not None or self.pool.started > started:
+            # Idle actors of another layout (pooled on Ray Train lays hosts out differently) would hold the room
+            # this run's new actors or its Ray Train workers need.
+            self.pool.end_idle()
         self.members = [{by_index[i].name for i in h.indices} for h in layout.hosts]
         self.carried: dict[str, dict] = {}  # name -> persistent state as of the last round (changed ones only)
         loaded += [self._load(j) for j in range(len(self.hosts))]

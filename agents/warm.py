@@ -55,12 +55,14 @@ class ActorPool:
         self.ray = ray
         self.idle_hosts: list[tuple[tuple[float, float], Any]] = []  # ((cpus, gpus), actor)
         self.idle_coordinators: list[tuple[float, Any]] = []
+        self.started = 0  # actors this pool has started
 
     def host(self, cpus: float, gpus: float):
         """An idle host actor with this request, or a new one."""
         for k, (req, actor) in enumerate(self.idle_hosts):
             if req == (cpus, gpus):
                 return self.idle_hosts.pop(k)[1]
+        self.started += 1
         return self.ray.remote(WarmHost).options(num_cpus=cpus, num_gpus=gpus).remote()
 
     def coordinator(self, cpus: float):
@@ -68,10 +70,11 @@ class ActorPool:
         for k, (req, actor) in enumerate(self.idle_coordinators):
             if req == cpus:
                 return self.idle_coordinators.pop(k)[1]
+        self.started += 1
         return self.ray.remote(WarmCoordinator).options(num_cpus=cpus).remote()
 
     def end_idle(self) -> None:
-        """End the idle actors: a run that needs room beside its own actors (a Ray Train job) must not wait on them."""
+        """End the idle actors: a run whose layout differs (new actors, a Ray Train job) must not wait on their room."""
         for _, a in [*self.idle_coordinators, *self.idle_hosts]:
             self.ray.kill(a)
         self.idle_hosts, self.idle_coordinators = [], []
