@@ -202,7 +202,7 @@ class DataParallel:
         self.storage = tempfile.mkdtemp(prefix="collabsim-train-")
         gpus = self.plan.gpus
         config = {**self.config, "mailbox": self.mailbox, "shards": shards, "sizes": [n for _, n in parts]}
-        trainer = TorchTrainer(
+        trainer = _trainer_class(TorchTrainer)(
             _worker, train_loop_config=config,
             torch_config=TorchConfig(backend="nccl" if gpus >= 1 else "gloo"),  # nccl needs a whole GPU per rank
             scaling_config=ScalingConfig(num_workers=len(shards), use_gpu=gpus > 0,
@@ -227,6 +227,22 @@ class DataParallel:
         ray.kill(self.mailbox)
         shutil.rmtree(self.storage, ignore_errors=True)
         self.mailbox = self.thread = self.storage = self.parts = None
+
+
+def _trainer_class(torch_trainer: type) -> type:
+    """TorchTrainer without Ray Train's placement-group cleaner.
+
+    The cleaner (a detached actor, Ray 2.60) asks the state API whether the controller still
+    lives; that API needs the dashboard, which collabsim does not start (agents/backend.py),
+    so it could never clean anything and logs a warning every second for the whole run. The
+    job ends its own placement group when fit() returns, which is how every run ends it.
+    """
+
+    class Trainer(torch_trainer):
+        def _create_default_callbacks(self):  # a private hook: if it goes away, the cleaner simply stays
+            return [c for c in super()._create_default_callbacks() if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return Trainer
 
 
 def _fit(trainer: Any, mailbox: Any) -> None:
