@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any, Protocol
 
+from agents import ray_train
 from agents.coordinator import Coordinator
 from agents.host import Host
 from agents.placement import Layout
@@ -73,6 +74,7 @@ class InProcessBackend:
     """Everything in this process, one host for all: no Ray, for tests and small coalitions."""
 
     def __init__(self, spec: RunSpec, specs: tuple[InstitutionSpec, ...], fed: Federation, flops: int):
+        ray_train.resolve(spec.scheme, "inprocess")  # an explicit scheme.trainer=ray_train needs Ray: refused here
         common, coord = _kwargs(spec, fed, flops)
         self.coordinator = Coordinator(specs, **coord)
         self.host = Host(specs, [fed.shards[s.index] for s in specs], initial=self.coordinator.current_state(), **common)
@@ -113,10 +115,12 @@ class RayBackend:
         self.own_pool = pool is None  # a pool made for this run alone ends with it
         self.pool = pool or ActorPool()
         common, coord = _kwargs(spec, fed, flops)
+        coord["data_parallel"] = ray_train.in_trial(layout.workers, spec.scheme)  # pooled on Ray Train, or None
         # Ship big arrays once through the object store; actors (and restarted ones) read them zero-copy.
         for key in ("global_test", "global_val"):
             common[key] = coord[key] = ray.put(common[key])
         self.coordinator_cpus = layout.coordinator_cpus
+        started = self.pool.started
         self.coordinator = self.pool.coordinator(layout.coordinator_cpus)
         loaded = [self.coordinator.load.remote(specs, **coord)]
         common["initial"] = self.coordinator.current_state.remote()  # every personal model starts here
@@ -127,6 +131,10 @@ class RayBackend:
         self.layout = [(h, ray.put([by_index[i] for i in h.indices]), ray.put([fed.shards[i] for i in h.indices]))
                        for h in layout.hosts]
         self.hosts = [self.pool.host(h.cpus, h.gpus) for h, _, _ in self.layout]
+        if coord["data_parallel"] is not None or self.pool.started > started:
+            # Idle actors of another layout (pooled on Ray Train lays hosts out differently) would hold the room
+            # this run's new actors or its Ray Train workers need.
+            self.pool.end_idle()
         self.members = [{by_index[i].name for i in h.indices} for h in layout.hosts]
         self.carried: dict[str, dict] = {}  # name -> persistent state as of the last round (changed ones only)
         loaded += [self._load(j) for j in range(len(self.hosts))]
@@ -187,6 +195,12 @@ class RayBackend:
 
     def close(self) -> None:
         """Hand the actors back to the pool (kept warm for the next run), or end them if the pool was this run's own."""
+        if not self.broken:  # the coordinator's Ray Train job, if any, ends with the run
+            try:
+                self.ray.get(self.coordinator.close.remote(), timeout=START_TIMEOUT_S)
+            except self.ray.exceptions.RayError as e:
+                log.warning("ending the coordinator's Ray Train job failed (%s); ending the coordinator", _reason(e))
+                self.broken = True
         if self.broken:
             for a in [self.coordinator, *self.hosts]:
                 self.ray.kill(a)

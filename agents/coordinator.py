@@ -40,6 +40,7 @@ class Coordinator:
         global_val: tuple[np.ndarray, np.ndarray] | None = None,
         threads: int = 1,
         deadline: stragglers.Deadline | None = None,
+        data_parallel: Any = None,
     ):
         torch.set_num_threads(threads)
         self.specs = {s.name: s for s in specs}
@@ -49,13 +50,16 @@ class Coordinator:
         self.state: State = get_state(self.model)
         self.global_test, self.global_val = global_test, global_val
         self.flops = flops_per_sample
-        # Central training (pooled data) runs on the consortium's combined compute.
-        self.central = InstitutionSpec(
-            index=-1, name=GLOBAL, discipline=GLOBAL, share=1.0,
-            cpus=sum(s.cpus for s in specs), gpus=sum(s.gpus for s in specs),
-        )
-        self.central_work: list[tuple[int, float]] = []  # (samples processed, wall seconds) this round
+        # (samples processed, wall seconds, the institutions whose pooled data and compute it ran on) this round
+        self.central_work: list[tuple[int, float, tuple[InstitutionSpec, ...]]] = []
         self.scheme = instantiate(dict(scheme))
+        # A WorkerPlan (agents/ray_train.py, from the Ray backend): central training runs as a Ray Train job.
+        self.data_parallel = None
+        if data_parallel is not None:
+            from agents.ray_train import DataParallel
+
+            self.data_parallel = DataParallel(data_parallel, model=model, shape=shape, training=training, seed=seed,
+                                              threads=threads)
         self.scheme.bind(self._train_central)
         # A backdoor planted by a data-poisoning institution (the first one's trigger): scored on the global test set.
         self.backdoor = next(((s.trigger_features, s.trigger_value, s.target_label) for s in specs
@@ -108,11 +112,13 @@ class Coordinator:
             if epsilon == epsilon:  # NaN (no privacy noise): the engine's default stands
                 row["epsilon"] = epsilon  # client-level DP: every institution's guarantee is the same
         self.scheme.book(ctx, rows)  # compute_share moves a taker's training to its giver's row and clock
-        samples = sum(s for s, _ in self.central_work)
+        samples = sum(s for s, _, _ in self.central_work)
+        # Central training runs on the combined compute of the institutions whose data it trains on.
+        central = sum(clock.TRAIN_COST * s * self.flops / sum(map(clock.flops_rate, by)) for s, _, by in self.central_work)
         rows.append({
             "institution": GLOBAL, "participated": bool(self.central_work), "bytes_up": 0, "bytes_down": 0,
-            "compute_seconds": sum(w for _, w in self.central_work), "samples": samples,
-            "simulated_seconds": (central := clock.compute_seconds(self.central, samples, self.flops)),
+            "compute_seconds": sum(w for _, w, _ in self.central_work), "samples": samples,
+            "simulated_seconds": central,
             "sim_compute_seconds": central,
             "status": faults.OK if self.central_work else faults.IDLE, "work_done": float(bool(self.central_work)),
         } | ({} if end is None else {"round_end": end}))  # the engine's clock reads round_end and drops it
@@ -151,15 +157,27 @@ class Coordinator:
                               precision=self.training.precision)
         return success
 
-    def _train_central(self, state: State, x: np.ndarray, y: np.ndarray, key: tuple[int, ...]) -> tuple[State, float]:
-        """The Trainer a scheme may use to train on data held centrally."""
+    def close(self) -> None:
+        """End what outlives a round (a Ray Train job) so its resources are free for the next run."""
+        if self.data_parallel is not None:
+            self.data_parallel.close()
+
+    def _train_central(self, state: State, x: np.ndarray, y: np.ndarray, key: tuple[int, ...],
+                       parts: Sequence[tuple[int, int]] | None = None) -> tuple[State, float]:
+        """The Trainer a scheme may use to train on data held centrally (``parts``: whose rows, in order)."""
         t0 = time.perf_counter()
-        set_state(self.model, state)
         round = key[1] if len(key) > 1 else 0
-        loss, _ = local_train(self.model, x, y, training=scheduled(self.training, round), plan=self.scheme.plan(round),
-                              key=key)
-        self.central_work.append((self.training.local_epochs * len(y), time.perf_counter() - t0))
-        return get_state(self.model), loss
+        if self.data_parallel is not None:
+            new, loss = self.data_parallel(state, x, y, key, parts)
+        else:
+            set_state(self.model, state)
+            loss, _ = local_train(self.model, x, y, training=scheduled(self.training, round),
+                                  plan=self.scheme.plan(round), key=key)
+            new = get_state(self.model)
+        by_index = {s.index: s for s in self.specs.values()}
+        by = tuple(by_index[i] for i, n in parts or () if n) or tuple(self.specs.values())
+        self.central_work.append((self.training.local_epochs * len(y), time.perf_counter() - t0, by))
+        return new, loss
 
     def _ledger_row(self, spec: InstitutionSpec, u: Update, work_done: float = 1.0) -> dict[str, Any]:
         """Ledger entry of one update that arrived (``spec`` at this round's speed; ``work_done`` of its planned work)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from agents.ray_train import WorkerPlan, worker_plan
 from sim.config import RunSpec
 from sim.types import ConfigError, InstitutionSpec
 
@@ -32,13 +33,15 @@ class Layout:
     hosts: tuple[HostPlan, ...]
     coordinator_cpus: float
     warnings: tuple[str, ...] = ()
+    workers: WorkerPlan | None = None  # pooled on Ray Train: room kept for its workers (agents/ray_train.py)
 
     @property
     def bundles(self) -> list[dict[str, float]]:
         """Resource bundles (coordinator first), for a placement group that reserves the whole run."""
+        w = self.workers
         return [{"CPU": self.coordinator_cpus}] + [
             {"CPU": h.cpus, **({"GPU": h.gpus} if h.gpus else {})} for h in self.hosts
-        ]
+        ] + ([{"CPU": w.cpus, **({"GPU": w.gpus} if w.gpus else {})}] * w.workers if w else [])
 
 
 def check_requests(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, gpus: float) -> None:
@@ -77,6 +80,11 @@ def plan_layout(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, 
             if s.gpus > 1 and s.gpus != int(s.gpus):
                 raise ConfigError(f"scenario.institutions[{s.index}].gpus", "above 1 a GPU request must be whole")
     coord = spec.engine.coordinator_cpus
+    # Pooled on Ray Train: its workers' room comes first; the hosts only hand data over and score, so on CPU.
+    train = worker_plan(spec, specs, cpus, gpus, cpus - coord)
+    if train is not None:
+        cpus, gpus = cpus - train.workers * train.cpus, gpus - train.workers * train.gpus
+        gpus_of = dict.fromkeys(gpus_of, 0.0)
     mode = spec.placement
     fits = sum(s.cpus for s in specs) + coord <= cpus + EPS and sum(gpus_of.values()) <= gpus + EPS
     if mode == "auto":
@@ -94,7 +102,7 @@ def plan_layout(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, 
                 "lower the institutions' cpus or use placement=pooled",
             )
         hosts = tuple(HostPlan((s.index,), s.cpus, gpus_of[s.index]) for s in specs)
-        return Layout("dedicated", hosts, coord, tuple(warnings))
+        return Layout("dedicated", hosts, coord, tuple(warnings), train)
     # Pooled: one host per (possibly partial) free CPU; institutions dealt round-robin for balance.
     free = cpus - coord
     if free <= 0:
@@ -109,4 +117,4 @@ def plan_layout(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, 
         hosts.append(HostPlan(members, per_host, g))
     if sum(h.gpus for h in hosts) > gpus + EPS:
         raise ConfigError("scenario", f"the pooled hosts need {sum(h.gpus for h in hosts):g} GPUs but the cluster has {gpus:g}")
-    return Layout("pooled", tuple(hosts), coord, tuple(warnings))
+    return Layout("pooled", tuple(hosts), coord, tuple(warnings), train)

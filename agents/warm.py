@@ -35,6 +35,8 @@ class WarmCoordinator(Coordinator):
 
     def load(self, specs, **kwargs) -> int:
         """Take on a new run (scheme, global model, ledger); returns the pid."""
+        if getattr(self, "data_parallel", None) is not None:
+            self.close()  # the last run's Ray Train job, if it was not ended
         Coordinator.__init__(self, specs, **kwargs)
         return os.getpid()
 
@@ -53,12 +55,14 @@ class ActorPool:
         self.ray = ray
         self.idle_hosts: list[tuple[tuple[float, float], Any]] = []  # ((cpus, gpus), actor)
         self.idle_coordinators: list[tuple[float, Any]] = []
+        self.started = 0  # actors this pool has started
 
     def host(self, cpus: float, gpus: float):
         """An idle host actor with this request, or a new one."""
         for k, (req, actor) in enumerate(self.idle_hosts):
             if req == (cpus, gpus):
                 return self.idle_hosts.pop(k)[1]
+        self.started += 1
         return self.ray.remote(WarmHost).options(num_cpus=cpus, num_gpus=gpus).remote()
 
     def coordinator(self, cpus: float):
@@ -66,7 +70,14 @@ class ActorPool:
         for k, (req, actor) in enumerate(self.idle_coordinators):
             if req == cpus:
                 return self.idle_coordinators.pop(k)[1]
+        self.started += 1
         return self.ray.remote(WarmCoordinator).options(num_cpus=cpus).remote()
+
+    def end_idle(self) -> None:
+        """End the idle actors: a run whose layout differs (new actors, a Ray Train job) must not wait on their room."""
+        for _, a in [*self.idle_coordinators, *self.idle_hosts]:
+            self.ray.kill(a)
+        self.idle_hosts, self.idle_coordinators = [], []
 
     def give_back(self, coordinator: tuple[float, Any], hosts: list[tuple[tuple[float, float], Any]]) -> None:
         """Actors a finished run no longer needs."""
@@ -75,6 +86,4 @@ class ActorPool:
 
     def close(self) -> None:
         """End every actor of the pool."""
-        for _, a in [*self.idle_coordinators, *self.idle_hosts]:
-            self.ray.kill(a)
-        self.idle_hosts, self.idle_coordinators = [], []
+        self.end_idle()

@@ -33,8 +33,12 @@ def register(name: str) -> Callable[[type], type]:
 class Trainer(Protocol):
     """Central training a scheme may ask the coordinator for (used by ``pooled``)."""
 
-    def __call__(self, state: State, x: np.ndarray, y: np.ndarray, key: tuple[int, ...]) -> tuple[State, float]:
-        """Train ``state`` on (x, y) with an RNG seeded from ``key``; return new state and mean loss."""
+    def __call__(self, state: State, x: np.ndarray, y: np.ndarray, key: tuple[int, ...],
+                 parts: Sequence[tuple[int, int]] | None = None) -> tuple[State, float]:
+        """Train ``state`` on (x, y) with an RNG seeded from ``key``; return new state and mean loss.
+
+        ``parts``: (scenario index, rows) of the institutions whose rows make up (x, y), in order
+        (whose compute the training runs on; Ray Train gives each its own worker); None = everybody's."""
         ...
 
 

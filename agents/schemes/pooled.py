@@ -1,5 +1,8 @@
 """Pooled data: every institution hands its raw training data to one central trainer.
 
+On the Ray backend the training can instead run data-parallel on Ray Train, one worker per
+contributing institution (``trainer``; see :mod:`agents.ray_train`).
+
 The centralised upper bound that federated learning approximates (the "centralized"
 baseline of McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data", AISTATS 2017). It costs the most privacy: all raw data crosses once.
@@ -11,9 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
+from agents.ray_train import TRAINERS
 from agents.schemes.aggregate import concatenate
 from agents.schemes.base import Scheme, Trainer, check_range, register, sample_cohort
-from sim.types import LocalPlan, RoundContext, State, Update
+from sim.types import ConfigError, LocalPlan, RoundContext, State, Update
 
 POOLED_STREAM = 0x9001ED
 """Third element of the central trainer's RNG key, so its stream never collides with an institution's."""
@@ -21,10 +25,13 @@ POOLED_STREAM = 0x9001ED
 
 @register("pooled")
 class Pooled(Scheme):
-    """Round 1: institutions upload raw data. Every round: the coordinator trains on the pool."""
+    """Round 1: institutions upload raw data. Every round: the coordinator trains on the pool (or has Ray Train do it)."""
 
-    def __init__(self, *, cohort_fraction: float = 1.0):
+    def __init__(self, *, cohort_fraction: float = 1.0, trainer: str = "auto"):
         self.cohort_fraction = check_range("cohort_fraction", cohort_fraction, 0.0, 1.0, low_open=True)
+        if trainer not in TRAINERS:  # the backend acts on it (agents/ray_train.py); checked here before any actor
+            raise ConfigError("scheme.trainer", f"expected one of {', '.join(TRAINERS)}, got {trainer!r}")
+        self.trainer = trainer
         self._trainer: Trainer | None = None
         self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # scenario index -> (x, y)
         self._pool: tuple[np.ndarray, np.ndarray] | None = None  # concatenation cache
@@ -54,7 +61,9 @@ class Pooled(Scheme):
         if self._pool is None:
             pooled = concatenate([{"x": x, "y": y} for _, (x, y) in sorted(self._shards.items())])
             self._pool = (pooled["x"], pooled["y"])
-        new_state, _loss = self._trainer(state, self._pool[0], self._pool[1], key=(ctx.seed, ctx.round, POOLED_STREAM))
+        parts = tuple((i, len(y)) for i, (_, y) in sorted(self._shards.items()))  # whose rows, in pool order
+        new_state, _loss = self._trainer(state, self._pool[0], self._pool[1], key=(ctx.seed, ctx.round, POOLED_STREAM),
+                                         parts=parts)
         return new_state
 
     def state(self) -> dict[str, np.ndarray]:

@@ -12,9 +12,10 @@ import time
 from functools import partial
 from typing import Any, Callable
 
+from sim.bench import pooled
 from sim.bench import workloads as w
 
-SECTIONS = ("P", "S", "scale", "foundation", "compare", "sweep")  # --only names; sweep also runs with --sweep
+SECTIONS = ("P", "S", "scale", "foundation", "compare", "sweep", "pooled")  # --only names; sweep also runs with --sweep
 DEFAULT = ("P", "S", "scale", "foundation", "compare")  # the sweep is optional: it is a packing check, not a speed one
 
 
@@ -23,7 +24,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__)
     ap.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)} (default: all but sweep)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the benchmark, not a measurement")
-    ap.add_argument("--repeats", type=int, default=1, help="interleaved plain/collabsim pairs per workload; medians reported")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved plain/collabsim pairs per workload; medians reported "
+                    "(the pooled section: seeds per variant)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of the scale runs (default 5; 3 with --quick)")
     ap.add_argument("--sweep", action="store_true", help="also run the sweep-packing section")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
@@ -52,6 +54,8 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
     if "compare" in args.sections:
         jobs["compare"] = partial(w.command, "compare", "sim.compare",
                                   [*(["smoke=true"] if args.quick else []), *args.extra], args.repeats)
+    if "pooled" in args.sections:  # central trainer vs Ray Train on 1 and 2 CPU workers (sim/bench/pooled.py)
+        jobs["pooled"] = partial(pooled.pooled, args.quick, args.repeats, args.extra)
     if "sweep" in args.sections:
         overrides = ["sweep=compare_schemes", "smoke=true", *args.extra]
         jobs["sweep"] = partial(w.command, "sweep", "sim.sweep", overrides, args.repeats, w.packing(overrides))
@@ -95,6 +99,8 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"foundation (MiniLM+LoRA local step, {r['steps']} steps of 32x32 tokens, 1 thread): plain "
                          f"{r['plain']['samples_per_s']:.1f} samples/s, collabsim {r['collabsim']['samples_per_s']:.1f}"
                          f" samples/s, collabsim/plain {r['ratios']['samples_per_s']:.2f}")
+    if results.get("pooled", {}).get("kind") == "pooled":
+        lines += pooled.lines(results["pooled"])
     for name, r in results.items():
         if r["kind"] == "failed":
             lines.append(f"{name}: failed - {(r['error'].splitlines() or [''])[0]}")

@@ -130,8 +130,8 @@ class RecordingTrainer:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def __call__(self, state, x, y, key):
-        self.calls.append((x.copy(), y.copy(), key))
+    def __call__(self, state, x, y, key, parts=None):
+        self.calls.append((x.copy(), y.copy(), key, parts))
         return {"w": np.asarray(state["w"]) + 1.0}, 0.5
 
 
@@ -146,8 +146,9 @@ def test_pooled_concatenates_in_scenario_order_and_trains_centrally() -> None:
     # Assert
     assert scheme.plan(1).upload == "data"
     assert len(trainer.calls) == 2
-    x, y, key = trainer.calls[0]
+    x, y, key, parts = trainer.calls[0]
     np.testing.assert_array_equal(y, [0, 0, 1, 2, 2, 2])
+    assert parts == ((0, 2), (1, 1), (2, 3))  # whose rows, in pool order: Ray Train gives each its own worker
     assert x.shape == (6, 2)
     assert key == (4, 1, POOLED_STREAM)
     np.testing.assert_array_equal(trainer.calls[1][1], y)  # the pool is kept, not re-sent
