@@ -65,11 +65,14 @@ def worker_plan(spec: Any, specs: Sequence[InstitutionSpec], cpus: float, gpus: 
     """The job's reservation for a run (a :class:`~sim.config.RunSpec`) on a cluster of ``cpus``/``gpus``, or None
     when it trains centrally. ``room``: CPUs left beside the coordinator, which the workers and the hosts share.
 
-    ``auto`` takes Ray Train only while there is a core per worker (as placement=auto gives an
-    institution its own process only then) and room beside the workers for the hosts; otherwise it
-    trains centrally. An explicit ``ray_train`` that does not fit is refused.
+    ``auto`` takes Ray Train when the run joins a cluster (``cluster.address`` set) and trains
+    centrally on a local one: a choice the config makes, not the machine's size, so the same
+    config gives the same numbers wherever it runs (a laptop's cores could not keep one worker per
+    institution busy anyway). ``ray_train`` (asked for, or ``auto`` on a cluster) that does not fit is refused.
     """
     choice = resolve(spec.scheme, spec.engine.backend)
+    if choice == AUTO:
+        choice = RAY_TRAIN if (spec.cluster or {}).get("address") else CENTRAL
     if choice == CENTRAL or not specs:
         return None
     n = len(specs)
@@ -78,8 +81,6 @@ def worker_plan(spec: Any, specs: Sequence[InstitutionSpec], cpus: float, gpus: 
     per_cpu = sum(s.cpus for s in specs) / n
     per_cpu = max(per_cpu, MIN_WORKER_CPUS) if per_gpu == 0 else per_cpu
     fits = n * per_cpu < room - 1e-9 and n * per_gpu <= gpus + 1e-9
-    if choice == AUTO and not (fits and n <= min(spec.engine.max_dedicated, cpus + 1e-9)):
-        return None
     if not fits:
         raise ConfigError("scheme.trainer", f"ray_train's {n} workers ask for {n * per_cpu:g} CPUs and {n * per_gpu:g} "
                           f"GPUs (the institutions' cpus/gpus) beside the coordinator, and the cluster has {room:g} CPUs "

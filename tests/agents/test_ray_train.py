@@ -92,11 +92,13 @@ def test_an_impossible_trainer_is_refused_naming_the_key(overrides, cpus, key):
     assert err.value.key == key
 
 
-def test_auto_takes_ray_train_only_while_there_is_a_core_per_worker():
-    spec = spec_of()
-    assert plan_layout(spec, spec.scenario.institutions, cpus=2, gpus=0).workers is None  # six workers on 2 cores
-    assert plan_layout(spec, spec.scenario.institutions, cpus=8, gpus=0).workers.workers == 6
-    inproc = spec_of("engine.backend=inprocess")
+def test_auto_takes_ray_train_on_a_cluster_the_config_joins_whatever_its_size():
+    local = spec_of()
+    assert plan_layout(local, local.scenario.institutions, cpus=8, gpus=0).workers is None  # a local cluster: central
+    joined = spec_of("cluster.address=auto")
+    for cpus in (2, 8):  # the config decides, not the machine
+        assert plan_layout(joined, joined.scenario.institutions, cpus=cpus, gpus=0).workers.workers == 6
+    inproc = spec_of("engine.backend=inprocess", "cluster.address=auto")
     assert plan_layout(inproc, inproc.scenario.institutions, cpus=8, gpus=0).workers is None
 
 
