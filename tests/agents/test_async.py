@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -213,9 +214,14 @@ def test_the_async_experiment_composes_three_schemes_at_equal_time_and_validates
     # Execute
     configs = scheme_configs(cfg, ["+experiment=async"])
     specs = {label: load_spec(c) for label, c in configs.items()}
-    # Assert: fedavg's 20 rounds beside 500 arrivals of each asynchronous scheme; one per discipline ten times slower
+    # Assert: fedavg's 40 rounds (plain and with its tuned server_lr) beside 1002 arrivals of each asynchronous
+    # scheme; one per discipline ten times slower
     assert {k: (s.scheme_name, s.rounds) for k, s in specs.items()} == {
-        "isolated": ("isolated", 20), "fedavg": ("fedavg", 20),
-        "fedasync_same_time": ("fedasync", 500), "fedbuff_same_time": ("fedbuff", 500)}
+        "isolated": ("isolated", 40), "fedavg": ("fedavg", 40), "fedavg_tuned": ("fedavg", 40),
+        "fedasync_same_time": ("fedasync", 1002), "fedbuff_same_time": ("fedbuff", 1002)}
+    assert (configs["fedavg"].scheme.server_lr, configs["fedavg_tuned"].scheme.server_lr) == (1.0, 3.0)
+    # a fair comparison: the same data and local training (constant lr: no schedule tied to a scheme's round count)
+    assert len({(repr(s.data), dataclasses.replace(s.training, rounds=0)) for s in specs.values()}) == 1
+    assert specs["fedavg"].training.schedule == "constant"
     speeds = {(i.discipline, i.speed) for i in specs["fedavg"].scenario.institutions}
     assert speeds == {(d, v) for d in ("medicine", "physics", "finance") for v in (1.0, 0.1)}
