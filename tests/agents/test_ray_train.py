@@ -120,8 +120,9 @@ def test_ray_train_follows_the_shards_repeats_itself_and_matches_central_accurac
     start = get_state(model)
     parts = ((0, 200), (3, 0), (5, 100))
     trainer = DataParallel(WorkerPlan(3, 0.5, 0.0), model=MLP, shape=((5,), 2), training=TRAINING, seed=0, threads=1)
-    # Execute: three rounds on one job, round 1 once more, and three rounds of the central trainer
+    # Execute: round 1 on a fresh job, three rounds on it, round 1 once more, and three rounds of the central trainer
     try:
+        fresh = rounds_of(trainer, start, x, y, parts, rounds=1)
         a = rounds_of(trainer, start, x, y, parts)
         again = rounds_of(trainer, start, x, y, parts, rounds=1)
         first = rounds_of(trainer, start, x, y, parts[:1] + parts[2:], rounds=1)  # the same pool: no new job
@@ -133,9 +134,10 @@ def test_ray_train_follows_the_shards_repeats_itself_and_matches_central_accurac
         set_state(model, central)
         local_train(model, x, y, training=TRAINING, plan=LocalPlan(upload="data"), key=(0, r, 7))
         central = get_state(model)
-    # Assert: a worker per institution with rows; the same round gives the same weights; accuracy as central's
+    # Assert: a worker per institution with rows; a round gives the same weights whatever the job did before (what a
+    # resumed run, which starts a new job from the checkpointed pool and state, relies on); accuracy as central's
     assert workers == 2 and jobs == 1
-    assert all(np.array_equal(again[k], first[k]) for k in again)
+    assert all(np.array_equal(again[k], first[k]) and np.array_equal(fresh[k], first[k]) for k in again)
     accuracy = {}
     for name, state in (("ray_train", a), ("central", central)):
         set_state(model, state)
@@ -144,25 +146,21 @@ def test_ray_train_follows_the_shards_repeats_itself_and_matches_central_accurac
     assert accuracy["central"] > 0.9 and abs(accuracy["ray_train"] - accuracy["central"]) < 0.03
 
 
-def test_a_pooled_run_on_ray_train_books_the_contributors_and_resumes_to_the_same_numbers(small_cfg, ray_cluster,
-                                                                                        tmp_path):
+def test_a_pooled_run_on_ray_train_books_the_contributors_and_learns(small_cfg, ray_cluster, tmp_path):
+    # (Resuming restarts the job from the checkpointed pool and global state; that a round's result depends on those
+    # and its key alone, not on the job's history, is checked in the direct test above: one job start here, not three.)
     # Prepare: three institutions of which two hand over their data (cohort_fraction 0.6 -> 2), one host actor
     from sim.data import build_federation
     from sim.engine import run
     from sim.models import model_flops
-    from stopping import Stop, stop_after
 
     cfg = small_cfg("scheme=pooled", "scheme.trainer=ray_train", "scheme.cohort_fraction=0.6", "placement=pooled",
                     "engine.pooled_hosts=1", "scenario.num_institutions=3", "scenario.cpus=0.5", "cluster.num_cpus=4",
-                    "checkpoint_every=1")
+                    "checkpoint_every=0")
     spec = load_spec(cfg)
-    # Execute: straight through; and stopped after round 1, then resumed (each a new Ray Train job)
+    # Execute
     result = run(cfg, tmp_path / "ref")
-    with pytest.raises(Stop):
-        run(cfg, tmp_path / "cut", on_round=stop_after(1))
-    resumed = run(compose("config", [f"resume={tmp_path / 'cut'}"]))
-    # Assert: identical numbers; the global row trains every round at the two contributors' combined compute
-    pd.testing.assert_frame_equal(resumed.metrics, result.metrics)
+    # Assert: the global row trains every round at the two contributors' combined compute
     ledger = result.ledger
     contributors = set(ledger[(ledger["round"] == 1) & (ledger.bytes_up > 0)].institution)
     assert len(contributors) == 2
