@@ -91,7 +91,8 @@ def run(
             # 6. The round lasts as long as its slowest participant (synchronous rounds), at most engine.round_deadline_s;
             #    an asynchronous scheme's round ends when the update it merged arrived (round_end, on the coordinator's row).
             end = next((row.pop("round_end") for row in rows if "round_end" in row), None)
-            progress.sim_time = end if end is not None else progress.sim_time + round_seconds(rows, spec.engine.round_deadline_s)
+            progress.sim_time = end if end is not None else (
+                progress.sim_time + round_seconds(rows, spec.engine.round_deadline_s))
             losses = []
             for row in rows:
                 loss = row.pop("train_loss", math.nan)
