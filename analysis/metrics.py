@@ -273,6 +273,7 @@ def run_costs(ledger: pd.DataFrame) -> pd.DataFrame:
     institutions work in parallel; an asynchronous round does not wait for its slowest member); for tables without
     it, the sum round by round of the slowest participant's simulated seconds. ``epsilon`` is the largest
     privacy spend of any institution by the end of the run, NaN when the scheme adds no noise.
+    ``staleness`` is the mean staleness of the updates an asynchronous scheme merged (NaN otherwise).
     """
     sums = ledger.groupby(RUN)[["bytes_up", "bytes_down", "compute_seconds", "simulated_seconds"]].sum()
     per_round = ledger.groupby([*RUN, "round"])["simulated_seconds"].max()
@@ -280,6 +281,8 @@ def run_costs(ledger: pd.DataFrame) -> pd.DataFrame:
     if "sim_time" in ledger:
         sums["simulated_duration"] = ledger.groupby(RUN)["sim_time"].max().fillna(sums["simulated_duration"])
     sums["epsilon"] = ledger.groupby(RUN)["epsilon"].max()
+    # Asynchronous schemes: mean server steps between an update's dispatch and its merge (NaN for synchronous ones).
+    sums["staleness"] = ledger.groupby(RUN)["staleness"].mean() if "staleness" in ledger else np.nan
     sums["megabytes"] = (sums["bytes_up"] + sums["bytes_down"]) / 1e6
     # What one institution sends and receives in a round it takes part in: LoRA adapters vs a whole model at a glance.
     took_part = ledger[ledger["participated"] & (ledger["institution"] != GLOBAL)]
@@ -300,7 +303,7 @@ def cost_table(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     per_run["scenario"] = per_run["scenario"].fillna(per_run["run_id"].map(metrics.groupby("run_id")["scenario"].first()))
     per_run["scheme"] = per_run["scheme"].fillna(per_run["run_id"].map(metrics.groupby("run_id")["scheme"].first()))
     values = ["bytes_up", "bytes_down", "megabytes", "mb_per_member_round", "compute_seconds", "simulated_seconds",
-              "simulated_duration", "epsilon", "mean_accuracy"]
+              "simulated_duration", "staleness", "epsilon", "mean_accuracy"]
     table = per_run.groupby(["scenario", "scheme"], sort=False)[values].mean()
     table["runs"] = per_run.groupby(["scenario", "scheme"], sort=False)["run_id"].nunique()
     table = table.reset_index()

@@ -69,6 +69,8 @@ GUIDE: dict[str, tuple[str, str, str]] = {
                             "part in.", "mb"),
     "compute_seconds": ("Compute (s)", "Measured seconds of local training, summed over institutions and rounds.", "sec"),
     "simulated_seconds": ("Busy time (s)", "Simulated seconds of work and transfer, summed over institutions.", "sec"),
+    "staleness": ("Staleness", "Asynchronous schemes: mean number of server steps between the model an update was trained "
+                  "from and the one it was merged into (— for synchronous schemes).", "ratio"),
     "simulated_duration": ("Duration (s)", "Simulated length of the run: a synchronous round lasts as long as its slowest participant (at most the round deadline), an asynchronous one until the next arrival.", "sec"),
     "epsilon": ("Privacy ε", "Largest differential-privacy budget spent by any institution (— = no privacy noise).", "float"),
     "accuracy_per_mb": ("Accuracy per MB", "Mean accuracy divided by megabytes exchanged (— when nothing is exchanged).", "ratio"),

@@ -29,7 +29,7 @@ FAIRNESS_COLUMNS = ["scheme", "worst_institution", "worst_gain", "gain_std", "ga
 SUMMARY_COLUMNS = ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain",
                    "mean_gain_interval", "worse_off", "megabytes"]
 COST_COLUMNS = ["scheme", "megabytes", "mb_up", "mb_down", "mb_per_member_round", "compute_seconds", "simulated_seconds",
-                "simulated_duration", "epsilon", "mean_accuracy", "accuracy_per_mb", "pareto"]
+                "simulated_duration", "staleness", "epsilon", "mean_accuracy", "accuracy_per_mb", "pareto"]
 
 
 def analyse(results: Results, target: float | None = None) -> dict[str, pd.DataFrame]:
@@ -203,7 +203,7 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
     out += section(f"fairness{tag}", "Fairness of the gains" + suffix, table(pick["fairness"], FAIRNESS_COLUMNS),
                    "Are the gains shared evenly, and do some disciplines end up behind?")
     costs = pick["costs"].assign(mb_up=lambda d: d["bytes_up"] / 1e6, mb_down=lambda d: d["bytes_down"] / 1e6)
-    cost_cols = [c for c in COST_COLUMNS if c != "epsilon" or costs["epsilon"].notna().any()]
+    cost_cols = [c for c in COST_COLUMNS if c not in ("epsilon", "staleness") or costs[c].notna().any()]
     out += section(f"costs{tag}", "What it costs" + suffix,
                    image(plots.png_bytes(plots.pareto_plot(costs)), "Mean accuracy against MB exchanged",
                          "A scheme is on the Pareto front when no other is both more accurate and cheaper to communicate. "

@@ -46,3 +46,17 @@ def test_run_duration_is_the_clock_not_the_sum_of_each_rounds_slowest() -> None:
     # Execute / Assert: the clock's 2 s (a table without sim_time falls back to the sum of the maxima, 10 s)
     assert run_costs(ledger)["simulated_duration"].tolist() == [2.0]
     assert run_costs(ledger.drop(columns="sim_time"))["simulated_duration"].tolist() == [10.0]
+
+
+def test_mean_staleness_of_the_updates_merged_is_a_run_cost_and_nan_for_synchronous_ledgers() -> None:
+    from analysis.metrics import run_costs
+
+    # Prepare: three arrivals 0, 2 and 4 steps stale, and rows of institutions still training (NaN)
+    ledger = pd.DataFrame({"run_id": "r", "scheme": "fedbuff", "scenario": "s", "seed": 0, "round": [1, 1, 2, 3],
+                           "institution": ["a", "b", "a", "b"], "participated": True, "bytes_up": 1, "bytes_down": 1,
+                           "compute_seconds": 0.0, "simulated_seconds": 1.0, "epsilon": math.nan,
+                           "staleness": [0.0, math.nan, 2.0, 4.0]})
+    # Execute / Assert
+    assert run_costs(ledger)["staleness"].tolist() == [2.0]
+    assert run_costs(ledger.assign(staleness=math.nan))["staleness"].isna().all()
+    assert run_costs(ledger.drop(columns="staleness"))["staleness"].isna().all()  # ledgers from before the column
