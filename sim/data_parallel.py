@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sim.train import _autocast, _widened, rng_for
+from sim.train import _autocast, _widened, optimizer, rng_for
 from sim.types import TrainingSpec
 
 
@@ -50,7 +50,7 @@ def train_round(ddp: Any, model: Any, x: Any, y: Any, *, sizes: Sequence[int], r
     rows = step_rows(sizes, steps)
     np_rng, gen = rng_for((*key, index))  # the institution's own stream: the same whichever rank it gets
     device = x.device
-    opt = _optimizer(model, training)
+    opt = optimizer(model, training)
     scaler = torch.amp.GradScaler(device.type, enabled=training.precision == "fp16" and device.type == "cuda")
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
@@ -75,16 +75,3 @@ def train_round(ddp: Any, model: Any, x: Any, y: Any, *, sizes: Sequence[int], r
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     return float(total[0] / total[1]) if float(total[1]) else math.nan
-
-
-def _optimizer(model: Any, training: TrainingSpec) -> Any:
-    """SGD or AdamW over the trainable parameters, a transformer's head at ``head_lr``: as :func:`sim.train.local_train`."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    head = getattr(model, "head_keys", frozenset())
-    params: list = [p for _, p in named]
-    if training.head_lr is not None and head:
-        params = [{"params": [p for n, p in named if n not in head]},
-                  {"params": [p for n, p in named if n in head], "lr": training.head_lr}]
-    if training.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
-    return torch.optim.SGD(params, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)

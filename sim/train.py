@@ -104,6 +104,20 @@ def _minibatches(rng: np.random.Generator, n: int, training: TrainingSpec) -> li
     return batches
 
 
+def optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
+    """A fresh SGD or AdamW over the model's trainable parameters; a transformer's head (``model.head_keys``) at
+    ``training.head_lr`` when set. What every local step and the data-parallel pooled step train with."""
+    trainable: list = [p for p in model.parameters() if p.requires_grad]
+    head = getattr(model, "head_keys", frozenset())
+    if training.head_lr is not None and head:  # a fresh head learns faster than pretrained weights may move
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        trainable = [{"params": [p for n, p in named if n not in head]},
+                     {"params": [p for n, p in named if n in head], "lr": training.head_lr}]
+    if training.optimizer == "adamw":  # what LoRA fine-tuning uses in practice; momentum does not apply
+        return torch.optim.AdamW(trainable, lr=training.lr, weight_decay=training.weight_decay)
+    return torch.optim.SGD(trainable, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
+
+
 def local_train(
     model: nn.Module,
     x: np.ndarray,
@@ -148,16 +162,7 @@ def local_train(
         pull = {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dtype).clone() for k, v in source.items() if k in params}
     shift = {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dtype) for k, v in (correction or {}).items()
              if k in params}
-    trainable: list = [p for p in model.parameters() if p.requires_grad]
-    head = getattr(model, "head_keys", frozenset())
-    if training.head_lr is not None and head:  # a fresh head learns faster than pretrained weights may move
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        trainable = [{"params": [p for n, p in named if n not in head]},
-                     {"params": [p for n, p in named if n in head], "lr": training.head_lr}]
-    if training.optimizer == "adamw":  # what LoRA fine-tuning uses in practice; momentum does not apply
-        opt: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=training.lr, weight_decay=training.weight_decay)
-    else:
-        opt = torch.optim.SGD(trainable, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
+    opt = optimizer(model, training)
     if dp is not None:  # Poisson samples of the shard, as the accountant counts them
         batches = dp_sgd.poisson_batches(n, training.batch_size, training.local_epochs,
                                          rng_for((*key, dp_sgd.SAMPLING_STREAM))[1])[:max_steps]
