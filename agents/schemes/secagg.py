@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from agents.schemes import privacy
 from sim.faults import FAILED
 from sim.types import LocalPlan, RoundContext, State, Update
 
@@ -146,11 +147,6 @@ def members(ctx: RoundContext) -> list[str]:
     return sorted(set(ctx.cohort) | {name for name, fault in ctx.dropped if fault == FAILED})
 
 
-def floating(state: State) -> list[str]:
-    """Keys of ``state`` whose arrays are floating point, in its order: what is summed (integer buffers are not)."""
-    return [k for k, v in state.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
-
-
 def seal(plan: LocalPlan, ctx: RoundContext, global_state: State, update: Update) -> Update:
     """The institution's side: ``update`` with its state replaced by its masked vector, ready to leave its host.
 
@@ -160,15 +156,14 @@ def seal(plan: LocalPlan, ctx: RoundContext, global_state: State, update: Update
     """
     if not update.state:
         return update
-    keys = floating(global_state)
+    keys = privacy.floating(global_state)
     missing = [k for k in keys if k not in update.state]
     if missing:
         raise ValueError(f"secure aggregation: {update.institution}'s update lacks {missing[0]!r}; every member must "
                          "send every key of the global state")
     change = {k: np.asarray(update.state[k], np.float64) - np.asarray(global_state[k], np.float64) for k in keys}
     if plan.secure_clip > 0:
-        norm = float(np.sqrt(sum(float(np.sum(np.square(c))) for c in change.values())))
-        change = {k: c * min(1.0, plan.secure_clip / norm) if norm > 0 else c for k, c in change.items()}
+        change = privacy.clip(change, plan.secure_clip)
     weight = 1.0 if plan.secure_weighting == "uniform" else float(update.num_samples)
     who = members(ctx)
     words = mask(encode(np.append(flatten(change, keys) * weight, weight)), who.index(update.institution), len(who),
@@ -190,5 +185,5 @@ def masked_sum(ctx: RoundContext, global_state: State, updates: Sequence[Update]
     if len(masked) < threshold(len(who)):
         return None
     total = unmask_sum(masked, len(who), ctx.seed, ctx.round)
-    keys = floating(global_state)
+    keys = privacy.floating(global_state)
     return unflatten(total[:-1], {k: global_state[k] for k in keys}, keys), float(total[-1])
