@@ -92,12 +92,11 @@ def _where(spec: SweepSpec, key: str) -> str:
     """Name a bad key where the user wrote it: in the sweep's space, its overrides, or the command line."""
     if key in spec.keys:
         return f"sweep.space.{key}"
+    sets = lambda overrides: any(_key(o) == key or _key(o).startswith(key + ".") for o in overrides)  # noqa: E731
     for value, overrides in spec.variants.items():
-        if any(_key(o) == key or _key(o).startswith(key + ".") for o in overrides):
+        if sets(overrides):
             return f"sweep.variants.{variant_label(value)}: {key}"
-    if any(_key(o) == key or _key(o).startswith(key + ".") for o in spec.overrides):
-        return f"sweep.overrides: {key}"
-    return key
+    return f"sweep.overrides: {key}" if sets(spec.overrides) else key
 
 
 def _key(override: str) -> str:
