@@ -40,13 +40,12 @@ import pandas as pd
 
 from analysis.metrics import GLOBAL, RUN, order_rows, pareto_front, run_accuracy
 from analysis.runs import read_config
-from sim.clock import FLOPS_PER_CPU, FLOPS_PER_GPU
+from sim.clock import FLOPS_PER_CPU, FLOPS_PER_GPU, MIN_CPUS  # the clock's floor: what it runs, it charges
 from sim.results import TableError, read_one
 from sim.schema import PRICES
 
 TARGET_FRACTION = 0.95
 """Default target: this share of the best mean accuracy any scheme reaches (close to the best, reachable in noise)."""
-MIN_CPUS = 0.1  # sim/clock.py runs an institution declaring less than a tenth of a core on one; so it is charged
 USAGE = ["cpu_hours", "gpu_hours", "gb", "kwh", "co2_kg"]
 CHARGES = (("cpu_hours", "cpu_hour", "compute_money"), ("gpu_hours", "gpu_hour", "compute_money"),
            ("gb", "gb", "transfer_money"), ("kwh", "kwh", "energy_money"))

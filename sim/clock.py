@@ -13,6 +13,7 @@ from sim.types import InstitutionSpec
 FLOPS_PER_CPU = 2e9  # sustained multiply-adds/s of one CPU core on small dense layers
 FLOPS_PER_GPU = 2e12  # a modest datacenter GPU on the same workload (an order of 1000x a core)
 TRAIN_COST = 3  # forward + backward is about three forward passes
+MIN_CPUS = 0.1  # an institution declaring less compute than this many cores is run (and priced) at this many
 
 
 def compute_seconds(spec: InstitutionSpec, samples_processed: int, flops_per_sample: int) -> float:
@@ -26,7 +27,7 @@ def flops_rate(spec: InstitutionSpec) -> float:
     """Multiply-adds per second the institution sustains: its GPUs and CPUs, times its ``speed`` factor."""
     rate = spec.gpus * FLOPS_PER_GPU + spec.cpus * FLOPS_PER_CPU
     # An institution with no declared compute still trains; charge it a tenth of a core.
-    return max(rate, 0.1 * FLOPS_PER_CPU) * spec.speed
+    return max(rate, MIN_CPUS * FLOPS_PER_CPU) * spec.speed
 
 
 def transfer_seconds(spec: InstitutionSpec, bytes_up: int, bytes_down: int) -> float:
