@@ -303,14 +303,16 @@ def test_the_command_refuses_a_bad_sweep_before_ray_starts(tmp_path):
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """compare_schemes shrunk to 2 schemes x 2 seeds, two trials at a time on 2 CPUs; the driver's whole process
-    group is killed once two trials have finished, then ``resume=true`` finishes the sweep."""
+    group is killed once two trials have finished and the console has said so, then ``resume=true`` finishes the sweep.
+
+    (A trial's tables are written before Tune's callback prints its line: waiting for the tables alone raced the line.)"""
     out = tmp_path_factory.mktemp("sweep") / "sweep"
     args = [sys.executable, "-m", "sim.sweep", "sweep=compare_schemes", *TINY, f"hydra.run.dir={out}"]
     log = out.parent / "first.log"
     with open(log, "w") as sink:
         first = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
-        while time.time() < deadline and first.poll() is None and len(finished(out)) < 2:
+        while time.time() < deadline and first.poll() is None and (len(finished(out)) < 2 or printed(log) < 2):
             time.sleep(0.2)
         os.killpg(first.pid, signal.SIGKILL)  # the group this test started: the driver and the Ray it started
         first.wait()
@@ -320,6 +322,11 @@ def resumed(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     return SimpleNamespace(dir=out, before=before, proc=proc, first=log.read_text(),
                            trials=pd.read_parquet(out / "trials.parquet"))
+
+
+def printed(log: Path) -> int:
+    """How many trial lines the sweep has printed so far."""
+    return sum(ln.startswith("trial ") for ln in _read(log).splitlines())
 
 
 def finished(sweep_dir: Path) -> list[Path]:
