@@ -18,9 +18,9 @@ import torch
 from agents.institution import Institution
 from agents.schemes import secagg
 from sim import stragglers
-from sim.batched import batchable, train_many
+from sim.batched import batchable, evaluate_many, scorable, train_many
 from sim.train import scheduled
-from sim.models import build_model, check_state_keys
+from sim.models import build_model, check_state_keys, set_state
 from sim.types import InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update
 
 
@@ -121,6 +121,21 @@ class Host:
     def evaluate(self, plan: LocalPlan, global_state: State | None,
                  only: frozenset[str] | None = None) -> list[tuple[str, dict[str, float]]]:
         """Each hosted institution's (or only those named in ``only``) test scores for the model it ends the round with."""
+        chosen = [i for i in self.institutions if only is None or i.spec.name in only]
+        if (chosen and global_state and self.vectorise and plan.evaluate != "personal"
+                and plan.adapt_steps <= 0 and plan.adapt_epochs <= 0 and scorable(self.model, self.training.precision)):
+            return self._evaluate_together(chosen, global_state)
         return [(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test, self.global_val))
-                for i in self.institutions
-                if only is None or i.spec.name in only]
+                for i in chosen]
+
+    def _evaluate_together(self, chosen: Sequence[Institution], global_state: State) -> list[tuple[str, dict[str, float]]]:
+        """Everybody scores the merged model on its own test (and validation) split: one batched pass (sim.batched)."""
+        set_state(self.model, global_state)
+        sets = [(i.shard.x_test, i.shard.y_test) for i in chosen]
+        vals = [k for k, i in enumerate(chosen) if i.shard.y_val is not None and len(i.shard.y_val)]
+        sets += [(chosen[k].shard.x_val, chosen[k].shard.y_val) for k in vals]
+        scored = evaluate_many(self.model, sets)
+        out = [{"accuracy": acc, "loss": loss} for acc, loss in scored[: len(chosen)]]
+        for k, (acc, loss) in zip(vals, scored[len(chosen):]):
+            out[k] |= {"val_accuracy": acc, "val_loss": loss}
+        return [(i.spec.name, row) for i, row in zip(chosen, out)]

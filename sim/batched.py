@@ -19,6 +19,7 @@ unbatched matmuls sum in different orders.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -137,6 +138,41 @@ def train_many(
     return results  # type: ignore[return-value]
 
 
+# Modules that act on each value alone: applied to a stacked (institutions, batch, features) tensor they compute
+# exactly what they compute per institution, so a stack of them and Linear layers needs no vmap (see _stacked_forward).
+_ELEMENTWISE = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+)
+
+
+def _linear_stack(model: nn.Module) -> bool:
+    """Whether ``model`` is a flat Sequential of Linear layers, element-wise activations and a leading Flatten."""
+    if type(model) is not nn.Sequential:
+        return False
+    for i, m in enumerate(model):
+        flatten_first = i == 0 and type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1
+        if not (flatten_first or type(m) is nn.Linear or type(m) in _ELEMENTWISE):
+            return False
+    return True
+
+
+def _stacked_forward(model: nn.Sequential, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits (A, b, classes) of A institutions' own weights (leading axis A) on their batches x (A, b, features).
+
+    A Linear layer is one batched matrix product (``baddbmm``) of each institution's rows with its
+    own weight; activations apply element-wise; the leading Flatten is done on the data beforehand.
+    Ordinary autograd then gives each institution its own gradient, with none of vmap's per-call cost.
+    """
+    for name, m in model.named_children():
+        if type(m) is nn.Linear:
+            w, b = weights[f"{name}.weight"].transpose(1, 2), weights.get(f"{name}.bias")
+            x = torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+        elif type(m) is not nn.Flatten:
+            x = m(x)
+    return x
+
+
 def _train_chunk(
     model: nn.Module,
     starts: Sequence[dict[str, np.ndarray]],
@@ -147,19 +183,31 @@ def _train_chunk(
     training: TrainingSpec,
     plan: LocalPlan,
 ) -> list[Result]:
-    """One vmapped run over institutions that all have at least one step."""
+    """One batched run over institutions that all have at least one step.
+
+    Institutions are ordered by step count, so the ones still training at step t are a
+    suffix of the chunk: a linear stack trains that suffix alone (a slice of the stacked
+    tensors, updated in place), so finished institutions cost nothing.
+    """
     first = next(model.parameters())
     device, dtype = first.device, first.dtype
+    order = sorted(range(len(starts)), key=lambda i: len(plans[i]))  # stable: ties keep their input order
+    starts, shards_xy = [starts[i] for i in order], [shards_xy[i] for i in order]
+    plans, anchors = [plans[i] for i in order], [anchors[i] for i in order]
     K, bs = len(starts), max(1, int(training.batch_size))
     trainable = [k for k, p in model.named_parameters() if p.requires_grad]
     frozen = [k for k, p in model.named_parameters() if not p.requires_grad]  # torch.optim.SGD never sees these
+    stack = _linear_stack(model)
 
     # 1. Data: every shard in one flat tensor; a minibatch is a (K, bs) gather of global row numbers.
     xs = [_as_tensor(x, device, dtype) for x, _ in shards_xy]
     ys = [_as_tensor(y, device, None) for _, y in shards_xy]
     x_all, y_all = torch.cat(xs), torch.cat(ys)
+    if stack and type(model[0]) is nn.Flatten:
+        x_all = x_all.flatten(1)
     offsets = np.cumsum([0] + [len(y) for y in ys[:-1]])
-    S = max(len(p) for p in plans)
+    lengths = np.array([len(p) for p in plans])
+    S = int(lengths.max())
     index = np.zeros((K, S, bs), dtype=np.int64)
     valid = np.zeros((K, S, bs), dtype=bool)
     for k, batches in enumerate(plans):
@@ -170,7 +218,8 @@ def _train_chunk(
     index_t = torch.from_numpy(index).to(device)
     mask_t = torch.from_numpy(valid).to(device=device, dtype=dtype)
     counts = valid.sum(axis=2)  # (K, S) samples per step, 0 once an institution is done
-    active_t = torch.from_numpy(counts > 0).to(device)
+    count_t = torch.from_numpy(counts).to(device=device, dtype=torch.float64)
+    live_from = np.searchsorted(lengths, np.arange(S), side="right")  # step t trains institutions live_from[t]..K-1
 
     # 2. Stacked state: trainable parameters, frozen ones, and the FedProx anchors with a per-key flag.
     params = _stack(starts, trainable, device)
@@ -189,42 +238,140 @@ def _train_chunk(
                 ])).to(device=device, dtype=dtype)
                 flag[name] = torch.tensor(has, dtype=dtype, device=device)
 
-    def loss_fn(p, f, xb, yb, m, a, fl):
-        """Masked mean cross-entropy of one institution's batch plus its proximal term; aux: the data loss."""
-        logits = torch.func.functional_call(model, {**p, **f}, (xb,))
-        data = (F.cross_entropy(logits, yb, reduction="none") * m).sum() / m.sum().clamp(min=1.0)
-        loss = data
-        if a:
-            loss = loss + 0.5 * mu * sum(fl[k] * ((p[k] - a[k]) ** 2).sum() for k in a)
-        return loss, data
+    def data_loss(logits, yb, m):
+        """Masked mean cross-entropy of each institution's batch (padding rows weigh 0)."""
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none")
+        return (ce.view(m.shape) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
 
-    step_fn = torch.vmap(torch.func.grad_and_value(loss_fn, has_aux=True))
+    def prox(p, a, fl):
+        """Each of A institutions' proximal terms 0.5 * mu * sum over anchored keys of ||p - anchor||^2: shape (A,)."""
+        return 0.5 * mu * sum(fl[k] * ((p[k] - a[k]) ** 2).flatten(1).sum(1) for k in a)
 
-    # 3. SGD written out as torch.optim.SGD does it, frozen where an institution has no step left.
+    if stack:
+        def step(p, f, xb, yb, m, a, fl):
+            """Gradients of A institutions' losses by ordinary autograd through the stacked forward; aux: data losses."""
+            leaves = {k: v.detach().requires_grad_() for k, v in p.items()}
+            data = data_loss(_stacked_forward(model, {**leaves, **f}, xb), yb, m)
+            loss = data.sum() + (prox(leaves, a, fl).sum() if a else 0.0)  # institutions' losses are independent
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+            return dict(zip(leaves, grads)), data.detach()
+    else:
+        def loss_fn(p, f, xb, yb, m, a, fl):
+            """One institution's masked mean cross-entropy plus its proximal term; aux: the data loss."""
+            logits = torch.func.functional_call(model, {**p, **f}, (xb,))
+            data = (F.cross_entropy(logits, yb, reduction="none") * m).sum() / m.sum().clamp(min=1.0)
+            loss = data
+            if a:
+                loss = loss + 0.5 * mu * sum(fl[k] * ((p[k] - a[k]) ** 2).sum() for k in a)
+            return loss, data
+
+        vstep = torch.vmap(torch.func.grad_and_value(loss_fn, has_aux=True))
+
+        def step(p, f, xb, yb, m, a, fl):
+            grads, (_, data) = vstep(p, f, xb, yb, m, a, fl)
+            return grads, data
+
+    # 3. SGD written out as torch.optim.SGD does it. A linear stack trains the institutions still training (a
+    #    suffix) and updates them in place; the vmapped step keeps every institution in the call and freezes the
+    #    finished ones (a vmapped convolution is a grouped one, whose rounding changes with the number of groups).
     lr, wd, mom = float(training.lr), float(training.weight_decay), float(training.momentum)
     bufs = {k: torch.zeros_like(v) for k, v in params.items()}  # m*0 + d == d: the first step's buf = d
     loss_sum = torch.zeros(K, dtype=torch.float64, device=device)
+    active_t = torch.from_numpy(counts > 0).to(device)
     for t in range(S):
-        idx = index_t[:, t]
+        lo = int(live_from[t]) if stack else 0
+        idx = index_t[lo:, t]
         xb, yb = x_all[idx], y_all[idx]
-        grads, (_, data) = step_fn(params, fixed, xb, yb, mask_t[:, t], pull, flag)
-        live = active_t[:, t]
-        loss_sum += torch.where(live, data.detach().double() * mask_t[:, t].double().sum(1), 0.0)
-        for k, p in params.items():
-            gate = live.view(-1, *([1] * (p.dim() - 1)))  # broadcast over the parameter's own axes
-            d = grads[k].add(p, alpha=wd) if wd != 0 else grads[k]
-            if mom != 0:
-                bufs[k] = torch.where(gate, bufs[k].mul(mom).add(d), bufs[k])
-                d = bufs[k]
-            params[k] = torch.where(gate, p.add(d, alpha=-lr), p)
+        grads, data = step({k: v[lo:] for k, v in params.items()}, {k: v[lo:] for k, v in fixed.items()}, xb, yb,
+                           mask_t[lo:, t], {k: v[lo:] for k, v in pull.items()}, {k: v[lo:] for k, v in flag.items()})
+        loss_sum[lo:] += data.double() * count_t[lo:, t]  # a finished institution's count is 0
+        with torch.no_grad():
+            for k, p in params.items():
+                live = p[lo:]
+                d = grads[k].add(live, alpha=wd) if wd != 0 else grads[k]
+                if stack:
+                    if mom != 0:
+                        d = bufs[k][lo:].mul_(mom).add_(d)
+                    live.add_(d, alpha=-lr)
+                    continue
+                gate = active_t[:, t].view(-1, *([1] * (p.dim() - 1)))  # broadcast over the parameter's own axes
+                if mom != 0:
+                    bufs[k] = torch.where(gate, bufs[k].mul(mom).add(d), bufs[k])
+                    d = bufs[k]
+                params[k] = torch.where(gate, p.add(d, alpha=-lr), p)
 
-    # 4. Back to numpy states named like get_state, in the model's state_dict order.
+    # 4. Back to numpy states named like get_state, in the model's state_dict order and the caller's order.
     seen = counts.sum(axis=1)
     losses = (loss_sum.cpu().numpy() / seen).tolist()
     out_p = {k: v.detach().cpu().float().numpy() for k, v in params.items()}
-    results: list[Result] = []
+    results: list[Result | None] = [None] * K
     for k in range(K):
         state = {name: (out_p[name][k].copy() if name in out_p else np.asarray(starts[k][name], dtype=np.float32).copy())
                  for name in starts[k]}
-        results.append((state, float(losses[k]), len(plans[k])))
-    return results
+        results[order[k]] = (state, float(losses[k]), len(plans[k]))
+    return results  # type: ignore[return-value]
+
+
+EVAL_BLOCK = 64  # rows per block when many institutions' test sets are scored at once (fixed: see evaluate_many)
+EVAL_BLOCKS = 512  # blocks per forward pass: bounds the memory of one pass
+
+
+def scorable(model: nn.Module, precision: str) -> bool:
+    """Whether :func:`evaluate_many` can score this model (a float32 linear stack, fp32 forward passes)."""
+    params = list(model.parameters())
+    return (_linear_stack(model) and bool(params) and all(p.dtype == torch.float32 for p in params)
+            and not list(model.buffers()) and precision == "fp32")
+
+
+def evaluate_many(model: nn.Module, sets: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[float, float]]:
+    """(accuracy, mean cross-entropy) of ``model`` on each of ``sets``, as ``sim.train.evaluate`` gives them, at once.
+
+    Every set is cut into blocks of ``EVAL_BLOCK`` rows (its last block padded and masked)
+    and all blocks go through one batched forward pass (``_stacked_forward`` with the
+    model's weights repeated per block), so a host scores hundreds of small test sets with
+    a few calls instead of one per institution. A block is a matrix product of fixed shape,
+    so a set's numbers do not depend on which other sets were scored with it; the loss is
+    summed per set in float64 (``sim.train.evaluate`` sums float32 chunks: equal to float
+    rounding). Call only when :func:`scorable` is True; an empty set scores NaN.
+    """
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype
+    sizes = [len(y) for _, y in sets]
+    out: list[tuple[float, float]] = [(math.nan, math.nan)] * len(sets)
+    busy = [k for k, n in enumerate(sizes) if n]
+    if not busy:
+        return out
+    x_all = torch.cat([_as_tensor(sets[k][0], device, dtype) for k in busy])
+    if type(model[0]) is nn.Flatten:
+        x_all = x_all.flatten(1)
+    y_all = torch.cat([_as_tensor(sets[k][1], device, None) for k in busy])
+    offsets = np.cumsum([0] + [sizes[k] for k in busy[:-1]])
+    index, valid, owner = [], [], []
+    for j, k in enumerate(busy):
+        n = sizes[k]
+        blocks = -(-n // EVAL_BLOCK)
+        rows = np.full(blocks * EVAL_BLOCK, offsets[j], dtype=np.int64)  # padding repeats the set's first row, masked
+        rows[:n] = offsets[j] + np.arange(n)
+        index.append(rows.reshape(blocks, EVAL_BLOCK))
+        valid.append((np.arange(blocks * EVAL_BLOCK) < n).reshape(blocks, EVAL_BLOCK))
+        owner.append(np.full(blocks, j, dtype=np.int64))
+    index_t = torch.from_numpy(np.concatenate(index)).to(device)
+    valid_t = torch.from_numpy(np.concatenate(valid)).to(device)
+    owner_t = torch.from_numpy(np.concatenate(owner)).to(device)
+    weights = {k: p.detach() for k, p in model.named_parameters()}
+    loss_sum = torch.zeros(len(busy), dtype=torch.float64, device=device)
+    correct = torch.zeros(len(busy), dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for lo in range(0, len(index_t), EVAL_BLOCKS):
+            idx, ok, who = index_t[lo : lo + EVAL_BLOCKS], valid_t[lo : lo + EVAL_BLOCKS], owner_t[lo : lo + EVAL_BLOCKS]
+            nb = len(idx)
+            stacked = {k: w.expand(nb, *w.shape) for k, w in weights.items()}
+            logits = _stacked_forward(model, stacked, x_all[idx])  # (nb, EVAL_BLOCK, classes)
+            yb = y_all[idx]
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none").view(yb.shape)
+            rows = who.unsqueeze(1).expand_as(yb)[ok]
+            loss_sum.index_add_(0, rows, ce[ok].double())
+            correct.index_add_(0, rows, (logits.argmax(-1) == yb)[ok].long())
+    for j, k in enumerate(busy):
+        out[k] = (int(correct[j]) / sizes[k], float(loss_sum[j]) / sizes[k])
+    return out

@@ -43,11 +43,17 @@ UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError
 DIR = "checkpoints"
 
 
+PENDING_ROWS = 20_000  # rows held as dicts before they are framed into a table: bounds the driver's memory
+
+
 @dataclass
 class Progress:
-    """What a run has produced so far: its results tables round by round, its simulated clock and the last round done.
+    """What a run has produced so far: its results tables, its simulated clock and the last round done.
 
-    Rows are kept as one small table per round (column-wise, not as dicts), and a checkpoint
+    A round's rows wait as plain dicts until :data:`PENDING_ROWS` of a kind have gathered (or a
+    checkpoint or the end of the run asks for them), then become one column-wise table: a
+    table per round would cost a DataFrame's build (milliseconds) in every round, and dicts
+    kept for a whole long run would grow the driver by megabytes per round. A checkpoint
     writes only the tables added since the previous one.
     """
 
@@ -57,14 +63,25 @@ class Progress:
     rounds_done: int = 0
     segments: list[str] = field(default_factory=list)  # checkpoint segments holding the tables saved so far
     saved: tuple[int, int] = (0, 0)  # how many metrics / ledger tables those segments hold
+    pending: dict[str, list[dict]] = field(default_factory=lambda: {"metrics": [], "ledger": []})
 
     def add(self, kind: str, rows: list[dict]) -> None:
-        """Append one batch of ``kind`` rows ("metrics" or "ledger") as a table."""
-        if rows:
-            getattr(self, kind).append(frame(kind, rows))
+        """Append one batch of ``kind`` rows ("metrics" or "ledger")."""
+        waiting = self.pending[kind]
+        waiting.extend(rows)
+        if len(waiting) >= PENDING_ROWS:
+            self.flush(kind)
+
+    def flush(self, kind: str | None = None) -> None:
+        """Turn the waiting rows of ``kind`` (default: both kinds) into a table."""
+        for k in (kind,) if kind else ("metrics", "ledger"):
+            if self.pending[k]:
+                getattr(self, k).append(frame(k, self.pending[k]))
+                self.pending[k] = []
 
     def table(self, kind: str) -> pd.DataFrame:
         """All rows of ``kind`` so far, in the schema's columns and dtypes."""
+        self.flush(kind)
         parts = getattr(self, kind)
         return pd.concat(parts, ignore_index=True) if parts else frame(kind, [])
 
@@ -106,6 +123,7 @@ def save(run_dir: Path, progress: Progress, snapshot: Snapshot, run_id: str) -> 
     seg_dir = root / segment
     shutil.rmtree(seg_dir, ignore_errors=True)
     seg_dir.mkdir(parents=True)
+    progress.flush()
     (m0, l0) = progress.saved
     for kind, start in (("metrics", m0), ("ledger", l0)):
         new = getattr(progress, kind)[start:]

@@ -21,9 +21,7 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-import dp_accounting
 import numpy as np
-from dp_accounting import rdp
 
 from agents.schemes.aggregate import _cast
 from sim.types import State
@@ -95,8 +93,10 @@ def _quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
-def _event(noise_multiplier: float, sampling_rate: float, rounds: int) -> dp_accounting.DpEvent:
+def _event(noise_multiplier: float, sampling_rate: float, rounds: int) -> "dp_accounting.DpEvent":  # noqa: F821
     """``rounds`` releases of a Gaussian mechanism on a Poisson sample taken with probability ``sampling_rate``."""
+    import dp_accounting  # imported when asked (it pulls in scipy.stats/signal: ~1 s a process that never uses DP)
+
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
     once = gaussian if sampling_rate >= 1.0 else dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
     return dp_accounting.SelfComposedDpEvent(once, rounds)
@@ -107,6 +107,8 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
     """The (epsilon, delta)-DP epsilon spent after ``rounds`` rounds, per dp-accounting's RDP accountant (0 before any)."""
     if rounds <= 0:
         return 0.0
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant()
     with _quiet():
         accountant.compose(_event(noise_multiplier, sampling_rate, rounds))
@@ -117,6 +119,9 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
 def solve_noise(target_epsilon: float, delta: float, sampling_rate: float, rounds: int) -> float:
     """The smallest noise multiplier whose epsilon after ``rounds`` rounds is at most ``target_epsilon`` (dp-accounting's
     own calibration). Raises ValueError when even ``MAX_NOISE`` does not reach it."""
+    import dp_accounting
+    from dp_accounting import rdp
+
     with _quiet():
         return float(dp_accounting.calibrate_dp_mechanism(
             rdp.RdpAccountant, lambda z: _event(z, sampling_rate, rounds), target_epsilon, delta,

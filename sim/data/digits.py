@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from sim.data.partition import (
     PARTITION, SMOKE, SPLIT, Pool, check_partition, partition, smoke_size, split_train_test, stream,
@@ -30,6 +29,8 @@ NUM_CLASSES = 10
 
 def load() -> tuple[np.ndarray, np.ndarray]:
     """All digits as x (n, 1, 8, 8) float32 in [0, 1] and y int64."""
+    from sklearn.datasets import load_digits  # when asked: scikit-learn costs ~1 s to import, runs on other data need none
+
     bunch = load_digits()
     x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]  # pixel values are 0..16
     return x, bunch.target.astype(np.int64)

@@ -177,3 +177,42 @@ def test_batchable_only_for_pure_fp32_multi_step_weight_plans() -> None:
     assert not batchable(mlp, LocalPlan(upload="data"), training)
     assert not batchable(mlp, plain, TrainingSpec(precision="bf16"))
     assert not batchable(mlp.double(), plain, training)
+
+
+@pytest.mark.parametrize("cfg", [LOGREG, MLP, CNN], ids=["logreg", "mlp", "cnn"])
+def test_an_institution_trains_the_same_whoever_shares_its_batch(cfg) -> None:
+    # Prepare: the stacked step (linear stacks) and the vmapped one (CNN) both train the still-active suffix of a chunk
+    shape = (1, 8, 8)
+    training = TrainingSpec(local_epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    model, data = build_model(cfg, shape, 4, seed=0), shards((30, 3, 17, 9, 44, 1), shape, 4)
+    starts, keys = starts_for(cfg, len(data), shape, 4), [(2, i, 1) for i in range(len(data))]
+    pick = [4, 1, 3]
+    # Execute
+    everybody = train_many(model, starts, data, keys, training=training, plan=LocalPlan(prox_mu=0.1))
+    some = train_many(model, [starts[i] for i in pick], [data[i] for i in pick], [keys[i] for i in pick],
+                      training=training, plan=LocalPlan(prox_mu=0.1))
+    # Assert: bit for bit, whatever else is in the cohort (the determinism contract across hosts)
+    for j, i in enumerate(pick):
+        assert some[j][1:] == everybody[i][1:]
+        assert all(np.array_equal(some[j][0][k], everybody[i][0][k]) for k in some[j][0])
+
+
+def test_evaluate_many_scores_like_evaluate_and_independently_of_the_other_sets() -> None:
+    from sim.batched import EVAL_BLOCK, evaluate_many, scorable
+    from sim.train import evaluate
+
+    # Prepare: sets below, at and above a block, and an empty one
+    model = build_model(MLP, (10,), 3, seed=0)
+    sets = shards((5, EVAL_BLOCK, 0, 3 * EVAL_BLOCK + 7, 1))
+    # Execute
+    together = evaluate_many(model, sets)
+    alone = [evaluate_many(model, [s])[0] for s in sets]
+    # Assert
+    assert scorable(model, "fp32") and not scorable(model, "bf16")
+    assert not scorable(build_model(CNN, (1, 8, 8), 4, seed=0), "fp32")
+    assert np.isnan(together[2][0]) and np.isnan(together[2][1])
+    for k, (x, y) in enumerate(sets):
+        if len(y):
+            assert together[k] == alone[k]  # bit for bit: a set's numbers do not depend on the others
+            acc, loss = evaluate(model, x, y)
+            assert together[k][0] == acc and together[k][1] == pytest.approx(loss, rel=1e-6)
