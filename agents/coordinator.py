@@ -20,7 +20,7 @@ from agents import behaviours
 from sim import clock, faults, stragglers
 from sim.models import build_model, get_state, set_state
 from sim.train import evaluate, local_train, lr_scale, scheduled
-from sim.types import GLOBAL, InstitutionSpec, RoundContext, State, TrainingSpec, Update, state_nbytes
+from sim.types import GLOBAL, IDLE_ROWS, InstitutionSpec, RoundContext, State, TrainingSpec, Update, state_nbytes
 
 
 class Coordinator:
@@ -44,6 +44,7 @@ class Coordinator:
     ):
         torch.set_num_threads(threads)
         self.specs = {s.name: s for s in specs}
+        self.names = {s.index: s.name for s in specs}
         self.seed = seed
         self.training = training
         self.model = build_model(model, shape[0], shape[1], seed=seed)
@@ -100,13 +101,18 @@ class Coordinator:
         if merged is not None:
             self.state = {k: np.asarray(v) for k, v in merged.items()}
         end, staleness = self.scheme.timing()  # asynchronous schemes: when the round ends, how stale what merged
+        extras, epsilon = self.scheme.ledger(ctx, updates), self.scheme.epsilon(ctx.round)
         arrived = {u.institution for u in updates}
-        status = {n: faults.IDLE for n in self.specs} | dict(ctx.dropped) | dict(lost)
-        rows += [_absent(self.specs[n], status[n], sent) for n in self.specs if n not in arrived]
+        status = dict(ctx.dropped) | dict(lost)
+        absent = [n for n in self.specs if n not in arrived]
+        # Institutions simply not picked this round all have the same row: they go as scenario indices (see IDLE_ROWS).
+        idle = () if self.scheme.books_idle else tuple(
+            self.specs[n].index for n in absent if n not in status and n not in extras and n not in staleness)
+        skip = {self.names[i] for i in idle}
+        rows += [_absent(self.specs[n], status.get(n, faults.IDLE), sent) for n in absent if n not in skip]
         for row in rows:
             if row["institution"] in staleness:
                 row["staleness"] = float(staleness[row["institution"]])
-        extras, epsilon = self.scheme.ledger(ctx, updates), self.scheme.epsilon(ctx.round)
         for row in rows:
             _book(self.specs[row["institution"]], row, extras.get(row["institution"]))
             if epsilon == epsilon:  # NaN (no privacy noise): the engine's default stands
@@ -121,6 +127,7 @@ class Coordinator:
             "simulated_seconds": central,
             "sim_compute_seconds": central,
             "status": faults.OK if self.central_work else faults.IDLE, "work_done": float(bool(self.central_work)),
+            IDLE_ROWS: (idle, epsilon if epsilon == epsilon else None),  # None, not NaN: rows compare equal
         } | ({} if end is None else {"round_end": end}))  # the engine's clock reads round_end and drops it
         return [_unshared(row) for row in rows]
 

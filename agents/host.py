@@ -54,6 +54,7 @@ class Host:
         self.institutions = [
             Institution(s, shard, training=training, seed=seed, initial=initial) for s, shard in zip(specs, shards)
         ]
+        self.names = [i.spec.name for i in self.institutions]  # a round picks by name: one pass, no attribute lookups
         self.global_test, self.global_val = global_test, global_val
         self.training = training
         self.vectorise = vectorise  # plain local steps of many small institutions run as one vmapped computation
@@ -73,7 +74,7 @@ class Host:
         backend keeps so that a restarted host can be given its institutions back.
         """
         cohort = set(ctx.cohort)
-        trained = [i for i in self.institutions if i.spec.name in cohort]
+        trained = [i for i, name in zip(self.institutions, self.names) if name in cohort]
         if trained and self.vectorise and batchable(self.model, ctx.plan, self.training):
             # Free-riders skip the step: they answer on their own, the others train together; scenario order kept.
             # DP-SGD institutions clip per sample: the vectorised step cannot, so they train on their own too.
@@ -121,7 +122,7 @@ class Host:
     def evaluate(self, plan: LocalPlan, global_state: State | None,
                  only: frozenset[str] | None = None) -> list[tuple[str, dict[str, float]]]:
         """Each hosted institution's (or only those named in ``only``) test scores for the model it ends the round with."""
-        chosen = [i for i in self.institutions if only is None or i.spec.name in only]
+        chosen = self.institutions if only is None else [i for i, n in zip(self.institutions, self.names) if n in only]
         if (chosen and global_state and self.vectorise and plan.evaluate != "personal"
                 and plan.adapt_steps <= 0 and plan.adapt_epochs <= 0 and scorable(self.model, self.training.precision)):
             return self._evaluate_together(chosen, global_state)

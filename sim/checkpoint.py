@@ -28,12 +28,12 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from sim.results import frame, write_atomic, write_text
+from sim.results import frame, idle_rows, write_atomic, write_text
 from sim.types import ConfigError, Snapshot
 
 FORMAT = 2  # bump when the layout changes; older checkpoints are then refused, not misread
@@ -64,20 +64,35 @@ class Progress:
     segments: list[str] = field(default_factory=list)  # checkpoint segments holding the tables saved so far
     saved: tuple[int, int] = (0, 0)  # how many metrics / ledger tables those segments hold
     pending: dict[str, list[dict]] = field(default_factory=lambda: {"metrics": [], "ledger": []})
+    idle: list[tuple[dict, int, float, Sequence[str], float]] = field(default_factory=list)  # ledger rows as columns
+    idle_count: int = 0
 
     def add(self, kind: str, rows: list[dict]) -> None:
         """Append one batch of ``kind`` rows ("metrics" or "ledger")."""
         waiting = self.pending[kind]
         waiting.extend(rows)
-        if len(waiting) >= PENDING_ROWS:
+        if len(waiting) + (self.idle_count if kind == "ledger" else 0) >= PENDING_ROWS:
             self.flush(kind)
 
+    def add_idle(self, keys: dict, round: int, sim_time: float, names: Sequence[str], epsilon: float) -> None:
+        """Append the ledger rows of a round's institutions that were not picked (:func:`sim.results.idle_rows`)."""
+        if names:
+            self.idle.append((keys, round, sim_time, names, epsilon))
+            self.idle_count += len(names)
+            if self.idle_count + len(self.pending["ledger"]) >= PENDING_ROWS:
+                self.flush("ledger")
+
     def flush(self, kind: str | None = None) -> None:
-        """Turn the waiting rows of ``kind`` (default: both kinds) into a table."""
+        """Turn the waiting rows of ``kind`` (default: both kinds) into a table, in round order."""
         for k in (kind,) if kind else ("metrics", "ledger"):
-            if self.pending[k]:
-                getattr(self, k).append(frame(k, self.pending[k]))
-                self.pending[k] = []
+            parts = [frame(k, self.pending[k])] if self.pending[k] else []
+            if k == "ledger" and self.idle:
+                parts += [idle_rows(*block) for block in self.idle]
+                self.idle, self.idle_count = [], 0
+            if parts:
+                table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+                getattr(self, k).append(table.sort_values("round", kind="stable", ignore_index=True))
+            self.pending[k] = []
 
     def table(self, kind: str) -> pd.DataFrame:
         """All rows of ``kind`` so far, in the schema's columns and dtypes."""

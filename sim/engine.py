@@ -27,7 +27,7 @@ from sim.data import build_federation
 from sim.models import build_model, model_flops
 from sim.results import frame, select_rounds, write_table, write_text
 from sim.stragglers import round_seconds
-from sim.types import GLOBAL, Federation, InstitutionSpec, RunFailed, Shard, Snapshot
+from sim.types import GLOBAL, IDLE_ROWS, Federation, InstitutionSpec, RunFailed, Shard, Snapshot
 
 log = logging.getLogger("collabsim")
 SCORES = ("accuracy", "loss", "val_accuracy", "val_loss", "backdoor_success")
@@ -71,6 +71,9 @@ def run(
     mark("running", progress.rounds_done)
     keys = {"run_id": spec.run_id, "scheme": spec.scheme_name, "scenario": spec.scenario.name, "seed": spec.seed}
     discipline = {s.name: s.discipline for s in specs} | {GLOBAL: GLOBAL}
+    names = pd.array([s.name for s in specs], dtype="string")  # the ledger rows of who a round did not pick: by index
+    position = np.zeros(max((s.index for s in specs), default=0) + 1, dtype=np.int64)
+    position[[s.index for s in specs]] = np.arange(len(specs))
     runner, wall0, summary = None, time.perf_counter(), {}
     try:
         # 2. Data: every institution's shard and the global test set (the same whatever the coalition).
@@ -91,6 +94,7 @@ def run(
             # 6. The round lasts as long as its slowest participant (synchronous rounds), at most engine.round_deadline_s;
             #    an asynchronous scheme's round ends when the update it merged arrived (round_end, on the coordinator's row).
             end = next((row.pop("round_end") for row in rows if "round_end" in row), None)
+            idle, idle_epsilon = next((row.pop(IDLE_ROWS) for row in rows if IDLE_ROWS in row), ((), None))
             progress.sim_time = end if end is not None else (
                 progress.sim_time + round_seconds(rows, spec.engine.round_deadline_s))
             losses = []
@@ -103,6 +107,8 @@ def run(
             progress.add("metrics", losses)
             progress.add("ledger", [keys | {"round": r, "epsilon": math.nan, "staleness": math.nan} | row
                                     | {"sim_time": progress.sim_time} for row in rows])
+            progress.add_idle(keys, r, progress.sim_time, names.take(position[np.asarray(idle, dtype=np.int64)]),
+                              math.nan if idle_epsilon is None else idle_epsilon)
             # 7. Score the models everybody ends the round with (every engine.eval_every rounds, and the last).
             if r % spec.engine.eval_every == 0 or r == spec.rounds:
                 # eval_scope=cohort scores only who trained this round (large populations), everybody in the last.

@@ -20,9 +20,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
+
+from sim.faults import IDLE
 
 KEYS = ("run_id", "scheme", "scenario", "seed")
 """Columns that identify a run in every table."""
@@ -113,6 +116,25 @@ def frame(kind: str, rows: Iterable[Mapping]) -> pd.DataFrame:
         elif name in ZERO_IF_MISSING:
             df[name] = df[name].fillna(0)
     return df.astype(columns)
+
+
+def idle_rows(keys: Mapping, round: int, sim_time: float, names: Sequence[str], epsilon: float) -> pd.DataFrame:
+    """The ledger rows of institutions a round did not pick (``names``, best a pandas string array), built as columns:
+    each is not a participant, moved nothing, took no time and spent ``epsilon`` (the round's client-level one, NaN
+    without noise). About 2 ms for 10,000 rows, where :func:`frame` of as many dicts takes 50."""
+    n = len(names)
+    names = pd.array(names, dtype="string")
+    every = np.zeros(n, dtype=np.int64)
+
+    def same(value: object, dtype: str) -> pd.api.extensions.ExtensionArray:
+        return pd.array([value], dtype=dtype).take(every)  # one value n times, without n Python objects
+
+    columns: dict = {k: same(v, LEDGER_COLUMNS[k]) for k, v in keys.items()} | {
+        "round": np.full(n, round, dtype=np.int64), "institution": names, "participated": np.zeros(n, dtype=bool),
+        "sim_time": np.full(n, sim_time, dtype=np.float64), "trained_by": names,
+        "epsilon": np.full(n, epsilon, dtype=np.float64), "staleness": np.full(n, np.nan), "status": same(IDLE, "string")}
+    columns |= {k: np.zeros(n, dtype=dtype) for k, dtype in LEDGER_COLUMNS.items() if k not in columns}
+    return pd.DataFrame(columns, columns=list(LEDGER_COLUMNS))  # every column already has the schema's dtype
 
 
 def select_rounds(metrics: pd.DataFrame, rule: str) -> pd.Series:

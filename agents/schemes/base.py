@@ -47,6 +47,7 @@ class Scheme:
 
     name: ClassVar[str] = "base"
     stragglers: str = "drop"  # past engine.round_deadline_s: drop (wait for nobody late) | partial (take work done so far)
+    books_idle: ClassVar[bool] = False  # True when book() may change the rows of institutions not in the cohort
 
     def bind(self, trainer: Trainer) -> None:
         """Receive the coordinator's central trainer; only schemes that train centrally keep it."""

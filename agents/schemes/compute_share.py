@@ -30,7 +30,7 @@ scheme's state, kept in checkpoints, so a resumed run books the move only once.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import ClassVar, Any, Sequence
 
 import numpy as np
 
@@ -47,6 +47,8 @@ AVAILABLE = (faults.OK, faults.IDLE)
 @register("compute_share")
 class ComputeShare(FedAvg):
     """FedAvg whose slow institutions have a partner with spare compute train their data (ledger and clock only)."""
+
+    books_idle: ClassVar[bool] = True  # a giver outside the cohort still lends its compute: book() changes its row
 
     def __init__(self, *, slow_factor: float = 1.25, reference: str = "median", weighting: str = "samples",
                  server_lr: float = 1.0, cohort_fraction: float = 1.0, merge: str = "mean", trim: float = 0.2,

@@ -91,3 +91,31 @@ def test_a_different_number_of_pooled_hosts_gives_identical_metrics_with_faults(
     # Assert: the same values and the same institutions dropped, bit for bit
     pd.testing.assert_frame_equal(values(three), values(inprocess))
     assert three.ledger.status.tolist() == inprocess.ledger.status.tolist()
+
+
+def test_institutions_a_round_does_not_pick_have_one_idle_row_each(small_cfg, tmp_path):
+    # Execute: half the institutions per round; the coordinator sends the others as indices, the engine builds rows
+    result = run(small_cfg("scheme=fedavg", "scheme.cohort_fraction=0.5", "rounds=3", "checkpoint_every=2"), tmp_path,
+                 backend="inprocess")
+    ledger = result.ledger
+    # Assert: every round has each institution once (plus the coordinator's row), in round order, schema dtypes
+    assert ledger["round"].is_monotonic_increasing
+    assert (ledger.groupby("round").institution.nunique() == N + 1).all() and len(ledger) == 3 * (N + 1)
+    idle = ledger[(ledger.status == "idle") & (ledger.institution != "global")]
+    assert len(idle) == 3 * (N - 3) and not idle.participated.any()  # cohort_fraction 0.5 of six: three a round
+    assert (idle[["bytes_up", "bytes_down", "samples"]].to_numpy() == 0).all() and (idle.trained_by == idle.institution).all()
+    assert (ledger.groupby("round").sim_time.nunique() == 1).all()  # the round's clock on every row, idle ones too
+    assert pd.read_parquet(tmp_path / "ledger.parquet").equals(ledger)
+
+
+def test_idle_rows_built_as_columns_equal_the_rows_the_coordinator_would_send(small_cfg) -> None:
+    from agents.coordinator import _absent, _unshared
+    from sim.config import load_spec
+    from sim.results import frame, idle_rows
+
+    specs = load_spec(small_cfg()).scenario.institutions[:3]
+    keys = {"run_id": "r", "scheme": "fedavg", "scenario": "s", "seed": 3}
+    for epsilon in (2.5, np.nan):
+        dicts = [keys | {"round": 4, "epsilon": epsilon, "staleness": np.nan} | _unshared(_absent(s, "idle", 123))
+                 | {"sim_time": 7.0} for s in specs]
+        pd.testing.assert_frame_equal(idle_rows(keys, 4, 7.0, [s.name for s in specs], epsilon), frame("ledger", dicts))
