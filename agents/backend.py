@@ -39,8 +39,10 @@ class Backend(Protocol):
     def begin_round(self, round: int, sim_time: float) -> RoundContext:
         """Ask the coordinator for this round's cohort and plan."""
 
-    def train_and_merge(self, ctx: RoundContext) -> list[dict[str, Any]]:
-        """Local steps of the cohort, then the merge; returns ledger rows."""
+    def train_and_merge(self, ctx: RoundContext, score: bool = False, only: frozenset[str] | None = None
+                        ) -> list[dict[str, Any]]:
+        """Local steps of the cohort, then the merge; returns ledger rows. ``score``: the engine will call
+        ``evaluate(ctx.plan, only)`` next, so a backend may start scoring as soon as the merge is done."""
 
     def evaluate(self, plan: LocalPlan, only: frozenset[str] | None = None
                  ) -> tuple[dict[str, float], list[tuple[str, dict[str, float]]]]:
@@ -84,7 +86,8 @@ class InProcessBackend:
         ctx, self.state = self.coordinator.begin_round(round, sim_time)
         return ctx
 
-    def train_and_merge(self, ctx: RoundContext) -> list[dict[str, Any]]:
+    def train_and_merge(self, ctx: RoundContext, score: bool = False, only: frozenset[str] | None = None
+                        ) -> list[dict[str, Any]]:
         updates, _ = self.host.train(ctx, self.state)
         return self.coordinator.merge(ctx, {}, updates)
 
@@ -140,17 +143,21 @@ class RayBackend:
         loaded += [self._load(j) for j in range(len(self.hosts))]
         self.pids = self._get(loaded, "the actors did not start", START_TIMEOUT_S)[1:]
         self.state_ref = None
+        self.scoring = None  # (plan, only, refs) of scoring asked for with the last merge
         self.broken = False  # a run that failed leaves actors no later run should trust
 
     def begin_round(self, round: int, sim_time: float) -> RoundContext:
         ctx_ref, self.state_ref = self.coordinator.begin_round.options(num_returns=2).remote(round, sim_time)
         return self._get(ctx_ref, f"round {round}: the coordinator could not start the round")
 
-    def train_and_merge(self, ctx: RoundContext) -> list[dict[str, Any]]:
+    def train_and_merge(self, ctx: RoundContext, score: bool = False, only: frozenset[str] | None = None
+                        ) -> list[dict[str, Any]]:
         cohort = set(ctx.cohort)
-        # Fan out to every host with a cohort member; the coordinator resolves the updates itself.
+        # Fan out to every host with a cohort member; the coordinator resolves the updates itself, and is asked to
+        # merge at once: if a host fails, its result errors, so that merge fails without running and is asked again.
         calls = {j: h.train.options(num_returns=2).remote(ctx, self.state_ref)
                  for j, (h, m) in enumerate(zip(self.hosts, self.members)) if m & cohort}
+        merged = self.coordinator.merge.remote(ctx, {}, *(c[0] for c in calls.values()))
         carried, failures = self._gather({j: c[1] for j, c in calls.items()})
         for saved in carried.values():
             self.carried.update(saved)
@@ -161,20 +168,30 @@ class RayBackend:
                         ctx.round, ", ".join(names), status, error)
             lost |= dict.fromkeys(names, status)
             self._restart(j, list(calls[j]))
-        refs = [c[0] for j, c in calls.items() if j not in failures]
-        merged = self.coordinator.merge.remote(ctx, lost, *refs)
+        if failures:
+            self._discard([merged])  # failed on the lost host's result, before merging anything
+            refs = [c[0] for j, c in calls.items() if j not in failures]
+            merged = self.coordinator.merge.remote(ctx, lost, *refs)
+        if score:  # ordered after the merge on every actor: scoring starts while the rows travel back
+            self.scoring = (ctx.plan, only, self._score(ctx.plan, only))
         return self._get(merged, f"round {ctx.round}: the coordinator failed to merge")
 
-    def evaluate(self, plan: LocalPlan, only: frozenset[str] | None = None):
+    def _score(self, plan: LocalPlan, only: frozenset[str] | None) -> tuple[Any, dict[int, Any]]:
+        """Ask the coordinator and the hosts (those with someone in ``only``) to score the current global model."""
         state = self.coordinator.current_state.remote()
         glob = self.coordinator.evaluate.remote()
-        refs = {j: h.evaluate.remote(plan, state, only) for j, h in enumerate(self.hosts)
-                if only is None or self.members[j] & only}
+        return glob, {j: h.evaluate.remote(plan, state, only) for j, h in enumerate(self.hosts)
+                      if only is None or self.members[j] & only}
+
+    def evaluate(self, plan: LocalPlan, only: frozenset[str] | None = None):
+        pending, self.scoring = self.scoring, None
+        glob, refs = pending[2] if pending and pending[0] is plan and pending[1] == only else self._score(plan, only)
         scores, failures = self._gather(refs)
         for j, (status, error) in failures.items():  # scoring changes nothing: restart and score again
             names = ", ".join(sorted(self.members[j], key=self.order.get))
             log.warning("scoring %s %s (%s); restarting their host", names, status, error)
             self._restart(j, [refs[j]])
+            state = self.coordinator.current_state.remote()
             scores[j] = self._get(self.hosts[j].evaluate.remote(plan, state, only), "scoring on a restarted host failed")
         rows = sorted((row for rows in scores.values() for row in rows), key=lambda row: self.order[row[0]])
         return self._get(glob, "the coordinator could not score"), rows  # scenario order: means do not depend on hosts

@@ -90,7 +90,11 @@ def run(
             if r == 1:
                 progress.add("metrics", _scores(keys, 0, runner.evaluate(ctx.plan), discipline))
             # 5. Local steps fan out; the coordinator merges what arrived, in scenario order.
-            rows = runner.train_and_merge(ctx)
+            # Scored every engine.eval_every rounds and in the last; eval_scope=cohort scores only who trained this
+            # round (large populations), everybody in the last.
+            score = r % spec.engine.eval_every == 0 or r == spec.rounds
+            only = frozenset(ctx.cohort) if spec.engine.eval_scope == "cohort" and r < spec.rounds else None
+            rows = runner.train_and_merge(ctx, score, only)
             # 6. The round lasts as long as its slowest participant (synchronous rounds), at most engine.round_deadline_s;
             #    an asynchronous scheme's round ends when the update it merged arrived (round_end, on the coordinator's row).
             end = next((row.pop("round_end") for row in rows if "round_end" in row), None)
@@ -110,9 +114,7 @@ def run(
             progress.add_idle(keys, r, progress.sim_time, names.take(position[np.asarray(idle, dtype=np.int64)]),
                               math.nan if idle_epsilon is None else idle_epsilon)
             # 7. Score the models everybody ends the round with (every engine.eval_every rounds, and the last).
-            if r % spec.engine.eval_every == 0 or r == spec.rounds:
-                # eval_scope=cohort scores only who trained this round (large populations), everybody in the last.
-                only = frozenset(ctx.cohort) if spec.engine.eval_scope == "cohort" and r < spec.rounds else None
+            if score:
                 scores = _scores(keys, r, runner.evaluate(ctx.plan, only), discipline)
                 _check_finite(r, losses + scores)
                 progress.add("metrics", scores)
