@@ -53,8 +53,8 @@ def _fedavg_workloads(quick: bool, scale_rounds: int | None) -> dict[str, list[s
                 **{f"scale-{n}": [*population(n, 10, scale_rounds or 3), *one_epoch] for n in (100, 300)}}
     p = ["data=digits", "model=mlp", "scheme=fedavg", "scheme.cohort_fraction=1.0", "scenario.num_institutions=20",
          "rounds=30"]
-    return {"P": p, "P-inprocess": [*p, "engine.backend=inprocess"],
-            "S": population(1000, 50, 50),
+    s = population(1000, 50, 50)
+    return {"P": p, "P-inprocess": [*p, "engine.backend=inprocess"], "S": s, "S-inprocess": [*s, "engine.backend=inprocess"],
             **{f"scale-{n}": population(n, 100, scale_rounds or 5) for n in (1000, 10000)}}
 
 
