@@ -19,7 +19,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from sim.results import SELECT_RULES, select_rounds  # noqa: F401 - the selection rule belongs to the results schema
 
@@ -61,6 +60,8 @@ def mean_interval(values: Iterable[float], level: float = 0.95, min_n: int = MIN
     mean = float(x.mean())
     if len(x) < max(2, min_n):
         return mean, np.nan, np.nan  # too few seeds say nothing about spread: NaN, never a misleading interval
+    from scipy import stats  # when an interval is asked for: scipy.stats takes a second to import, a run's summary needs none
+
     half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
     return mean, mean - half, mean + half
 
