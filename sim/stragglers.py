@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from sim import clock, faults
 from sim.types import ConfigError, InstitutionSpec, RoundContext, TrainingSpec
@@ -101,6 +100,8 @@ def read_trace(path: str, names: Sequence[str]) -> tuple[dict[tuple[str, int], t
     ``available`` (0/1) takes it out of a round it was selected for. Every institution of the
     scenario must appear; a missing (institution, round) pair means full speed and available.
     """
+    import pandas as pd  # only with a trace: host and coordinator processes need no pandas otherwise (0.4 s each)
+
     key = "scenario.speed_trace"
     try:
         table = pd.read_csv(Path(path).expanduser())
