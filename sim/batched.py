@@ -189,6 +189,12 @@ def _train_chunk(
     suffix of the chunk: a linear stack trains that suffix alone (a slice of the stacked
     tensors, updated in place), so finished institutions cost nothing.
     """
+    stack = _linear_stack(model)
+    if not stack and len(starts) == 1:
+        # A vmapped convolution over one institution is a plain one, whose rounding differs from the grouped one it
+        # is over two or more: a lone institution trains beside a copy of itself, so hosts never change its numbers.
+        return _train_chunk(model, [*starts, *starts], [*shards_xy, *shards_xy], [*plans, *plans], [*anchors, *anchors],
+                            training=training, plan=plan)[:1]
     first = next(model.parameters())
     device, dtype = first.device, first.dtype
     order = sorted(range(len(starts)), key=lambda i: len(plans[i]))  # stable: ties keep their input order
@@ -197,7 +203,6 @@ def _train_chunk(
     K, bs = len(starts), max(1, int(training.batch_size))
     trainable = [k for k, p in model.named_parameters() if p.requires_grad]
     frozen = [k for k, p in model.named_parameters() if not p.requires_grad]  # torch.optim.SGD never sees these
-    stack = _linear_stack(model)
 
     # 1. Data: every shard in one flat tensor; a minibatch is a (K, bs) gather of global row numbers.
     xs = [_as_tensor(x, device, dtype) for x, _ in shards_xy]

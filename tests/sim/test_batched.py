@@ -191,10 +191,13 @@ def test_an_institution_trains_the_same_whoever_shares_its_batch(cfg) -> None:
     everybody = train_many(model, starts, data, keys, training=training, plan=LocalPlan(prox_mu=0.1))
     some = train_many(model, [starts[i] for i in pick], [data[i] for i in pick], [keys[i] for i in pick],
                       training=training, plan=LocalPlan(prox_mu=0.1))
+    alone = [train_many(model, [starts[i]], [data[i]], [keys[i]], training=training, plan=LocalPlan(prox_mu=0.1))[0]
+             for i in pick]  # a host with one cohort member (a vmapped convolution over one is an ungrouped one)
     # Assert: bit for bit, whatever else is in the cohort (the determinism contract across hosts)
     for j, i in enumerate(pick):
-        assert some[j][1:] == everybody[i][1:]
-        assert all(np.array_equal(some[j][0][k], everybody[i][0][k]) for k in some[j][0])
+        for got in (some[j], alone[j]):
+            assert got[1:] == everybody[i][1:]
+            assert all(np.array_equal(got[0][k], everybody[i][0][k]) for k in got[0])
 
 
 def test_evaluate_many_scores_like_evaluate_and_independently_of_the_other_sets() -> None:
