@@ -292,8 +292,17 @@ def _reason(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def connect(cluster: dict[str, Any]) -> tuple[float, float]:
-    """Start or join Ray per the ``cluster`` group; return the cluster's (CPUs, GPUs)."""
+PRELOAD = ("agents.warm",)
+"""Modules a local cluster's worker processes import as they start (Ray's ``preload_python_modules``): Ray starts a
+worker per CPU at once, so torch and the actors' code are imported while the driver still builds the data, not
+after it asks for its actors (about 1.5 s of a command's start on 2 cores)."""
+
+
+def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tuple[float, float]:
+    """Start or join Ray per the ``cluster`` group; return the cluster's (CPUs, GPUs).
+
+    A cluster started here preloads ``preload`` in its workers; one joined is left as it is.
+    """
     import ray
 
     if not ray.is_initialized():
@@ -303,6 +312,8 @@ def connect(cluster: dict[str, Any]) -> tuple[float, float]:
         if not cluster.get("address"):
             kwargs.update(num_cpus=cluster.get("num_cpus"), num_gpus=cluster.get("num_gpus"),
                           _node_ip_address=LOOPBACK)
+            if preload and not os.environ.get("RAY_ADDRESS"):  # RAY_ADDRESS joins a running cluster: no system config
+                kwargs["_system_config"] = {"preload_python_modules": list(preload)}
             if cluster.get("temp_dir"):
                 kwargs["_temp_dir"] = str(cluster["temp_dir"])
             ray.init(**{k: v for k, v in kwargs.items() if v is not None})

@@ -186,7 +186,7 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
     import ray
     from ray import tune
 
-    from agents.backend import connect
+    from agents.backend import PRELOAD, connect
 
     spec = check(cfg, command_line)
     base = base_overrides(spec, command_line)
@@ -207,7 +207,7 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
         if overwrite:
             rundir.clear(sweep_dir)
         rundir.write_marker(sweep_dir, rundir.SWEEP_MARKER)
-    cpus, gpus = connect(OmegaConf.to_container(cfg.cluster, resolve=True))
+    cpus, gpus = connect(OmegaConf.to_container(cfg.cluster, resolve=True), preload=("sim.engine", *PRELOAD))
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     cache: dict[str, list] = {}
 
