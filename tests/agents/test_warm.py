@@ -66,3 +66,29 @@ def test_a_run_that_failed_hands_back_no_actors(small_cfg, ray_cluster):
     finally:
         engine._start_backend = real
         pool.close()
+
+
+def test_a_local_cluster_preloads_the_actors_code_and_a_joined_one_is_left_alone(monkeypatch):
+    import ray
+
+    from agents import backend
+
+    # Prepare: record what ray.init is asked, start nothing
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(backend, "_placement_group_resources", lambda: None)
+    monkeypatch.setattr(backend, "_join", lambda ray_, address, timeout, kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Execute
+    backend.connect({"num_cpus": 2})
+    backend.connect({"num_cpus": 2}, preload=("sim.engine", *backend.PRELOAD))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    backend.connect({"num_cpus": 2})
+    backend.connect({"address": "127.0.0.1:6379"})
+    # Assert: workers of a cluster started here import the actors' code; nothing is asked of one being joined
+    assert calls[0]["_system_config"] == {"preload_python_modules": ["agents.warm"]}
+    assert calls[1]["_system_config"] == {"preload_python_modules": ["sim.engine", "agents.warm"]}
+    assert "_system_config" not in calls[2] and "_system_config" not in calls[3]
+    assert calls[0]["_node_ip_address"] == "127.0.0.1" and calls[0]["include_dashboard"] is False
