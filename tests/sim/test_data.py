@@ -378,3 +378,23 @@ def test_smaller_between_gives_disciplines_a_shared_task():
     # Execute / Assert: between=0 leaves only the within-discipline spread, so rules agree far more
     # than between=1 (unrelated tasks, ~chance); 0.2 of margin is well above sampling noise on 800 rows.
     assert cross_agreement(0.0) > cross_agreement(1.0) + 0.2
+
+
+def test_digits_read_from_scikit_learns_file_equal_its_loader_and_fall_back_to_it(monkeypatch) -> None:
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from sim.data import digits
+
+    # Prepare: what scikit-learn's own loader gives, scaled as collabsim scales it
+    bunch = load_digits()
+    want_x, want_y = (bunch.images / 16.0).astype(np.float32)[:, None, :, :], bunch.target.astype(np.int64)
+    # Execute: the file read directly, then with the file nowhere to be found (the loader's path)
+    direct = digits.load()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    fallback = digits.load()
+    # Assert: the same arrays both ways
+    for x, y in (direct, fallback):
+        assert x.dtype == np.float32 and y.dtype == np.int64
+        assert np.array_equal(x, want_x) and np.array_equal(y, want_y)
