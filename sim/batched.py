@@ -1,20 +1,31 @@
-"""Local training of many small institutions at once: one vmapped SGD over stacked parameters.
+"""Local training and scoring of many small institutions at once, over stacked parameters.
 
 A host that carries hundreds of small institutions (logistic regression, MLPs on tabular
 shards) spends most of a round in per-institution Python overhead when it calls
 :func:`sim.train.local_train` one after the other. :func:`train_many` runs a cohort as
-one computation instead: every parameter gets a leading institution axis, one step of
-all institutions is ``torch.vmap`` over ``torch.func.grad_and_value`` of a pure loss
-(FedJAX's per-client step, batched), and SGD is written out with the same formulas as
-``torch.optim.SGD`` (d = g + wd*p; buf = m*buf + d, buf = d at the first step; p -= lr*buf).
+one computation instead: every parameter gets a leading institution axis, and SGD is
+written out with the same formulas as ``torch.optim.SGD`` (d = g + wd*p; buf = m*buf + d,
+buf = d at the first step; p -= lr*buf). One step of all institutions is
+
+- for a flat stack of Linear layers and element-wise activations: each layer one batched
+  matrix product with every institution's own weights (``torch.baddbmm``) and plain
+  autograd, which gives each institution its own gradient since their losses are
+  independent. Institutions are ordered by step count and a step trains only those with
+  steps left (a suffix of the stack, updated in place);
+- for other pure models (the CNN): ``torch.vmap`` over ``torch.func.grad_and_value`` of a
+  pure loss (FedJAX's per-client step, batched), every institution in every call, those
+  that are done frozen.
 
 Equality with the one-at-a-time path: each institution draws its minibatches from the
 same ``rng_for(key)`` -> ``_minibatches`` call as ``local_train``, so it sees the same
 samples in the same order. Shards of unequal size give unequal step counts and smaller
 last batches: batches are padded to ``batch_size`` and masked (the loss is a mean over the
-valid samples only), and an institution whose steps are done is frozen (no update, no
-momentum). Results match ``local_train`` to float32 rounding, not bit for bit: batched and
-unbatched matmuls sum in different orders.
+valid samples only), and an institution whose steps are done takes no update and no
+momentum. Results match ``local_train`` to float32 rounding, not bit for bit: batched and
+unbatched matmuls sum in different orders. They are bit for bit the same whichever other
+institutions share the computation (matrix products of fixed shape per institution), so a
+host's mix never changes a result. :func:`evaluate_many` scores many test sets with the
+same batched forward pass.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from sim.models import get_state
 from sim.train import _minibatches, rng_for
 from sim.types import LocalPlan, State, TrainingSpec
 
-MAX_BATCH = 256  # institutions per vmapped call: bounds the stacked parameters and batches held in memory
+MAX_BATCH = 256  # institutions per batched call: bounds the stacked parameters and batches held in memory
 
 # Modules with no randomness and no running statistics: a vmapped functional call of them
 # computes exactly what the module does (Dropout, RReLU, BatchNorm and transformers do not).
