@@ -57,7 +57,7 @@ class Host:
         self.names = [i.spec.name for i in self.institutions]  # a round picks by name: one pass, no attribute lookups
         self.global_test, self.global_val = global_test, global_val
         self.training = training
-        self.vectorise = vectorise  # plain local steps of many small institutions run as one vmapped computation
+        self.vectorise = vectorise  # plain local steps and scoring of many small institutions run as one batched computation
 
     def ready(self) -> int:
         """The host's process id, once it is up (what the chaos tests signal)."""

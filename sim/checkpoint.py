@@ -76,7 +76,7 @@ class Progress:
 
     def add_idle(self, keys: dict, round: int, sim_time: float, names: Sequence[str], epsilon: float) -> None:
         """Append the ledger rows of a round's institutions that were not picked (:func:`sim.results.idle_rows`)."""
-        if names:
+        if len(names):
             self.idle.append((keys, round, sim_time, names, epsilon))
             self.idle_count += len(names)
             if self.idle_count + len(self.pending["ledger"]) >= PENDING_ROWS:
