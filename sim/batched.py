@@ -44,14 +44,19 @@ from sim.types import LocalPlan, State, TrainingSpec
 
 MAX_BATCH = 256  # institutions per batched call: bounds the stacked parameters and batches held in memory
 
+# Modules that act on each value alone: applied to a stacked (institutions, batch, features) tensor they compute
+# exactly what they compute per institution, so a stack of them and Linear layers needs no vmap (see _stacked_forward).
+_ELEMENTWISE = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+)
+
 # Modules with no randomness and no running statistics: a vmapped functional call of them
 # computes exactly what the module does (Dropout, RReLU, BatchNorm and transformers do not).
 _PURE = (
-    nn.Sequential, nn.Identity, nn.Flatten, nn.Unflatten, nn.Linear, nn.Bilinear,
+    nn.Sequential, nn.Flatten, nn.Unflatten, nn.Linear, nn.Bilinear,
     nn.Conv1d, nn.Conv2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid, nn.Softmax, nn.LogSoftmax,
+    nn.PReLU, nn.Softmax, nn.LogSoftmax, *_ELEMENTWISE,
 )
 
 Result = tuple[dict[str, np.ndarray], float, int]
@@ -147,14 +152,6 @@ def train_many(
             for i, r in zip(busy, out):
                 results[i] = r
     return results  # type: ignore[return-value]
-
-
-# Modules that act on each value alone: applied to a stacked (institutions, batch, features) tensor they compute
-# exactly what they compute per institution, so a stack of them and Linear layers needs no vmap (see _stacked_forward).
-_ELEMENTWISE = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
-    nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
-)
 
 
 def _linear_stack(model: nn.Module) -> bool:
