@@ -44,7 +44,6 @@ class Coordinator:
     ):
         torch.set_num_threads(threads)
         self.specs = {s.name: s for s in specs}
-        self.names = {s.index: s.name for s in specs}
         self.seed = seed
         self.training = training
         self.model = build_model(model, shape[0], shape[1], seed=seed)
@@ -106,10 +105,10 @@ class Coordinator:
         status = dict(ctx.dropped) | dict(lost)
         absent = [n for n in self.specs if n not in arrived]
         # Institutions simply not picked this round all have the same row: they go as scenario indices (see IDLE_ROWS).
-        idle = () if self.scheme.books_idle else tuple(
-            self.specs[n].index for n in absent if n not in status and n not in extras and n not in staleness)
-        skip = {self.names[i] for i in idle}
-        rows += [_absent(self.specs[n], status.get(n, faults.IDLE), sent) for n in absent if n not in skip]
+        quiet = set() if self.scheme.books_idle else {
+            n for n in absent if n not in status and n not in extras and n not in staleness}
+        idle = tuple(self.specs[n].index for n in absent if n in quiet)
+        rows += [_absent(self.specs[n], status.get(n, faults.IDLE), sent) for n in absent if n not in quiet]
         for row in rows:
             if row["institution"] in staleness:
                 row["staleness"] = float(staleness[row["institution"]])

@@ -69,18 +69,20 @@ class Progress:
 
     def add(self, kind: str, rows: list[dict]) -> None:
         """Append one batch of ``kind`` rows ("metrics" or "ledger")."""
-        waiting = self.pending[kind]
-        waiting.extend(rows)
-        if len(waiting) + (self.idle_count if kind == "ledger" else 0) >= PENDING_ROWS:
-            self.flush(kind)
+        self.pending[kind].extend(rows)
+        self._flush_if_full(kind)
 
     def add_idle(self, keys: dict, round: int, sim_time: float, names: Sequence[str], epsilon: float) -> None:
         """Append the ledger rows of a round's institutions that were not picked (:func:`sim.results.idle_rows`)."""
         if len(names):
             self.idle.append((keys, round, sim_time, names, epsilon))
             self.idle_count += len(names)
-            if self.idle_count + len(self.pending["ledger"]) >= PENDING_ROWS:
-                self.flush("ledger")
+            self._flush_if_full("ledger")
+
+    def _flush_if_full(self, kind: str) -> None:
+        """Frame the waiting rows of ``kind`` once :data:`PENDING_ROWS` of them (idle ledger rows included) wait."""
+        if len(self.pending[kind]) + (self.idle_count if kind == "ledger" else 0) >= PENDING_ROWS:
+            self.flush(kind)
 
     def flush(self, kind: str | None = None) -> None:
         """Turn the waiting rows of ``kind`` (default: both kinds) into a table, in round order."""
