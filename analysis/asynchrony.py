@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-GLOBAL = "global"  # the merged model's rows (sim.types.GLOBAL; analysis does not import the engine's modules)
+from analysis.metrics import GLOBAL
 
 
 def time_to_accuracy(metrics: pd.DataFrame, ledger: pd.DataFrame, reference: str = "fedavg",
