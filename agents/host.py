@@ -19,7 +19,7 @@ from agents.institution import Institution
 from agents.schemes import secagg
 from sim import stragglers
 from sim.batched import batchable, evaluate_many, scorable, train_many
-from sim.train import scheduled
+from sim.train import deterministic_cuda, scheduled
 from sim.models import build_model, check_state_keys, set_state
 from sim.types import InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update
 
@@ -47,9 +47,7 @@ class Host:
         input_shape, num_classes = shape
         self.model = build_model(model, input_shape, num_classes, seed=seed)
         if any(s.gpus > 0 for s in specs) and torch.cuda.is_available():
-            # GPU kernels (atomics in scatter/index_add) may reorder sums; CPU kernels on a fixed thread count do not,
-            # and the flag costs a CPU host ~2 s of start-up (it imports torch's compiler stack).
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            deterministic_cuda()  # CPU kernels on a fixed thread count repeat already
             self.model = self.model.to("cuda")
         self.institutions = [
             Institution(s, shard, training=training, seed=seed, initial=initial) for s, shard in zip(specs, shards)

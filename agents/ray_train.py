@@ -264,14 +264,14 @@ def _worker(config: dict) -> None:
 
     from sim.data_parallel import train_round
     from sim.models import build_model, get_state, set_state
-    from sim.train import _to_tensors
+    from sim.train import _to_tensors, deterministic_cuda
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.set_num_threads(config["threads"])  # fixed, as every institution's: sums do not depend on the machine
     device = ray.train.torch.get_device()
     if device.type == "cuda":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic_cuda()
     model = build_model(config["model"], *config["shape"], seed=config["seed"])
     ddp = ray.train.torch.prepare_model(model)  # onto the worker's device; wrapped in DDP when there are several
     index, (x_ref, y_ref) = config["shards"][rank]

@@ -60,6 +60,23 @@ def rng_for(key: tuple[int, ...]) -> tuple[np.random.Generator, torch.Generator]
     return np.random.default_rng(np_seq), torch.Generator().manual_seed(torch_seed)
 
 
+def deterministic_cuda() -> None:
+    """Make this process's CUDA kernels repeat bit for bit: the determinism contract holds on GPU hosts too.
+
+    Deterministic algorithms (atomics in scatter/index_add reorder sums otherwise), cuBLAS's fixed workspace
+    (read when its handle is made, at the first matrix product), and attention on PyTorch's math kernel: the
+    flash, memory-efficient and cuDNN kernels' backward passes are not deterministic, and with ``warn_only`` the
+    switch above only warns about them. Costs speed on a GPU; CPU hosts never call it (the switch imports torch's
+    compiler stack, ~2 s a process).
+    """
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    for kernel in ("flash", "mem_efficient", "cudnn"):
+        getattr(torch.backends.cuda, f"enable_{kernel}_sdp")(False)
+
+
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where and in what floating dtype the model's parameters live."""
     p = next(model.parameters())

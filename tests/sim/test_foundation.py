@@ -218,3 +218,22 @@ def test_half_precision_trains_minilm_on_a_gpu(precision: str) -> None:
     # Assert: finite loss; the fp32 master weights moved
     after = get_state(model)
     assert np.isfinite(loss) and any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_minilm_on_a_gpu_repeats_bit_for_bit(precision: str) -> None:
+    # Prepare: what a GPU host switches on (attention's fused kernels' backward passes are not deterministic)
+    from sim.train import deterministic_cuda
+
+    deterministic_cuda()
+    x, y = ids(0, n=32)
+    # Execute: the same weights, data and key twice
+    states = []
+    for _ in range(2):
+        model = build_model(MINILM, (L,), C, seed=0).cuda()
+        local_train(model, x, y, training=TrainingSpec(lr=0.05, batch_size=8, precision=precision), plan=LocalPlan(), key=(0, 0, 1))
+        states.append(get_state(model))
+    # Assert: bit for bit
+    assert all(np.array_equal(states[0][k], states[1][k]) for k in states[0])
