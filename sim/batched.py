@@ -30,6 +30,7 @@ same batched forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sim.models import get_state
-from sim.train import _minibatches, rng_for
+from sim.train import _minibatches, numpy_rng_for
 from sim.types import LocalPlan, State, TrainingSpec
 
 MAX_BATCH = 256  # institutions per batched call: bounds the stacked parameters and batches held in memory
@@ -85,8 +86,7 @@ def batchable(model: nn.Module, plan: LocalPlan, training: TrainingSpec) -> bool
 
 def _steps_of(key: tuple[int, ...], n: int, training: TrainingSpec) -> list[np.ndarray]:
     """The minibatch index arrays ``local_train`` would draw for this key and shard size (same RNG use)."""
-    np_rng, _ = rng_for(key)  # the torch generator only seeds dropout, which a batchable model lacks
-    return _minibatches(np_rng, n, training)
+    return _minibatches(numpy_rng_for(key), n, training)  # rng_for's torch stream only seeds dropout: none here
 
 
 def _as_tensor(a: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
@@ -165,6 +165,14 @@ def _linear_stack(model: nn.Module) -> bool:
     return True
 
 
+def _single_linear(model: nn.Module) -> str | None:
+    """The name of the Linear layer of a linear stack that is one Linear layer (logistic regression), else None."""
+    if not _linear_stack(model):
+        return None
+    layers = [name for name, m in model.named_children() if type(m) is not nn.Flatten]
+    return layers[0] if len(layers) == 1 and type(model.get_submodule(layers[0])) is nn.Linear else None
+
+
 def _stacked_forward(model: nn.Sequential, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Logits (A, b, classes) of A institutions' own weights (leading axis A) on their batches x (A, b, features).
 
@@ -221,17 +229,21 @@ def _train_chunk(
     offsets = np.cumsum([0] + [len(y) for y in ys[:-1]])
     lengths = np.array([len(p) for p in plans])
     S = int(lengths.max())
-    index = np.zeros((K, S, bs), dtype=np.int64)
+    # Padding points at a real row of its own shard; the mask zeroes it out. Every batch's rows land in one scatter.
+    index = np.broadcast_to(offsets.reshape(K, 1, 1), (K, S, bs)).copy()
     valid = np.zeros((K, S, bs), dtype=bool)
-    for k, batches in enumerate(plans):
-        index[k, :, :] = offsets[k]  # padding points at a real row of its own shard; the mask zeroes it out
-        for t, idx in enumerate(batches):
-            index[k, t, : len(idx)] = offsets[k] + idx
-            valid[k, t, : len(idx)] = True
+    batches = [b for steps in plans for b in steps]
+    rows = np.fromiter(map(len, batches), dtype=np.int64, count=len(batches))  # rows of each batch
+    step_of = np.concatenate([np.arange(n) for n in lengths])  # each batch's step number
+    k_of = np.repeat(np.arange(K), lengths)
+    first = np.cumsum(rows) - rows
+    at = np.repeat(np.arange(len(batches)), rows)  # each sampled row's batch
+    where = (k_of[at], step_of[at], np.arange(int(rows.sum())) - first[at])
+    index[where] = offsets[k_of[at]] + np.concatenate(batches)
+    valid[where] = True
     index_t = torch.from_numpy(index).to(device)
     mask_t = torch.from_numpy(valid).to(device=device, dtype=dtype)
     counts = valid.sum(axis=2)  # (K, S) samples per step, 0 once an institution is done
-    count_t = torch.from_numpy(counts).to(device=device, dtype=torch.float64)
     live_from = np.searchsorted(lengths, np.arange(S), side="right")  # step t trains institutions live_from[t]..K-1
 
     # 2. Stacked state: trainable parameters, frozen ones, and the FedProx anchors with a per-key flag.
@@ -260,7 +272,31 @@ def _train_chunk(
         """Each of A institutions' proximal terms 0.5 * mu * sum over anchored keys of ||p - anchor||^2: shape (A,)."""
         return 0.5 * mu * sum(fl[k] * ((p[k] - a[k]) ** 2).flatten(1).sum(1) for k in a)
 
-    if stack:
+    linear = _single_linear(model)
+    if linear is not None:
+        def step(p, f, xb, yb, m, a, fl):
+            """Gradients of A institutions' losses in closed form (softmax minus one-hot); aux: data losses.
+
+            Logistic regression's gradient needs no autograd graph: d(mean CE)/d(logits) is
+            (softmax - onehot) / count on valid rows, and the weight's gradient is its product with
+            the batch. A quarter of the ops of the autograd step, equal to it to float32 rounding.
+            """
+            w, b = {**p, **f}[f"{linear}.weight"], {**p, **f}.get(f"{linear}.bias")
+            logits = torch.bmm(xb, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xb, w.transpose(1, 2))
+            logp = torch.log_softmax(logits, -1)
+            count = m.sum(-1).clamp(min=1.0)
+            data = -(logp.gather(-1, yb.unsqueeze(-1)).squeeze(-1) * m).sum(-1) / count
+            weight = (m / count.unsqueeze(1)).unsqueeze(-1)  # (A, b, 1): each valid row's share of its mean
+            g = logp.exp_().mul_(weight).scatter_add_(-1, yb.unsqueeze(-1), -weight)  # d loss / d logits
+            grads = {}
+            if f"{linear}.weight" in p:
+                grads[f"{linear}.weight"] = torch.bmm(g.transpose(1, 2), xb)
+            if f"{linear}.bias" in p:
+                grads[f"{linear}.bias"] = g.sum(1)
+            for k in a:  # the proximal term's gradient, mu * (p - anchor) on anchored keys
+                grads[k] = grads[k] + mu * fl[k].view(-1, *([1] * (p[k].dim() - 1))) * (p[k] - a[k])
+            return grads, data
+    elif stack:
         def step(p, f, xb, yb, m, a, fl):
             """Gradients of A institutions' losses by ordinary autograd through the stacked forward; aux: data losses."""
             leaves = {k: v.detach().requires_grad_() for k, v in p.items()}
@@ -289,15 +325,17 @@ def _train_chunk(
     #    finished ones (a vmapped convolution is a grouped one, whose rounding changes with the number of groups).
     lr, wd, mom = float(training.lr), float(training.weight_decay), float(training.momentum)
     bufs = {k: torch.zeros_like(v) for k, v in params.items()}  # m*0 + d == d: the first step's buf = d
-    loss_sum = torch.zeros(K, dtype=torch.float64, device=device)
+    step_loss = torch.zeros(S, K, dtype=dtype, device=device)  # each step's mean data loss, 0 once done
     active_t = torch.from_numpy(counts > 0).to(device)
+    outer = torch.no_grad() if linear is not None else contextlib.nullcontext()  # the closed-form step needs no graph
     for t in range(S):
         lo = int(live_from[t]) if stack else 0
         idx = index_t[lo:, t]
         xb, yb = x_all[idx], y_all[idx]
-        grads, data = step({k: v[lo:] for k, v in params.items()}, {k: v[lo:] for k, v in fixed.items()}, xb, yb,
-                           mask_t[lo:, t], {k: v[lo:] for k, v in pull.items()}, {k: v[lo:] for k, v in flag.items()})
-        loss_sum[lo:] += data.double() * count_t[lo:, t]  # a finished institution's count is 0
+        with outer:
+            grads, data = step({k: v[lo:] for k, v in params.items()}, {k: v[lo:] for k, v in fixed.items()}, xb, yb,
+                               mask_t[lo:, t], {k: v[lo:] for k, v in pull.items()}, {k: v[lo:] for k, v in flag.items()})
+        step_loss[t, lo:] = data.detach()
         with torch.no_grad():
             for k, p in params.items():
                 live = p[lo:]
@@ -314,8 +352,10 @@ def _train_chunk(
                 params[k] = torch.where(gate, p.add(d, alpha=-lr), p)
 
     # 4. Back to numpy states named like get_state, in the model's state_dict order and the caller's order.
-    seen = counts.sum(axis=1)
-    losses = (loss_sum.cpu().numpy() / seen).tolist()
+    # Mean per-sample loss: each step's mean times its samples, summed exactly (fsum) in float64, so no other
+    # institution's step count changes the sum's rounding.
+    weighted = step_loss.T.cpu().double().numpy() * counts
+    losses = [math.fsum(weighted[k, : lengths[k]]) / counts[k].sum() for k in range(K)]
     out_p = {k: v.detach().cpu().float().numpy() for k, v in params.items()}
     results: list[Result | None] = [None] * K
     for k in range(K):

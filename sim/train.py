@@ -60,6 +60,11 @@ def rng_for(key: tuple[int, ...]) -> tuple[np.random.Generator, torch.Generator]
     return np.random.default_rng(np_seq), torch.Generator().manual_seed(torch_seed)
 
 
+def numpy_rng_for(key: tuple[int, ...]) -> np.random.Generator:
+    """The numpy generator of :func:`rng_for` alone (the same stream), without making the torch one."""
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]).spawn(1)[0])
+
+
 def deterministic_cuda() -> None:
     """Make this process's CUDA kernels repeat bit for bit: the determinism contract holds on GPU hosts too.
 

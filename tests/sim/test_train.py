@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sim.models import build_model, get_state, set_state
-from sim.train import evaluate, full_gradient, local_train, rng_for
+from sim.train import evaluate, full_gradient, local_train, numpy_rng_for, rng_for
 from sim.types import LocalPlan, TrainingSpec
 
 LOGREG = {"_target_": "sim.models.logreg"}
@@ -40,6 +40,12 @@ def test_rng_for_is_a_pure_function_of_the_key() -> None:
     assert n1.integers(1 << 30) == n2.integers(1 << 30)
     assert torch.equal(torch.rand(3, generator=t1), torch.rand(3, generator=t2))
     assert n3.integers(1 << 30, size=4).tolist() != rng_for((0, 1, 2))[0].integers(1 << 30, size=4).tolist()
+
+
+def test_numpy_rng_for_is_rng_for_s_numpy_stream() -> None:
+    # Execute / Assert: the vectorised step draws its minibatches from it, so it must be the very same stream
+    for key in [(0,), (3, 17, 2), (2**31, 5, 9, 1)]:
+        assert numpy_rng_for(key).integers(1 << 30, size=50).tolist() == rng_for(key)[0].integers(1 << 30, size=50).tolist()
 
 
 def test_local_train_same_key_identical_weights_other_key_differs() -> None:
