@@ -109,13 +109,15 @@ def frame(kind: str, rows: Iterable[Mapping]) -> pd.DataFrame:
     """Build a table of ``kind`` with exactly the schema's columns and dtypes (a flag a row leaves out is False,
     a count of :data:`ZERO_IF_MISSING` 0)."""
     columns = SCHEMAS[kind]
-    df = pd.DataFrame(list(rows), columns=list(columns))
-    for name, dtype in columns.items():
-        if dtype == "bool":
-            df[name] = df[name].astype(object).where(df[name].notna(), False)
-        elif name in ZERO_IF_MISSING:
-            df[name] = df[name].fillna(0)
-    return df.astype(columns)
+    rows = rows if isinstance(rows, list) else list(rows)
+    data = {}
+    for name, dtype in columns.items():  # column by column: a quarter of the time of a frame of dicts then astype
+        values = [row.get(name) for row in rows]
+        if dtype == "bool" or name in ZERO_IF_MISSING:
+            fill = False if dtype == "bool" else 0
+            values = [fill if v is None or v != v else v for v in values]  # v != v: NaN
+        data[name] = pd.array(values, dtype=dtype) if dtype == "string" else np.array(values, dtype=dtype)
+    return pd.DataFrame(data, columns=list(columns))
 
 
 def idle_rows(keys: Mapping, round: int, sim_time: float, names: Sequence[str], epsilon: float) -> pd.DataFrame:
