@@ -281,7 +281,8 @@ def _train_chunk(
             (softmax - onehot) / count on valid rows, and the weight's gradient is its product with
             the batch. A quarter of the ops of the autograd step, equal to it to float32 rounding.
             """
-            w, b = {**p, **f}[f"{linear}.weight"], {**p, **f}.get(f"{linear}.bias")
+            both = {**p, **f}
+            w, b = both[f"{linear}.weight"], both.get(f"{linear}.bias")
             logits = torch.bmm(xb, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xb, w.transpose(1, 2))
             logp = torch.log_softmax(logits, -1)
             count = m.sum(-1).clamp(min=1.0)
@@ -328,17 +329,20 @@ def _train_chunk(
     step_loss = torch.zeros(S, K, dtype=dtype, device=device)  # each step's mean data loss, 0 once done
     active_t = torch.from_numpy(counts > 0).to(device)
     outer = torch.no_grad() if linear is not None else contextlib.nullcontext()  # the closed-form step needs no graph
+    views: dict[int, tuple[dict[str, torch.Tensor], ...]] = {}  # the suffix's slices, made once per suffix
     for t in range(S):
         lo = int(live_from[t]) if stack else 0
+        if lo not in views or not stack:  # the vmapped path replaces params each step: no slices to keep
+            views[lo] = tuple({k: v[lo:] for k, v in d.items()} for d in (params, fixed, pull, flag))
+        p_lo, f_lo, pull_lo, flag_lo = views[lo]
         idx = index_t[lo:, t]
         xb, yb = x_all[idx], y_all[idx]
         with outer:
-            grads, data = step({k: v[lo:] for k, v in params.items()}, {k: v[lo:] for k, v in fixed.items()}, xb, yb,
-                               mask_t[lo:, t], {k: v[lo:] for k, v in pull.items()}, {k: v[lo:] for k, v in flag.items()})
+            grads, data = step(p_lo, f_lo, xb, yb, mask_t[lo:, t], pull_lo, flag_lo)
         step_loss[t, lo:] = data.detach()
         with torch.no_grad():
             for k, p in params.items():
-                live = p[lo:]
+                live = p_lo[k]
                 d = grads[k].add(live, alpha=wd) if wd != 0 else grads[k]
                 if stack:
                     if mom != 0:
@@ -398,19 +402,16 @@ def evaluate_many(model: nn.Module, sets: Sequence[tuple[np.ndarray, np.ndarray]
     if type(model[0]) is nn.Flatten:
         x_all = x_all.flatten(1)
     y_all = torch.cat([_as_tensor(sets[k][1], device, None) for k in busy])
-    offsets = np.cumsum([0] + [sizes[k] for k in busy[:-1]])
-    index, valid, owner = [], [], []
-    for j, k in enumerate(busy):
-        n = sizes[k]
-        blocks = -(-n // EVAL_BLOCK)
-        rows = np.full(blocks * EVAL_BLOCK, offsets[j], dtype=np.int64)  # padding repeats the set's first row, masked
-        rows[:n] = offsets[j] + np.arange(n)
-        index.append(rows.reshape(blocks, EVAL_BLOCK))
-        valid.append((np.arange(blocks * EVAL_BLOCK) < n).reshape(blocks, EVAL_BLOCK))
-        owner.append(np.full(blocks, j, dtype=np.int64))
-    index_t = torch.from_numpy(np.concatenate(index)).to(device)
-    valid_t = torch.from_numpy(np.concatenate(valid)).to(device)
-    owner_t = torch.from_numpy(np.concatenate(owner)).to(device)
+    n = np.array([sizes[k] for k in busy], dtype=np.int64)
+    offsets = np.cumsum(n) - n
+    blocks = -(-n // EVAL_BLOCK)
+    owner = np.repeat(np.arange(len(busy)), blocks)  # each block's set
+    # Row r of a set's block b is row b * EVAL_BLOCK + r of the set; past its end it repeats the set's first row, masked.
+    at = (np.arange(len(owner)) - np.repeat(np.cumsum(blocks) - blocks, blocks))[:, None] * EVAL_BLOCK + np.arange(EVAL_BLOCK)
+    valid = at < n[owner][:, None]
+    index_t = torch.from_numpy(offsets[owner][:, None] + np.where(valid, at, 0)).to(device)
+    valid_t = torch.from_numpy(valid).to(device)
+    owner_t = torch.from_numpy(owner).to(device)
     weights = {k: p.detach() for k, p in model.named_parameters()}
     loss_sum = torch.zeros(len(busy), dtype=torch.float64, device=device)
     correct = torch.zeros(len(busy), dtype=torch.int64, device=device)
@@ -425,6 +426,7 @@ def evaluate_many(model: nn.Module, sets: Sequence[tuple[np.ndarray, np.ndarray]
             rows = who.unsqueeze(1).expand_as(yb)[ok]
             loss_sum.index_add_(0, rows, ce[ok].double())
             correct.index_add_(0, rows, (logits.argmax(-1) == yb)[ok].long())
+    right, total = correct.cpu().tolist(), loss_sum.cpu().tolist()
     for j, k in enumerate(busy):
-        out[k] = (int(correct[j]) / sizes[k], float(loss_sum[j]) / sizes[k])
+        out[k] = (right[j] / sizes[k], total[j] / sizes[k])
     return out

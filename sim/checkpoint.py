@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from sim.results import frame, idle_rows, write_atomic, write_text
+from sim.results import frame, idle_blocks, write_atomic, write_text
 from sim.types import ConfigError, Snapshot
 
 FORMAT = 2  # bump when the layout changes; older checkpoints are then refused, not misread
@@ -89,7 +89,7 @@ class Progress:
         for k in (kind,) if kind else ("metrics", "ledger"):
             parts = [frame(k, self.pending[k])] if self.pending[k] else []
             if k == "ledger" and self.idle:
-                parts += [idle_rows(*block) for block in self.idle]
+                parts.append(idle_blocks(self.idle))
                 self.idle, self.idle_count = [], 0
             if parts:
                 table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]

@@ -111,7 +111,7 @@ def test_institutions_a_round_does_not_pick_have_one_idle_row_each(small_cfg, tm
 def test_idle_rows_built_as_columns_equal_the_rows_the_coordinator_would_send(small_cfg) -> None:
     from agents.coordinator import _absent, _unshared
     from sim.config import load_spec
-    from sim.results import frame, idle_rows
+    from sim.results import frame, idle_blocks, idle_rows
 
     specs = load_spec(small_cfg()).scenario.institutions[:3]
     keys = {"run_id": "r", "scheme": "fedavg", "scenario": "s", "seed": 3}
@@ -119,3 +119,8 @@ def test_idle_rows_built_as_columns_equal_the_rows_the_coordinator_would_send(sm
         dicts = [keys | {"round": 4, "epsilon": epsilon, "staleness": np.nan} | _unshared(_absent(s, "idle", 123))
                  | {"sim_time": 7.0} for s in specs]
         pd.testing.assert_frame_equal(idle_rows(keys, 4, 7.0, [s.name for s in specs], epsilon), frame("ledger", dicts))
+    # Several rounds' blocks at once (what a checkpoint frames) equal their tables one after the other
+    blocks = [(keys, 4, 7.0, [s.name for s in specs], np.nan), (keys, 5, 9.5, [specs[1].name], 1.5),
+              (keys | {"seed": 4}, 6, 11.0, [specs[0].name, specs[2].name], np.nan)]
+    pd.testing.assert_frame_equal(idle_blocks(blocks), pd.concat([idle_rows(*b) for b in blocks], ignore_index=True))
+    pd.testing.assert_frame_equal(idle_blocks(blocks[:2]), pd.concat([idle_rows(*b) for b in blocks[:2]], ignore_index=True))
