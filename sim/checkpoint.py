@@ -9,8 +9,9 @@ In the run directory:
   ``meta.json`` (round, simulated clock, run id), ``coordinator.npz`` (global and scheme
   state), ``institutions.npz`` (what each institution carries between rounds) and
   ``segments.json``, the ``checkpoints/rows-KKKKK/`` folders whose ``metrics.parquet`` and
-  ``ledger.parquet`` hold the results rows so far: each checkpoint writes only the rows
-  added since the one before, so saving costs the same in round 5 as in round 500.
+  ``ledger.parquet`` hold the results rows so far, and whose ``idle.npz`` / ``idle.json`` hold
+  the rounds' masks of institutions not picked (see :class:`Progress`): each checkpoint writes
+  only what was added since the one before, so saving costs the same in round 5 as in round 500.
 
 A checkpoint directory is written under a temporary name and renamed into place, then
 the pointer is replaced the same way, so a crash at any moment leaves the previous
@@ -36,7 +37,7 @@ import pandas as pd
 from sim.results import frame, idle_blocks, write_atomic, write_text
 from sim.types import ConfigError, Snapshot
 
-FORMAT = 2  # bump when the layout changes; older checkpoints are then refused, not misread
+FORMAT = 3  # bump when the layout changes; older checkpoints are then refused, not misread
 # What reading a damaged checkpoint raises: OSError (missing file), ValueError (bad JSON, pyarrow's ArrowInvalid,
 # a truncated npy), BadZipFile (a truncated npz), EOFError, and Key/Type/AttributeError for JSON of the wrong shape.
 UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile)
@@ -53,8 +54,11 @@ class Progress:
     A round's rows wait as plain dicts until :data:`PENDING_ROWS` of a kind have gathered (or a
     checkpoint or the end of the run asks for them), then become one column-wise table: a
     table per round would cost a DataFrame's build (milliseconds) in every round, and dicts
-    kept for a whole long run would grow the driver by megabytes per round. A checkpoint
-    writes only the tables added since the previous one.
+    kept for a whole long run would grow the driver by megabytes per round. The ledger rows of
+    institutions a round did not pick are all alike: each round keeps them as a bit mask over
+    ``names`` (1.25 kB a round at 10,000 institutions), and they become rows only when the
+    run's table is asked for, so no round and no checkpoint pays for the population. A
+    checkpoint writes only the tables and masks added since the previous one.
     """
 
     metrics: list[pd.DataFrame] = field(default_factory=list)
@@ -62,45 +66,45 @@ class Progress:
     sim_time: float = 0.0
     rounds_done: int = 0
     segments: list[str] = field(default_factory=list)  # checkpoint segments holding the tables saved so far
-    saved: tuple[int, int] = (0, 0)  # how many metrics / ledger tables those segments hold
+    saved: tuple[int, int, int] = (0, 0, 0)  # how many metrics tables, ledger tables and idle blocks those hold
     pending: dict[str, list[dict]] = field(default_factory=lambda: {"metrics": [], "ledger": []})
-    idle: list[tuple[dict, int, float, Sequence[str], float]] = field(default_factory=list)  # ledger rows as columns
-    idle_count: int = 0
+    names: pd.api.extensions.ExtensionArray | None = None  # every institution's name in scenario order (set by the engine)
+    idle: list[tuple[dict, int, float, np.ndarray, float]] = field(default_factory=list)  # (keys, round, sim_time, packed mask, epsilon)
 
     def add(self, kind: str, rows: list[dict]) -> None:
         """Append one batch of ``kind`` rows ("metrics" or "ledger")."""
         self.pending[kind].extend(rows)
-        self._flush_if_full(kind)
-
-    def add_idle(self, keys: dict, round: int, sim_time: float, names: Sequence[str], epsilon: float) -> None:
-        """Append the ledger rows of a round's institutions that were not picked (:func:`sim.results.idle_rows`)."""
-        if len(names):
-            self.idle.append((keys, round, sim_time, names, epsilon))
-            self.idle_count += len(names)
-            self._flush_if_full("ledger")
-
-    def _flush_if_full(self, kind: str) -> None:
-        """Frame the waiting rows of ``kind`` once :data:`PENDING_ROWS` of them (idle ledger rows included) wait."""
-        if len(self.pending[kind]) + (self.idle_count if kind == "ledger" else 0) >= PENDING_ROWS:
+        if len(self.pending[kind]) >= PENDING_ROWS:
             self.flush(kind)
 
+    def add_idle(self, keys: dict, round: int, sim_time: float, positions: np.ndarray, epsilon: float) -> None:
+        """Note the ledger rows of a round's institutions that were not picked: ``positions`` in :attr:`names`,
+        ascending (they become rows, :func:`sim.results.idle_blocks`, when the table is asked for)."""
+        if len(positions):
+            mask = np.zeros(len(self.names), dtype=bool)
+            mask[np.asarray(positions, dtype=np.int64)] = True
+            self.idle.append((keys, round, sim_time, np.packbits(mask), epsilon))
+
     def flush(self, kind: str | None = None) -> None:
-        """Turn the waiting rows of ``kind`` (default: both kinds) into a table, in round order."""
+        """Turn the waiting dict rows of ``kind`` (default: both kinds) into a table."""
         for k in (kind,) if kind else ("metrics", "ledger"):
-            parts = [frame(k, self.pending[k])] if self.pending[k] else []
-            if k == "ledger" and self.idle:
-                parts.append(idle_blocks(self.idle))
-                self.idle, self.idle_count = [], 0
-            if parts:
-                table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-                getattr(self, k).append(table.sort_values("round", kind="stable", ignore_index=True))
+            if self.pending[k]:
+                getattr(self, k).append(frame(k, self.pending[k]))
             self.pending[k] = []
 
     def table(self, kind: str) -> pd.DataFrame:
-        """All rows of ``kind`` so far, in the schema's columns and dtypes."""
+        """All rows of ``kind`` so far, in the schema's columns and dtypes, in round order (within a round: rows as
+        they came, then the institutions not picked, in scenario order)."""
         self.flush(kind)
-        parts = getattr(self, kind)
-        return pd.concat(parts, ignore_index=True) if parts else frame(kind, [])
+        parts = list(getattr(self, kind))
+        if kind == "ledger" and self.idle:
+            n = len(self.names)
+            parts.append(idle_blocks([(keys, r, t, np.flatnonzero(np.unpackbits(bits, count=n)), eps)
+                                      for keys, r, t, bits, eps in self.idle], self.names))
+        if not parts:
+            return frame(kind, [])
+        table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        return table.sort_values("round", kind="stable", ignore_index=True)
 
 
 def write_status(run_dir: Path, state: str, *, run_id: str, rounds: int, rounds_done: int,
@@ -141,15 +145,16 @@ def save(run_dir: Path, progress: Progress, snapshot: Snapshot, run_id: str) -> 
     shutil.rmtree(seg_dir, ignore_errors=True)
     seg_dir.mkdir(parents=True)
     progress.flush()
-    (m0, l0) = progress.saved
+    (m0, l0, i0) = progress.saved
     for kind, start in (("metrics", m0), ("ledger", l0)):
         new = getattr(progress, kind)[start:]
         (pd.concat(new, ignore_index=True) if new else frame(kind, [])).to_parquet(seg_dir / f"{kind}.parquet", index=False)
+    _save_idle(seg_dir, progress.idle[i0:])
     segments = [*progress.segments, segment]
     (tmp / "segments.json").write_text(json.dumps(segments) + "\n")
     tmp.rename(final)
     write_text(json.dumps({"round": progress.rounds_done, "dir": final.name}) + "\n", root / "latest.json")
-    progress.segments, progress.saved = segments, (len(progress.metrics), len(progress.ledger))
+    progress.segments, progress.saved = segments, (len(progress.metrics), len(progress.ledger), len(progress.idle))
     for old in root.glob("round-*"):  # only the latest is ever read
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -175,8 +180,9 @@ def load(run_dir: Path, run_id: str) -> tuple[Progress, Snapshot] | None:
         segments = json.loads((where / "segments.json").read_text())
         metrics = [pd.read_parquet(root / seg / "metrics.parquet") for seg in segments]
         ledger = [pd.read_parquet(root / seg / "ledger.parquet") for seg in segments]
+        idle = [block for seg in segments for block in _load_idle(root / seg)]
         progress = Progress(metrics, ledger, float(meta["sim_time"]), int(meta["round"]), list(segments),
-                            (len(metrics), len(ledger)))
+                            (len(metrics), len(ledger), len(idle)), idle=idle)
         snapshot = Snapshot(coordinator.get("global", {}), coordinator.get("scheme", {}),
                             {n: carried.get(str(i), {}) for i, n in enumerate(meta["institutions"])})
     except ConfigError:
@@ -191,6 +197,29 @@ def load(run_dir: Path, run_id: str) -> tuple[Progress, Snapshot] | None:
 def clear(run_dir: Path) -> None:
     """Drop a run directory's checkpoints: once complete its tables hold everything; a fresh run starts clean."""
     shutil.rmtree(Path(run_dir) / DIR, ignore_errors=True)
+
+
+def _save_idle(seg_dir: Path, blocks: Sequence[tuple[dict, int, float, np.ndarray, float]]) -> None:
+    """A segment's idle blocks: their masks and numbers in ``idle.npz``, their keys in ``idle.json``."""
+    if not blocks:
+        return
+    (seg_dir / "idle.json").write_text(json.dumps([b[0] for b in blocks]) + "\n")
+    arrays = {"masks": np.stack([b[3] for b in blocks]), "rounds": np.array([b[1] for b in blocks], dtype=np.int64),
+              "sim_times": np.array([b[2] for b in blocks], dtype=np.float64),
+              "epsilons": np.array([b[4] for b in blocks], dtype=np.float64)}
+    write_atomic(seg_dir / "idle.npz", lambda tmp: _savez(tmp, arrays))
+
+
+def _load_idle(seg_dir: Path) -> list[tuple[dict, int, float, np.ndarray, float]]:
+    """The idle blocks :func:`_save_idle` wrote in a segment (none when it has no ``idle.npz``)."""
+    if not (seg_dir / "idle.npz").is_file():
+        return []
+    keys = json.loads((seg_dir / "idle.json").read_text())
+    with np.load(seg_dir / "idle.npz", allow_pickle=False) as npz:
+        masks, rounds, times, eps = npz["masks"], npz["rounds"], npz["sim_times"], npz["epsilons"]
+    if not (len(keys) == len(masks) == len(rounds) == len(times) == len(eps)):
+        raise ValueError(f"{seg_dir.name}: idle blocks of unequal lengths")
+    return [(dict(k), int(r), float(t), m, float(e)) for k, r, t, m, e in zip(keys, rounds, times, masks, eps)]
 
 
 def _save_arrays(path: Path, groups: Mapping[str, Mapping[str, np.ndarray]]) -> None:

@@ -119,8 +119,51 @@ def test_idle_rows_built_as_columns_equal_the_rows_the_coordinator_would_send(sm
         dicts = [keys | {"round": 4, "epsilon": epsilon, "staleness": np.nan} | _unshared(_absent(s, "idle", 123))
                  | {"sim_time": 7.0} for s in specs]
         pd.testing.assert_frame_equal(idle_rows(keys, 4, 7.0, [s.name for s in specs], epsilon), frame("ledger", dicts))
-    # Several rounds' blocks at once (what a checkpoint frames) equal their tables one after the other
-    blocks = [(keys, 4, 7.0, [s.name for s in specs], np.nan), (keys, 5, 9.5, [specs[1].name], 1.5),
-              (keys | {"seed": 4}, 6, 11.0, [specs[0].name, specs[2].name], np.nan)]
-    pd.testing.assert_frame_equal(idle_blocks(blocks), pd.concat([idle_rows(*b) for b in blocks], ignore_index=True))
-    pd.testing.assert_frame_equal(idle_blocks(blocks[:2]), pd.concat([idle_rows(*b) for b in blocks[:2]], ignore_index=True))
+    # Several rounds' blocks at once (what the run's table frames) equal their tables one after the other
+    names = pd.array([s.name for s in specs], dtype="string")
+    blocks = [(keys, 4, 7.0, np.array([0, 1, 2]), np.nan), (keys, 5, 9.5, np.array([1]), 1.5),
+              (keys | {"seed": 4}, 6, 11.0, np.array([0, 2]), np.nan)]
+    one_by_one = [idle_rows(k, r, t, list(names.take(p)), e) for k, r, t, p, e in blocks]
+    pd.testing.assert_frame_equal(idle_blocks(blocks, names), pd.concat(one_by_one, ignore_index=True))
+    pd.testing.assert_frame_equal(idle_blocks(blocks[:2], names), pd.concat(one_by_one[:2], ignore_index=True))
+
+
+def test_progress_keeps_idle_rows_as_masks_and_a_checkpoint_brings_them_back(tmp_path) -> None:
+    from sim import checkpoint
+    from sim.checkpoint import Progress
+    from sim.results import LEDGER_COLUMNS, idle_rows
+    from sim.types import Snapshot
+
+    # Prepare: 20 institutions; rounds 1-3 each with dict rows for two and the rest idle
+    names = pd.array([f"inst{i:02d}" for i in range(20)], dtype="string")
+    keys = {"run_id": "r", "scheme": "fedavg", "scenario": "s", "seed": 0}
+
+    def ledger_row(name: str, r: int) -> dict:
+        zeros = {k: 0 for k, dtype in LEDGER_COLUMNS.items() if dtype in ("int64", "float64")}
+        return zeros | keys | {"round": r, "institution": name, "participated": True, "sim_time": float(r),
+                               "trained_by": name, "epsilon": np.nan, "staleness": np.nan, "status": "ok", "samples": 5}
+
+    def play(progress: Progress, rounds: range) -> None:
+        for r in rounds:
+            picked = [r, r + 7]
+            progress.add("ledger", [ledger_row(names[i], r) for i in picked])
+            progress.add_idle(keys, r, float(r), np.setdiff1d(np.arange(20), picked), 0.5 * r)
+
+    straight = Progress(names=names)
+    play(straight, range(1, 4))
+    # Execute: the same rounds with a checkpoint after round 2, read back, then round 3
+    first = Progress(names=names)
+    play(first, range(1, 3))
+    first.rounds_done = 2
+    checkpoint.save(tmp_path, first, Snapshot({}, {}, {}), "r")
+    resumed, _ = checkpoint.load(tmp_path, "r")
+    resumed.names = names
+    play(resumed, range(3, 4))
+    # Assert: one row per institution per round, participants first, and the resumed table equals the straight one
+    table = straight.table("ledger")
+    assert len(table) == 60 and table.groupby("round").institution.nunique().eq(20).all()
+    assert table.participated.tolist()[:2] == [True, True] and not table.participated.iloc[2:20].any()
+    idle3 = table[(table["round"] == 3) & ~table.participated].reset_index(drop=True)
+    expected = idle_rows(keys, 3, 3.0, [n for i, n in enumerate(names) if i not in (3, 10)], 1.5)
+    pd.testing.assert_frame_equal(idle3, expected)
+    pd.testing.assert_frame_equal(resumed.table("ledger"), table)
