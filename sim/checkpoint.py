@@ -172,9 +172,11 @@ def load(run_dir: Path, run_id: str) -> tuple[Progress, Snapshot] | None:
     try:
         where = root / json.loads((root / "latest.json").read_text())["dir"]
         meta = json.loads((where / "meta.json").read_text())
-        if meta.get("format") != FORMAT or meta.get("run_id") != run_id:
-            raise ConfigError("resume", f"{run_dir}: the checkpoint belongs to run {meta.get('run_id')!r} "
-                              f"(format {meta.get('format')}), not to {run_id!r}")
+        if meta.get("format") != FORMAT:
+            raise ConfigError("resume", f"{run_dir}: the checkpoint has format {meta.get('format')} and this collabsim "
+                              f"reads format {FORMAT}; delete {root} to run it again from the start")
+        if meta.get("run_id") != run_id:
+            raise ConfigError("resume", f"{run_dir}: the checkpoint belongs to run {meta.get('run_id')!r}, not to {run_id!r}")
         coordinator = _load_arrays(where / "coordinator.npz")
         carried = _load_arrays(where / "institutions.npz")
         segments = json.loads((where / "segments.json").read_text())

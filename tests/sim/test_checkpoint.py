@@ -149,6 +149,19 @@ def test_a_checkpoint_of_another_run_is_refused(small_cfg, tmp_path):
         run(compose("config", [f"resume={tmp_path}"]), backend="inprocess")
 
 
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(small_cfg, tmp_path):
+    import json
+
+    with pytest.raises(Stop):
+        run(small_cfg("checkpoint_every=1"), tmp_path, backend="inprocess", on_round=stop_after(1))
+    latest = tmp_path / "checkpoints" / json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["dir"]
+    meta = json.loads((latest / "meta.json").read_text())
+    (latest / "meta.json").write_text(json.dumps(meta | {"format": 2}))
+    with pytest.raises(ConfigError, match="format 2 and this collabsim reads format 3; delete") as err:
+        run(compose("config", [f"resume={tmp_path}"]), backend="inprocess")
+    assert "\n" not in str(err.value)
+
+
 def test_resume_on_the_command_line_writes_into_the_run_directory_and_refuses_other_overrides(tmp_path):
     assert resume_overrides(["scheme=fedavg"]) == []
     assert resume_overrides([f"resume={tmp_path}"]) == [f"hydra.run.dir='{tmp_path}'", "hydra.output_subdir=null"]
