@@ -274,8 +274,15 @@ def _train_chunk(
 
     linear = _single_linear(model)
     if linear is not None:
-        def step(p, f, xb, yb, m, a, fl):
-            """Gradients of A institutions' losses in closed form (softmax minus one-hot); aux: data losses.
+        # Each valid row's share of its batch's mean, for every step at once; and where each step's log-probability
+        # of the true label goes, so the data losses are summed after the loop in one pass.
+        count_all = mask_t.sum(-1).clamp(min=1.0)  # (K, S)
+        share_t = (mask_t / count_all.unsqueeze(-1)).unsqueeze(-1)  # (K, S, bs, 1)
+        picked = torch.zeros(S, K, bs, dtype=dtype, device=device)
+
+        def step(p, f, xb, yb, weight, a, fl, out):
+            """Gradients of A institutions' losses in closed form (softmax minus one-hot); ``out`` gets each row's
+            log-probability of its label (the data loss is summed from it after the loop).
 
             Logistic regression's gradient needs no autograd graph: d(mean CE)/d(logits) is
             (softmax - onehot) / count on valid rows, and the weight's gradient is its product with
@@ -285,10 +292,9 @@ def _train_chunk(
             w, b = both[f"{linear}.weight"], both.get(f"{linear}.bias")
             logits = torch.bmm(xb, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xb, w.transpose(1, 2))
             logp = torch.log_softmax(logits, -1)
-            count = m.sum(-1).clamp(min=1.0)
-            data = -(logp.gather(-1, yb.unsqueeze(-1)).squeeze(-1) * m).sum(-1) / count
-            weight = (m / count.unsqueeze(1)).unsqueeze(-1)  # (A, b, 1): each valid row's share of its mean
-            g = logp.exp_().mul_(weight).scatter_add_(-1, yb.unsqueeze(-1), -weight)  # d loss / d logits
+            label = yb.unsqueeze(-1)
+            out.copy_(logp.gather(-1, label).squeeze(-1))
+            g = logp.exp_().mul_(weight).scatter_add_(-1, label, -weight)  # d loss / d logits
             grads = {}
             if f"{linear}.weight" in p:
                 grads[f"{linear}.weight"] = torch.bmm(g.transpose(1, 2), xb)
@@ -296,7 +302,7 @@ def _train_chunk(
                 grads[f"{linear}.bias"] = g.sum(1)
             for k in a:  # the proximal term's gradient, mu * (p - anchor) on anchored keys
                 grads[k] = grads[k] + mu * fl[k].view(-1, *([1] * (p[k].dim() - 1))) * (p[k] - a[k])
-            return grads, data
+            return grads
     elif stack:
         def step(p, f, xb, yb, m, a, fl):
             """Gradients of A institutions' losses by ordinary autograd through the stacked forward; aux: data losses."""
@@ -328,7 +334,10 @@ def _train_chunk(
     bufs = {k: torch.zeros_like(v) for k, v in params.items()}  # m*0 + d == d: the first step's buf = d
     step_loss = torch.zeros(S, K, dtype=dtype, device=device)  # each step's mean data loss, 0 once done
     active_t = torch.from_numpy(counts > 0).to(device)
-    outer = torch.no_grad() if linear is not None else contextlib.nullcontext()  # the closed-form step needs no graph
+    # The closed-form step needs no graph: the whole loop runs without one. The others build a graph per step and
+    # update under no_grad.
+    outer = torch.no_grad() if linear is not None else contextlib.nullcontext()
+    update = contextlib.nullcontext() if linear is not None else torch.no_grad()
     views: dict[int, tuple[dict[str, torch.Tensor], ...]] = {}  # the suffix's slices, made once per suffix
     for t in range(S):
         lo = int(live_from[t]) if stack else 0
@@ -338,9 +347,12 @@ def _train_chunk(
         idx = index_t[lo:, t]
         xb, yb = x_all[idx], y_all[idx]
         with outer:
-            grads, data = step(p_lo, f_lo, xb, yb, mask_t[lo:, t], pull_lo, flag_lo)
-        step_loss[t, lo:] = data.detach()
-        with torch.no_grad():
+            if linear is not None:
+                grads = step(p_lo, f_lo, xb, yb, share_t[lo:, t], pull_lo, flag_lo, picked[t, lo:])
+            else:
+                grads, data = step(p_lo, f_lo, xb, yb, mask_t[lo:, t], pull_lo, flag_lo)
+                step_loss[t, lo:] = data.detach()
+        with outer, update:
             for k, p in params.items():
                 live = p_lo[k]
                 d = grads[k].add(live, alpha=wd) if wd != 0 else grads[k]
@@ -354,6 +366,9 @@ def _train_chunk(
                     bufs[k] = torch.where(gate, bufs[k].mul(mom).add(d), bufs[k])
                     d = bufs[k]
                 params[k] = torch.where(gate, p.add(d, alpha=-lr), p)
+
+    if linear is not None:  # each step's masked mean cross-entropy, as the autograd step computes it
+        step_loss = -(picked * mask_t.transpose(0, 1)).sum(-1) / count_all.T
 
     # 4. Back to numpy states named like get_state, in the model's state_dict order and the caller's order.
     # Mean per-sample loss: each step's mean times its samples, summed exactly (fsum) in float64, so no other
