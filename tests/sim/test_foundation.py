@@ -201,6 +201,8 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_falls_back_to_fp32() -> None:
     # Assert: bf16 trains (close to fp32, not equal); fp16 on CPU warns and is exactly fp32
     s16, s32, sbf = (get_state(models[p]) for p in ("fp16", "fp32", "bf16"))
     assert any("fp16 needs a GPU" in str(w.message) for w in caught)
+    from sim.train import native_bf16  # bf16 on a CPU that lacks it natively is slow: said once, not silently
+    assert any("bf16 on a CPU without native bf16" in str(w.message) for w in caught) != native_bf16()
     assert all(np.array_equal(s16[k], s32[k]) for k in s32) and losses["fp16"] == losses["fp32"]
     assert np.isfinite(losses["bf16"]) and abs(losses["bf16"] - losses["fp32"]) < 0.1 and np.isfinite(loss)
     assert any(not np.array_equal(sbf[k], s32[k]) for k in s32)
