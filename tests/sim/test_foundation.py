@@ -197,7 +197,7 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_falls_back_to_fp32() -> None:
         warnings.simplefilter("always")
         for p, model in models.items():
             losses[p], _ = local_train(model, x, y, training=TrainingSpec(lr=0.5, batch_size=8, precision=p), plan=LocalPlan(), key=(0, 0, 1))
-    acc, loss = evaluate(models["bf16"], x, y, precision="bf16")
+        acc, loss = evaluate(models["bf16"], x, y, precision="bf16")
     # Assert: bf16 trains (close to fp32, not equal); fp16 on CPU warns and is exactly fp32
     s16, s32, sbf = (get_state(models[p]) for p in ("fp16", "fp32", "bf16"))
     assert any("fp16 needs a GPU" in str(w.message) for w in caught)
