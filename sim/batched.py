@@ -10,8 +10,9 @@ buf = d at the first step; p -= lr*buf). One step of all institutions is
 - for a flat stack of Linear layers and element-wise activations: each layer one batched
   matrix product with every institution's own weights (``torch.baddbmm``) and plain
   autograd, which gives each institution its own gradient since their losses are
-  independent. Institutions are ordered by step count and a step trains only those with
-  steps left (a suffix of the stack, updated in place);
+  independent (one Linear layer, logistic regression, takes its gradient in closed form).
+  Institutions are ordered by step count and a step trains only those with steps left (a
+  suffix of the stack, updated in place);
 - for other pure models (the CNN): ``torch.vmap`` over ``torch.func.grad_and_value`` of a
   pure loss (FedJAX's per-client step, batched), every institution in every call, those
   that are done frozen.
@@ -286,7 +287,7 @@ def _train_chunk(
 
             Logistic regression's gradient needs no autograd graph: d(mean CE)/d(logits) is
             (softmax - onehot) / count on valid rows, and the weight's gradient is its product with
-            the batch. A quarter of the ops of the autograd step, equal to it to float32 rounding.
+            the batch. About half the time of the autograd step, and equal to it to float32 rounding.
             """
             both = {**p, **f}
             w, b = both[f"{linear}.weight"], both.get(f"{linear}.bias")
