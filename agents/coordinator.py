@@ -44,8 +44,7 @@ class Coordinator:
     ):
         torch.set_num_threads(threads)
         self.specs = {s.name: s for s in specs}
-        self.position = {name: i for i, name in enumerate(self.specs)}  # scenario order
-        self.indices = np.array([s.index for s in self.specs.values()], dtype=np.int64)
+        self.position = {name: i for i, name in enumerate(self.specs)}  # the run's institutions in scenario order
         self.seed = seed
         self.training = training
         self.model = build_model(model, shape[0], shape[1], seed=seed)
@@ -105,7 +104,7 @@ class Coordinator:
         extras, epsilon = self.scheme.ledger(ctx, updates), self.scheme.epsilon(ctx.round)
         arrived = {u.institution for u in updates}
         status = dict(ctx.dropped) | dict(lost)
-        # Institutions simply not picked this round all have the same row: they go as scenario indices (see IDLE_ROWS),
+        # Institutions simply not picked this round all have the same row: they go as positions (see IDLE_ROWS),
         # found with an array mask, so a round's cost here follows the cohort, not the population.
         if self.scheme.books_idle:  # the scheme's book() changes absent institutions' rows: every one gets a row
             loud, idle = [n for n in self.specs if n not in arrived], ()
@@ -114,7 +113,7 @@ class Coordinator:
             loud = sorted(said - arrived, key=self.position.__getitem__)
             quiet = np.ones(len(self.specs), dtype=bool)
             quiet[[self.position[n] for n in arrived | set(loud)]] = False
-            idle = tuple(self.indices[quiet].tolist())
+            idle = tuple(np.flatnonzero(quiet).tolist())
         rows += [_absent(self.specs[n], status.get(n, faults.IDLE), sent) for n in loud]
         for row in rows:
             if row["institution"] in staleness:

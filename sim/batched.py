@@ -333,7 +333,8 @@ def _train_chunk(
     #    finished ones (a vmapped convolution is a grouped one, whose rounding changes with the number of groups).
     lr, wd, mom = float(training.lr), float(training.weight_decay), float(training.momentum)
     bufs = {k: torch.zeros_like(v) for k, v in params.items()}  # m*0 + d == d: the first step's buf = d
-    step_loss = torch.zeros(S, K, dtype=dtype, device=device)  # each step's mean data loss, 0 once done
+    # Each step's mean data loss, 0 once done (the closed-form step sums it after the loop instead).
+    step_loss = torch.zeros(S, K, dtype=dtype, device=device) if linear is None else None
     active_t = torch.from_numpy(counts > 0).to(device)
     # The closed-form step needs no graph: the whole loop runs without one. The others build a graph per step and
     # update under no_grad.

@@ -71,10 +71,7 @@ def run(
     mark("running", progress.rounds_done)
     keys = {"run_id": spec.run_id, "scheme": spec.scheme_name, "scenario": spec.scenario.name, "seed": spec.seed}
     discipline = {s.name: s.discipline for s in specs} | {GLOBAL: GLOBAL}
-    names = pd.array([s.name for s in specs], dtype="string")  # the ledger rows of who a round did not pick: by index
-    position = np.zeros(max((s.index for s in specs), default=0) + 1, dtype=np.int64)
-    position[[s.index for s in specs]] = np.arange(len(specs))
-    progress.names = names
+    progress.names = pd.array([s.name for s in specs], dtype="string")  # who a round did not pick comes by position
     runner, wall0, summary = None, time.perf_counter(), {}
     try:
         # 2. Data: every institution's shard and the global test set (the same whatever the coalition).
@@ -112,7 +109,7 @@ def run(
             progress.add("metrics", losses)
             progress.add("ledger", [keys | {"round": r, "epsilon": math.nan, "staleness": math.nan} | row
                                     | {"sim_time": progress.sim_time} for row in rows])
-            progress.add_idle(keys, r, progress.sim_time, position[np.asarray(idle, dtype=np.int64)],
+            progress.add_idle(keys, r, progress.sim_time, np.asarray(idle, dtype=np.int64),
                               math.nan if idle_epsilon is None else idle_epsilon)
             # 7. Score the models everybody ends the round with (every engine.eval_every rounds, and the last).
             if score:

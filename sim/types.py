@@ -19,8 +19,9 @@ GLOBAL = "global"
 """Institution name used in results for the merged model and the global test set."""
 IDLE_ROWS = "idle_rows"
 """Key of the coordinator's ledger row that carries, instead of a row each, the institutions a round simply did not
-pick: (their scenario indices, the round's client-level epsilon or None). Their rows differ only in the name, so the engine
-builds them as columns (:func:`sim.results.idle_rows`); at 10,000 institutions, dicts for them cost more than the round."""
+pick: (their positions among the run's institutions, in scenario order; the round's client-level epsilon or None).
+Their rows differ only in the name, so the engine keeps them as a mask per round and builds them as columns at the end
+(:class:`sim.checkpoint.Progress`); at 10,000 institutions, dicts for them cost more than the round."""
 
 
 
