@@ -298,6 +298,10 @@ worker per CPU at once, so torch and the actors' code are imported while the dri
 after it asks for its actors (about 1.5 s of a command's start on 2 cores)."""
 
 
+STARTED: list[bool] = []
+"""Non-empty once :func:`connect` has started a local cluster in this process (which :func:`disconnect` ends)."""
+
+
 def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tuple[float, float]:
     """Start or join Ray per the ``cluster`` group; return the cluster's (CPUs, GPUs).
 
@@ -316,12 +320,27 @@ def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tupl
                 kwargs["_system_config"] = {"preload_python_modules": list(preload)}
             if cluster.get("temp_dir"):
                 kwargs["_temp_dir"] = str(cluster["temp_dir"])
+            cpus = cluster.get("num_cpus")
+            log.info("starting a local Ray cluster on %s with %s (a few seconds)", LOOPBACK,
+                     "every CPU of this machine" if cpus is None else f"{cpus:g} CPUs")
             ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+            STARTED[:] = [True]
         else:
             _join(ray, cluster["address"], float(cluster.get("connect_timeout_s") or 30.0),
                   {k: v for k, v in kwargs.items() if v is not None})
     res = _placement_group_resources() or ray.cluster_resources()
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+
+
+def disconnect() -> None:
+    """End the local cluster :func:`connect` started in this process; a joined cluster, or one started by
+    someone else in this process (a test's), is left running. Called as a command ends: Ray's own exit hook does
+    the same, after half a second's wait for log lines."""
+    if STARTED:
+        import ray
+
+        ray.shutdown()
+        STARTED.clear()
 
 
 def _join(ray: Any, address: str, timeout: float, kwargs: dict[str, Any]) -> None:

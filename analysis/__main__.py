@@ -114,4 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from sim.cli import finish
+
+    finish()  # contribution values run coalitions on Ray: end it now
+    sys.exit(code)

@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sim.checkpoint import resume_overrides
-from sim.cli import fail, guard, without_flags
+from sim.cli import fail, finish, guard, without_flags
 from sim.config import load_spec
 from sim.rundir import check_argv
 from sim.types import ConfigError, RunFailed
@@ -65,3 +65,4 @@ if __name__ == "__main__":
     except ConfigError as e:
         fail(str(e))
     main()
+    finish()  # output written: end Ray and exit without a last collection

@@ -44,6 +44,22 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def finish() -> None:
+    """End a command quickly once everything it writes is written and printed.
+
+    The local Ray cluster the command started ends at once (Ray's exit hook waits half a
+    second first), and the interpreter's exit skips its last garbage collection over every
+    object torch and pandas made at import (``gc.freeze``; ~0.4 s of a command's exit here).
+    """
+    import gc
+
+    if "agents.backend" in sys.modules:  # only a command that imported it can have started Ray
+        from agents.backend import disconnect
+
+        disconnect()
+    gc.freeze()
+
+
 def group_options(group: str) -> list[str]:
     """Config names available in a group folder of conf/ and of the user's config folders."""
     return sorted({p.stem for folder in config_folders() for p in (folder / group).glob("*.yaml")})

@@ -11,7 +11,7 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sim.cli import compose, fail, group_options, guard, swept_values, without_flags
+from sim.cli import compose, fail, finish, group_options, guard, swept_values, without_flags
 from sim.config import load_spec
 from sim import rundir
 from sim.results import write_csv, write_table, write_text
@@ -131,3 +131,4 @@ if __name__ == "__main__":
     except ConfigError as e:
         fail(str(e))
     main()
+    finish()  # output written: end Ray and exit without a last collection

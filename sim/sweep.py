@@ -29,7 +29,7 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sim.cli import SEARCH_PATH, compose, explain, fail, guard, searchpath_override, without_flags
+from sim.cli import SEARCH_PATH, compose, explain, fail, finish, guard, searchpath_override, without_flags
 from sim.config import load_spec
 from sim import rundir
 from sim.results import write_csv, write_table, write_text
@@ -399,3 +399,4 @@ if __name__ == "__main__":
     except ConfigError as e:
         fail(str(e))
     main()
+    finish()  # output written: end Ray and exit without a last collection

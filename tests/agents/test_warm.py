@@ -1,5 +1,8 @@
 """Warm actors: one pool of processes serves many runs, with the numbers fresh actors give."""
 
+import subprocess
+import sys
+
 import pandas as pd
 
 from agents.warm import ActorPool
@@ -81,6 +84,7 @@ def test_a_local_cluster_preloads_the_actors_code_and_a_joined_one_is_left_alone
     monkeypatch.setattr(backend, "_placement_group_resources", lambda: None)
     monkeypatch.setattr(backend, "_join", lambda ray_, address, timeout, kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(backend, "STARTED", [])  # nothing really starts: no later disconnect() may act on it
     # Execute
     backend.connect({"num_cpus": 2})
     backend.connect({"num_cpus": 2}, preload=("sim.engine", *backend.PRELOAD))
@@ -92,3 +96,19 @@ def test_a_local_cluster_preloads_the_actors_code_and_a_joined_one_is_left_alone
     assert calls[1]["_system_config"] == {"preload_python_modules": ["sim.engine", "agents.warm"]}
     assert "_system_config" not in calls[2] and "_system_config" not in calls[3]
     assert calls[0]["_node_ip_address"] == "127.0.0.1" and calls[0]["include_dashboard"] is False
+
+
+def test_a_command_ends_the_cluster_it_started_and_leaves_any_other_running(ray_cluster):
+    from agents import backend
+
+    # Prepare: this process's cluster was started by the session, not by connect()
+    backend.connect({"num_cpus": 4})
+    # Execute
+    backend.disconnect()
+    # Assert: still running; and in a process of its own, connect() starts a cluster that disconnect() ends
+    assert ray_cluster.is_initialized()
+    code = ("import ray; from agents import backend; backend.connect({'num_cpus': 1}); "
+            "assert backend.STARTED and ray.is_initialized(); backend.disconnect(); "
+            "assert not backend.STARTED and not ray.is_initialized()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
