@@ -313,9 +313,12 @@ def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tupl
         # Ray's token authentication stays on (its default); a local cluster is told to live on the loopback address.
         kwargs: dict[str, Any] = {"address": cluster.get("address"), "include_dashboard": False,
                                   "log_to_driver": True, "configure_logging": False}
+        dashboard = bool(cluster.get("dashboard")) and not cluster.get("address")
         if not cluster.get("address"):
             kwargs.update(num_cpus=cluster.get("num_cpus"), num_gpus=cluster.get("num_gpus"),
-                          _node_ip_address=LOOPBACK)
+                          _node_ip_address=LOOPBACK, include_dashboard=dashboard)
+            if dashboard:  # asked for (cluster.dashboard=true): served on the loopback address only
+                kwargs["dashboard_host"] = LOOPBACK
             if preload and not os.environ.get("RAY_ADDRESS"):  # RAY_ADDRESS joins a running cluster: no system config
                 kwargs["_system_config"] = {"preload_python_modules": list(preload)}
             if cluster.get("temp_dir"):
@@ -323,8 +326,10 @@ def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tupl
             cpus = cluster.get("num_cpus")
             log.info("starting a local Ray cluster on %s with %s (a few seconds)", LOOPBACK,
                      "every CPU of this machine" if cpus is None else f"{cpus:g} CPUs")
-            ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+            context = ray.init(**{k: v for k, v in kwargs.items() if v is not None})
             STARTED[:] = [True]
+            if dashboard:
+                log.info("Ray dashboard: http://%s", getattr(context, "dashboard_url", None) or f"{LOOPBACK}:8265")
         else:
             _join(ray, cluster["address"], float(cluster.get("connect_timeout_s") or 30.0),
                   {k: v for k, v in kwargs.items() if v is not None})

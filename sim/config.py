@@ -318,11 +318,28 @@ def _check_resources(spec: RunSpec) -> None:
 
     if spec.cluster.get("address") is not None:
         return  # a remote cluster's size is known only once joined; plan_layout checks it then
+    check_dashboard(spec.cluster)
     cpus, gpus = spec.cluster.get("num_cpus"), spec.cluster.get("num_gpus")
     cpus = float(os.cpu_count() or 1) if cpus is None else float(cpus)
     gpus = float(_local_gpus()) if gpus is None else float(gpus)
     check_requests(spec, spec.scenario.institutions, cpus, gpus)
     plan_layout(spec, spec.scenario.institutions, cpus, gpus)
+
+
+def check_dashboard(cluster: Mapping[str, Any]) -> None:
+    """Refuse cluster.dashboard=true for a local cluster when Ray's dashboard packages are missing (Ray would start
+    without it, or fail, after the run had begun)."""
+    import importlib.util
+
+    if cluster.get("dashboard") and not cluster.get("address"):
+        missing = [m for m in DASHBOARD_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError("cluster.dashboard", f"Ray's dashboard needs packages this environment lacks "
+                              f"({', '.join(missing)}): pip install 'ray[default]', or leave cluster.dashboard=false")
+
+
+DASHBOARD_MODULES = ("aiohttp", "aiohttp_cors", "opencensus", "prometheus_client")
+"""What ``ray[default]`` adds that Ray's dashboard imports."""
 
 
 def _local_gpus() -> int:

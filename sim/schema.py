@@ -211,6 +211,7 @@ CLUSTER = {
     "num_gpus": Field("int", 0, null=True),
     "temp_dir": Field("str", null=True),
     "connect_timeout_s": Field("float", 0.0, 3600.0, low_open=True),  # joining cluster.address gives up after this
+    "dashboard": Field("bool"),  # a local cluster's Ray dashboard (off unless asked)
 }
 SCENARIO = {
     "name": Field("str"),

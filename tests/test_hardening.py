@@ -266,6 +266,20 @@ def test_requests_the_local_cluster_cannot_meet_are_refused_before_ray(small_cfg
 
 # ---- 4. cluster.address ----------------------------------------------------------------------------
 
+def test_a_dashboard_without_its_packages_is_refused_before_ray(small_cfg, monkeypatch):
+    from sim import config
+
+    # Prepare: one of the dashboard's packages missing (whatever this environment has)
+    monkeypatch.setattr(config, "DASHBOARD_MODULES", ("json", "no_such_dashboard_package"))
+    # Execute / Assert: one line naming the key, what is missing and the fix; off (the default) is never checked
+    with pytest.raises(ConfigError, match=r"^cluster.dashboard: Ray's dashboard needs packages this environment lacks "
+                                          r"\(no_such_dashboard_package\): pip install 'ray\[default\]'"):
+        load_spec(small_cfg("cluster.dashboard=true"))
+    load_spec(small_cfg())
+    monkeypatch.setattr(config, "DASHBOARD_MODULES", ("json",))  # all present
+    load_spec(small_cfg("cluster.dashboard=true"))
+
+
 @pytest.mark.parametrize("address", ["not-a-host:99999", "head", "http://head:6379", "ray://:10001", "a b:1",
                                      "head:0"])
 def test_a_malformed_cluster_address_is_refused_before_ray(address, small_cfg):
