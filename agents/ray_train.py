@@ -234,7 +234,7 @@ def _trainer_class(torch_trainer: type) -> type:
     """TorchTrainer without Ray Train's placement-group cleaner.
 
     The cleaner (a detached actor, Ray 2.60) asks the state API whether the controller still
-    lives; that API needs the dashboard, which collabsim does not start (agents/backend.py),
+    lives; that API needs the dashboard, which collabsim starts only when asked (agents/cluster.py),
     so it could never clean anything and logs a warning every second for the whole run. The
     job ends its own placement group when fit() returns, which is how every run ends it.
     """

@@ -53,8 +53,8 @@ def finish() -> None:
     """
     import gc
 
-    if "agents.backend" in sys.modules:  # only a command that imported it can have started Ray
-        from agents.backend import disconnect
+    if "agents.cluster" in sys.modules:  # only a command that imported it can have started Ray
+        from agents.cluster import disconnect
 
         disconnect()
     gc.freeze()

@@ -65,7 +65,7 @@ def coalition_values(
     """Run the needed coalitions of a run's scenario on Ray; return their values and the players."""
     import ray
 
-    from agents.backend import connect
+    from agents.cluster import connect
 
     spec = load_run_spec(run_dir)
     players = list(spec.scenario.names)

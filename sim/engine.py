@@ -225,7 +225,8 @@ def _read_run(run_id: str, out: Path) -> RunResult:
 def _start_backend(kind: str, spec: RunSpec, specs: tuple[InstitutionSpec, ...], fed: Federation, flops: int,
                    pool: Any = None):
     """The in-process backend, or Ray actors placed per the layout (borrowed from ``pool`` when given)."""
-    from agents.backend import InProcessBackend, RayBackend, connect
+    from agents.backend import InProcessBackend, RayBackend
+    from agents.cluster import connect
     from agents.placement import plan_layout
 
     if kind == "inprocess":

@@ -186,7 +186,7 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
     import ray
     from ray import tune
 
-    from agents.backend import connect
+    from agents.cluster import connect
 
     spec = check(cfg, command_line)
     base = base_overrides(spec, command_line)

@@ -289,7 +289,7 @@ def test_a_malformed_cluster_address_is_refused_before_ray(address, small_cfg):
 
 
 def test_an_unreachable_cluster_fails_within_the_timeout(tmp_path):
-    from agents.backend import _join
+    from agents.cluster import _join
 
     class NoRay:  # the probe must fail before Ray is asked to connect (a session-wide test cluster may be up)
         @staticmethod

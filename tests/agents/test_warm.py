@@ -74,25 +74,25 @@ def test_a_run_that_failed_hands_back_no_actors(small_cfg, ray_cluster):
 def test_a_local_cluster_preloads_the_actors_code_and_a_joined_one_is_left_alone(monkeypatch):
     import ray
 
-    from agents import backend
+    from agents import cluster
 
     # Prepare: record what ray.init is asked, start nothing
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    monkeypatch.setattr(backend, "_placement_group_resources", lambda: None)
-    monkeypatch.setattr(backend, "_join", lambda ray_, address, timeout, kw: calls.append(kw))
+    monkeypatch.setattr(cluster, "_placement_group_resources", lambda: None)
+    monkeypatch.setattr(cluster, "_join", lambda ray_, address, timeout, kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(backend, "STARTED", [])  # nothing really starts: no later disconnect() may act on it
+    monkeypatch.setattr(cluster, "STARTED", [])  # nothing really starts: no later disconnect() may act on it
     # Execute
-    backend.connect({"num_cpus": 2})
-    backend.connect({"num_cpus": 2}, preload=("sim.engine", *backend.PRELOAD))
+    cluster.connect({"num_cpus": 2})
+    cluster.connect({"num_cpus": 2}, preload=("sim.engine", *cluster.PRELOAD))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    backend.connect({"num_cpus": 2})
-    backend.connect({"address": "127.0.0.1:6379"})
+    cluster.connect({"num_cpus": 2})
+    cluster.connect({"address": "127.0.0.1:6379"})
     monkeypatch.delenv("RAY_ADDRESS")
-    backend.connect({"num_cpus": 2, "dashboard": True})
+    cluster.connect({"num_cpus": 2, "dashboard": True})
     # Assert: workers of a cluster started here import the actors' code; nothing is asked of one being joined
     assert calls[0]["_system_config"] == {"preload_python_modules": ["agents.warm"]}
     assert calls[1]["_system_config"] == {"preload_python_modules": ["sim.engine", "agents.warm"]}
@@ -104,16 +104,16 @@ def test_a_local_cluster_preloads_the_actors_code_and_a_joined_one_is_left_alone
 
 
 def test_a_command_ends_the_cluster_it_started_and_leaves_any_other_running(ray_cluster):
-    from agents import backend
+    from agents import cluster
 
     # Prepare: this process's cluster was started by the session, not by connect()
-    backend.connect({"num_cpus": 4})
+    cluster.connect({"num_cpus": 4})
     # Execute
-    backend.disconnect()
+    cluster.disconnect()
     # Assert: still running; and in a process of its own, connect() starts a cluster that disconnect() ends
     assert ray_cluster.is_initialized()
-    code = ("import ray; from agents import backend; backend.connect({'num_cpus': 1}); "
-            "assert backend.STARTED and ray.is_initialized(); backend.disconnect(); "
-            "assert not backend.STARTED and not ray.is_initialized()")
+    code = ("import ray; from agents import cluster; cluster.connect({'num_cpus': 1}); "
+            "assert cluster.STARTED and ray.is_initialized(); cluster.disconnect(); "
+            "assert not cluster.STARTED and not ray.is_initialized()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -147,7 +147,7 @@ def test_a_run_inside_a_placement_group_is_laid_out_on_that_reservation(ray_clus
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from agents.backend import connect
+    from agents.cluster import connect
 
     ray = ray_cluster
     pg = placement_group([{"CPU": 0.1}, {"CPU": 0.25}, {"CPU": 0.7}], strategy="STRICT_PACK")
