@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from typing import Any, Mapping, Sequence
 
 import hydra.utils
@@ -104,10 +105,20 @@ def set_state(model: nn.Module, state: State) -> None:
     with torch.no_grad():
         for name, array in state.items():
             target = own[name]
-            value = torch.as_tensor(np.asarray(array))
+            value = _readable(np.asarray(array))
             if value.shape != target.shape:
                 raise ValueError(f"{name}: shape {tuple(value.shape)} does not fit the model's {tuple(target.shape)}")
             target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+
+def _readable(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array`` to read from. Arrays from Ray's object store are read-only, and torch warns that
+    writing to such a tensor is undefined; the caller only copies out of it, so that warning is kept off."""
+    if array.flags.writeable:
+        return torch.as_tensor(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(array)
 
 
 def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +111,13 @@ def test_model_flops_counts_linear_and_conv_layers() -> None:
     assert model_flops(logreg, (60,)) == 600
     assert model_flops(conv, (1, 8, 8)) == 2 * 64 * 9 + 128 * 10
     assert model_flops(build_model(load("cnn"), (1, 8, 8), 10, 0), (1, 8, 8)) > 0
+
+
+def test_a_read_only_state_loads_without_torchs_not_writable_warning() -> None:
+    # Arrays from Ray's object store are read-only; torch warns about them once per process, so a fresh process
+    code = ("import warnings, numpy as np; from torch import nn; from sim.models import set_state; "
+            "warnings.simplefilter('always'); w = np.ones((3, 4), np.float32); w.flags.writeable = False; "
+            "m = nn.Linear(4, 3); set_state(m, {'weight': w}); assert float(m.weight.sum()) == 12.0")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "not writable" not in done.stderr
