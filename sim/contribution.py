@@ -6,7 +6,7 @@ coalition is worth the untrained model's accuracy. Up to ``exact_max`` instituti
 coalition is run (exact Shapley); beyond that only the prefixes of seeded random
 permutations, the same ones :func:`analysis.contribution.monte_carlo_shapley` walks.
 
-Like the Tune entry (sim/sweep.py) this module sits at the edge and imports Ray: each
+Like the Tune entry (sim/sweep/) this module sits at the edge and imports Ray: each
 coalition is a Ray task that runs the simulation in-process (no actors of its own), so
 many coalitions share the cluster's cores without nesting actor start-ups.
 """

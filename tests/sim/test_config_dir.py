@@ -124,7 +124,7 @@ def test_compare_composes_each_scheme_from_the_user_folder(user_conf):
 
 
 def test_sweep_trials_compose_with_the_user_folder_in_another_process(user_conf):
-    from sim.search_space import load_sweep
+    from sim.sweep.space import load_sweep
     from sim.sweep import base_overrides, check, trial_config
 
     guard("sweep_main", ["--config-dir", str(user_conf), "sweep=mine"], check, with_overrides=True)

@@ -18,9 +18,9 @@ import pytest
 
 from sim.cli import compose, guard
 from sim.results import SCHEMAS, frame
-from sim.search_space import INDEX, check_points, grid_points, load_sweep, override_value, param_space, trial_values
+from sim.sweep.space import INDEX, check_points, grid_points, load_sweep, override_value, param_space, trial_values
 from sim.sweep import check_fits, trial_bundles, trial_config
-from sim.sweep_results import gains, summarize
+from sim.sweep.results import gains, summarize
 from sim.types import ConfigError
 
 TINY = ["smoke=true", "rounds=2", "data.num_samples=600", "cluster.num_cpus=2"]
@@ -231,7 +231,7 @@ def test_summary_gives_mean_and_interval_over_seeds_per_configuration():
 
 
 def test_the_best_configurations_are_those_that_ran_on_every_seed_then_by_the_metric():
-    from sim.sweep_results import best
+    from sim.sweep.results import best
 
     spec = sweep_of(space={"scheme": ["fedavg", "fedprox", "fedsgd"]}, seeds=[0, 1])
     summary = pd.DataFrame({"scheme": ["fedavg", "fedprox", "fedsgd"], "seeds": [1, 2, 2],
@@ -430,7 +430,7 @@ def test_hydra_multirun_directories_read_together(tmp_path):
 
 
 def test_variants_name_override_lists_and_cross_a_key_only_one_scheme_has():
-    from sim.search_space import expand_variants, trial_overrides, variant_label
+    from sim.sweep.space import expand_variants, trial_overrides, variant_label
 
     # Prepare
     cfg = {"variants": {"fedavg": ["scheme=fedavg"],

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from sim.cli import compose
-from sim.search_space import load_sweep
-from sim.sweep_results import progress_line, render, summarize
+from sim.sweep.space import load_sweep
+from sim.sweep.results import progress_line, render, summarize
 
 
 def sweep_of(**fields):

@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis.metrics import MIN_SEEDS  # fewest seeds an interval is shown for
 from sim.results import frame
-from sim.search_space import METRICS, VARIANT, SweepSpec, trial_values
+from sim.sweep.space import METRICS, VARIANT, SweepSpec, trial_values
 
 TIMES = "trial.json"  # when a trial's run started and finished, next to its tables (kept across a resume)
 SCENARIO_GROUPS = ("scenario", "data", "model")  # swept keys under these name the scenario in the combined tables

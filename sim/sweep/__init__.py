@@ -12,6 +12,10 @@ once as fit. The sweep directory (Hydra's run directory) holds Tune's
 files (``tune/``), one run directory per trial (``trials/<trial_id>/``), ``trials.parquet``
 (one row per trial) and the trials' tables concatenated, so ``python -m analysis report``
 reads a sweep as it reads a run.
+
+The package: this module runs the sweep (resources, the trial, Tune); :mod:`sim.sweep.space`
+reads a sweep file into the trials' configurations; :mod:`sim.sweep.results` turns the
+trials into tables and the console's lines; ``__main__`` is the command.
 """
 
 from __future__ import annotations
@@ -19,23 +23,20 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import hydra
 import pandas as pd
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sim.cli import SEARCH_PATH, compose, explain, fail, finish, guard, searchpath_override, without_flags
+from sim.cli import SEARCH_PATH, compose, explain, searchpath_override
 from sim.config import load_spec
 from sim import rundir
 from sim.results import write_csv, write_table, write_text
-from sim.search_space import (INDEX, VARIANT, SweepSpec, check_points, load_sweep, param_space, trial_overrides, trial_values,
+from sim.sweep.space import (INDEX, VARIANT, SweepSpec, check_points, load_sweep, param_space, trial_overrides, trial_values,
                               variant_label)
-from sim.sweep_results import TIMES, collect, finished, progress_line, read_text, render, replay, summarize
+from sim.sweep.results import TIMES, collect, finished, progress_line, read_text, replay, summarize
 from sim.types import ConfigError
 
 log = logging.getLogger("collabsim")
@@ -368,35 +369,3 @@ def seedwise(make: Callable[[], Any]):
             return "\n".join(f"seed {k}: {s.debug_string()}" for k, s in self.by_seed.items())
 
     return Seedwise()
-
-
-@hydra.main(config_path="../conf", config_name="sweep_main", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Run the configured sweep and print its summary."""
-    out = Path(HydraConfig.get().runtime.output_dir)
-    command_line = list(HydraConfig.get().overrides.task)
-    try:
-        trials, summary = sweep(cfg, command_line, out)
-    except ConfigError as e:
-        fail(str(e))
-    spec = load_sweep(OmegaConf.to_container(cfg.sweep, resolve=True), smoke=bool(cfg.smoke))
-    print(render(spec, trials, summary, out.resolve()))
-    failed = trials[trials["status"] == "error"]
-    if len(failed):
-        print(f"error: {len(failed)} trial(s) failed; first: {failed['error'].iloc[0]}", file=sys.stderr)
-        raise SystemExit(1)
-    unfinished = trials["status"].isin(["pending", "incomplete"]).sum()
-    if unfinished:
-        print(f"error: interrupted with {unfinished} trial(s) unfinished; continue with the same command and resume=true",
-              file=sys.stderr)
-        raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    guard("sweep_main", sys.argv[1:], check, with_overrides=True)  # check(cfg, command line without hydra.* keys)
-    try:
-        rundir.check_argv(without_flags(sys.argv[1:]))  # a used hydra.run.dir is refused before Hydra writes into it
-    except ConfigError as e:
-        fail(str(e))
-    main()
-    finish()  # output written: end Ray and exit without a last collection
