@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -143,6 +144,19 @@ def check_fits(bundles: list[dict[str, float]], strategy: str, nodes: list[dict[
 
 # ---- the trial -----------------------------------------------------------------------------------
 
+def quiet_when_ending(unraisable: Any) -> None:
+    """``sys.unraisablehook`` of a trial process: silent about the SystemExit by which Ray ends it.
+
+    Tune ends a trial process it no longer needs with SIGTERM, and Ray's handler raises
+    SystemExit wherever Python is. Inside a finalizer, Python cannot raise it and prints
+    "Exception ignored in ..." with a traceback on the sweep's console, about a process
+    that is ending as asked. Anything else goes to Python's own hook.
+    """
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def make_trainable(spec: SweepSpec, base: list[str], sweep_dir: Path) -> Callable[[dict], None]:
     """The Tune function trainable: compose the trial's config, run it, report every round."""
 
@@ -151,6 +165,7 @@ def make_trainable(spec: SweepSpec, base: list[str], sweep_dir: Path) -> Callabl
 
         from sim.engine import run
 
+        sys.unraisablehook = quiet_when_ending  # this process may be ended, idle, by Tune
         values = trial_values(spec, config)
         cfg = trial_config(base, values, spec.variants)
         run_dir = sweep_dir / "trials" / tune.get_context().get_trial_id()

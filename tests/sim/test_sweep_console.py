@@ -125,3 +125,30 @@ def test_compare_refuses_a_seed_sweep_with_one_line_saying_use_seeds(argv, use):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: compare runs replications itself: " + use)
     assert "instead of -m seed=..." in proc.stderr
+
+
+def test_a_trial_process_ended_by_tune_prints_no_traceback_for_it(capsys, monkeypatch):
+    import gc
+    import sys
+
+    from sim.sweep import quiet_when_ending
+
+    class Raises:
+        """A finalizer that raises, as one does when Ray's SIGTERM handler fires inside it."""
+
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    # Prepare: the trial process's hook
+    monkeypatch.setattr(sys, "unraisablehook", quiet_when_ending)
+    # Execute: Ray ending the process inside a finalizer, then a real fault in one
+    Raises(SystemExit(1))
+    gc.collect()
+    quiet = capsys.readouterr().err
+    Raises(ValueError("a real fault"))
+    gc.collect()
+    # Assert: nothing about the ending; the real fault still printed as Python prints it
+    assert quiet == "" and "ValueError: a real fault" in capsys.readouterr().err
