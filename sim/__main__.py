@@ -10,9 +10,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sim.checkpoint import resume_overrides
-from sim.cli import fail, finish, guard, without_flags
+from sim.cli import fail, launch
 from sim.config import load_spec
-from sim.rundir import check_argv
 from sim.types import ConfigError, RunFailed
 
 
@@ -57,12 +56,4 @@ def run_summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> str:
                       f"exchanged: {mb:.2f} MB ({up:.2f} up, {down:.2f} down)"])
 
 if __name__ == "__main__":
-    guard("config", sys.argv[1:], load_spec)
-    try:
-        argv = without_flags(sys.argv[1:])  # --config-dir DIR's DIR is no override
-        check_argv(argv)  # a used hydra.run.dir is refused before Hydra writes its .hydra/ into it
-        sys.argv += resume_overrides(argv)  # resume=DIR: Hydra writes into DIR, not a new folder
-    except ConfigError as e:
-        fail(str(e))
-    main()
-    finish()  # output written: end Ray and exit without a last collection
+    launch(main, "config", load_spec, more_argv=resume_overrides)  # resume=DIR: Hydra writes into DIR itself

@@ -44,6 +44,25 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def launch(main: Callable[[], None], config_name: str, check: Callable[..., None], *, with_overrides: bool = False,
+           more_argv: Callable[[list[str]], list[str]] | None = None) -> None:
+    """A command from start to end: its config checked as Hydra will compose it (:func:`guard`), a used
+    ``hydra.run.dir`` refused before Hydra writes into it, ``more_argv(overrides)`` appended to the command line
+    (``resume=DIR``'s own), Hydra's ``main`` run, then :func:`finish`. Bad input: one line, exit status 2."""
+    from sim.rundir import check_argv
+
+    guard(config_name, sys.argv[1:], check, with_overrides=with_overrides)
+    try:
+        argv = without_flags(sys.argv[1:])  # --config-dir DIR's DIR is no override
+        check_argv(argv)
+        if more_argv is not None:
+            sys.argv += more_argv(argv)
+    except ConfigError as e:
+        fail(str(e))
+    main()
+    finish()
+
+
 def finish() -> None:
     """End a command quickly once everything it writes is written and printed.
 

@@ -11,7 +11,7 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sim.cli import compose, fail, finish, group_options, guard, swept_values, without_flags
+from sim.cli import compose, fail, group_options, launch, swept_values, without_flags
 from sim.config import load_spec
 from sim import rundir
 from sim.results import write_csv, write_table, write_text
@@ -125,10 +125,4 @@ if __name__ == "__main__":
         start = "" if seeds[:1] in ([], ["0"]) else f"seed={seeds[0]} "
         fail(f"compare runs replications itself: use {start}seeds={len(seeds)} (seeds seed, seed+1, ...) "
              "instead of -m seed=...")
-    guard("compare", sys.argv[1:], _check, with_overrides=True)
-    try:
-        rundir.check_argv(without_flags(sys.argv[1:]))  # a used hydra.run.dir is refused before Hydra writes into it
-    except ConfigError as e:
-        fail(str(e))
-    main()
-    finish()  # output written: end Ray and exit without a last collection
+    launch(main, "compare", _check, with_overrides=True)

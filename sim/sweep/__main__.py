@@ -9,8 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sim import rundir
-from sim.cli import fail, finish, guard, without_flags
+from sim.cli import fail, launch
 from sim.sweep import check, sweep
 from sim.sweep.results import render
 from sim.sweep.space import load_sweep
@@ -40,10 +39,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    guard("sweep_main", sys.argv[1:], check, with_overrides=True)  # check(cfg, command line without hydra.* keys)
-    try:
-        rundir.check_argv(without_flags(sys.argv[1:]))  # a used hydra.run.dir is refused before Hydra writes into it
-    except ConfigError as e:
-        fail(str(e))
-    main()
-    finish()  # output written: end Ray and exit without a last collection
+    launch(main, "sweep_main", check, with_overrides=True)  # check(cfg, command line without hydra.* keys)
