@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,10 @@ from sim.sweep.results import TIMES, collect, finished, progress_line, read_text
 from sim.types import ConfigError
 
 log = logging.getLogger("collabsim")
+# A sweep started before these modules moved into sim/sweep/ saved Tune's state naming their old paths: resuming
+# it unpickles them from there.
+sys.modules.setdefault("sim.search_space", sys.modules["sim.sweep.space"])
+sys.modules.setdefault("sim.sweep_results", sys.modules["sim.sweep.results"])
 TUNE_DIR = "tune"  # Tune's own files, inside the sweep directory
 SWEEP_KEYS = ("sweep", "resume", "sweep_trust")  # command-line keys of the sweep itself, not of its trials
 
@@ -248,7 +253,12 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
     trainable = tune.with_resources(make_trainable(spec, base, sweep_dir), resources)
     if resume:
         log.info("resuming the sweep in %s", sweep_dir)
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, restart_errored=True)
+        try:
+            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, restart_errored=True)
+        except (ImportError, AttributeError, EOFError, pickle.UnpicklingError) as e:  # Tune's pickle, from elsewhere
+            raise ConfigError("resume", f"{sweep_dir}: Tune's saved state cannot be read here ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); run the sweep again "
+                              "in another hydra.run.dir") from None
     else:
         tuner = tune.Tuner(trainable, param_space=param_space(spec, int(cfg.seed)), tune_config=_tune_config(spec, cfg),
                            run_config=run_config(spec, sweep_dir))

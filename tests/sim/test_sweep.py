@@ -461,3 +461,17 @@ def test_bad_variants_are_refused_naming_the_key(variants, space, key):
     with pytest.raises(ConfigError) as err:
         load_sweep(cfg)
     assert err.value.key == key, str(err.value)
+
+
+def test_tune_state_saved_before_the_sweep_modules_moved_still_reads():
+    import pickle
+
+    from sim.sweep.results import summarize
+    from sim.sweep.space import load_sweep
+
+    # Prepare: pickles naming the modules' old paths, as a sweep started before sim/sweep/ saved them
+    old = [pickle.dumps(f, protocol=0).replace(b"sim.sweep.space", b"sim.search_space")
+           .replace(b"sim.sweep.results", b"sim.sweep_results") for f in (load_sweep, summarize)]
+    assert b"sim.search_space" in old[0] and b"sim.sweep_results" in old[1]
+    # Execute / Assert
+    assert [pickle.loads(b) for b in old] == [load_sweep, summarize]
