@@ -120,18 +120,13 @@ def frame(kind: str, rows: Iterable[Mapping]) -> pd.DataFrame:
     return pd.DataFrame(data, columns=list(columns))
 
 
-def idle_rows(keys: Mapping, round: int, sim_time: float, names: Sequence[str], epsilon: float) -> pd.DataFrame:
-    """The ledger rows of institutions a round did not pick (``names``), built as columns: each is not a participant,
-    moved nothing, took no time and spent ``epsilon`` (the round's client-level one, NaN without noise). About 2 ms
-    for 10,000 rows, where :func:`frame` of as many dicts takes 50."""
-    return idle_blocks([(keys, round, sim_time, np.arange(len(names)), epsilon)], pd.array(list(names), dtype="string"))
-
-
 def idle_blocks(blocks: Sequence[tuple[Mapping, int, float, np.ndarray, float]],
                 names: pd.api.extensions.ExtensionArray) -> pd.DataFrame:
-    """:func:`idle_rows` of several rounds as one table, in their order: ``(keys, round, sim_time, positions,
-    epsilon)`` each, ``positions`` indexing ``names`` (a pandas string array). One table's build for a run's
-    idle rows, not one per round."""
+    """The ledger rows of institutions rounds did not pick, built as columns, as one table in the blocks' order:
+    ``(keys, round, sim_time, positions, epsilon)`` each, ``positions`` indexing ``names`` (a pandas string array).
+    Each is not a participant, moved nothing, took no time and spent ``epsilon`` (the round's client-level one, NaN
+    without noise). About 2 ms for 10,000 rows, where :func:`frame` of as many dicts takes 50; one table's build for
+    a run's idle rows, not one per round."""
     keys = blocks[0][0]
     if any(block[0] != keys for block in blocks[1:]):  # rows of several runs: one table per block
         return pd.concat([idle_blocks([block], names) for block in blocks], ignore_index=True)
