@@ -1,8 +1,8 @@
 """The coordinator: holds the global state, asks the scheme to select and merge, keeps the ledger.
 
-Plain Python; :mod:`agents.backend` runs it as a Ray actor. Updates are merged in
+Plain Python; :mod:`agents.runtime.backend` runs it as a Ray actor. Updates are merged in
 scenario order whatever order they arrive in, so results do not depend on timing. The
-fault model (:mod:`sim.faults`) is applied here, after the scheme has chosen its cohort,
+fault model (:mod:`sim.core.faults`) is applied here, after the scheme has chosen its cohort,
 so the scheme merges only what arrived and the ledger says why the rest did not.
 """
 
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from agents import behaviours
-from sim import clock, faults, stragglers
-from sim.models import build_model, get_state, set_state
-from sim.train import evaluate, local_train, lr_scale, scheduled
-from sim.types import GLOBAL, IDLE_ROWS, InstitutionSpec, RoundContext, State, TrainingSpec, Update, state_nbytes
+from sim.core import clock, faults, stragglers
+from sim.core.data import corruption
+from sim.core.models import build_model, get_state, set_state
+from sim.core.train import evaluate, local_train, lr_scale, scheduled
+from sim.core.types import GLOBAL, IDLE_ROWS, InstitutionSpec, RoundContext, State, TrainingSpec, Update, state_nbytes
 
 
 class Coordinator:
@@ -40,7 +40,6 @@ class Coordinator:
         global_val: tuple[np.ndarray, np.ndarray] | None = None,
         threads: int = 1,
         deadline: stragglers.Deadline | None = None,
-        data_parallel: Any = None,
     ):
         torch.set_num_threads(threads)
         self.specs = {s.name: s for s in specs}
@@ -54,18 +53,14 @@ class Coordinator:
         # (samples processed, wall seconds, the institutions whose pooled data and compute it ran on) this round
         self.central_work: list[tuple[int, float, tuple[InstitutionSpec, ...]]] = []
         self.scheme = instantiate(dict(scheme))
-        # A WorkerPlan (agents/ray_train.py, from the Ray backend): central training runs as a Ray Train job.
-        self.data_parallel = None
-        if data_parallel is not None:
-            from agents.ray_train import DataParallel
-
-            self.data_parallel = DataParallel(data_parallel, model=model, shape=shape, training=training, seed=seed,
-                                              threads=threads)
+        # Central training as a data-parallel job (a callable like _train_central's own step, with close()): the Ray
+        # runtime's coordinator sets it (agents/runtime/warm.py); None trains here, in this process.
+        self.data_parallel: Any = None
         self.scheme.bind(self._train_central)
         # A backdoor planted by a data-poisoning institution (the first one's trigger): scored on the global test set.
         self.backdoor = next(((s.trigger_features, s.trigger_value, s.target_label) for s in specs
                               if s.behaviour == "data_poisoning"), None)
-        self.deadline = deadline  # per-round slowdowns and engine.round_deadline_s (sim/stragglers.py)
+        self.deadline = deadline  # per-round slowdowns and engine.round_deadline_s (sim/core/stragglers.py)
         self.scheme.attach(tuple(specs), row_bytes=_row_bytes(global_test))
 
     def current_state(self) -> State:
@@ -158,13 +153,13 @@ class Coordinator:
 
     def _backdoor_success(self) -> float:
         """Share of the global test rows not of the target class that the global model labels as the target once
-        triggered (BadNets' attack success rate, :func:`agents.behaviours.backdoor_success`); NaN when none are."""
+        triggered (BadNets' attack success rate, :func:`sim.core.data.corruption.backdoor_success`); NaN when none are."""
         features, value, target = self.backdoor
         x, y = self.global_test
         victims = np.asarray(y) != target
         if not victims.any():
             return float("nan")
-        triggered = behaviours.add_trigger(np.asarray(x)[victims], features, value)
+        triggered = corruption.add_trigger(np.asarray(x)[victims], features, value)
         success, _ = evaluate(self.model, triggered, np.full(int(victims.sum()), target, dtype=np.asarray(y).dtype),
                               precision=self.training.precision)
         return success

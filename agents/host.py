@@ -1,7 +1,7 @@
 """A host carries one institution (cross-silo) or many (large populations).
 
 ``Host`` is plain Python so the in-process backend and the tests use it directly;
-:mod:`agents.backend` wraps it as the Ray actor ``InstitutionHost`` with the resources
+:mod:`agents.runtime.backend` wraps it as the Ray actor ``InstitutionHost`` with the resources
 its placement asks for. A host owns one working torch model and lends it to each of
 its institutions in turn, so memory stays flat however many it carries.
 """
@@ -17,11 +17,11 @@ import torch
 
 from agents.institution import Institution
 from agents.schemes import secagg
-from sim import stragglers
-from sim.batched import batchable, evaluate_many, scorable, train_many
-from sim.train import deterministic_cuda, scheduled
-from sim.models import build_model, check_state_keys, set_state
-from sim.types import InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update
+from sim.core import stragglers
+from sim.core.batched import batchable, evaluate_many, scorable, train_many
+from sim.core.train import deterministic_cuda, scheduled
+from sim.core.models import build_model, check_state_keys, set_state
+from sim.core.types import InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update
 
 
 class Host:
@@ -88,7 +88,7 @@ class Host:
 
     def _train_together(self, trained: Sequence[Institution], ctx: RoundContext,
                         global_state: State | None) -> list[Update]:
-        """One vectorised local step for all of ``trained`` (sim.batched); compute time is shared out by samples."""
+        """One vectorised local step for all of ``trained`` (sim.core.batched); compute time is shared out by samples."""
         plan = ctx.plan
         starts = [i.start(plan, global_state) for i in trained]
         own = self.model.state_dict()
@@ -128,7 +128,7 @@ class Host:
                 for i in chosen]
 
     def _evaluate_together(self, chosen: Sequence[Institution], global_state: State) -> list[tuple[str, dict[str, float]]]:
-        """Everybody scores the merged model on its own test (and validation) split: one batched pass (sim.batched)."""
+        """Everybody scores the merged model on its own test (and validation) split: one batched pass (sim.core.batched)."""
         set_state(self.model, global_state)
         sets = [(i.shard.x_test, i.shard.y_test) for i in chosen]
         vals = [k for k, i in enumerate(chosen) if i.shard.y_val is not None and len(i.shard.y_val)]

@@ -37,10 +37,10 @@ import torch
 from agents import behaviours
 from agents.schemes import compression, privacy
 from agents.schemes.scaffold import CHANGE
-from sim import dp_sgd, stragglers
-from sim.models import get_state, set_state
-from sim.train import _to_tensors, evaluate, full_gradient, local_train, rng_for, scheduled
-from sim.types import (ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update,
+from sim.core import dp_sgd, stragglers
+from sim.core.models import get_state, set_state
+from sim.core.train import _to_tensors, evaluate, full_gradient, local_train, rng_for, scheduled
+from sim.core.types import (ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update,
                        state_nbytes)
 
 PERSONAL_STREAM = 0xD1770
@@ -170,7 +170,7 @@ class Institution:
         )
 
     def epsilon(self) -> float:
-        """Its cumulative DP-SGD epsilon (dp-accounting's RDP accountant, see sim.dp_sgd); NaN without DP-SGD."""
+        """Its cumulative DP-SGD epsilon (dp-accounting's RDP accountant, see sim.core.dp_sgd); NaN without DP-SGD."""
         if not self.spec.private:
             return float("nan")
         q, _ = dp_sgd.schedule(max(1, self.shard.num_train), self.training.batch_size, self.training.local_epochs)

@@ -7,13 +7,13 @@ stderr and exit status 2, as argparse does for bad arguments.
 from __future__ import annotations
 
 import argparse
-import logging
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from analysis.runs import RunDirError, find_run_dirs
-from sim.types import ConfigError
+from sim.core.types import ConfigError
 
 
 def report(args: argparse.Namespace) -> int:
@@ -28,30 +28,15 @@ def report(args: argparse.Namespace) -> int:
 
 
 def contribution(args: argparse.Namespace) -> int:
-    """Compute Shapley and leave-one-out values by re-running the scenario on coalitions (runner: sim.contribution)."""
-    from analysis.contribution import contribution_table
-    from analysis.report import build_report
-    from sim.contribution import coalition_values  # the engine's coalition runner (imports Ray lazily)
-    from sim.results import write_table
-
-    find_run_dirs([args.run_dir])
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # one progress line per coalition
-    out = args.out if args.out is not None else Path(args.run_dir)
-    values, players = coalition_values(args.run_dir, exact_max=args.exact_max,
-                                       permutations=args.permutations, seed=args.seed)
-    table = contribution_table(values, players, exact_max=args.exact_max, permutations=args.permutations,
-                               seed=args.seed, value_range=(0.0, 1.0))
-    write_table(table, out / "tables" / "contribution.parquet")
-    table.to_csv(out / "tables" / "contribution.csv", index=False)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(build_report([args.run_dir], out, contribution=table))
-    return 0
+    """Hand over to ``python -m sim.contribution``: contribution values re-run the scenario on coalitions, a
+    simulation, and analysis only reads results."""
+    return subprocess.call([sys.executable, "-m", "sim.contribution", *args.rest])
 
 
 def stability(args: argparse.Namespace) -> int:
     """Print how far each institution's reported accuracy moves over the last rounds under each selection rule."""
     from analysis.metrics import GLOBAL, selection_stability
-    from sim.results import read_table
+    from sim.core.results import read_table
 
     dirs = find_run_dirs(args.run_dirs)
     table = selection_stability(read_table("metrics", dirs), window=args.window)
@@ -86,12 +71,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--target", type=_accuracy, default=None, metavar="ACC",
                    help="accuracy (0-1] that time and cost to target are measured at (default: 95%% of the best reached)")
     r.set_defaults(func=report)
-    c = sub.add_parser("contribution", help="Shapley and leave-one-out values by re-running coalitions on Ray")
-    c.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run whose scenario is split into coalitions")
-    c.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR)")
-    c.add_argument("--exact-max", type=int, default=8, help="exact Shapley up to this many institutions")
-    c.add_argument("--permutations", type=int, default=200, help="Monte-Carlo permutations beyond --exact-max")
-    c.add_argument("--seed", type=int, default=0, help="seed of the permutation sampler")
+    c = sub.add_parser("contribution", add_help=False,  # its --help is sim.contribution's
+                       help="Shapley and leave-one-out values by re-running coalitions on Ray (python -m sim.contribution)")
+    c.add_argument("rest", nargs=argparse.REMAINDER, metavar="RUN_DIR [options]")
     c.set_defaults(func=contribution)
     s = sub.add_parser("stability", help="how much reported accuracies move over the last rounds, per selection rule")
     s.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run, compare or sweep directory")
@@ -114,8 +96,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    from sim.cli import finish
-
-    finish()  # contribution values run coalitions on Ray: end it now
-    sys.exit(code)
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Compute balance: who lent compute to whom, what data moved for it, and the simulated time it saved.
 
-Reads the ledger only (columns of sim/results.py). Under ``compute_share`` a giver's row
+Reads the ledger only (columns of sim/core/results.py). Under ``compute_share`` a giver's row
 books ``compute_given_seconds`` (simulated device seconds spent on partners' data), a
 taker's row ``compute_taken_seconds``, ``data_bytes`` (raw data sent to the partner) and
 ``trained_by``; every row keeps ``solo_seconds``, what it would have taken without sharing.

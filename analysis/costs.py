@@ -5,7 +5,7 @@ How the ledger becomes money (all per round x institution, then summed):
 - **Device-hours.** An institution's row books ``sim_compute_seconds``: the simulated seconds
   its declared ``cpus``/``gpus`` were busy training. CPU-hours = sim_compute_seconds x cpus /
   3600, GPU-hours likewise. One that declares less than a tenth of a core (none, say) is
-  charged a tenth of a core, as the simulated clock (sim/clock.py) runs it on one.
+  charged a tenth of a core, as the simulated clock (sim/core/clock.py) runs it on one.
 - **Central compute.** The ``global`` row books training the coordinator does on pooled data;
   the clock runs it on the consortium's combined compute, every institution's cpus and gpus
   together. So those seconds are charged to the institutions: each pays for its own devices
@@ -40,9 +40,9 @@ import pandas as pd
 
 from analysis.metrics import GLOBAL, RUN, order_rows, pareto_front, run_accuracy
 from analysis.runs import read_config
-from sim.clock import FLOPS_PER_CPU, FLOPS_PER_GPU, MIN_CPUS  # the clock's floor: what it runs, it charges
-from sim.results import TableError, read_one
-from sim.schema import PRICES
+from sim.core.clock import FLOPS_PER_CPU, FLOPS_PER_GPU, MIN_CPUS  # the clock's floor: what it runs, it charges
+from sim.core.results import TableError, read_one
+from sim.core.schema import PRICES
 
 TARGET_FRACTION = 0.95
 """Default target: this share of the best mean accuracy any scheme reaches (close to the best, reachable in noise)."""
@@ -75,7 +75,7 @@ def prices_from_config(config: Mapping) -> Prices | None:
     costs = config.get("costs") if isinstance(config, Mapping) else None
     if not isinstance(costs, Mapping):
         return None
-    from sim.schema import check_costs
+    from sim.core.schema import check_costs
 
     overrides = costs.get("institutions") or {}
     check_costs(costs, list(overrides) if isinstance(overrides, Mapping) else [])  # a hand-edited config.yaml: one line

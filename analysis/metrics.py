@@ -20,14 +20,14 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from sim.results import SELECT_RULES, select_rounds  # noqa: F401 - the selection rule belongs to the results schema
+from sim.core.results import SELECT_RULES, select_rounds  # noqa: F401 - the selection rule belongs to the results schema
 
 BASELINE = "isolated"
 """The scheme every gain is measured against: each institution training alone."""
 POOLED = "pooled"
 """The scheme that centralises all data."""
 GLOBAL = "global"
-"""Institution name of the merged model on the global test set (as sim.types.GLOBAL)."""
+"""Institution name of the merged model on the global test set (as sim.core.types.GLOBAL)."""
 RUN = ["run_id", "scheme", "scenario", "seed"]
 """Columns that identify a run."""
 METRICS = ("accuracy", "loss", "train_loss", "backdoor_success")

@@ -20,7 +20,7 @@ from analysis import metrics as m
 from analysis import compute, cost_report, costs, plots, trust
 from analysis.page import behaviour_guide, gain_matrix, image, interval_note, interval_text, page, section, table
 from analysis.runs import Results, load_results
-from sim.results import write_table, write_text
+from sim.core.results import write_table, write_text
 
 INSTITUTION_COLUMNS = ["institution", "discipline", "share", "train_samples", "test_samples", "label_skew",
                        "feature_skew", "cpus", "gpus", "behaviour"]

@@ -21,7 +21,7 @@ from typing import Iterable
 import pandas as pd
 import yaml
 
-from sim.results import TableError, read_one, read_table
+from sim.core.results import TableError, read_one, read_table
 
 COMPLETE = "complete"
 NO_STATUS = "no status.json"

@@ -9,10 +9,10 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from sim.checkpoint import resume_overrides
+from sim.core.checkpoint import resume_overrides
 from sim.cli import fail, launch
-from sim.config import load_spec
-from sim.types import ConfigError, RunFailed
+from sim.checks import load_spec
+from sim.core.types import ConfigError, RunFailed
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 from omegaconf import DictConfig
 
-from sim.types import ConfigError
+from sim.core.types import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PASSTHROUGH = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc", "--version"}
@@ -49,7 +49,7 @@ def launch(main: Callable[[], None], config_name: str, check: Callable[..., None
     """A command from start to end: its config checked as Hydra will compose it (:func:`guard`), a used
     ``hydra.run.dir`` refused before Hydra writes into it, ``more_argv(overrides)`` appended to the command line
     (``resume=DIR``'s own), Hydra's ``main`` run, then :func:`finish`. Bad input: one line, exit status 2."""
-    from sim.rundir import check_argv
+    from sim.core.rundir import check_argv
 
     guard(config_name, sys.argv[1:], check, with_overrides=with_overrides)
     try:
@@ -72,8 +72,8 @@ def finish() -> None:
     """
     import gc
 
-    if "agents.cluster" in sys.modules:  # only a command that imported it can have started Ray
-        from agents.cluster import disconnect
+    if "agents.runtime.cluster" in sys.modules:  # only a command that imported it can have started Ray
+        from agents.runtime.cluster import disconnect
 
         disconnect()
     gc.freeze()

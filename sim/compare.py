@@ -12,10 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sim.cli import compose, fail, group_options, launch, swept_values, without_flags
-from sim.config import load_spec
-from sim import rundir
-from sim.results import write_csv, write_table, write_text
-from sim.types import ConfigError
+from sim.checks import load_spec
+from sim.core import rundir
+from sim.core.results import write_csv, write_table, write_text
+from sim.core.types import ConfigError
 
 log = logging.getLogger("collabsim")
 BASELINE = "isolated"
@@ -59,7 +59,7 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
 
     One pool of warm actors serves every run: processes start once per command, not per scheme or seed.
     """
-    from agents.warm import ActorPool
+    from agents.runtime.warm import ActorPool
     from analysis.metrics import summary
     from sim.engine import run
 

@@ -6,23 +6,28 @@ coalition is worth the untrained model's accuracy. Up to ``exact_max`` instituti
 coalition is run (exact Shapley); beyond that only the prefixes of seeded random
 permutations, the same ones :func:`analysis.contribution.monte_carlo_shapley` walks.
 
-Like the Tune entry (sim/sweep/) this module sits at the edge and imports Ray: each
-coalition is a Ray task that runs the simulation in-process (no actors of its own), so
-many coalitions share the cluster's cores without nesting actor start-ups.
+Each coalition is a Ray task that runs the simulation in-process (no actors of its own;
+:func:`agents.runtime.tasks.map_tasks`), so many coalitions share the cluster's cores without
+nesting actor start-ups. ``python -m sim.contribution RUN_DIR`` is the command
+(``python -m analysis contribution RUN_DIR`` hands over to it).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 import time
 from itertools import combinations
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from sim.config import RunSpec, load_spec, saved_config
-from sim.types import GLOBAL, ConfigError
+from sim.checks import load_spec
+
+from sim.core.config import RunSpec, saved_config
+from sim.core.types import GLOBAL, ConfigError
 
 log = logging.getLogger("collabsim")
 
@@ -63,23 +68,70 @@ def coalition_values(
     run_dir: Path, *, exact_max: int = 8, permutations: int = 200, seed: int = 0, cpus_per_coalition: float = 1.0
 ) -> tuple[dict[frozenset, float], list[str]]:
     """Run the needed coalitions of a run's scenario on Ray; return their values and the players."""
-    import ray
-
-    from agents.cluster import connect
+    from agents.runtime.tasks import map_tasks
 
     spec = load_run_spec(run_dir)
     players = list(spec.scenario.names)
     wanted = coalitions_needed(players, exact_max, permutations, seed)
-    connect(dict(spec.cluster))
-    task = ray.remote(num_cpus=cpus_per_coalition)(_value)
-    spec_ref = ray.put(spec)
-    pending = {task.remote(spec_ref, sorted(c)): c for c in wanted}
     values: dict[frozenset, float] = {}
     t0 = time.perf_counter()
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        coalition = pending.pop(done[0])
-        values[coalition], values[frozenset()] = ray.get(done[0])
-        log.info("coalition %d/%d done (%d members)  %.0fs", len(values) - 1, len(wanted), len(coalition),
+    for members, (value, untrained) in map_tasks(_value, spec, [sorted(c) for c in wanted], cpus=cpus_per_coalition,
+                                                 cluster=spec.cluster):
+        values[frozenset(members)], values[frozenset()] = value, untrained
+        log.info("coalition %d/%d done (%d members)  %.0fs", len(values) - 1, len(wanted), len(members),
                  time.perf_counter() - t0)
     return values, players
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sim.contribution RUN_DIR``: Shapley and leave-one-out values, their tables and the report.
+
+    Bad input (a missing directory, one without a runnable config) ends with one line on stderr and exit status 2.
+    """
+    from analysis.contribution import contribution_table
+    from analysis.report import build_report
+    from analysis.runs import RunDirError, find_run_dirs
+    from sim.core.results import write_table
+
+    args = parser().parse_args(argv)
+    try:
+        find_run_dirs([args.run_dir])
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # one progress line per coalition
+        out = args.out if args.out is not None else Path(args.run_dir)
+        values, players = coalition_values(args.run_dir, exact_max=args.exact_max,
+                                           permutations=args.permutations, seed=args.seed)
+    except (RunDirError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table = contribution_table(values, players, exact_max=args.exact_max, permutations=args.permutations,
+                               seed=args.seed, value_range=(0.0, 1.0))
+    write_table(table, out / "tables" / "contribution.parquet")
+    table.to_csv(out / "tables" / "contribution.csv", index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(build_report([args.run_dir], out, contribution=table))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The arguments of ``python -m sim.contribution`` (and of ``python -m analysis contribution``, which hands over)."""
+    p = argparse.ArgumentParser(prog="python -m sim.contribution",
+                                description="Shapley and leave-one-out values by re-running coalitions on Ray")
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The contribution command's arguments, on ``p``."""
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run whose scenario is split into coalitions")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: RUN_DIR)")
+    p.add_argument("--exact-max", type=int, default=8, help="exact Shapley up to this many institutions")
+    p.add_argument("--permutations", type=int, default=200, help="Monte-Carlo permutations beyond --exact-max")
+    p.add_argument("--seed", type=int, default=0, help="seed of the permutation sampler")
+
+
+if __name__ == "__main__":
+    from sim.cli import finish
+
+    code = main()
+    finish()  # the coalitions ran on Ray: end it now
+    sys.exit(code)

@@ -20,14 +20,15 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from sim import checkpoint, rundir
-from sim.checkpoint import Progress
-from sim.config import RunSpec, load_spec
-from sim.data import build_federation
-from sim.models import build_model, model_flops
-from sim.results import frame, select_rounds, write_table, write_text
-from sim.stragglers import round_seconds
-from sim.types import GLOBAL, IDLE_ROWS, Federation, InstitutionSpec, RunFailed, Shard, Snapshot
+from sim.core import checkpoint, rundir
+from sim.core.checkpoint import Progress
+from sim.checks import load_spec
+from sim.core.config import RunSpec
+from sim.core.data import build_federation
+from sim.core.models import build_model, model_flops
+from sim.core.results import frame, select_rounds, write_table, write_text
+from sim.core.stragglers import round_seconds
+from sim.core.types import GLOBAL, IDLE_ROWS, Federation, InstitutionSpec, RunFailed, Shard, Snapshot
 
 log = logging.getLogger("collabsim")
 SCORES = ("accuracy", "loss", "val_accuracy", "val_loss", "backdoor_success")
@@ -37,7 +38,7 @@ data-poisoning institution, the global model's attack success rate on the trigge
 
 @dataclass
 class RunResult:
-    """The tidy tables of one run (see sim/results.py for the schema)."""
+    """The tidy tables of one run (see sim/core/results.py for the schema)."""
 
     run_id: str
     metrics: pd.DataFrame
@@ -56,7 +57,7 @@ def run(
 ) -> RunResult:
     """Run one simulation; write its run directory if ``out_dir`` is given (``resume=DIR`` continues DIR).
 
-    ``backend`` overrides ``engine.backend``; ``pool`` (an :class:`agents.warm.ActorPool`) lends warm
+    ``backend`` overrides ``engine.backend``; ``pool`` (an :class:`agents.runtime.warm.ActorPool`) lends warm
     actors, so a command that runs many simulations starts its processes once.
     """
     # 1. Validate everything before any actor starts; a resumed run takes its saved config and checkpoint.
@@ -225,9 +226,9 @@ def _read_run(run_id: str, out: Path) -> RunResult:
 def _start_backend(kind: str, spec: RunSpec, specs: tuple[InstitutionSpec, ...], fed: Federation, flops: int,
                    pool: Any = None):
     """The in-process backend, or Ray actors placed per the layout (borrowed from ``pool`` when given)."""
-    from agents.backend import InProcessBackend, RayBackend
-    from agents.cluster import connect
-    from agents.placement import plan_layout
+    from agents.runtime.backend import InProcessBackend, RayBackend
+    from agents.runtime.cluster import connect
+    from agents.runtime.placement import plan_layout
 
     if kind == "inprocess":
         return InProcessBackend(spec, specs, fed, flops)

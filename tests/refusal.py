@@ -7,7 +7,7 @@ from typing import Sequence
 import pytest
 
 from sim.cli import guard
-from sim.config import load_spec
+from sim.checks import load_spec
 
 
 def refused(overrides: Sequence[str], capsys) -> str:

@@ -2,7 +2,7 @@
 
 Hypothesis draws misspelt keys, wrong types, out-of-range numbers, unknown group options,
 malformed cluster addresses and damaged tables, and feeds them to ``sim.cli.guard`` with
-``sim.config.load_spec`` exactly as ``python -m sim`` does before Hydra and Ray start.
+``sim.checks.load_spec`` exactly as ``python -m sim`` does before Hydra and Ray start.
 Every generator produces only inputs that are wrong, so any pass is a missed check.
 """
 
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sim.cli import CONF_DIR, group_options, guard
-from sim.config import load_spec
+from sim.checks import load_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

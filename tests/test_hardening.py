@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim import rundir
+from sim.core import rundir
 from sim.cli import compose
-from sim.config import load_spec
+from sim.checks import load_spec
 from sim.engine import Diverged, run
-from sim.types import ConfigError
+from sim.core.types import ConfigError
 from stopping import Stop, stop_after
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_compare_refuses_a_used_directory_before_any_run(tmp_path):
 
 
 def test_csv_and_tables_are_fsynced_before_the_rename(tmp_path, monkeypatch):
-    from sim import results
+    from sim.core import results
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -267,16 +267,16 @@ def test_requests_the_local_cluster_cannot_meet_are_refused_before_ray(small_cfg
 # ---- 4. cluster.address ----------------------------------------------------------------------------
 
 def test_a_dashboard_without_its_packages_is_refused_before_ray(small_cfg, monkeypatch):
-    from sim import config
+    from sim import checks
 
     # Prepare: one of the dashboard's packages missing (whatever this environment has)
-    monkeypatch.setattr(config, "DASHBOARD_MODULES", ("json", "no_such_dashboard_package"))
+    monkeypatch.setattr(checks, "DASHBOARD_MODULES", ("json", "no_such_dashboard_package"))
     # Execute / Assert: one line naming the key, what is missing and the fix; off (the default) is never checked
     with pytest.raises(ConfigError, match=r"^cluster.dashboard: Ray's dashboard needs packages this environment lacks "
                                           r"\(no_such_dashboard_package\): pip install 'ray\[default\]'"):
         load_spec(small_cfg("cluster.dashboard=true"))
     load_spec(small_cfg())
-    monkeypatch.setattr(config, "DASHBOARD_MODULES", ("json",))  # all present
+    monkeypatch.setattr(checks, "DASHBOARD_MODULES", ("json",))  # all present
     load_spec(small_cfg("cluster.dashboard=true"))
 
 
@@ -289,7 +289,7 @@ def test_a_malformed_cluster_address_is_refused_before_ray(address, small_cfg):
 
 
 def test_an_unreachable_cluster_fails_within_the_timeout(tmp_path):
-    from agents.cluster import _join
+    from agents.runtime.cluster import _join
 
     class NoRay:  # the probe must fail before Ray is asked to connect (a session-wide test cluster may be up)
         @staticmethod

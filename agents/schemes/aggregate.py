@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sim.types import State
+from sim.core.types import State
 
 
 def _cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import ClassVar, Mapping, Sequence
 import numpy as np
 
 from agents.schemes.base import Scheme, check_range
-from sim.types import ConfigError, RoundContext, State, Update
+from sim.core.types import ConfigError, RoundContext, State, Update
 
 STALENESS = ("constant", "polynomial", "hinge")
 DISPATCH_STREAM = 0xA5C

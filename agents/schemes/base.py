@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 
-from sim.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, State, Update
+from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, State, Update
 
 SCHEMES: dict[str, type["Scheme"]] = {}
 """Registry: config name (== yaml file name in conf/scheme/) -> scheme class."""

@@ -1,9 +1,9 @@
 """The compute broker of ``compute_share``: who is too slow to train at home, and which partner trains for them.
 
-Pure functions over frozen :class:`~sim.types.InstitutionSpec`s (no Ray, no data), so the
+Pure functions over frozen :class:`~sim.core.types.InstitutionSpec`s (no Ray, no data), so the
 pre-run check and the coordinator reach the very same plan. The plan is made before
 round 1 from what the scenario declares: an institution's local training takes a time
-proportional to its data ``share`` divided by its simulated rate (:func:`sim.clock.flops_rate`:
+proportional to its data ``share`` divided by its simulated rate (:func:`sim.core.clock.flops_rate`:
 cpus/gpus times ``speed``); epochs and the model's multiply-adds per sample are the same
 for everybody, so they scale every time alike and cannot change the plan.
 
@@ -26,8 +26,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from sim import clock
-from sim.types import ConfigError, InstitutionSpec
+from sim.core import clock
+from sim.core.types import ConfigError, InstitutionSpec
 
 REFERENCES = ("median", "fastest")
 

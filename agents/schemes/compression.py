@@ -30,7 +30,7 @@ from typing import Mapping
 import numpy as np
 
 from agents.schemes.aggregate import _cast
-from sim.types import State
+from sim.core.types import State
 
 METHODS = ("none", "topk", "int8")
 VALUES, IDX, CODES, SCALE = "/values", "/idx", "/codes", "/scale"

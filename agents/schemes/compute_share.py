@@ -37,8 +37,8 @@ import numpy as np
 from agents.schemes import broker
 from agents.schemes.base import check_range, register
 from agents.schemes.fedavg import FedAvg
-from sim import clock, faults
-from sim.types import ConfigError, InstitutionSpec, RoundContext
+from sim.core import clock, faults
+from sim.core.types import ConfigError, InstitutionSpec, RoundContext
 
 AVAILABLE = (faults.OK, faults.IDLE)
 """Statuses of a giver whose compute is there for its takers this round."""

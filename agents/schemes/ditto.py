@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from agents.schemes.base import check_range, register
 from agents.schemes.fedavg import FedAvg
-from sim.types import LocalPlan
+from sim.core.types import LocalPlan
 
 
 @register("ditto")

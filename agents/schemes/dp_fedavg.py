@@ -22,7 +22,7 @@ import numpy as np
 from agents.schemes import privacy, secagg
 from agents.schemes.base import check_range, register
 from agents.schemes.fedavg import FedAvg
-from sim.types import ConfigError, LocalPlan, RoundContext, State, Update
+from sim.core.types import ConfigError, LocalPlan, RoundContext, State, Update
 
 SAMPLING_STREAM = 0xD95A
 """Last element of the Poisson-sampling RNG key."""

@@ -14,7 +14,7 @@ import numpy as np
 from agents.schemes.base import check_range, register
 from agents.schemes.fedavg import FedAvg
 from agents.schemes.server_optimisers import adaptive_step, pack, unpack
-from sim.types import ConfigError, State
+from sim.core.types import ConfigError, State
 
 
 @register("fedadam")

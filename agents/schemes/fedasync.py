@@ -16,7 +16,7 @@ import numpy as np
 from agents.schemes.aggregate import server_step
 from agents.schemes.asynchronous import Asynchronous, InFlight
 from agents.schemes.base import check_range, register
-from sim.types import State, Update
+from sim.core.types import State, Update
 
 
 @register("fedasync")

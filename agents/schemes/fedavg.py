@@ -16,7 +16,7 @@ was dropped into the next round; :meth:`FedAvg.receive` turns uploads back into 
 before any merge, so every rule above reads them unchanged. Masks do not add up over
 sparse or quantised changes, so compression refuses ``secure_aggregation``.
 ``stragglers`` says what an institution that misses ``engine.round_deadline_s`` does
-(:mod:`sim.stragglers`): ``drop`` (the default, as in the paper: the round goes on without it)
+(:mod:`sim.core.stragglers`): ``drop`` (the default, as in the paper: the round goes on without it)
 or ``partial`` (it sends the local steps it finished).
 """
 
@@ -31,8 +31,8 @@ from agents.schemes import compression as compress
 from agents.schemes import privacy, robust, secagg
 from agents.schemes.aggregate import server_step, weighted_average
 from agents.schemes.base import Scheme, check_range, cohort_size, register, sample_cohort
-from sim.stragglers import check_policy
-from sim.types import ConfigError, LocalPlan, RoundContext, State, Update
+from sim.core.stragglers import check_policy
+from sim.core.types import ConfigError, LocalPlan, RoundContext, State, Update
 
 WEIGHTINGS = ("samples", "uniform")
 MERGES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_clip")

@@ -21,7 +21,7 @@ from agents.schemes.aggregate import _cast
 from agents.schemes.asynchronous import Asynchronous, InFlight
 from agents.schemes.base import check_range, register
 from agents.schemes.privacy import delta
-from sim.types import ConfigError, State, Update
+from sim.core.types import ConfigError, State, Update
 
 
 @register("fedbuff")

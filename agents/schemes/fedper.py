@@ -14,7 +14,7 @@ from typing import Sequence
 
 from agents.schemes.base import register
 from agents.schemes.fedavg import FedAvg
-from sim.types import ConfigError, LocalPlan
+from sim.core.types import ConfigError, LocalPlan
 
 AUTO = "auto"
 """``personal_keys`` value meaning: the keys of the model's last layer (its head)."""

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from agents.schemes.base import check_range, register
 from agents.schemes.fedavg import FedAvg
-from sim.types import LocalPlan
+from sim.core.types import LocalPlan
 
 
 @register("fedprox")

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from agents.schemes.aggregate import apply_gradient, weighted_average
 from agents.schemes.base import Scheme, check_range, register, sample_cohort
-from sim.types import LocalPlan, RoundContext, State, Update
+from sim.core.types import LocalPlan, RoundContext, State, Update
 
 
 @register("fedsgd")

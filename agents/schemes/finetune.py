@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from agents.schemes.base import register
 from agents.schemes.fedavg import FedAvg
-from sim.types import ConfigError, LocalPlan
+from sim.core.types import ConfigError, LocalPlan
 
 
 def check_count(key: str, value: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from agents.schemes.base import Scheme, check_range, register, sample_cohort
-from sim.types import LocalPlan, RoundContext, State, Update
+from sim.core.types import LocalPlan, RoundContext, State, Update
 
 
 @register("isolated")

@@ -1,7 +1,7 @@
 """Pooled data: every institution hands its raw training data to one central trainer.
 
 On the Ray backend the training can instead run data-parallel on Ray Train, one worker per
-contributing institution (``trainer``; see :mod:`agents.ray_train`).
+contributing institution (``trainer``; see :mod:`agents.runtime.ray_train`).
 
 The centralised upper bound that federated learning approximates (the "centralized"
 baseline of McMahan et al., "Communication-Efficient Learning of Deep Networks from
@@ -14,11 +14,13 @@ from typing import Sequence
 
 import numpy as np
 
-from agents.ray_train import TRAINERS
 from agents.schemes.aggregate import concatenate
 from agents.schemes.base import Scheme, Trainer, check_range, register, sample_cohort
-from sim.types import ConfigError, LocalPlan, RoundContext, State, Update
+from sim.core.types import ConfigError, LocalPlan, RoundContext, State, Update
 
+AUTO, CENTRAL, RAY_TRAIN = "auto", "central", "ray_train"
+TRAINERS = (AUTO, CENTRAL, RAY_TRAIN)
+"""Who trains on the pool (``trainer``): the runtime acts on it (:mod:`agents.runtime.ray_train`)."""
 POOLED_STREAM = 0x9001ED
 """Third element of the central trainer's RNG key, so its stream never collides with an institution's."""
 
@@ -29,7 +31,7 @@ class Pooled(Scheme):
 
     def __init__(self, *, cohort_fraction: float = 1.0, trainer: str = "auto"):
         self.cohort_fraction = check_range("cohort_fraction", cohort_fraction, 0.0, 1.0, low_open=True)
-        if trainer not in TRAINERS:  # the backend acts on it (agents/ray_train.py); checked here before any actor
+        if trainer not in TRAINERS:  # the backend acts on it (agents/runtime/ray_train.py); checked here before any actor
             raise ConfigError("scheme.trainer", f"expected one of {', '.join(TRAINERS)}, got {trainer!r}")
         self.trainer = trainer
         self._trainer: Trainer | None = None

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from agents.schemes.aggregate import _cast
-from sim.types import State
+from sim.core.types import State
 
 NOISE_STREAM = 0xD9
 """Last element of the noise RNG key, so the noise never shares a stream with sampling, faults or training."""

@@ -28,7 +28,7 @@ import numpy as np
 from agents.schemes.aggregate import server_step, weighted_average
 from agents.schemes.base import check_range, register
 from agents.schemes.fedavg import FedAvg
-from sim.types import LocalPlan, RoundContext, State, Update
+from sim.core.types import LocalPlan, RoundContext, State, Update
 
 EPS = 1e-10
 """Added to each loss before its powers, as the reference code does (F_k = 0 with q < 1 would divide by zero)."""

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from agents.schemes.aggregate import _cast, weighted_average
-from sim.types import State
+from sim.core.types import State
 
 
 def _stacks(states: Sequence[State]) -> dict[str, tuple[np.ndarray, np.dtype]]:

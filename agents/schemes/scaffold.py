@@ -37,8 +37,8 @@ import numpy as np
 from agents.schemes.aggregate import server_step, weighted_average
 from agents.schemes.base import register
 from agents.schemes.fedavg import FedAvg
-from sim.faults import FAILED
-from sim.types import LocalPlan, RoundContext, State, Update, state_nbytes
+from sim.core.faults import FAILED
+from sim.core.types import LocalPlan, RoundContext, State, Update, state_nbytes
 
 CHANGE = "control_change/"
 """Key prefix of an institution's c_i+ - c_i in its upload."""

@@ -29,8 +29,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from agents.schemes import privacy
-from sim.faults import FAILED
-from sim.types import LocalPlan, RoundContext, State, Update
+from sim.core.faults import FAILED
+from sim.core.types import LocalPlan, RoundContext, State, Update
 
 FRACTION_BITS = 32
 """Fixed-point precision: values are rounded to multiples of 2^-32 (about 2.3e-10)."""

@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from agents.schemes.aggregate import _cast, _check_subset, server_step
-from sim.types import State
+from sim.core.types import State
 
 Moments = dict[str, np.ndarray]
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from agents.schemes.base import sample_cohort
 from sim.bench.measure import PeakRSS
-from sim.types import RoundContext
+from sim.core.types import RoundContext
 
 COLLAB_KEY = (0, 0, 1)  # RNG key of the timed collabsim step: it fixes the batch order both loops follow
 LORA = dict(r=8, lora_alpha=16, target_modules=["query", "value"])  # what the foundation factory's adapter=lora means
@@ -28,10 +28,10 @@ LORA = dict(r=8, lora_alpha=16, target_modules=["query", "value"])  # what the f
 
 def plain_fedavg(cfg: Any) -> dict[str, float]:
     """FedAvg by sample count on a composed run config; seconds (start-up, round loop, total), peak RSS, final accuracy."""
-    from sim.config import load_spec
-    from sim.data import build_federation
-    from sim.models import build_model
-    from sim.train import rng_for
+    from sim.checks import load_spec
+    from sim.core.data import build_federation
+    from sim.core.models import build_model
+    from sim.core.train import rng_for
 
     with PeakRSS() as rss:
         t0 = time.perf_counter()
@@ -95,8 +95,8 @@ def plain_lora(x: np.ndarray, y: np.ndarray, num_labels: int, lr: float, batch: 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from sim.models.foundation import minilm_path
-    from sim.train import rng_for
+    from sim.core.models.foundation import minilm_path
+    from sim.core.train import rng_for
 
     transformers.logging.set_verbosity_error()  # the new head's load report would land in the printed table
     base = AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=num_labels,
@@ -122,10 +122,10 @@ def plain_lora(x: np.ndarray, y: np.ndarray, num_labels: int, lr: float, batch: 
 
 def collab_lora(model_cfg: Mapping[str, Any], x: np.ndarray, y: np.ndarray, num_labels: int, lr: float,
                 batch: int = 32) -> dict[str, float]:
-    """collabsim's local step (``sim.train.local_train``, one epoch over the same rows) on the foundation factory."""
-    from sim.models import build_model
-    from sim.train import local_train
-    from sim.types import LocalPlan, TrainingSpec
+    """collabsim's local step (``sim.core.train.local_train``, one epoch over the same rows) on the foundation factory."""
+    from sim.core.models import build_model
+    from sim.core.train import local_train
+    from sim.core.types import LocalPlan, TrainingSpec
 
     model = build_model(model_cfg, (x.shape[1],), num_labels, seed=0)
     training = TrainingSpec(local_epochs=1, batch_size=batch, lr=lr)

@@ -116,11 +116,11 @@ def fedavg_pair(name: str, overrides: list[str], repeats: int) -> dict[str, Any]
 
 def foundation(repeats: int, quick: bool) -> dict[str, Any]:
     """Samples/s of collabsim's MiniLM+LoRA local step against plain transformers+peft on the same batches."""
-    import sim.models.foundation as fm
+    import sim.core.models.foundation as fm
 
-    model_cfg = {"_target_": "sim.models.foundation.minilm", "adapter": "lora"}
+    model_cfg = {"_target_": "sim.core.models.foundation.minilm", "adapter": "lora"}
     if not hasattr(fm, "minilm"):
-        return {"kind": "foundation", "skipped": "sim.models.foundation.minilm does not exist yet"}
+        return {"kind": "foundation", "skipped": "sim.core.models.foundation.minilm does not exist yet"}
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(str(fm.minilm_path()), local_files_only=True).vocab_size

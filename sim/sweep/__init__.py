@@ -33,13 +33,13 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from sim.cli import SEARCH_PATH, compose, explain, searchpath_override
-from sim.config import load_spec
-from sim import rundir
-from sim.results import write_csv, write_table, write_text
+from sim.checks import load_spec
+from sim.core import rundir
+from sim.core.results import write_csv, write_table, write_text
 from sim.sweep.space import (INDEX, VARIANT, SweepSpec, check_points, load_sweep, param_space, trial_overrides, trial_values,
                               variant_label)
 from sim.sweep.results import TIMES, collect, finished, progress_line, read_text, replay, summarize
-from sim.types import ConfigError
+from sim.core.types import ConfigError
 
 log = logging.getLogger("collabsim")
 # A sweep started before these modules moved into sim/sweep/ saved Tune's state naming their old paths: resuming
@@ -75,7 +75,7 @@ def check(cfg: DictConfig, command_line: list[str]) -> SweepSpec:
         raise ConfigError("resume", f"expected true or false, got {cfg.get('resume')!r}")
     if spec.bundles == "per_host" and not _pins_bundles():
         raise ConfigError("sweep.bundles", "per_host needs an engine that places each actor in its own bundle "
-                          "(agents.backend.RayBackend.pins_bundles); use merged")
+                          "(agents.runtime.backend.RayBackend.pins_bundles); use merged")
     base = base_overrides(spec, command_line)
     for values in check_points(spec):
         try:
@@ -90,7 +90,7 @@ def check(cfg: DictConfig, command_line: list[str]) -> SweepSpec:
 
 def _pins_bundles() -> bool:
     """Whether the engine puts each actor in the bundle of its layout; otherwise actors take any bundle with room."""
-    from agents.backend import RayBackend
+    from agents.runtime.backend import RayBackend
 
     return bool(getattr(RayBackend, "pins_bundles", False))
 
@@ -123,7 +123,7 @@ def trial_bundles(spec: SweepSpec, cfg: DictConfig, cpus: float, gpus: float) ->
     and strand the largest actor. ``per_host`` keeps one bundle per actor (needs an engine
     that places each actor in its own bundle).
     """
-    from agents.placement import plan_layout
+    from agents.runtime.placement import plan_layout
 
     if spec.backend == "inprocess":  # the trial's process is the whole simulation: it uses one core
         return [{"CPU": min(1.0, spec.trial_cpus or 1.0)}]
@@ -207,7 +207,7 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
     import ray
     from ray import tune
 
-    from agents.cluster import connect
+    from agents.runtime.cluster import connect
 
     spec = check(cfg, command_line)
     base = base_overrides(spec, command_line)

@@ -13,7 +13,7 @@ from sim.cli import fail, launch
 from sim.sweep import check, sweep
 from sim.sweep.results import render
 from sim.sweep.space import load_sweep
-from sim.types import ConfigError
+from sim.core.types import ConfigError
 
 
 @hydra.main(config_path="../../conf", config_name="sweep_main", version_base="1.3")

@@ -1,6 +1,6 @@
 """The results of a sweep: its trials' run directories read back into one table per trial and a summary.
 
-Pure pandas over the trials' tables (the results schema of sim/results.py) and what
+Pure pandas over the trials' tables (the results schema of sim/core/results.py) and what
 Tune reported; no Ray. ``trials.parquet`` has one row per trial: its swept values and
 seed, status (complete, stopped early by the scheduler, error), final metrics, and the
 gain over the isolated trial with the same other values.
@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import pandas as pd
 
 from analysis.metrics import MIN_SEEDS  # fewest seeds an interval is shown for
-from sim.results import frame
+from sim.core.results import frame
 from sim.sweep.space import METRICS, VARIANT, SweepSpec, trial_values
 
 TIMES = "trial.json"  # when a trial's run started and finished, next to its tables (kept across a resume)

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from sim.types import ConfigError
+from sim.core.types import ConfigError
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 """Search-space specs: ``{grid: [..]}`` (every value), ``{choice: [..]}`` (sampled), ``{uniform|loguniform|randint: [lo, hi]}``."""

@@ -14,9 +14,9 @@ from agents.schemes.asynchronous import staleness_weight
 from agents.schemes.fedasync import FedAsync
 from agents.schemes.fedbuff import FedBuff
 from sim.cli import compose
-from sim.config import load_spec
+from sim.checks import load_spec
 from sim.engine import run
-from sim.types import ConfigError, RoundContext, Update
+from sim.core.types import ConfigError, RoundContext, Update
 from stopping import resume_matches_straight
 
 NAMES = ("a", "b", "c")

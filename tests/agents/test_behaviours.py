@@ -13,14 +13,15 @@ import pandas as pd
 import pytest
 
 from agents import behaviours as B
+from sim.core.data import corruption as C
 from analysis.contribution import exact_shapley
 from sim.cli import compose
-from sim.config import load_spec
+from sim.checks import load_spec
 from sim.contribution import _value
-from sim.data import build_federation
+from sim.core.data import build_federation
 from sim.engine import run
-from sim.scenario import BehavingSpec, build_scenario
-from sim.types import ConfigError, InstitutionSpec
+from sim.core.scenario import BehavingSpec, build_scenario
+from sim.core.types import ConfigError, InstitutionSpec
 from refusal import refused
 
 IID_DIGITS = ["data=digits", "scenario.num_institutions=5", "scenario.label_skew=null", "scenario.quantity_skew=0",
@@ -78,8 +79,8 @@ def test_flip_labels_moves_the_asked_fraction_to_another_class_deterministically
     # Prepare
     y = np.arange(100) % 10
     # Execute
-    out = B.flip_labels(y, 0.3, 10, np.random.default_rng(7))
-    again = B.flip_labels(y, 0.3, 10, np.random.default_rng(7))
+    out = C.flip_labels(y, 0.3, 10, np.random.default_rng(7))
+    again = C.flip_labels(y, 0.3, 10, np.random.default_rng(7))
     # Assert: exactly 30 labels moved, each to a valid other class; same stream, same labels; input untouched
     assert (out != y).sum() == 30 and out.min() >= 0 and out.max() <= 9
     np.testing.assert_array_equal(out, again)
@@ -90,7 +91,7 @@ def test_poison_triggers_the_fraction_and_relabels_it() -> None:
     # Prepare
     x, y = np.zeros((10, 1, 2, 3), np.float32), np.arange(10) % 3 + 1
     # Execute
-    px, py = B.poison(x, y, 0.5, 2, 9.0, 0, np.random.default_rng(0))
+    px, py = C.poison(x, y, 0.5, 2, 9.0, 0, np.random.default_rng(0))
     # Assert: five rows carry the trigger in their first two elements and label 0; the rest as they were
     hit = (py == 0)
     assert hit.sum() == 5
@@ -100,8 +101,8 @@ def test_poison_triggers_the_fraction_and_relabels_it() -> None:
 
 def test_backdoor_success_counts_only_rows_not_already_of_the_target() -> None:
     # Of the three non-target rows, two are predicted as the target
-    assert B.backdoor_success(np.array([0, 0, 1, 0]), np.array([0, 1, 1, 2]), 0) == pytest.approx(2 / 3)
-    np.testing.assert_array_equal(B.add_trigger(np.zeros((1, 4)), 2, 1.0), [[1.0, 1.0, 0.0, 0.0]])
+    assert C.backdoor_success(np.array([0, 0, 1, 0]), np.array([0, 1, 1, 2]), 0) == pytest.approx(2 / 3)
+    np.testing.assert_array_equal(C.add_trigger(np.zeros((1, 4)), 2, 1.0), [[1.0, 1.0, 0.0, 0.0]])
 
 
 def test_data_behaviours_change_only_the_training_split() -> None:
@@ -115,9 +116,9 @@ def test_data_behaviours_change_only_the_training_split() -> None:
     noisy = build_federation(data, build_scenario({"institutions": bad}, 0), 0)
     # Assert: half of a's labels flipped, a fifth of b's rows triggered and relabelled 3; test/val and c, d untouched
     a0, a1, b0, b1 = honest.shards[0], noisy.shards[0], honest.shards[1], noisy.shards[1]
-    assert (a0.y_train != a1.y_train).sum() == B.half_up(0.5, a0.num_train)
+    assert (a0.y_train != a1.y_train).sum() == C.half_up(0.5, a0.num_train)
     triggered = (b1.x_train.reshape(b1.num_train, -1)[:, :4] == 1.0).all(axis=1) & (b1.y_train == 3)
-    assert triggered.sum() >= B.half_up(0.2, b0.num_train)
+    assert triggered.sum() >= C.half_up(0.2, b0.num_train)
     for h, n in zip(honest.shards, noisy.shards):
         assert h.x_test.tobytes() == n.x_test.tobytes() and h.y_val.tobytes() == n.y_val.tobytes()
     assert honest.shards[2].x_train.tobytes() == noisy.shards[2].x_train.tobytes()

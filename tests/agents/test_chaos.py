@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim import engine, faults
+from sim import engine
+from sim.core import faults
 from sim.cli import compose
 from sim.engine import run
-from sim.types import RunFailed
+from sim.core.types import RunFailed
 
 SEED = int(os.environ.get("COLLABSIM_CHAOS_SEED", "0"))  # picks the rounds and hosts that are hit; any value must pass
 BASE = ["data.num_samples=600"]

@@ -21,8 +21,8 @@ from agents.schemes.fedprox import FedProx
 from agents.schemes.scaffold import Scaffold
 from sim.cli import compose
 from sim.engine import run
-from sim.models import build_model, get_state
-from sim.types import ConfigError, InstitutionSpec, LocalPlan, Shard, TrainingSpec, Update
+from sim.core.models import build_model, get_state
+from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, Shard, TrainingSpec, Update
 from refusal import refused
 
 F32_RTOL = 1e-6

@@ -13,11 +13,11 @@ import pytest
 
 from agents.schemes import broker
 from agents.schemes.compute_share import ComputeShare, handover_seconds
-from sim import clock
+from sim.core import clock
 from sim.cli import compose
-from sim.config import load_spec
+from sim.checks import load_spec
 from sim.engine import run
-from sim.types import ConfigError, InstitutionSpec, RoundContext
+from sim.core.types import ConfigError, InstitutionSpec, RoundContext
 from stopping import resume_matches_straight
 from refusal import refused
 

@@ -4,9 +4,9 @@ import random
 
 import numpy as np
 
-from agents.backend import InProcessBackend
-from sim.config import load_spec
-from sim.data import build_federation
+from agents.runtime.backend import InProcessBackend
+from sim.checks import load_spec
+from sim.core.data import build_federation
 
 
 def fresh(spec, fed):

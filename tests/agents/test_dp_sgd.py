@@ -22,12 +22,12 @@ from opacus.accountants import RDPAccountant
 from stopping import Stop, stop_after
 from torch import nn
 
-from sim import dp_sgd
+from sim.core import dp_sgd
 from sim.cli import compose
 from sim.engine import run
-from sim.models import build_model
-from sim.train import local_train
-from sim.types import LocalPlan, TrainingSpec
+from sim.core.models import build_model
+from sim.core.train import local_train
+from sim.core.types import LocalPlan, TrainingSpec
 from refusal import refused
 
 SMALL = ["smoke=true", "rounds=3", "data.num_samples=600", "checkpoint_every=0", "results.select=last",
@@ -53,7 +53,7 @@ def mixed(extra: list[str] = ()) -> object:
 
 
 def mlp(inputs: int = 5, classes: int = 3) -> nn.Module:
-    return build_model(OmegaConf.create({"_target_": "sim.models.mlp", "hidden": [8]}), (inputs,), classes, seed=0)
+    return build_model(OmegaConf.create({"_target_": "sim.core.models.mlp", "hidden": [8]}), (inputs,), classes, seed=0)
 
 
 def batchnorm_net(input_shape, num_classes) -> nn.Module:
@@ -63,7 +63,7 @@ def batchnorm_net(input_shape, num_classes) -> nn.Module:
 
 def one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dp: dp_sgd.DpSgd, expected: int, lr: float,
              extra=None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """What one DP-SGD step through sim.dp_sgd does to each parameter: (w_after - w_before) / -lr."""
+    """What one DP-SGD step through sim.core.dp_sgd does to each parameter: (w_after - w_before) / -lr."""
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     with dp_sgd.private(model, torch.optim.SGD(model.parameters(), lr=lr), dp, expected,
                         torch.Generator().manual_seed(seed)) as opt:
@@ -109,7 +109,7 @@ def test_noise_has_the_configured_std_and_comes_from_the_seeded_generator() -> N
     x, y = torch.zeros(0, 200), torch.zeros(0, dtype=torch.int64)
 
     def noise(seed: int) -> torch.Tensor:
-        model = build_model(OmegaConf.create({"_target_": "sim.models.logreg"}), (200,), 10, seed=0)
+        model = build_model(OmegaConf.create({"_target_": "sim.core.models.logreg"}), (200,), 10, seed=0)
         return torch.cat([v.flatten() for v in one_step(model, x, y, dp_sgd.DpSgd(z, clip), expected, 1.0, seed=seed).values()])
 
     # Execute: twice with one seed, once with another

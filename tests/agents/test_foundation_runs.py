@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 
 from sim.cli import compose
-from sim.config import load_spec
+from sim.checks import load_spec
 from sim.engine import run
-from sim.models import build_model, get_state
-from sim.types import state_nbytes
+from sim.core.models import build_model, get_state
+from sim.core.types import state_nbytes
 
 INSTITUTIONS = ["city_hospital", "rural_clinic", "particle_lab", "astro_institute", "central_bank", "credit_union"]
 WORDS = {0: "patient fever dose clinic nurse scan", 1: "market loan rate bank credit price"}

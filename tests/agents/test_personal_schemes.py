@@ -17,13 +17,13 @@ from agents.schemes.fedper import FedPer
 from agents.schemes.finetune import FineTune
 from agents.schemes.reptile import Reptile
 from sim.cli import compose
-from sim.config import load_spec
+from sim.checks import load_spec
 from sim.engine import run
-from sim.models import build_model, get_state
-from sim.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, TrainingSpec, Update, state_nbytes
+from sim.core.models import build_model, get_state
+from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, TrainingSpec, Update, state_nbytes
 
 PERSONAL = ("fedper", "finetune", "ditto", "reptile")
-MLP = {"_target_": "sim.models.mlp", "hidden": [8]}  # Flatten, Linear(6->8), ReLU, Linear(8->3): head keys "3.*"
+MLP = {"_target_": "sim.core.models.mlp", "hidden": [8]}  # Flatten, Linear(6->8), ReLU, Linear(8->3): head keys "3.*"
 HEAD = ("3.weight", "3.bias")
 TRAINING = TrainingSpec(local_epochs=2, batch_size=8, lr=0.05)
 
@@ -82,8 +82,8 @@ def test_auto_personal_keys_are_the_last_layer_of_small_nets() -> None:
     auto = LocalPlan(personal_keys="auto")
     nets = {
         "mlp": build_model(MLP, (6,), 3, seed=0),
-        "cnn": build_model({"_target_": "sim.models.cnn", "channels": [2], "hidden": 4}, (1, 4, 4), 3, seed=0),
-        "logreg": build_model({"_target_": "sim.models.logreg"}, (6,), 3, seed=0),
+        "cnn": build_model({"_target_": "sim.core.models.cnn", "channels": [2], "hidden": 4}, (1, 4, 4), 3, seed=0),
+        "logreg": build_model({"_target_": "sim.core.models.logreg"}, (6,), 3, seed=0),
     }
     # Execute
     kept = {name: personal_keys(auto, get_state(net)) for name, net in nets.items()}

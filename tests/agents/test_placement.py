@@ -2,10 +2,10 @@
 
 import pytest
 
-from agents.placement import plan_layout
+from agents.runtime.placement import plan_layout
 from sim.cli import compose
-from sim.config import load_spec
-from sim.types import ConfigError
+from sim.checks import load_spec
+from sim.core.types import ConfigError
 
 
 def spec_of(*overrides):

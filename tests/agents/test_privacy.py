@@ -16,7 +16,7 @@ from agents.schemes import privacy
 from agents.schemes.dp_fedavg import DPFedAvg
 from sim.cli import compose
 from sim.engine import run
-from sim.types import ConfigError, RoundContext, Update
+from sim.core.types import ConfigError, RoundContext, Update
 from refusal import refused
 
 NAMES = tuple(f"inst{i}" for i in range(5))

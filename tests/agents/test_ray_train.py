@@ -6,17 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agents.placement import plan_layout
-from agents.ray_train import DataParallel, WorkerPlan
-from sim.data_parallel import step_rows, steps_per_epoch
-from sim import clock
+from agents.runtime.placement import plan_layout
+from agents.runtime.ray_train import DataParallel, WorkerPlan
+from sim.core.data_parallel import step_rows, steps_per_epoch
+from sim.core import clock
 from sim.cli import compose
-from sim.config import load_spec
-from sim.models import build_model, get_state, set_state
-from sim.train import evaluate, local_train
-from sim.types import ConfigError, LocalPlan, TrainingSpec
+from sim.checks import load_spec
+from sim.core.models import build_model, get_state, set_state
+from sim.core.train import evaluate, local_train
+from sim.core.types import ConfigError, LocalPlan, TrainingSpec
 
-MLP = {"_target_": "sim.models.mlp", "hidden": [16]}
+MLP = {"_target_": "sim.core.models.mlp", "hidden": [16]}
 TRAINING = TrainingSpec(local_epochs=2, batch_size=32, lr=0.1)
 
 
@@ -150,9 +150,9 @@ def test_a_pooled_run_on_ray_train_books_the_contributors_and_learns(small_cfg, 
     # (Resuming restarts the job from the checkpointed pool and global state; that a round's result depends on those
     # and its key alone, not on the job's history, is checked in the direct test above: one job start here, not three.)
     # Prepare: three institutions of which two hand over their data (cohort_fraction 0.6 -> 2), one host actor
-    from sim.data import build_federation
+    from sim.core.data import build_federation
     from sim.engine import run
-    from sim.models import model_flops
+    from sim.core.models import model_flops
 
     cfg = small_cfg("scheme=pooled", "scheme.trainer=ray_train", "scheme.cohort_fraction=0.6", "placement=pooled",
                     "engine.pooled_hosts=1", "scenario.num_institutions=3", "scenario.cpus=0.5", "cluster.num_cpus=4",

@@ -19,7 +19,7 @@ from agents.schemes.fedprox import FedProx
 from agents.schemes.robust import clip_delta, coordinate_median, krum, krum_choice, krum_scores, norm_clip, trimmed_mean
 from sim.cli import compose
 from sim.engine import run
-from sim.types import ConfigError, RoundContext, Update
+from sim.core.types import ConfigError, RoundContext, Update
 from refusal import refused
 
 F32_RTOL = 1e-6

@@ -18,9 +18,9 @@ from agents.schemes.qffl import EPS, QFFL, q_fedavg_step
 from agents.schemes.scaffold import CHANGE, Scaffold, control_step, split_upload
 from sim.cli import compose
 from sim.engine import run
-from sim.models import get_state, set_state
-from sim.train import full_gradient
-from sim.types import InstitutionSpec, LocalPlan, RoundContext, Shard, TrainingSpec, Update, state_nbytes
+from sim.core.models import get_state, set_state
+from sim.core.train import full_gradient
+from sim.core.types import InstitutionSpec, LocalPlan, RoundContext, Shard, TrainingSpec, Update, state_nbytes
 from stopping import resume_matches_straight
 from refusal import refused
 

@@ -19,7 +19,7 @@ from agents.schemes.fedprox import FedProx
 from agents.schemes.fedsgd import FedSGD
 from agents.schemes.isolated import Isolated
 from agents.schemes.pooled import POOLED_STREAM, Pooled
-from sim.types import ConfigError, LocalPlan, RoundContext, Update
+from sim.core.types import ConfigError, LocalPlan, RoundContext, Update
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "scheme"
 MINE = ("isolated", "pooled", "fedavg", "fedprox", "fedsgd")

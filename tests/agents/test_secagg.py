@@ -14,10 +14,10 @@ from agents.schemes import secagg
 from agents.schemes.dp_fedavg import DPFedAvg
 from agents.schemes.fedavg import FedAvg
 from sim.cli import compose, guard
-from sim.config import load_spec
+from sim.checks import load_spec
 from sim.engine import run
-from sim.faults import FAILED, UNAVAILABLE
-from sim.types import ConfigError, RoundContext, Update
+from sim.core.faults import FAILED, UNAVAILABLE
+from sim.core.types import ConfigError, RoundContext, Update
 
 NAMES = tuple(f"inst{i}" for i in range(5))
 SMALL = ["smoke=true", "rounds=3", "data.num_samples=600", "checkpoint_every=0", "results.select=last"]

@@ -20,8 +20,8 @@ from agents.schemes.fedavgm import FedAvgM
 from agents.schemes.fedyogi import FedYogi
 from agents.schemes.server_optimisers import adaptive_step, momentum_step
 from sim.cli import guard
-from sim.config import load_spec
-from sim.types import RoundContext, Update
+from sim.checks import load_spec
+from sim.core.types import RoundContext, Update
 from stopping import resume_matches_straight
 from refusal import refused
 

@@ -5,7 +5,7 @@ import sys
 
 import pandas as pd
 
-from agents.warm import ActorPool
+from agents.runtime.warm import ActorPool
 from sim.engine import run
 
 
@@ -16,7 +16,7 @@ def values(result):
 
 def test_a_pool_serves_several_runs_with_the_processes_it_started_once(small_cfg, ray_cluster, monkeypatch):
     # Prepare: count the pids the backends report; three runs (two schemes, two seeds) share one pool
-    from agents import backend
+    from agents.runtime import backend
 
     pids = []
     real = backend.RayBackend.__init__
@@ -43,7 +43,7 @@ def test_a_pool_serves_several_runs_with_the_processes_it_started_once(small_cfg
 
 def test_a_run_that_failed_hands_back_no_actors(small_cfg, ray_cluster):
     # A coordinator killed mid-run must not serve the next run: the backend ends its actors instead.
-    from agents.backend import RayBackend
+    from agents.runtime.backend import RayBackend
     from sim import engine
 
     pool, started = ActorPool(), []
@@ -74,7 +74,7 @@ def test_a_run_that_failed_hands_back_no_actors(small_cfg, ray_cluster):
 def test_a_local_cluster_preloads_the_actors_code_and_a_joined_one_is_left_alone(monkeypatch):
     import ray
 
-    from agents import cluster
+    from agents.runtime import cluster
 
     # Prepare: record what ray.init is asked, start nothing
     calls = []
@@ -94,8 +94,8 @@ def test_a_local_cluster_preloads_the_actors_code_and_a_joined_one_is_left_alone
     monkeypatch.delenv("RAY_ADDRESS")
     cluster.connect({"num_cpus": 2, "dashboard": True})
     # Assert: workers of a cluster started here import the actors' code; nothing is asked of one being joined
-    assert calls[0]["_system_config"] == {"preload_python_modules": ["agents.warm"]}
-    assert calls[1]["_system_config"] == {"preload_python_modules": ["sim.engine", "agents.warm"]}
+    assert calls[0]["_system_config"] == {"preload_python_modules": ["agents.runtime.warm"]}
+    assert calls[1]["_system_config"] == {"preload_python_modules": ["sim.engine", "agents.runtime.warm"]}
     assert "_system_config" not in calls[2] and "_system_config" not in calls[3]
     assert calls[0]["_node_ip_address"] == "127.0.0.1" and calls[0]["include_dashboard"] is False
     # ... and the dashboard runs only when asked for, on the loopback address
@@ -104,7 +104,7 @@ def test_a_local_cluster_preloads_the_actors_code_and_a_joined_one_is_left_alone
 
 
 def test_a_command_ends_the_cluster_it_started_and_leaves_any_other_running(ray_cluster):
-    from agents import cluster
+    from agents.runtime import cluster
 
     # Prepare: this process's cluster was started by the session, not by connect()
     cluster.connect({"num_cpus": 4})
@@ -112,7 +112,7 @@ def test_a_command_ends_the_cluster_it_started_and_leaves_any_other_running(ray_
     cluster.disconnect()
     # Assert: still running; and in a process of its own, connect() starts a cluster that disconnect() ends
     assert ray_cluster.is_initialized()
-    code = ("import ray; from agents import cluster; cluster.connect({'num_cpus': 1}); "
+    code = ("import ray; from agents.runtime import cluster; cluster.connect({'num_cpus': 1}); "
             "assert cluster.STARTED and ray.is_initialized(); cluster.disconnect(); "
             "assert not cluster.STARTED and not ray.is_initialized()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from sim.results import frame, write_table
+from sim.core.results import frame, write_table
 
 # name, discipline, share, label_skew, feature_skew, cpus (the default scenario in conf/scenario/default.yaml)
 DEFAULT_INSTITUTIONS = [

@@ -15,7 +15,7 @@ import pytest
 from analysis.compute import balance_table, saved_table
 from analysis.report import build_report
 from conftest import small_tables, write_run
-from sim.results import frame
+from sim.core.results import frame
 
 RUN = {"run_id": "compute_share-0", "scheme": "compute_share", "scenario": "s", "seed": 0}
 

@@ -11,8 +11,8 @@ from analysis.__main__ import main
 from analysis.costs import MIN_CPUS, Prices, cost_tables, priced_ledger, prices_from_config
 from analysis.report import build_report
 from conftest import write_run
-from sim.results import frame
-from sim.types import ConfigError
+from sim.core.results import frame
+from sim.core.types import ConfigError
 
 # Prices and usages are small binary-friendly numbers: sums agree with the hand computation to far below 1e-9.
 COSTS = {"currency": "EUR", "cpu_hour": 1.0, "gpu_hour": 10.0, "gb": 2.0, "cpu_watts": 100.0, "gpu_watts": 1000.0,
@@ -100,8 +100,8 @@ def test_per_institution_override_changes_only_that_institution():
 
 
 def test_an_institution_with_under_a_tenth_of_a_core_pays_for_the_clocks_tenth_of_a_core():
-    from sim.clock import compute_seconds
-    from sim.types import InstitutionSpec
+    from sim.core.clock import compute_seconds
+    from sim.core.types import InstitutionSpec
 
     spec = lambda cpus: InstitutionSpec(index=0, name="n", discipline="d", share=1.0, cpus=cpus, gpus=0.0)  # noqa: E731
     assert compute_seconds(spec(0.0), 100, 1000) == compute_seconds(spec(0.05), 100, 1000) == \

@@ -9,7 +9,7 @@ import pytest
 
 from analysis import metrics as m
 from analysis.findings import findings, institutions_phrase, selection_rule
-from sim.results import frame
+from sim.core.results import frame
 
 NAMES = ["a_lab", "b_lab", "c_lab", "d_lab", "e_lab", "f_lab"]
 

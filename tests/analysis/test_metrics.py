@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from analysis import metrics as m
-from sim.results import frame
+from sim.core.results import frame
 
 # Accuracies are decimal fractions like 0.7 - 0.6 whose float difference is off by ~1e-16;
 # 1e-9 is far below any rounding the report shows and far above float noise.

@@ -198,10 +198,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make):
     assert err.count("\n") == 1 and err.startswith("error: ") and str(target) in err
 
 
-def test_cli_contribution_needs_the_runs_config(small_run, capsys):
-    # A hand-built results folder has no runnable config to re-run coalitions from: one line, exit 2.
+def test_cli_contribution_needs_the_runs_config(small_run, capfd):
+    # A hand-built results folder has no runnable config to re-run coalitions from: one line, exit 2, from the
+    # simulation command analysis hands over to (python -m sim.contribution, its own process: capfd)
     assert main(["contribution", str(small_run)]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
 
 

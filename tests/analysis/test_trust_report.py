@@ -8,7 +8,7 @@ import pandas as pd
 from analysis import findings as words
 from analysis import trust
 from analysis.report import build_report
-from sim.results import frame
+from sim.core.results import frame
 from conftest import small_tables, write_run
 
 

@@ -1,4 +1,4 @@
-"""Batched local training (sim.batched) against the one-at-a-time path it replaces (sim.train.local_train)."""
+"""Batched local training (sim.core.batched) against the one-at-a-time path it replaces (sim.core.train.local_train)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from sim.batched import batchable, train_many
-from sim.models import build_model, get_state, set_state
-from sim.train import local_train
-from sim.types import LocalPlan, TrainingSpec
+from sim.core.batched import batchable, train_many
+from sim.core.models import build_model, get_state, set_state
+from sim.core.train import local_train
+from sim.core.types import LocalPlan, TrainingSpec
 
-LOGREG = {"_target_": "sim.models.logreg"}
-MLP = {"_target_": "sim.models.mlp", "hidden": [16]}
-CNN = {"_target_": "sim.models.cnn", "channels": [4], "hidden": 8}
+LOGREG = {"_target_": "sim.core.models.logreg"}
+MLP = {"_target_": "sim.core.models.mlp", "hidden": [16]}
+CNN = {"_target_": "sim.core.models.cnn", "channels": [4], "hidden": 8}
 SIZES = (5, 16, 37, 64, 3, 50, 21)  # batch 16: below one batch, exact multiples, and ragged last batches
 # States are compared with atol 1e-5: batched (vmapped) and unbatched matmuls sum float32 products in a
 # different order, which moves weights by ~1e-8 after a few dozen steps (measured: <= 5e-8); every
@@ -201,8 +201,8 @@ def test_an_institution_trains_the_same_whoever_shares_its_batch(cfg) -> None:
 
 
 def test_evaluate_many_scores_like_evaluate_and_independently_of_the_other_sets() -> None:
-    from sim.batched import EVAL_BLOCK, evaluate_many, scorable
-    from sim.train import evaluate
+    from sim.core.batched import EVAL_BLOCK, evaluate_many, scorable
+    from sim.core.train import evaluate
 
     # Prepare: sets below, at and above a block, and an empty one
     model = build_model(MLP, (10,), 3, seed=0)

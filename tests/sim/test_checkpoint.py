@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim import checkpoint
-from sim.checkpoint import resume_overrides
+from sim.core import checkpoint
+from sim.core.checkpoint import resume_overrides
 from sim.cli import compose
 from sim.engine import run
-from sim.types import ConfigError
+from sim.core.types import ConfigError
 from stopping import Stop, stop_after
 
 FLAKY = ["scenario.availability=0.8", "scenario.failure_rate=0.2"]  # faults are part of what must resume exactly
@@ -133,7 +133,7 @@ def test_a_coalition_resumes_as_that_coalition(small_cfg, tmp_path):
     (lambda d: d.mkdir(), "no config.yaml"),
 ])
 def test_resume_needs_a_run_directory(make, problem, tmp_path):
-    from sim.config import load_spec
+    from sim.checks import load_spec
 
     make(tmp_path / "run")
     with pytest.raises(ConfigError) as err:

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from sim.cli import guard
-from sim.config import load_spec
+from sim.checks import load_spec
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 
 import sim.cli
 from sim.cli import command_line, compose, group_options, guard, hidden_files, use_search_path
-from sim.config import load_spec
+from sim.checks import load_spec
 
 SCENARIO = """\
 name: mysites

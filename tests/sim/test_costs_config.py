@@ -13,9 +13,9 @@ import yaml
 
 from analysis.costs import cost_tables
 from analysis.runs import load_results
-from sim.config import load_spec
+from sim.checks import load_spec
 from sim.engine import run
-from sim.types import ConfigError
+from sim.core.types import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,10 +12,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.data import DATASETS, build_federation, check_data, defaults, sites_from_table
-from sim.data.partition import apportion, partition, stream
-from sim.data.synthetic import institution_models
-from sim.types import ConfigError, InstitutionSpec, Scenario
+from sim.core.data import DATASETS, build_federation, check_data, defaults, sites_from_table
+from sim.core.data.partition import apportion, partition, stream
+from sim.core.data.synthetic import institution_models
+from sim.core.types import ConfigError, InstitutionSpec, Scenario
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
 
@@ -385,7 +385,7 @@ def test_digits_read_from_scikit_learns_file_equal_its_loader_and_fall_back_to_i
 
     from sklearn.datasets import load_digits
 
-    from sim.data import digits
+    from sim.core.data import digits
 
     # Prepare: what scikit-learn's own loader gives, scaled as collabsim scales it
     bunch = load_digits()

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from sim.engine import run
-from sim.results import LEDGER_COLUMNS, METRICS_COLUMNS
+from sim.core.results import LEDGER_COLUMNS, METRICS_COLUMNS
 
 SCHEMES = ["isolated", "pooled", "fedavg", "fedprox", "fedsgd"]
 N = 6  # institutions in the default scenario
@@ -109,16 +109,16 @@ def test_institutions_a_round_does_not_pick_have_one_idle_row_each(small_cfg, tm
 
 
 def idle_rows(keys: dict, round: int, sim_time: float, names: list[str], epsilon: float) -> pd.DataFrame:
-    """One round's idle rows for every one of ``names``: a single block of :func:`sim.results.idle_blocks`."""
-    from sim.results import idle_blocks
+    """One round's idle rows for every one of ``names``: a single block of :func:`sim.core.results.idle_blocks`."""
+    from sim.core.results import idle_blocks
 
     return idle_blocks([(keys, round, sim_time, np.arange(len(names)), epsilon)], pd.array(names, dtype="string"))
 
 
 def test_idle_rows_built_as_columns_equal_the_rows_the_coordinator_would_send(small_cfg) -> None:
     from agents.coordinator import _absent, _unshared
-    from sim.config import load_spec
-    from sim.results import frame, idle_blocks
+    from sim.checks import load_spec
+    from sim.core.results import frame, idle_blocks
 
     specs = load_spec(small_cfg()).scenario.institutions[:3]
     keys = {"run_id": "r", "scheme": "fedavg", "scenario": "s", "seed": 3}
@@ -136,10 +136,10 @@ def test_idle_rows_built_as_columns_equal_the_rows_the_coordinator_would_send(sm
 
 
 def test_progress_keeps_idle_rows_as_masks_and_a_checkpoint_brings_them_back(tmp_path) -> None:
-    from sim import checkpoint
-    from sim.checkpoint import Progress
-    from sim.results import LEDGER_COLUMNS
-    from sim.types import Snapshot
+    from sim.core import checkpoint
+    from sim.core.checkpoint import Progress
+    from sim.core.results import LEDGER_COLUMNS
+    from sim.core.types import Snapshot
 
     # Prepare: 20 institutions; rounds 1-3 each with dict rows for two and the rest idle
     names = pd.array([f"inst{i:02d}" for i in range(20)], dtype="string")

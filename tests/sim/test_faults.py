@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim import faults
+from sim.core import faults
 from sim.engine import run
-from sim.scenario import build_scenario
-from sim.types import InstitutionSpec
+from sim.core.scenario import build_scenario
+from sim.core.types import InstitutionSpec
 
 FLAKY = ["scenario.availability=0.7", "scenario.failure_rate=0.2"]
 
@@ -94,8 +94,8 @@ def test_faults_change_results_only_where_someone_dropped(small_cfg):
     ("+scenario.institutions.0.availability=x", "scenario.institutions[0].availability"),
 ])
 def test_fault_rates_are_probabilities(bad, key, small_cfg):
-    from sim.config import load_spec
-    from sim.types import ConfigError
+    from sim.checks import load_spec
+    from sim.core.types import ConfigError
 
     with pytest.raises(ConfigError) as err:
         load_spec(small_cfg(bad))

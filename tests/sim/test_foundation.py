@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from sim.cli import compose
-from sim.config import load_spec
-from sim.models import build_model, get_state, model_flops, set_state
-from sim.models.foundation import check_config, minilm_path
-from sim.train import evaluate, full_gradient, local_train
-from sim.types import ConfigError, LocalPlan, TrainingSpec, state_nbytes
+from sim.checks import load_spec
+from sim.core.models import build_model, get_state, model_flops, set_state
+from sim.core.models.foundation import check_config, minilm_path
+from sim.core.train import evaluate, full_gradient, local_train
+from sim.core.types import ConfigError, LocalPlan, TrainingSpec, state_nbytes
 
 L, C = 16, 3  # token length and classes: small enough that a tiny step takes milliseconds
-TINY = {"_target_": "sim.models.foundation.tiny_transformer", "lora": {"r": 4, "alpha": 8}}
-MINILM = {"_target_": "sim.models.foundation.minilm"}
+TINY = {"_target_": "sim.core.models.foundation.tiny_transformer", "lora": {"r": 4, "alpha": 8}}
+MINILM = {"_target_": "sim.core.models.foundation.minilm"}
 SPEC = TrainingSpec(lr=0.5, batch_size=8, local_epochs=1)  # a large lr so one step visibly moves every trainable value
 
 
@@ -135,9 +135,9 @@ def test_minilm_state_bytes_by_adapter() -> None:
 
 
 @pytest.mark.parametrize("cfg, key, words", [
-    ({"_target_": "sim.models.foundation.hf", "path": "/no/such/dir"}, "model.path", "hf download"),
-    ({"_target_": "sim.models.foundation.hf", "path": "sentence-transformers/all-MiniLM-L6-v2"}, "model.path", "hub name"),
-    ({"_target_": "sim.models.foundation.hf", "path": None}, "model.path", "not set"),
+    ({"_target_": "sim.core.models.foundation.hf", "path": "/no/such/dir"}, "model.path", "hf download"),
+    ({"_target_": "sim.core.models.foundation.hf", "path": "sentence-transformers/all-MiniLM-L6-v2"}, "model.path", "hub name"),
+    ({"_target_": "sim.core.models.foundation.hf", "path": None}, "model.path", "not set"),
     ({**MINILM, "lora": {"target_modules": ["qkv"]}}, "model.lora.target_modules", "query"),
     ({**MINILM, "lora": {"target_modules": ["LayerNorm"]}}, "model.lora.target_modules", "cannot wrap"),
     ({**MINILM, "lora": {"rank": 4}}, "model.lora.rank", "unknown key"),
@@ -154,7 +154,7 @@ def test_bad_model_configs_fail_before_the_run_naming_the_key(cfg: dict, key: st
 
 def test_folder_without_config_json_is_refused_by_check_and_build(tmp_path: Path) -> None:
     # Prepare
-    cfg = {"_target_": "sim.models.foundation.hf", "path": str(tmp_path)}
+    cfg = {"_target_": "sim.core.models.foundation.hf", "path": str(tmp_path)}
     # Execute / Assert: the pre-run check and the factory say the same
     for attempt in (lambda: check_config(cfg), lambda: build_model(cfg, (L,), C, seed=0)):
         with pytest.raises(ConfigError, match="config.json") as err:
@@ -164,7 +164,7 @@ def test_folder_without_config_json_is_refused_by_check_and_build(tmp_path: Path
 
 def test_hf_loads_a_local_folder() -> None:
     # Prepare
-    cfg = {"_target_": "sim.models.foundation.hf", "path": str(minilm_path()), "adapter": "frozen"}
+    cfg = {"_target_": "sim.core.models.foundation.hf", "path": str(minilm_path()), "adapter": "frozen"}
     # Execute
     check_config(cfg)
     model = build_model(cfg, (L,), C, seed=0)
@@ -201,7 +201,7 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_falls_back_to_fp32() -> None:
     # Assert: bf16 trains (close to fp32, not equal); fp16 on CPU warns and is exactly fp32
     s16, s32, sbf = (get_state(models[p]) for p in ("fp16", "fp32", "bf16"))
     assert any("fp16 needs a GPU" in str(w.message) for w in caught)
-    from sim.train import native_bf16  # bf16 on a CPU that lacks it natively is slow: said once, not silently
+    from sim.core.train import native_bf16  # bf16 on a CPU that lacks it natively is slow: said once, not silently
     assert any("bf16 on a CPU without native bf16" in str(w.message) for w in caught) != native_bf16()
     assert all(np.array_equal(s16[k], s32[k]) for k in s32) and losses["fp16"] == losses["fp32"]
     assert np.isfinite(losses["bf16"]) and abs(losses["bf16"] - losses["fp32"]) < 0.1 and np.isfinite(loss)
@@ -227,7 +227,7 @@ def test_half_precision_trains_minilm_on_a_gpu(precision: str) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_minilm_on_a_gpu_repeats_bit_for_bit(precision: str) -> None:
     # Prepare: what a GPU host switches on (attention's fused kernels' backward passes are not deterministic)
-    from sim.train import deterministic_cuda
+    from sim.core.train import deterministic_cuda
 
     deterministic_cuda()
     x, y = ids(0, n=32)

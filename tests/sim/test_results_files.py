@@ -5,7 +5,7 @@ import stat
 
 import pandas as pd
 
-from sim.results import FILE_MODE, frame, write_table
+from sim.core.results import FILE_MODE, frame, write_table
 
 
 def test_tables_get_the_usual_file_mode_not_owner_only(tmp_path):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from sim.scenario import build_scenario
-from sim.types import ConfigError
+from sim.core.scenario import build_scenario
+from sim.core.types import ConfigError
 
 TWO = [
     {"name": "a", "discipline": "medicine", "share": 0.7, "cpus": 0.5},
@@ -59,7 +59,7 @@ def test_bad_population_size_is_refused():
 
 
 def test_speed_scales_simulated_compute_and_is_checked():
-    from sim import clock
+    from sim.core import clock
 
     cfg = {"name": "s", "speed": 0.5, "institutions": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "speed": 2}]}
     a, b = build_scenario(cfg, seed=0).institutions

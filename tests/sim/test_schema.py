@@ -8,10 +8,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from sim import schema
+from sim.core import schema
 from sim.cli import compose, guard
-from sim.config import RunSpec, load_spec
-from sim.types import ConfigError
+from sim.checks import load_spec
+from sim.core.config import RunSpec
+from sim.core.types import ConfigError
 
 BASE = OmegaConf.to_container(compose("config", ["smoke=true", "data.num_samples=600"]), resolve=True)
 BASE.pop("hydra", None)
@@ -176,8 +177,8 @@ def test_a_huge_model_is_checked_without_building_it():
 
 
 def test_the_schema_knows_every_dataset_key():
-    from sim.data import DATASETS, defaults
-    from sim.data.partition import PARTITIONS
+    from sim.core.data import DATASETS, defaults
+    from sim.core.data.partition import PARTITIONS
 
     assert set(schema.DATA) == set(DATASETS) == set(schema.DATASETS) and schema.PARTITIONS == PARTITIONS
     for name in DATASETS:

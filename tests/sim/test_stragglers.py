@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim import faults, stragglers
-from sim.config import load_spec
+from sim.core import faults, stragglers
+from sim.checks import load_spec
 from sim.engine import run
-from sim.types import ConfigError, InstitutionSpec, LocalPlan, TrainingSpec
+from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, TrainingSpec
 from refusal import refused
 
 # Transfers take ~0.10 simulated s on the default links and a full local step 0.01 to 0.07 s at
@@ -75,14 +75,14 @@ def test_a_deadline_nobody_misses_changes_nothing(small_cfg):
 
 def test_the_step_cap_is_the_first_steps_of_the_full_step_on_both_paths():
     # Prepare: a logistic regression on a small shard; 3 epochs of 5 batches = 15 planned steps
-    from sim.batched import train_many
-    from sim.models import build_model, get_state, set_state
-    from sim.train import local_train
+    from sim.core.batched import train_many
+    from sim.core.models import build_model, get_state, set_state
+    from sim.core.train import local_train
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(50, 6)).astype(np.float32), rng.integers(0, 3, 50)
     training = TrainingSpec(local_epochs=3, batch_size=10, lr=0.1)
-    model = build_model({"_target_": "sim.models.logreg"}, (6,), 3, seed=0)
+    model = build_model({"_target_": "sim.core.models.logreg"}, (6,), 3, seed=0)
     start = get_state(model)
     plan = LocalPlan(prox_mu=0.5)
     # Execute: the capped step, one at a time and vectorised (next to an uncapped institution)
@@ -102,7 +102,7 @@ def test_the_step_cap_is_the_first_steps_of_the_full_step_on_both_paths():
 def test_vectorised_and_one_at_a_time_paths_agree_with_partial_work(small_cfg):
     batched = run(small_cfg("scheme=fedprox", *SLOW), backend="inprocess")
     single = run(small_cfg("scheme=fedprox", *SLOW, "engine.vectorise=false"), backend="inprocess")
-    # Same stragglers, same caps, so the same ledger; the weights agree to float32 rounding (sim/batched.py)
+    # Same stragglers, same caps, so the same ledger; the weights agree to float32 rounding (sim/core/batched.py)
     cols = ["round", "institution", "status", "samples", "work_done", "simulated_seconds"]
     pd.testing.assert_frame_equal(batched.ledger[cols], single.ledger[cols])
     np.testing.assert_allclose(values(batched).value, values(single).value, rtol=1e-4, atol=1e-5)

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 
 from sim.cli import compose, guard
-from sim.results import SCHEMAS, frame
+from sim.core.results import SCHEMAS, frame
 from sim.sweep.space import INDEX, check_points, grid_points, load_sweep, override_value, param_space, trial_values
 from sim.sweep import check_fits, trial_bundles, trial_config
 from sim.sweep.results import gains, summarize
-from sim.types import ConfigError
+from sim.core.types import ConfigError
 
 TINY = ["smoke=true", "rounds=2", "data.num_samples=600", "cluster.num_cpus=2"]
 ONE_HOST = ["placement=pooled", "engine.pooled_hosts=1"]  # two actors per run (coordinator, one host): quick to start
@@ -147,7 +147,7 @@ def test_a_run_inside_a_placement_group_is_laid_out_on_that_reservation(ray_clus
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from agents.cluster import connect
+    from agents.runtime.cluster import connect
 
     ray = ray_cluster
     pg = placement_group([{"CPU": 0.1}, {"CPU": 0.25}, {"CPU": 0.7}], strategy="STRICT_PACK")
@@ -162,7 +162,7 @@ def test_a_run_inside_a_placement_group_is_laid_out_on_that_reservation(ray_clus
 
 
 def cfg_institutions(cfg):
-    from sim.config import load_spec
+    from sim.checks import load_spec
 
     return load_spec(cfg).scenario.institutions
 
@@ -274,7 +274,7 @@ def _check_with(cfg, overrides):
 
 
 def test_per_host_bundles_wait_for_an_engine_that_pins_actors_to_them(capsys):
-    from agents.backend import RayBackend
+    from agents.runtime.backend import RayBackend
 
     if getattr(RayBackend, "pins_bundles", False):
         pytest.skip("the engine pins each actor to its bundle: per_host is allowed")
@@ -417,7 +417,7 @@ def test_analysis_reads_a_sweep_directory_like_a_run(resumed):
 @pytest.mark.slow
 def test_hydra_multirun_directories_read_together(tmp_path):
     from analysis.runs import load_results
-    from sim.results import read_table
+    from sim.core.results import read_table
 
     out = tmp_path / "multi"
     proc = subprocess.run([sys.executable, "-m", "sim", "-m", "scheme=fedavg,fedprox", "seed=0", *TINY, *ONE_HOST,

@@ -63,7 +63,7 @@ def test_the_callback_counts_finished_trials_including_the_one_finishing(capsys)
 
 
 def test_tune_verbose_must_be_true_or_false():
-    from sim.types import ConfigError
+    from sim.core.types import ConfigError
 
     with pytest.raises(ConfigError, match="sweep.tune_verbose: expected true or false"):
         sweep_of(tune_verbose="yes")
@@ -95,7 +95,7 @@ def test_two_seeds_give_no_interval_and_one_note_three_seeds_give_intervals():
 
 def _run_tables():
     """A two-institution run's metrics (rounds 0 and 1) and ledger, in the results schema."""
-    from sim.results import frame
+    from sim.core.results import frame
 
     keys = {"run_id": "r", "scheme": "fedavg", "scenario": "mysites", "seed": 0}
     metrics = frame("metrics", [keys | {"round": r, "institution": i, "discipline": d, "metric": "accuracy", "value": v}

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from sim.data import build_federation, check_data, defaults, docstrings
-from sim.scenario import build_scenario
-from sim.types import ConfigError, InstitutionSpec, Scenario
+from sim.core.data import build_federation, check_data, defaults, docstrings
+from sim.core.scenario import build_scenario
+from sim.core.types import ConfigError, InstitutionSpec, Scenario
 
 ROOT = Path(__file__).resolve().parents[2]
-MINILM = {"_target_": "sim.models.foundation.minilm"}  # load_tokenizer needs only the dict, not the factory
+MINILM = {"_target_": "sim.core.models.foundation.minilm"}  # load_tokenizer needs only the dict, not the factory
 SKIMAGE = tuple(p for p in docstrings.PACKAGES if p[0] == "scikit-image")  # the smallest package: builds in ~1 s
 
 
@@ -35,7 +35,7 @@ def corpus_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer():
     """MiniLM's real tokenizer (local files; no download)."""
-    from sim.models.foundation import load_tokenizer
+    from sim.core.models.foundation import load_tokenizer
 
     return load_tokenizer(MINILM)
 
@@ -79,7 +79,7 @@ def test_corpus_is_about_21000_unique_public_first_paragraphs(corpus_dir):
 
 def test_cache_is_reused_without_rebuilding_and_carries_the_rows_digest(corpus_dir, monkeypatch):
     folder, df, _ = corpus_dir
-    import sim.models.foundation as foundation
+    import sim.core.models.foundation as foundation
 
     monkeypatch.setattr(docstrings, "build_corpus", lambda *a: pytest.fail("the cache should have been used"))
     monkeypatch.setattr(foundation, "load_tokenizer", lambda *a: pytest.fail("checks never tokenise"))
@@ -109,7 +109,7 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, caplog, damage):
     else:
         path.write_bytes(path.read_bytes()[:200])
     # Execute
-    with caplog.at_level(logging.WARNING, logger="sim.data.docstrings"):
+    with caplog.at_level(logging.WARNING, logger="sim.core.data.docstrings"):
         rebuilt = docstrings.corpus(tmp_path, SKIMAGE)
     # Assert: the damage is reported and the original rows come back (and are cached again)
     assert "damaged" in caplog.text
@@ -134,7 +134,7 @@ def test_another_installed_version_is_refused_with_the_install_line(monkeypatch,
 def test_subpackage_task_tokenises_once_into_int64_shards_with_per_institution_label_spaces(
         corpus_dir, tokenizer, monkeypatch):
     # Prepare: count tokenizer calls
-    import sim.models.foundation as foundation
+    import sim.core.models.foundation as foundation
 
     calls = []
 
@@ -233,7 +233,7 @@ def test_text_file_iid_caps_rows_per_institution(tmp_path):
 
 def test_text_needs_a_transformer_model(tmp_path):
     data = defaults("text") | {"path": str(write_texts(tmp_path))}
-    for model in (None, {"_target_": "sim.models.mlp", "hidden": [8]}):
+    for model in (None, {"_target_": "sim.core.models.mlp", "hidden": [8]}):
         with pytest.raises(ConfigError, match=r"^model: data=text holds text; use a transformer model: model=minilm"):
             build_federation(data, sites("s0", "s1", "s2"), seed=0, model=model)
 

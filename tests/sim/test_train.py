@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from sim.models import build_model, get_state, set_state
-from sim.train import evaluate, full_gradient, local_train, numpy_rng_for, rng_for
-from sim.types import LocalPlan, TrainingSpec
+from sim.core.models import build_model, get_state, set_state
+from sim.core.train import evaluate, full_gradient, local_train, numpy_rng_for, rng_for
+from sim.core.types import LocalPlan, TrainingSpec
 
-LOGREG = {"_target_": "sim.models.logreg"}
+LOGREG = {"_target_": "sim.core.models.logreg"}
 SPEC = TrainingSpec(local_epochs=2, batch_size=16, lr=0.1)
 
 

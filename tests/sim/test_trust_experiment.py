@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from sim.cli import compose
 from sim.compare import scheme_configs
-from sim.config import load_spec
+from sim.checks import load_spec
 from sim.sweep.space import variant_label
 from sim.sweep import base_overrides, check, trial_config
 

@@ -1,0 +1,163 @@
+"""Pre-run checks: a config becomes a :class:`~sim.core.config.RunSpec` that every layer below can run.
+
+:func:`load_spec` is what every command, the Python API and the tests call. It types the
+config (:func:`sim.core.config.parse_spec`, the bottom layer), then builds the scheme and
+the model once in the driver and plans the placement, so that a bad key, a scheme that
+cannot run with these institutions or a request the cluster cannot meet fails here, in one
+line naming the key, before any actor starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Mapping
+
+from sim.core import schema
+from sim.core.config import RunSpec, parse_spec
+from sim.core.types import ConfigError
+
+__all__ = ["load_spec", "scheme_names"]
+
+
+def scheme_names() -> dict[str, str]:
+    """Each registered scheme's class path (a scheme group's ``_target_``) -> its registry name."""
+    from agents.schemes import SCHEMES
+
+    return {f"{cls.__module__}.{cls.__qualname__}": name for name, cls in SCHEMES.items()}
+
+
+def load_spec(cfg: Any) -> RunSpec:
+    """Validate a composed config end to end and freeze it into a RunSpec (raises ConfigError)."""
+    spec = parse_spec(cfg, scheme_names())
+    _check_groups(spec)
+    return spec
+
+
+def _check_groups(spec: RunSpec) -> None:
+    """Build the scheme and model once in the driver so bad keys fail here, not in an actor."""
+    import torch
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_object, instantiate
+
+    from sim.core.data import check_data
+    from sim.core.models import build_model
+
+    schema.check_by_signature("scheme", spec.scheme, get_object(spec.scheme["_target_"]), schema.Field("int", 0))
+    try:
+        scheme = instantiate(dict(spec.scheme))
+    except (InstantiationException, TypeError, ValueError) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
+        raise cause or ConfigError("scheme", _first_line(e)) from None
+    scheme.check(len(spec.only or spec.scenario.institutions))  # e.g. Krum's cohort bound, before any actor starts
+    scheme.check_institutions([s for s in spec.scenario.institutions if spec.only is None or s.name in spec.only])
+    if getattr(scheme, "asynchronous", False) and spec.engine.round_deadline_s is not None:
+        raise ConfigError("engine.round_deadline_s", f"{spec.scheme_name} is asynchronous: no round waits for its "
+                          "slowest member, so there is no deadline to miss; set engine.round_deadline_s=null")
+    _check_dp_sgd(spec, scheme)
+    schema.check_data_types(spec.data)
+    check_data(spec.data, spec.scenario, spec.model)
+    if spec.select == "best_val" and not (spec.data.get("val_fraction") or 0) > 0:
+        raise ConfigError("results.select", "best_val chooses each institution's round on its validation split, and "
+                          "data.val_fraction is 0: set data.val_fraction (e.g. 0.15) or results.select=last")
+    target = schema.check_value("model._target_", spec.model.get("_target_"), schema.Field("str"))
+    schema.check_by_signature("model", spec.model, _factory(target), schema.Field("int", 1, schema.MAX_WIDTH))
+    if target.startswith("sim.core.models.foundation."):
+        from sim.core.data import TEXT
+        from sim.core.models.foundation import check_config
+
+        if spec.data.get("name") not in TEXT:  # a transformer embeds token ids; numeric features would fail mid-run
+            raise ConfigError("model", f"{target} takes token ids, not data={spec.data.get('name')}; "
+                              f"use a text dataset ({', '.join(f'data={t}' for t in TEXT)}) or a numeric model such as model=mlp")
+        check_config(spec.model)  # pretrained folder, config.json, adapter and LoRA targets; reads no weights
+    else:  # shapes are checked for real when the data is built; a meta-device probe (no memory) catches bad keys now
+        with torch.device("meta"):
+            probe = build_model(spec.model, (1, 8, 8) if spec.model.get("_target_", "").endswith("cnn") else (4,), 2, seed=0)
+        _check_dp_model(spec, probe)
+    _check_resources(spec)
+
+
+def _check_dp_sgd(spec: RunSpec, scheme: Any) -> None:
+    """DP-SGD (sim.core.dp_sgd, Opacus) needs local SGD steps, in fp32, on a numeric model (not a transformer)."""
+    private = next((s for s in spec.scenario.institutions if s.private), None)
+    if private is None:
+        return
+    key = f"scenario.institutions[{private.index}].dp_noise_multiplier"
+    plan = scheme.plan(1)
+    if plan.one_step or plan.upload == "data":
+        raise ConfigError(key, f"DP-SGD privatises local SGD steps, but scheme {spec.scheme.get('_target_')} sends "
+                          f"{'a full-shard gradient' if plan.one_step else 'raw data'}; use a weights-sending scheme")
+    if str(spec.model.get("_target_", "")).startswith("sim.core.models.foundation."):
+        raise ConfigError(key, "DP-SGD is not supported for text/transformer models; use a numeric model (model=mlp)")
+    if spec.training.precision != "fp32":
+        raise ConfigError("training.precision", "DP-SGD computes per-sample gradients in fp32; set it to fp32")
+
+
+def _check_dp_model(spec: RunSpec, model: torch.nn.Module) -> None:
+    """A private institution's model must be one Opacus computes per-sample gradients for (no BatchNorm, ...)."""
+    from sim.core import dp_sgd
+
+    private = next((s for s in spec.scenario.institutions if s.private), None)
+    if private is not None and (why := dp_sgd.unsupported(model)):
+        raise ConfigError("model", f"DP-SGD (scenario.institutions[{private.index}].dp_noise_multiplier) cannot "
+                          f"train {spec.model.get('_target_')}: {why}; use a model without it (e.g. model=mlp)")
+
+
+def _factory(target: str) -> Any:
+    """The model factory ``target`` names (imported quietly: Hydra's own lookup logs a multi-line error)."""
+    module, _, name = target.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError("model._target_", f"cannot import {target!r} ({type(e).__name__}); "
+                          "check the spelling, e.g. sim.core.models.mlp") from None
+    if not callable(factory):
+        raise ConfigError("model._target_", f"{target!r} is not a model factory; use e.g. sim.core.models.mlp")
+    return factory
+
+
+def _check_resources(spec: RunSpec) -> None:
+    """Refuse a bad cluster address, and on a local cluster any request its CPUs and GPUs cannot meet, before Ray starts.
+
+    The local cluster's size is cluster.num_cpus / num_gpus, or when null what this machine has.
+    """
+    from agents.runtime.placement import check_requests, plan_layout
+
+    if spec.cluster.get("address") is not None:
+        return  # a remote cluster's size is known only once joined; plan_layout checks it then
+    check_dashboard(spec.cluster)
+    cpus, gpus = spec.cluster.get("num_cpus"), spec.cluster.get("num_gpus")
+    cpus = float(os.cpu_count() or 1) if cpus is None else float(cpus)
+    gpus = float(_local_gpus()) if gpus is None else float(gpus)
+    check_requests(spec, spec.scenario.institutions, cpus, gpus)
+    plan_layout(spec, spec.scenario.institutions, cpus, gpus)
+
+
+def check_dashboard(cluster: Mapping[str, Any]) -> None:
+    """Refuse cluster.dashboard=true for a local cluster when Ray's dashboard packages are missing (Ray would start
+    without it, or fail, after the run had begun)."""
+    import importlib.util
+
+    if cluster.get("dashboard") and not cluster.get("address"):
+        missing = [m for m in DASHBOARD_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError("cluster.dashboard", f"Ray's dashboard needs packages this environment lacks "
+                              f"({', '.join(missing)}): pip install 'ray[default]', or leave cluster.dashboard=false")
+
+
+DASHBOARD_MODULES = ("aiohttp", "aiohttp_cors", "opencensus", "prometheus_client")
+"""What ``ray[default]`` adds that Ray's dashboard imports."""
+
+
+def _local_gpus() -> int:
+    """GPUs torch sees on this machine (what a local Ray cluster would offer)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+
+def _first_line(e: BaseException) -> str:
+    """The most specific line of a (possibly chained) exception."""
+    inner = e.__cause__ or e
+    return str(inner).strip().splitlines()[-1] if str(inner).strip() else type(inner).__name__

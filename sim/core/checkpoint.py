@@ -1,0 +1,263 @@
+"""Checkpoints and the status file: a run that stops says how far it got and can be continued exactly.
+
+In the run directory:
+
+- ``status.json``: ``{"state": "running" | "complete" | "failed", "rounds_done": k, "rounds": n,
+  "run_id": ..., "error": null | "one line", "institutions": null | [coalition]}``, written
+  when the run starts, at every checkpoint and when it ends.
+- ``checkpoints/latest.json`` points at ``checkpoints/round-KKKKK/``, which holds
+  ``meta.json`` (round, simulated clock, run id), ``coordinator.npz`` (global and scheme
+  state), ``institutions.npz`` (what each institution carries between rounds) and
+  ``segments.json``, the ``checkpoints/rows-KKKKK/`` folders whose ``metrics.parquet`` and
+  ``ledger.parquet`` hold the results rows so far, and whose ``idle.npz`` / ``idle.json`` hold
+  the rounds' masks of institutions not picked (see :class:`Progress`): each checkpoint writes
+  only what was added since the one before, so saving costs the same in round 5 as in round 500.
+
+A checkpoint directory is written under a temporary name and renamed into place, then
+the pointer is replaced the same way, so a crash at any moment leaves the previous
+checkpoint whole. RNG states need no saving: every draw is seeded from (seed,
+institution, round), so round k+1 draws the same numbers whether or not the run stopped
+after round k. Nothing is pickled: arrays go to npz (read back with
+``allow_pickle=False``), rows to Parquet, the rest to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from sim.core.results import frame, idle_blocks, write_atomic, write_text
+from sim.core.types import ConfigError, Snapshot
+
+FORMAT = 3  # bump when the layout changes; older checkpoints are then refused, not misread
+# What reading a damaged checkpoint raises: OSError (missing file), ValueError (bad JSON, pyarrow's ArrowInvalid,
+# a truncated npy), BadZipFile (a truncated npz), EOFError, and Key/Type/AttributeError for JSON of the wrong shape.
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile)
+DIR = "checkpoints"
+
+
+PENDING_ROWS = 20_000  # rows held as dicts before they are framed into a table: bounds the driver's memory
+
+
+@dataclass
+class Progress:
+    """What a run has produced so far: its results tables, its simulated clock and the last round done.
+
+    A round's rows wait as plain dicts until :data:`PENDING_ROWS` of a kind have gathered (or a
+    checkpoint or the end of the run asks for them), then become one column-wise table: a
+    table per round would cost a DataFrame's build (milliseconds) in every round, and dicts
+    kept for a whole long run would grow the driver by megabytes per round. The ledger rows of
+    institutions a round did not pick are all alike: each round keeps them as a bit mask over
+    ``names`` (1.25 kB a round at 10,000 institutions), and they become rows only when the
+    run's table is asked for, so no round and no checkpoint pays for the population. A
+    checkpoint writes only the tables and masks added since the previous one.
+    """
+
+    metrics: list[pd.DataFrame] = field(default_factory=list)
+    ledger: list[pd.DataFrame] = field(default_factory=list)
+    sim_time: float = 0.0
+    rounds_done: int = 0
+    segments: list[str] = field(default_factory=list)  # checkpoint segments holding the tables saved so far
+    saved: tuple[int, int, int] = (0, 0, 0)  # how many metrics tables, ledger tables and idle blocks those hold
+    pending: dict[str, list[dict]] = field(default_factory=lambda: {"metrics": [], "ledger": []})
+    names: pd.api.extensions.ExtensionArray | None = None  # every institution's name in scenario order (set by the engine)
+    idle: list[tuple[dict, int, float, np.ndarray, float]] = field(default_factory=list)  # (keys, round, sim_time, packed mask, epsilon)
+
+    def add(self, kind: str, rows: list[dict]) -> None:
+        """Append one batch of ``kind`` rows ("metrics" or "ledger")."""
+        self.pending[kind].extend(rows)
+        if len(self.pending[kind]) >= PENDING_ROWS:
+            self.flush(kind)
+
+    def add_idle(self, keys: dict, round: int, sim_time: float, positions: np.ndarray, epsilon: float) -> None:
+        """Note the ledger rows of a round's institutions that were not picked: ``positions`` in :attr:`names`,
+        ascending (they become rows, :func:`sim.core.results.idle_blocks`, when the table is asked for)."""
+        if len(positions):
+            mask = np.zeros(len(self.names), dtype=bool)
+            mask[np.asarray(positions, dtype=np.int64)] = True
+            self.idle.append((keys, round, sim_time, np.packbits(mask), epsilon))
+
+    def flush(self, kind: str | None = None) -> None:
+        """Turn the waiting dict rows of ``kind`` (default: both kinds) into a table."""
+        for k in (kind,) if kind else ("metrics", "ledger"):
+            if self.pending[k]:
+                getattr(self, k).append(frame(k, self.pending[k]))
+            self.pending[k] = []
+
+    def table(self, kind: str) -> pd.DataFrame:
+        """All rows of ``kind`` so far, in the schema's columns and dtypes, in round order (within a round: rows as
+        they came, then the institutions not picked, in scenario order)."""
+        self.flush(kind)
+        parts = list(getattr(self, kind))
+        if kind == "ledger" and self.idle:
+            n = len(self.names)
+            parts.append(idle_blocks([(keys, r, t, np.flatnonzero(np.unpackbits(bits, count=n)), eps)
+                                      for keys, r, t, bits, eps in self.idle], self.names))
+        if not parts:
+            return frame(kind, [])
+        table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        return table.sort_values("round", kind="stable", ignore_index=True)
+
+
+def write_status(run_dir: Path, state: str, *, run_id: str, rounds: int, rounds_done: int,
+                 error: str | None = None, institutions: tuple[str, ...] | None = None) -> None:
+    """Write ``status.json`` atomically."""
+    status = {"state": state, "rounds_done": rounds_done, "rounds": rounds, "run_id": run_id, "error": error,
+              "institutions": None if institutions is None else list(institutions),
+              "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_text(json.dumps(status, indent=1) + "\n", Path(run_dir) / "status.json")
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """The run's ``status.json`` ({} when it has none or it cannot be read)."""
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def save(run_dir: Path, progress: Progress, snapshot: Snapshot, run_id: str) -> Path:
+    """Write a checkpoint of ``progress`` and ``snapshot`` atomically; return its directory."""
+    root = Path(run_dir) / DIR
+    final = root / f"round-{progress.rounds_done:05d}"
+    tmp = root / f".{final.name}.tmp"
+    for stale in (tmp, final):  # leftovers of a crash: never pointed at, safe to replace
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = sorted(snapshot.institutions)
+    meta = {"format": FORMAT, "run_id": run_id, "round": progress.rounds_done, "sim_time": progress.sim_time,
+            "institutions": names}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    _save_arrays(tmp / "coordinator.npz", {"global": snapshot.global_state, "scheme": snapshot.scheme})
+    _save_arrays(tmp / "institutions.npz", {str(i): snapshot.institutions[n] for i, n in enumerate(names)})
+    # Results rows: only what came since the last checkpoint, as a segment of its own beside the older ones.
+    segment = f"rows-{progress.rounds_done:05d}"
+    seg_dir = root / segment
+    shutil.rmtree(seg_dir, ignore_errors=True)
+    seg_dir.mkdir(parents=True)
+    progress.flush()
+    (m0, l0, i0) = progress.saved
+    for kind, start in (("metrics", m0), ("ledger", l0)):
+        new = getattr(progress, kind)[start:]
+        (pd.concat(new, ignore_index=True) if new else frame(kind, [])).to_parquet(seg_dir / f"{kind}.parquet", index=False)
+    _save_idle(seg_dir, progress.idle[i0:])
+    segments = [*progress.segments, segment]
+    (tmp / "segments.json").write_text(json.dumps(segments) + "\n")
+    tmp.rename(final)
+    write_text(json.dumps({"round": progress.rounds_done, "dir": final.name}) + "\n", root / "latest.json")
+    progress.segments, progress.saved = segments, (len(progress.metrics), len(progress.ledger), len(progress.idle))
+    for old in root.glob("round-*"):  # only the latest is ever read
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    for old in root.glob("rows-*"):  # segments of rounds after the latest checkpoint (a crash) are stale
+        if old.name not in segments:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(run_dir: Path, run_id: str) -> tuple[Progress, Snapshot] | None:
+    """The latest checkpoint of ``run_dir`` (None if it has none); refuses one of another run."""
+    root = Path(run_dir) / DIR
+    if not (root / "latest.json").is_file():
+        return None
+    try:
+        where = root / json.loads((root / "latest.json").read_text())["dir"]
+        meta = json.loads((where / "meta.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ConfigError("resume", f"{run_dir}: the checkpoint has format {meta.get('format')} and this collabsim "
+                              f"reads format {FORMAT}; delete {root} to run it again from the start")
+        if meta.get("run_id") != run_id:
+            raise ConfigError("resume", f"{run_dir}: the checkpoint belongs to run {meta.get('run_id')!r}, not to {run_id!r}")
+        coordinator = _load_arrays(where / "coordinator.npz")
+        carried = _load_arrays(where / "institutions.npz")
+        segments = json.loads((where / "segments.json").read_text())
+        metrics = [pd.read_parquet(root / seg / "metrics.parquet") for seg in segments]
+        ledger = [pd.read_parquet(root / seg / "ledger.parquet") for seg in segments]
+        idle = [block for seg in segments for block in _load_idle(root / seg)]
+        progress = Progress(metrics, ledger, float(meta["sim_time"]), int(meta["round"]), list(segments),
+                            (len(metrics), len(ledger), len(idle)), idle=idle)
+        snapshot = Snapshot(coordinator.get("global", {}), coordinator.get("scheme", {}),
+                            {n: carried.get(str(i), {}) for i, n in enumerate(meta["institutions"])})
+    except ConfigError:
+        raise
+    except UNREADABLE as e:  # a damaged or truncated file, a missing segment, JSON of the wrong shape
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError("resume", f"{run_dir}: the checkpoint cannot be read ({type(e).__name__}"
+                          f"{': ' + why[:200] if why else ''}); delete {root} to start over") from None
+    return progress, snapshot
+
+
+def clear(run_dir: Path) -> None:
+    """Drop a run directory's checkpoints: once complete its tables hold everything; a fresh run starts clean."""
+    shutil.rmtree(Path(run_dir) / DIR, ignore_errors=True)
+
+
+def _save_idle(seg_dir: Path, blocks: Sequence[tuple[dict, int, float, np.ndarray, float]]) -> None:
+    """A segment's idle blocks: their masks and numbers in ``idle.npz``, their keys in ``idle.json``."""
+    if not blocks:
+        return
+    (seg_dir / "idle.json").write_text(json.dumps([b[0] for b in blocks]) + "\n")
+    arrays = {"masks": np.stack([b[3] for b in blocks]), "rounds": np.array([b[1] for b in blocks], dtype=np.int64),
+              "sim_times": np.array([b[2] for b in blocks], dtype=np.float64),
+              "epsilons": np.array([b[4] for b in blocks], dtype=np.float64)}
+    write_atomic(seg_dir / "idle.npz", lambda tmp: _savez(tmp, arrays))
+
+
+def _load_idle(seg_dir: Path) -> list[tuple[dict, int, float, np.ndarray, float]]:
+    """The idle blocks :func:`_save_idle` wrote in a segment (none when it has no ``idle.npz``)."""
+    if not (seg_dir / "idle.npz").is_file():
+        return []
+    keys = json.loads((seg_dir / "idle.json").read_text())
+    with np.load(seg_dir / "idle.npz", allow_pickle=False) as npz:
+        masks, rounds, times, eps = npz["masks"], npz["rounds"], npz["sim_times"], npz["epsilons"]
+    if not (len(keys) == len(masks) == len(rounds) == len(times) == len(eps)):
+        raise ValueError(f"{seg_dir.name}: idle blocks of unequal lengths")
+    return [(dict(k), int(r), float(t), m, float(e)) for k, r, t, m, e in zip(keys, rounds, times, masks, eps)]
+
+
+def _save_arrays(path: Path, groups: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """One npz holding every group's arrays under ``group/name``."""
+    arrays = {f"{g}/{k}": np.asarray(v) for g, named in groups.items() for k, v in named.items()}
+    write_atomic(path, lambda tmp: _savez(tmp, arrays))
+
+
+def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to an exact path (given a name, savez would append '.npz')."""
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _load_arrays(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Groups of arrays back from :func:`_save_arrays` (no pickle)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as npz:
+        for key in npz.files:
+            group, _, name = key.partition("/")
+            out.setdefault(group, {})[name] = npz[key]
+    return out
+
+
+def resume_overrides(argv: list[str]) -> list[str]:
+    """Hydra overrides that make ``resume=DIR`` write into DIR itself (no new output folder, no new .hydra/).
+
+    A resumed run is the saved run: any other override would change it, so it is refused.
+    """
+    resume = [a.partition("=")[2] for a in argv if a.startswith("resume=")]
+    if not resume or resume[-1] in ("", "null"):
+        return []
+    if resume[-1].lower() in ("true", "false"):
+        raise ConfigError("resume", "give the run directory to continue, e.g. resume=outputs/2025-01-31/12-00-00")
+    others = [a for a in argv if not a.startswith(("resume=", "hydra.", "hydra/", "-"))]
+    if others:
+        raise ConfigError("resume", f"a resumed run keeps its saved config; drop {others[0]!r}")
+    path = str(Path(resume[-1]).expanduser().resolve())
+    return [f"hydra.run.dir='{path}'" if "'" not in path else f"hydra.run.dir={path}", "hydra.output_subdir=null"]

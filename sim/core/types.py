@@ -1,0 +1,211 @@
+"""Shared types: the frozen records that cross module and actor boundaries.
+
+Everything here is plain data (numpy arrays, tuples, frozen dataclasses) so it
+pickles cheaply, ships zero-copy through Ray's object store, and can be tested
+without a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import numpy as np
+
+State = Mapping[str, np.ndarray]
+"""Model state that crosses actors: a flat ``name -> array`` mapping, never a pickled module."""
+
+GLOBAL = "global"
+"""Institution name used in results for the merged model and the global test set."""
+IDLE_ROWS = "idle_rows"
+"""Key of the coordinator's ledger row that carries, instead of a row each, the institutions a round simply did not
+pick: (their positions among the run's institutions, in scenario order; the round's client-level epsilon or None).
+Their rows differ only in the name, so the engine keeps them as a mask per round and builds them as columns at the end
+(:class:`sim.core.checkpoint.Progress`); at 10,000 institutions, dicts for them cost more than the round."""
+
+
+
+class ConfigError(ValueError):
+    """Bad user input, reported as one line naming the config key and the fix."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class RunFailed(RuntimeError):
+    """A run stopped before its last round (a lost coordinator, an unrecoverable host); ``resume`` continues it."""
+
+
+@dataclass(frozen=True)
+class InstitutionSpec:
+    """One institution: who it is, how much data it holds, how skewed, what compute it has."""
+
+    index: int  # position in the scenario; fixes merge order and RNG streams
+    name: str
+    discipline: str
+    share: float  # fraction of the data pool this institution holds (shares sum to 1)
+    label_skew: float | None = None  # Dirichlet alpha of its label mix; None = no label skew
+    feature_skew: float = 0.0  # std of a per-institution shift added to its inputs
+    cpus: float = 1.0  # Ray CPU request of its actor (fractions allowed)
+    gpus: float = 0.0  # Ray GPU request of its actor (fractions allowed)
+    behaviour: str = "honest"
+    bandwidth_mbps: float = 100.0  # link speed used by the simulated clock
+    latency_s: float = 0.05  # one-way latency used by the simulated clock
+    availability: float = 1.0  # probability of taking part in a round it is selected for (sim/core/faults.py)
+    failure_rate: float = 0.0  # probability its local step fails mid-round, so its update never arrives
+    speed: float = 1.0  # compute speed factor on top of its cpus/gpus for the simulated clock (0.1: ten times slower)
+    dp_noise_multiplier: float = 0.0  # sample-level DP-SGD in its local step (sim.core.dp_sgd): noise std / clip norm; 0 = off
+    dp_clip_norm: float = 0.0  # DP-SGD: L2 bound on each sample's gradient
+    dp_delta: float = 1e-5  # DP-SGD: the delta its epsilon is reported for
+
+    @property
+    def private(self) -> bool:
+        """Whether its local step is DP-SGD (per-sample clipping and Gaussian noise)."""
+        return self.dp_noise_multiplier > 0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Who collaborates: the institutions and the disciplines they come from."""
+
+    name: str
+    institutions: tuple[InstitutionSpec, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Institution names in scenario order."""
+        return tuple(i.name for i in self.institutions)
+
+    @property
+    def disciplines(self) -> tuple[str, ...]:
+        """Distinct disciplines in order of first appearance."""
+        return tuple(dict.fromkeys(i.discipline for i in self.institutions))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One institution's data: its own train and test split, as numpy arrays."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    x_val: np.ndarray | None = None  # its validation split (data.val_fraction of its training rows); None = none
+    y_val: np.ndarray | None = None
+
+    @property
+    def num_train(self) -> int:
+        """Number of training samples."""
+        return int(len(self.y_train))
+
+
+@dataclass(frozen=True)
+class Federation:
+    """All shards of a scenario plus the global test set every scheme is scored on."""
+
+    shards: tuple[Shard, ...]  # in scenario order
+    x_test: np.ndarray  # global test set: the union of the institutions' test splits
+    y_test: np.ndarray
+    input_shape: tuple[int, ...]  # shape of one sample, e.g. (60,) or (1, 8, 8)
+    num_classes: int
+    x_val: np.ndarray | None = None  # global validation set: the union of the institutions' validation splits
+    y_val: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Local-training hyperparameters shared by every institution."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"  # sgd | adamw: the local optimizer, built afresh every round
+    head_lr: float | None = None  # learning rate of a transformer's classification head; None = lr
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of forward passes (fp16 only on a GPU)
+    schedule: str = "constant"  # constant | cosine | step: the local learning rate over rounds (sim.core.train.lr_scale)
+    server_schedule: str = "constant"  # the same choice for a scheme's server learning rate (server_lr)
+    step_every: int = 10  # schedule=step: multiply by step_gamma every step_every rounds
+    step_gamma: float = 0.5
+    rounds: int = 0  # the run's planned rounds (cosine decays over them); 0 = unknown, no decay
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """What a scheme asks of an institution's local step this round (the local_objective hook)."""
+
+    start: Literal["global", "personal"] = "global"  # which model local training starts from
+    upload: Literal["weights", "gradient", "data", "nothing"] = "weights"
+    evaluate: Literal["global", "personal"] = "global"  # which model is scored on test data
+    one_step: bool = False  # FedSGD: a single full-batch gradient instead of epochs
+    prox_mu: float = 0.0  # FedProx proximal weight; 0 is plain local SGD
+    personal_keys: tuple[str, ...] | Literal["auto"] = ()  # FedPer: key prefixes kept local; "auto" = last layer
+    personal_mu: float | None = None  # Ditto: also train a personal v, pull (mu/2)*||v - w_global||^2; None = none
+    adapt_steps: int = 0  # minibatch SGD steps on the own training data before scoring (finetune, reptile)
+    adapt_epochs: int = 0  # whole local epochs of that adaptation instead; wins over adapt_steps when > 0
+    adapt_round: int = 0  # the planned round; seeds adaptation's RNG (scoring is not told the round)
+    # SCAFFOLD: the server control c (name -> array over trainable parameters; {} = all zeros): local gradients
+    # become g - c_i + c and the change of c_i is uploaded. None = off. Not compared or shown (arrays).
+    control: State | None = field(default=None, compare=False, repr=False)
+    start_loss: bool = False  # q-FFL: also measure the received model's loss on the own training data before training
+    compression: Literal["none", "topk", "int8"] = "none"  # how the change to the global model is sent (agents/schemes/compression.py)
+    compression_ratio: float = 1.0  # topk: fraction of each array's entries sent, in (0, 1]
+    error_feedback: bool = True  # add what compression dropped to the next round's change (kept by the institution)
+    # Secure aggregation (agents/schemes/secagg.py): the institution's host sends only its masked vector
+    # (its change times its weight, then the weight), never the update itself.
+    secure_aggregation: bool = False
+    secure_weighting: Literal["samples", "uniform"] = "samples"  # the weight: its sample count, or 1
+    secure_clip: float = 0.0  # > 0: the change is first clipped to this L2 norm (DP-FedAvg, clipped on the client)
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What everybody knows at the start of a round."""
+
+    round: int  # 1-based
+    seed: int
+    cohort: tuple[str, ...]  # institutions that train this round, in scenario order
+    plan: LocalPlan = field(default_factory=LocalPlan)
+    sim_time: float = 0.0  # simulated seconds elapsed before this round
+    dropped: tuple[tuple[str, str], ...] = ()  # (institution, fault) of selected institutions that will send nothing
+    server_scale: float = 1.0  # this round's factor on a scheme's server_lr (training.server_schedule)
+    slowdown: tuple[tuple[str, float], ...] = ()  # (institution, factor on its speed) of those slowed this round (sim.core.stragglers)
+    partial: tuple[tuple[str, int, float], ...] = ()  # (institution, minibatch steps, share of planned) of partial stragglers
+    # (institution, simulated seconds its update took: compute + transfer), set by the coordinator before the merge;
+    # asynchronous schemes order arrivals on the simulated clock by it
+    seconds: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one institution sends up after local training."""
+
+    institution: str
+    index: int
+    state: State  # weights, gradients or raw data, per the plan's ``upload``
+    num_samples: int  # training samples behind this update
+    train_loss: float
+    compute_seconds: float  # measured wall time of local training
+    bytes_up: int  # bytes that actually cross to the coordinator
+    samples_processed: int = 0  # forward+backward passes done (drives the simulated clock)
+    bytes_down: int = 0  # bytes of global state this institution received for the round
+    start_loss: float = float("nan")  # q-FFL: loss of the received model on its training data; NaN when not asked
+    epsilon: float = float("nan")  # DP-SGD: its cumulative epsilon after this round; NaN when it trains without DP
+
+
+def state_nbytes(state: State) -> int:
+    """Bytes a state occupies on the wire (the sum of its arrays)."""
+    return int(sum(np.asarray(a).nbytes for a in state.values()))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything that persists between rounds besides the results: what a checkpoint holds."""
+
+    global_state: State  # the coordinator's global model
+    scheme: Mapping[str, np.ndarray]  # the scheme's own state (e.g. the data pool under ``pooled``)
+    institutions: Mapping[str, Mapping[str, np.ndarray]]  # name -> persistent state, only those that changed
