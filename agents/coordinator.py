@@ -14,8 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 
+from agents.wrappers import build
 from sim.core import clock, faults, stragglers
 from sim.core.data import corruption
 from sim.core.models import build_model, get_state, set_state
@@ -31,6 +31,7 @@ class Coordinator:
         specs: Sequence[InstitutionSpec],
         *,
         scheme: Mapping[str, Any],
+        wrappers: Mapping[str, Mapping[str, Any]] | None = None,
         model: Mapping[str, Any],
         shape: tuple[tuple[int, ...], int],
         training: TrainingSpec,
@@ -52,7 +53,7 @@ class Coordinator:
         self.flops = flops_per_sample
         # (samples processed, wall seconds, the institutions whose pooled data and compute it ran on) this round
         self.central_work: list[tuple[int, float, tuple[InstitutionSpec, ...]]] = []
-        self.scheme = instantiate(dict(scheme))
+        self.scheme = build(scheme, wrappers)  # the scheme in its wrappers (robust rule, secure aggregation, ...)
         # Central training as a data-parallel job (a callable like _train_central's own step, with close()): the Ray
         # runtime's coordinator sets it (agents/runtime/warm.py); None trains here, in this process.
         self.data_parallel: Any = None

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from agents.institution import Institution
-from agents.schemes import secagg
 from sim.core import stragglers
 from sim.core.batched import batchable, evaluate_many, scorable, train_many
 from sim.core.train import deterministic_cuda, scheduled
@@ -82,8 +81,8 @@ class Host:
             updates = [done.get(i.spec.name) or i.train(self.model, ctx, global_state) for i in trained]
         else:
             updates = [i.train(self.model, ctx, global_state) for i in trained]
-        if ctx.plan.secure_aggregation and global_state:  # only masked vectors leave this process
-            updates = [secagg.seal(ctx.plan, ctx, global_state, u) for u in updates]
+        for step in ctx.plan.send:  # the wrappers' client halves, in order: what leaves this process (compressed, masked)
+            updates = [step(i, ctx, global_state, u) for i, u in zip(trained, updates)]
         return updates, self.persistent(trained)
 
     def _train_together(self, trained: Sequence[Institution], ctx: RoundContext,

@@ -14,10 +14,9 @@ SCAFFOLD's control variate c_i (the plan's ``control``) is persistent state too,
 here and restored like the personal model; q-FFL's loss of the received model (the
 plan's ``start_loss``) is measured here before training.
 
-Compression of a weights upload (the plan's ``compression``) happens here, last: the
-change from the global model is sent as top-k values and indices or int8 codes
-(:mod:`agents.schemes.compression`), and with error feedback what was dropped (the
-residual) is persistent state, added to the next round's change.
+What the update then goes through before it leaves its host (the plan's ``send``: the client
+halves of the scheme's wrappers, compression and secure aggregation's sealing) is the host's
+to apply; compression's error-feedback residual is this institution's persistent state.
 
 Behaviours (agents/behaviours.py) on the update happen here too: a free-rider skips its
 local step and sends back what it received; ``sign_flip`` and ``scaled`` bend the honest
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from agents import behaviours
-from agents.schemes import compression, privacy
+from agents.schemes import privacy
 from agents.schemes.scaffold import CHANGE
 from sim.core import dp_sgd, stragglers
 from sim.core.models import get_state, set_state
@@ -88,7 +87,7 @@ class Institution:
         self.seed = seed
         self.personal: State = initial  # its own model; used by schemes whose plan says "personal"
         self.control: State = {}  # SCAFFOLD's c_i over trainable parameters; empty = zeros (never trained under it)
-        self.residual: State = {}  # error feedback: what compression dropped from the last upload; empty = zeros
+        self.residual: State = {}  # compression's error feedback (agents/wrappers/compression.py): what it dropped; empty = zeros
         self.uploaded_data = False
         self.dp_steps = 0  # DP-SGD steps taken so far: what its epsilon composes
         self.changed = False  # whether anything above moved away from its starting value
@@ -154,7 +153,6 @@ class Institution:
             if plan.control is not None and not plan.one_step and plan.upload == "weights":
                 change = self._update_control(plan.control, start, payload, steps, training.lr)
                 payload = {**payload, **{CHANGE + k: v for k, v in change.items()}}
-            payload = self._compress(plan, global_state, payload)
         return Update(
             institution=self.spec.name,
             index=self.spec.index,
@@ -185,36 +183,13 @@ class Institution:
             sent = {k: v for k, v in (start or {}).items() if k not in kept}
         noise = float(getattr(self.spec, "behaviour_noise", 0.0))
         rng = np.random.default_rng([self.seed, self.spec.index, round, behaviours.FREE_RIDE_STREAM]) if noise > 0 else None
-        payload = self._compress(plan, global_state, behaviours.free_ride(sent, noise, rng), feedback=False)
+        payload = behaviours.free_ride(sent, noise, rng)
         return Update(
             institution=self.spec.name, index=self.spec.index, state=payload,
             num_samples=self.shard.num_train,  # what it claims, so a weighted mean gives its nothing full weight
             train_loss=float("nan"), compute_seconds=0.0, bytes_up=state_nbytes(payload), samples_processed=0,
             bytes_down=received(plan, global_state, kept),
         )
-
-    def _compress(self, plan: LocalPlan, global_state: State | None, payload: State, *,
-                  feedback: bool = True) -> State:
-        """The wire form of a weights upload under ``plan.compression``: its floating arrays as their change from the
-        global model, compressed (plus the residual under error feedback, which is then updated); the rest as is.
-
-        A free-rider (``feedback=False``) sends its compressed nothing and keeps no residual.
-        """
-        if plan.compression == "none" or plan.upload != "weights" or not global_state or not payload:
-            return payload
-        change = {}
-        for k, v in payload.items():
-            v = np.asarray(v)
-            if k in global_state and np.issubdtype(v.dtype, np.floating):
-                change[k] = (v.astype(np.float64) - np.asarray(global_state[k], np.float64)).astype(v.dtype)
-        rest = {k: v for k, v in payload.items() if k not in change}
-        if plan.error_feedback and feedback:
-            sent, self.residual = compression.with_feedback(change, self.residual, plan.compression,
-                                                            plan.compression_ratio)
-            self.changed = True
-        else:
-            sent = compression.compress(change, plan.compression, plan.compression_ratio)
-        return {**rest, **sent}
 
     def _correction(self, model: torch.nn.Module, control: State) -> dict[str, np.ndarray]:
         """SCAFFOLD's gradient correction c - c_i over the trainable parameters (a missing variate is zero)."""
@@ -269,7 +244,6 @@ class Institution:
         if plan.start == "personal":
             self.personal, self.changed = state, True
         payload = behaviours.bend(self.spec, state, start) if plan.upload == "weights" else {}
-        payload = self._compress(plan, global_state, payload)
         return Update(
             institution=self.spec.name, index=self.spec.index, state=payload,
             num_samples=n if steps is None else stragglers.seen(steps, n, self.training),

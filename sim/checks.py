@@ -38,14 +38,20 @@ def _check_groups(spec: RunSpec) -> None:
     """Build the scheme and model once in the driver so bad keys fail here, not in an actor."""
     import torch
     from hydra.errors import InstantiationException
-    from hydra.utils import get_object, instantiate
+    from hydra.utils import get_object
 
     from sim.core.data import check_data
     from sim.core.models import build_model
 
+    from agents.wrappers import build
+
     schema.check_by_signature("scheme", spec.scheme, get_object(spec.scheme["_target_"]), schema.Field("int", 0))
+    for group, cfg in spec.wrappers.items():  # aggregator, secagg, privacy, compression: their keys by signature
+        schema.check_by_signature(group, cfg, _factory(group, cfg["_target_"]), schema.Field("int", 0))
     try:
-        scheme = instantiate(dict(spec.scheme))
+        scheme = build(spec.scheme, spec.wrappers)  # a wrapper that cannot wrap this scheme refuses here, naming both
+    except ConfigError:
+        raise
     except (InstantiationException, TypeError, ValueError) as e:
         cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
         raise cause or ConfigError("scheme", _first_line(e)) from None
@@ -61,7 +67,7 @@ def _check_groups(spec: RunSpec) -> None:
         raise ConfigError("results.select", "best_val chooses each institution's round on its validation split, and "
                           "data.val_fraction is 0: set data.val_fraction (e.g. 0.15) or results.select=last")
     target = schema.check_value("model._target_", spec.model.get("_target_"), schema.Field("str"))
-    schema.check_by_signature("model", spec.model, _factory(target), schema.Field("int", 1, schema.MAX_WIDTH))
+    schema.check_by_signature("model", spec.model, _factory("model", target), schema.Field("int", 1, schema.MAX_WIDTH))
     if target.startswith("sim.core.models.foundation."):
         from sim.core.data import TEXT
         from sim.core.models.foundation import check_config
@@ -103,16 +109,23 @@ def _check_dp_model(spec: RunSpec, model: torch.nn.Module) -> None:
                           f"train {spec.model.get('_target_')}: {why}; use a model without it (e.g. model=mlp)")
 
 
-def _factory(target: str) -> Any:
-    """The model factory ``target`` names (imported quietly: Hydra's own lookup logs a multi-line error)."""
-    module, _, name = target.rpartition(".")
+EXAMPLES = {"model": "sim.core.models.mlp", "aggregator": "agents.wrappers.robust.Median",
+            "secagg": "agents.wrappers.secagg.SecureAggregation", "privacy": "agents.wrappers.privacy.ClientDP",
+            "compression": "agents.wrappers.compression.Compression"}
+"""A factory each group with a ``_target_`` can name, for messages."""
+
+
+def _factory(group: str, target: str) -> Any:
+    """The factory (a model's, a wrapper's) ``target`` names, imported quietly: Hydra's own lookup logs a multi-line
+    error."""
+    module, _, name = str(target).rpartition(".")
     try:
         factory = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError("model._target_", f"cannot import {target!r} ({type(e).__name__}); "
-                          "check the spelling, e.g. sim.core.models.mlp") from None
+        raise ConfigError(f"{group}._target_", f"cannot import {target!r} ({type(e).__name__}); "
+                          f"check the spelling, e.g. {EXAMPLES[group]}") from None
     if not callable(factory):
-        raise ConfigError("model._target_", f"{target!r} is not a model factory; use e.g. sim.core.models.mlp")
+        raise ConfigError(f"{group}._target_", f"{target!r} is not a factory; use e.g. {EXAMPLES[group]}")
     return factory
 
 

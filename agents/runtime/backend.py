@@ -65,7 +65,7 @@ def _kwargs(spec: RunSpec, fed: Federation, flops: int) -> tuple[dict, dict]:
     )
     hosts = dict(common, vectorise=spec.engine.vectorise)
     sizes = {sh.name: sh.num_train for sh in fed.shards}
-    coord = dict(common, scheme=spec.scheme, flops_per_sample=flops,
+    coord = dict(common, scheme=spec.scheme, wrappers=spec.wrappers, flops_per_sample=flops,
                  deadline=Deadline(spec.stragglers, sizes, spec.training, flops))
     return hosts, coord
 

@@ -10,7 +10,7 @@ after another on its own compute.
 
 The numbers of training do not change: a taker's update is computed from its own data with
 its own RNG stream exactly as under ``fedavg``, and merged as FedAvg merges (every key of
-``fedavg`` works here). What changes is the ledger and the simulated clock (:meth:`book`):
+``fedavg`` and every wrapper FedAvg takes works here). What changes is the ledger and the simulated clock (:meth:`book`):
 
 - the giver's row: ``sim_compute_seconds`` and ``compute_given_seconds`` gain the taker's
   training at the giver's rate, and its ``simulated_seconds`` covers the data arriving (the
@@ -50,15 +50,8 @@ class ComputeShare(FedAvg):
 
     books_idle: ClassVar[bool] = True  # a giver outside the cohort still lends its compute: book() changes its row
 
-    def __init__(self, *, slow_factor: float = 1.25, reference: str = "median", weighting: str = "samples",
-                 server_lr: float = 1.0, cohort_fraction: float = 1.0, merge: str = "mean", trim: float = 0.2,
-                 byzantine: int = 1, krum_m: int = 1, clip_norm: float = 0.1, secure_aggregation: bool = False,
-                 compression: str = "none", compression_ratio: float = 0.1, error_feedback: bool = True,
-                 stragglers: str = "drop"):
-        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction, merge=merge,
-                         trim=trim, byzantine=byzantine, krum_m=krum_m, clip_norm=clip_norm,
-                         secure_aggregation=secure_aggregation, compression=compression,
-                         compression_ratio=compression_ratio, error_feedback=error_feedback, stragglers=stragglers)
+    def __init__(self, *, slow_factor: float = 1.25, reference: str = "median", **fedavg):
+        super().__init__(**fedavg)
         self.slow_factor = check_range("slow_factor", slow_factor, 1.0)
         if reference not in broker.REFERENCES:
             raise ConfigError("scheme.reference", f"unknown reference {reference!r}; use one of "

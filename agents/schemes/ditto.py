@@ -19,9 +19,8 @@ from sim.core.types import LocalPlan
 class Ditto(FedAvg):
     """FedAvg for the global model; a personal model per institution trained with a proximal pull of weight ``lam``."""
 
-    def __init__(self, *, lam: float = 0.1, weighting: str = "samples", server_lr: float = 1.0,
-                 cohort_fraction: float = 1.0):
-        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction)
+    def __init__(self, *, lam: float = 0.1, **fedavg):
+        super().__init__(**fedavg)
         self.lam = check_range("lam", lam, 0.0)
 
     def plan(self, round: int) -> LocalPlan:

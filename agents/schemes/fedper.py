@@ -38,9 +38,8 @@ class FedPer(FedAvg):
     """FedAvg over everything but the personal keys; each institution keeps and is scored with its own head."""
 
     # None reads as auto: the config check types keys by their defaults, and this one takes a word or a list.
-    def __init__(self, *, personal_keys: str | Sequence[str] | None = None, weighting: str = "samples",
-                 server_lr: float = 1.0, cohort_fraction: float = 1.0):
-        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction)
+    def __init__(self, *, personal_keys: str | Sequence[str] | None = None, **fedavg):
+        super().__init__(**fedavg)
         self.personal_keys = check_personal_keys(personal_keys)
 
     def plan(self, round: int) -> LocalPlan:

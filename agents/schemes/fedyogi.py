@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from agents.schemes.base import register
 from agents.schemes.fedadam import FedAdam
+from agents.schemes.server_optimisers import Yogi
 
 
 @register("fedyogi")
 class FedYogi(FedAdam):
     """FedAdam whose second moment follows Yogi: v = v - (1 - beta2) * delta^2 * sign(v - delta^2)."""
 
-    adaptive = "yogi"
+    adaptive = Yogi

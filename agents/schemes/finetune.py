@@ -32,9 +32,8 @@ class FineTune(FedAvg):
 
     # 20 steps: about one epoch of the default scenario's mid-sized shards (~30 batches of 32)
     # and a third of the largest, so a merged model adapts without forgetting what it shares.
-    def __init__(self, *, finetune_steps: int = 20, finetune_epochs: int = 0, weighting: str = "samples",
-                 server_lr: float = 1.0, cohort_fraction: float = 1.0):
-        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction)
+    def __init__(self, *, finetune_steps: int = 20, finetune_epochs: int = 0, **fedavg):
+        super().__init__(**fedavg)
         self.adapt_steps = check_count("finetune_steps", finetune_steps)
         self.adapt_epochs = check_count("finetune_epochs", finetune_epochs)
 

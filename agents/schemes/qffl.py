@@ -60,9 +60,11 @@ class QFFL(FedAvg):
     """q-FedAvg: institutions report their loss at the received model; the server's step weighs them by loss^q."""
 
     # q and L from the paper's experiments: q in {0.001 .. 15}; 1 is a moderate tilt towards the worst-served.
-    def __init__(self, *, q: float = 1.0, lipschitz: float | None = None, training_lr: float = 0.05,
-                 cohort_fraction: float = 1.0):
-        super().__init__(weighting="uniform", cohort_fraction=cohort_fraction)
+    averages = False  # its step weighs institutions by loss^q: no mean to replace
+    weighting = "uniform"  # q = 0 is FedAvg's uniform mean
+
+    def __init__(self, *, q: float = 1.0, lipschitz: float | None = None, training_lr: float = 0.05, **fedavg):
+        super().__init__(**fedavg)
         self.q = check_range("q", q, 0.0)
         lr = check_range("training_lr", training_lr, 0.0, low_open=True)
         self.lipschitz = 1.0 / lr if lipschitz is None else check_range("lipschitz", lipschitz, 0.0, low_open=True)

@@ -11,18 +11,23 @@ with server_lr < 1 (Reptile's outer step size). Each institution is scored after
 
 from __future__ import annotations
 
+from __future__ import annotations
+
 from agents.schemes.base import check_range, register
 from agents.schemes.fedavg import FedAvg
-from agents.schemes.finetune import FineTune, check_count
+from agents.schemes.finetune import check_count
+from sim.core.types import LocalPlan
 
 
 @register("reptile")
-class Reptile(FineTune):
+class Reptile(FedAvg):
     """FedAvg with an outer step ``server_lr`` < 1; scored after ``adapt_steps`` local steps."""
 
-    def __init__(self, *, adapt_steps: int = 1, server_lr: float = 0.5, weighting: str = "samples",
-                 cohort_fraction: float = 1.0):
-        FedAvg.__init__(self, weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction)
-        check_range("server_lr", server_lr, 0.0, 1.0, low_open=True)  # beyond 1 overshoots the mean: no meta-step
+    def __init__(self, *, adapt_steps: int = 1, **fedavg):
+        super().__init__(**{"server_lr": 0.5, **fedavg})  # Reptile's outer step: half way by default
+        check_range("server_lr", self.server_lr, 0.0, 1.0, low_open=True)  # beyond 1 overshoots the mean: no meta-step
         self.adapt_steps = check_count("adapt_steps", adapt_steps)
-        self.adapt_epochs = 0
+
+    def plan(self, round: int) -> LocalPlan:
+        """FedAvg's local step; scoring adapts a copy of the meta-model first, drawing from this round's stream."""
+        return LocalPlan(adapt_steps=self.adapt_steps, adapt_round=round)

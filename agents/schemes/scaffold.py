@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from agents.schemes.aggregate import server_step, weighted_average
+from agents.schemes.aggregate import weighted_average
 from agents.schemes.base import register
 from agents.schemes.fedavg import FedAvg
 from sim.core.faults import FAILED
@@ -66,8 +66,11 @@ def control_step(control: State, changes: Sequence[State], institutions: int) ->
 class Scaffold(FedAvg):
     """FedAvg with SCAFFOLD's control variates: server control c (kept here), institution controls c_i (kept there)."""
 
-    def __init__(self, *, weighting: str = "uniform", server_lr: float = 1.0, cohort_fraction: float = 1.0, compression: str = "none", compression_ratio: float = 0.1, error_feedback: bool = True):
-        super().__init__(weighting=weighting, server_lr=server_lr, cohort_fraction=cohort_fraction, compression=compression, compression_ratio=compression_ratio, error_feedback=error_feedback)
+    averages = False  # its merge also moves the server control: a robust rule or masked sum cannot stand in for it
+    weighting = "uniform"  # the paper's mean(y_i - x)
+
+    def __init__(self, **fedavg):
+        super().__init__(**fedavg)
         self.c: dict[str, np.ndarray] = {}
         self.population = 0  # N, all institutions: learnt in select, which runs before every merge
         self.sent = 0  # bytes of the c sent with this round's plan
@@ -84,14 +87,13 @@ class Scaffold(FedAvg):
 
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
         """x += server_lr * mean(y_i - x); c += sum(dc_i) / N. None (and c kept) if nothing usable arrived."""
-        usable = [u for u in updates if u.state and (self.weighting == "uniform" or u.num_samples > 0)]
+        usable = self.usable(updates)
         if not usable:
             return None
         parts = [split_upload(u.state) for u in usable]
-        weights = [1.0 if self.weighting == "uniform" else float(u.num_samples) for u in usable]
-        target = weighted_average([m for m, _ in parts], weights)
+        target = weighted_average([m for m, _ in parts], self.weights(usable))
         self.c = control_step(self.c, [c for _, c in parts], max(self.population, len(usable)))
-        return server_step(state, target, self.server_lr * ctx.server_scale)
+        return self.step(state, target, self.server_lr * ctx.server_scale)
 
     def ledger(self, ctx: RoundContext, updates: Sequence[Update]) -> dict[str, dict[str, float]]:
         """c's bytes for members that received this round's plan but sent nothing back (failed, crashed, timed out)."""

@@ -17,7 +17,7 @@ removed in the unmasking round; fewer than ``threshold(n)`` survivors lose the r
 Members are numbered 0..n-1 (:func:`members`: name order) among those that took part in key agreement.
 
 :func:`seal` is the institution's side: its host turns the update into the masked vector
-before it leaves the process (the plan says so), so the coordinator only ever receives and
+before it leaves the process (the wrapper :mod:`agents.wrappers.secagg` puts it in the round's plan), so the coordinator only ever receives and
 adds up masked vectors; :func:`masked_sum` is the coordinator's side.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from agents.schemes import privacy
 from sim.core.faults import FAILED
-from sim.core.types import LocalPlan, RoundContext, State, Update
+from sim.core.types import RoundContext, State, Update
 
 FRACTION_BITS = 32
 """Fixed-point precision: values are rounded to multiples of 2^-32 (about 2.3e-10)."""
@@ -147,12 +147,14 @@ def members(ctx: RoundContext) -> list[str]:
     return sorted(set(ctx.cohort) | {name for name, fault in ctx.dropped if fault == FAILED})
 
 
-def seal(plan: LocalPlan, ctx: RoundContext, global_state: State, update: Update) -> Update:
+def seal(ctx: RoundContext, global_state: State, update: Update, *, weighting: str = "samples",
+         clip: float = 0.0) -> Update:
     """The institution's side: ``update`` with its state replaced by its masked vector, ready to leave its host.
 
     The vector is its change to the global model over the global state's floating keys (clipped
-    to ``plan.secure_clip`` when set), times its weight, then the weight; encoded in fixed point
-    and masked with the round's pairwise masks. An update with nothing to send stays as it is.
+    to ``clip`` when > 0), times its weight (its sample count, or 1 under ``weighting="uniform"``),
+    then the weight; encoded in fixed point and masked with the round's pairwise masks. An update
+    with nothing to send stays as it is.
     """
     if not update.state:
         return update
@@ -162,9 +164,9 @@ def seal(plan: LocalPlan, ctx: RoundContext, global_state: State, update: Update
         raise ValueError(f"secure aggregation: {update.institution}'s update lacks {missing[0]!r}; every member must "
                          "send every key of the global state")
     change = {k: np.asarray(update.state[k], np.float64) - np.asarray(global_state[k], np.float64) for k in keys}
-    if plan.secure_clip > 0:
-        change = privacy.clip(change, plan.secure_clip)
-    weight = 1.0 if plan.secure_weighting == "uniform" else float(update.num_samples)
+    if clip > 0:
+        change = privacy.clip(change, clip)
+    weight = 1.0 if weighting == "uniform" else float(update.num_samples)
     who = members(ctx)
     words = mask(encode(np.append(flatten(change, keys) * weight, weight)), who.index(update.institution), len(who),
                  ctx.seed, ctx.round)
@@ -179,7 +181,7 @@ def masked_sum(ctx: RoundContext, global_state: State, updates: Sequence[Update]
         return None
     plain = next((u.institution for u in sealed if set(u.state) != {MASKED}), None)
     if plain is not None:
-        raise ValueError(f"secure aggregation: {plain}'s update arrived unmasked; its host must seal it (plan.secure_aggregation)")
+        raise ValueError(f"secure aggregation: {plain}'s update arrived unmasked; its host must seal it (agents.wrappers.secagg.Seal)")
     who = members(ctx)
     masked = {who.index(u.institution): u.state[MASKED] for u in sealed}
     if len(masked) < threshold(len(who)):

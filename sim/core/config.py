@@ -71,6 +71,8 @@ class RunSpec:
     overwrite: bool = False  # a fresh run may replace what an earlier one left in its directory (not part of run_id)
     stragglers: StragglerSpec = field(default_factory=StragglerSpec)  # slowdowns and deadline
     select: str = "best_val"  # results.select: which round's model each institution is reported with (sim.core.results)
+    # The features that wrap the scheme (agents/wrappers): group -> its config, only those that wrap something
+    wrappers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     config: Mapping[str, Any] = field(default_factory=dict, compare=False)  # the validated config, as written to config.yaml
 
     @property
@@ -105,6 +107,7 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
     scenario, c = _scenario(c, seed)
     schema.check_costs(c.get("costs"), scenario.names)  # prices (analysis/costs.py): checked now, priced after the run
     scheme_name = _scheme_name(c.get("scheme") or {}, schemes)
+    scheme_cfg, wrappers = _wrappers(c)
     engine = _engine(c.get("engine") or {})
     # Where a run was resumed from, whether it may replace an earlier run's files and what its compute is priced at
     # are not what it is: none of them changes a number it computes.
@@ -115,7 +118,8 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
         placement=c.get("placement", "auto"),
         scenario=scenario,
         scheme_name=scheme_name,
-        scheme=c["scheme"],
+        scheme=scheme_cfg,
+        wrappers=wrappers,
         model=_moved_target(_group(c, "model")),
         data=_group(c, "data"),
         training=replace(_training(c.get("training") or {}), rounds=rounds),
@@ -208,12 +212,58 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
-MOVED = ("sim.core.models.", "sim.core.models.")
+LEGACY_KEYS = {
+    "merge": "aggregator", "trim": "aggregator", "byzantine": "aggregator", "krum_m": "aggregator",
+    "secure_aggregation": "secagg", "compression": "compression", "compression_ratio": "compression",
+    "error_feedback": "compression",
+}
+"""Scheme keys of before the wrappers (a config saved then still holds them) -> the group that took them over.
+``clip_norm`` was the norm_clip rule's too, except under dp_fedavg, where it is still the scheme's own."""
+RULES = {"median": "Median", "trimmed_mean": "TrimmedMean", "krum": "Krum", "multi_krum": "MultiKrum",
+         "norm_clip": "NormClip"}
+"""The old ``scheme.merge`` values -> the wrapper classes of agents/wrappers/robust.py."""
+
+
+def _wrappers(c: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(the scheme group without the keys of before the wrappers, the wrappers the run has: group -> config).
+
+    A group wraps when its config names a ``_target_``; a config saved before the wrappers gets the
+    groups its old scheme keys meant (``scheme.merge: krum`` -> aggregator Krum, and so on)."""
+    scheme = dict(c["scheme"])
+    old = {k: scheme.pop(k) for k in list(scheme) if k in LEGACY_KEYS}
+    if "merge" in old and "clip_norm" in scheme:
+        old["clip_norm"] = scheme.pop("clip_norm")
+    out = {}
+    for group in schema.WRAPPERS:
+        cfg = c.get(group) or {}
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(group, f"expected a config group, got {cfg!r}; pick one with {group}=<name>")
+        schema.check_value(f"{group}.name", cfg.get("name", ""), schema.Field("str"))
+        if not cfg.get("_target_"):  # an option that wraps nothing takes no settings; the others' keys: by signature
+            check_group(group, cfg, {"name": schema.Field("str")}, allowed=schema.HYDRA_KEYS)
+        else:
+            out[group] = {k: v for k, v in cfg.items() if k != "name"}  # the option's name labels it, builds nothing
+    rule = old.get("merge", "mean")
+    if rule != "mean" and "aggregator" not in out:
+        keys = {"trimmed_mean": ("trim",), "krum": ("byzantine",), "multi_krum": ("byzantine", "krum_m"),
+                "norm_clip": ("clip_norm",)}.get(rule, ())
+        out["aggregator"] = {"_target_": f"agents.wrappers.robust.{RULES.get(rule, rule)}",
+                             **{k: old[k] for k in keys if k in old}}
+    if old.get("secure_aggregation") and "secagg" not in out:
+        out["secagg"] = {"_target_": "agents.wrappers.secagg.SecureAggregation"}
+    if old.get("compression", "none") != "none" and "compression" not in out:
+        out["compression"] = {"_target_": "agents.wrappers.compression.Compression", "method": old["compression"],
+                              **({"ratio": old["compression_ratio"]} if "compression_ratio" in old else {}),
+                              **({"error_feedback": old["error_feedback"]} if "error_feedback" in old else {})}
+    return scheme, out
+
+
+MOVED = ("sim" + ".models.", "sim.core.models.")  # spelt in two parts so no path rewrite takes it for a use
 """Where model factories lived before the layers were split (a config saved then names the old path; its run id keeps it)."""
 
 
 def _moved_target(model: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The model group with a factory path of before the move (``sim.core.models.X``) pointing at its home now."""
+    """The model group with a factory path of before the move (``sim.models.X``) pointing at its home now."""
     target = model.get("_target_")
     if isinstance(target, str) and target.startswith(MOVED[0]):
         return {**model, "_target_": MOVED[1] + target.removeprefix(MOVED[0])}
@@ -231,7 +281,7 @@ def _group(c: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 def _scheme_name(scheme: Mapping[str, Any], schemes: Mapping[str, str]) -> str:
     """Registry name of the scheme the group's _target_ points at (``schemes``: class path -> registry name)."""
     target = scheme.get("_target_")
-    if target in schemes:
+    if isinstance(target, str) and target in schemes:
         return schemes[target]
     raise ConfigError("scheme._target_", f"{target!r} is not a registered scheme; known: {', '.join(sorted(schemes.values()))}")
 

@@ -117,11 +117,23 @@ def check_group(prefix: str, cfg: Any, fields: Mapping[str, Field], *, allowed: 
 
 
 def signature_fields(factory: Any, count: Field, skip: tuple[str, ...] = ()) -> dict[str, Field] | None:
-    """Fields from a class's or function's keyword defaults; ``count`` types int and int-list ones (None: **kwargs)."""
+    """Fields from a class's or function's keyword defaults; ``count`` types int and int-list ones (None: **kwargs).
+
+    A class whose ``__init__`` passes ``**kwargs`` on to its base's (a variant of FedAvg, say) takes the base's
+    keywords too, the subclass's defaults first; a function taking ``**kwargs`` judges its own keys (None)."""
     try:
-        params = inspect.signature(factory).parameters
+        params = dict(inspect.signature(factory).parameters)
     except (TypeError, ValueError):  # no introspectable signature (a builtin): the factory judges
         return None
+    if isinstance(factory, type):
+        for base in factory.__mro__[1:]:
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                break
+            if "__init__" in vars(base) and base is not object:
+                params = {k: v for k, v in params.items() if v.kind is not inspect.Parameter.VAR_KEYWORD}
+                inherited = inspect.signature(base.__init__).parameters
+                params |= {k: v for k, v in inherited.items() if k not in params and k != "self"
+                           and v.kind is not inspect.Parameter.VAR_POSITIONAL}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
     out = {}
@@ -146,7 +158,7 @@ def signature_fields(factory: Any, count: Field, skip: tuple[str, ...] = ()) -> 
 
 def check_by_signature(prefix: str, cfg: Mapping, factory: Any, count: Field) -> None:
     """Check a group whose keys are ``factory``'s keyword arguments (plus Hydra's own keys)."""
-    fields = signature_fields(factory, count, skip=("input_shape", "num_classes"))
+    fields = signature_fields(factory, count, skip=("input_shape", "num_classes", "inner"))  # inner: what a wrapper wraps
     if fields is not None:  # a factory taking **kwargs is the judge of its own keys
         check_group(prefix, cfg, fields, allowed=HYDRA_KEYS)
 
@@ -158,7 +170,9 @@ GPU_POLICIES = ("warn", "require")
 BEHAVIOURS = ("honest", "free_rider", "noisy_labels", "sign_flip", "scaled", "data_poisoning")  # agents/behaviours.py
 DATASETS = ("synthetic", "digits", "table", "text", "docstrings")  # sim.core.data.DATASETS; a test keeps the two in step
 PARTITIONS = ("iid", "dirichlet", "quantity", "natural")  # sim.core.data.partition.PARTITIONS, likewise
-GROUPS = ("scenario", "scheme", "model", "data", "training", "engine", "cluster", "results", "costs")
+WRAPPERS = ("aggregator", "secagg", "privacy", "compression")
+"""Groups of the features that wrap a scheme (agents/wrappers), innermost first: the one order they compose in."""
+GROUPS = ("scenario", "scheme", "model", "data", "training", "engine", "cluster", "results", "costs", *WRAPPERS)
 OTHER_ENTRY_POINTS = ("hydra", "sweep", "schemes", "report", "seeds", "variants", "sweep_trust")  # keys of Hydra, sim.sweep and sim.compare
 
 PROBABILITY = Field("float", 0.0, 1.0)
@@ -173,7 +187,7 @@ TOP = {
     # A run directory to continue. sim.sweep's config (conf/sweep_main.yaml) reuses the key as a
     # true/false flag for the sweep itself, so booleans mean "not a run directory" here.
     "resume": Field("any"),
-    **{g: Field("group", null=g in ("training", "engine", "cluster", "results", "costs")) for g in GROUPS},
+    **{g: Field("group", null=g in ("training", "engine", "cluster", "results", "costs", *WRAPPERS)) for g in GROUPS},
 }
 TRAINING = {
     "local_epochs": Field("int", 1),

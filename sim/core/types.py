@@ -8,7 +8,7 @@ without a cluster.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 import numpy as np
 
@@ -152,14 +152,10 @@ class LocalPlan:
     # become g - c_i + c and the change of c_i is uploaded. None = off. Not compared or shown (arrays).
     control: State | None = field(default=None, compare=False, repr=False)
     start_loss: bool = False  # q-FFL: also measure the received model's loss on the own training data before training
-    compression: Literal["none", "topk", "int8"] = "none"  # how the change to the global model is sent (agents/schemes/compression.py)
-    compression_ratio: float = 1.0  # topk: fraction of each array's entries sent, in (0, 1]
-    error_feedback: bool = True  # add what compression dropped to the next round's change (kept by the institution)
-    # Secure aggregation (agents/schemes/secagg.py): the institution's host sends only its masked vector
-    # (its change times its weight, then the weight), never the update itself.
-    secure_aggregation: bool = False
-    secure_weighting: Literal["samples", "uniform"] = "samples"  # the weight: its sample count, or 1
-    secure_clip: float = 0.0  # > 0: the change is first clipped to this L2 norm (DP-FedAvg, clipped on the client)
+    # What the update goes through on the institution's host before it leaves, in order: the client halves of the
+    # scheme's wrappers (agents/wrappers: compression, secure aggregation's sealing). Each is called as
+    # step(institution, ctx, global_state, update) -> update.
+    send: tuple[Callable[..., "Update"], ...] = ()
 
 
 @dataclass(frozen=True)

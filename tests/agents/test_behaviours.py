@@ -213,7 +213,7 @@ def test_one_sign_flipper_of_five_breaks_the_mean_and_not_the_median() -> None:
     # Execute
     alone = final_accuracy(run(spec, backend="inprocess", institutions=honest))
     mean = final_accuracy(run(spec, backend="inprocess"))
-    median = final_accuracy(run(compose("config", cfg + ["scheme.merge=median"]), backend="inprocess"))
+    median = final_accuracy(run(compose("config", cfg + ["aggregator=median"]), backend="inprocess"))
     # Assert: the numbers (measured 0.844 honest-only, 0.231 mean, 0.836 median)
     assert alone > 0.7, alone
     assert mean < 0.5 * alone, (mean, alone)

@@ -1,4 +1,4 @@
-"""Compression of uploads: the pure top-k / int8 / error-feedback functions, the scheme option, and an end-to-end run.
+"""Compression of uploads: the pure top-k / int8 / error-feedback functions, the wrapper, and an end-to-end run.
 
 Tolerances: a change is sent in the array's dtype (float32), so a value that went through a
 float64 sum and back may be off by one float32 rounding (``F32_RTOL``); quantisation error is
@@ -18,11 +18,14 @@ from agents.schemes.compression import compress, decompress, kept, restore, topk
 from agents.schemes.dp_fedavg import DPFedAvg
 from agents.schemes.fedavg import FedAvg
 from agents.schemes.fedprox import FedProx
+from agents.schemes.isolated import Isolated
 from agents.schemes.scaffold import Scaffold
+from agents.wrappers.compression import Compress, Compression
+from agents.wrappers.secagg import SecureAggregation
 from sim.cli import compose
 from sim.engine import run
 from sim.core.models import build_model, get_state
-from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, Shard, TrainingSpec, Update
+from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, Shard, TrainingSpec, Update
 from refusal import refused
 
 F32_RTOL = 1e-6
@@ -143,16 +146,18 @@ def test_compression_is_deterministic_bit_for_bit() -> None:
         assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
 
 
-# --- the scheme option and the institution's residual ---------------------------------
+# --- the wrapper and the institution's residual ---------------------------------------
 
 
 @pytest.mark.parametrize("make, key", [
-    (lambda: FedAvg(compression="zip"), "scheme.compression"),
-    (lambda: FedAvg(compression="topk", compression_ratio=0.0), "scheme.compression_ratio"),
-    (lambda: FedAvg(compression="topk", compression_ratio=1.5), "scheme.compression_ratio"),
-    (lambda: FedProx(compression_ratio=-0.1), "scheme.compression_ratio"),
-    (lambda: FedAvg(compression="topk", secure_aggregation=True), "scheme.compression"),
-    (lambda: DPFedAvg(noise_multiplier=1.0, compression="int8", secure_aggregation=True), "scheme.compression"),
+    (lambda: Compression(FedAvg(), method="zip"), "compression.method"),
+    (lambda: Compression(FedAvg(), ratio=0.0), "compression.ratio"),
+    (lambda: Compression(FedAvg(), ratio=1.5), "compression.ratio"),
+    (lambda: Compression(FedProx(), ratio=-0.1), "compression.ratio"),
+    (lambda: Compression(SecureAggregation(FedAvg())), "compression"),
+    (lambda: Compression(DPFedAvg(noise_multiplier=1.0).around(SecureAggregation(FedAvg())), method="int8"),
+     "compression"),
+    (lambda: Compression(Isolated()), "compression"),
 ])
 def test_bad_compression_settings_name_their_key(make, key: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -160,31 +165,33 @@ def test_bad_compression_settings_name_their_key(make, key: str) -> None:
     assert err.value.key == key
 
 
-@pytest.mark.parametrize("override, named", [
-    ("scheme.compression=zip", "scheme.compression: unknown compression 'zip'"),
-    ("scheme.compression_ratio=0", "scheme.compression_ratio: must lie in (0.0, 1.0]"),
-    ("scheme.compression_ratio=1.01", "scheme.compression_ratio"),
+@pytest.mark.parametrize("overrides, named", [
+    (["compression=zip"], "compression"),
+    (["compression=topk", "compression.ratio=0"], "compression.ratio: must lie in (0.0, 1.0]"),
+    (["compression=topk", "compression.ratio=1.01"], "compression.ratio"),
+    (["compression=topk", "secagg=masked"], "compression=topk cannot wrap scheme fedavg with secagg=masked"),
+    (["scheme=fedsgd", "compression=int8"], "compression=int8 cannot wrap scheme fedsgd"),
 ])
-def test_bad_compression_gives_one_line_before_anything_runs(override: str, named: str, capsys) -> None:
-    err = refused(["scheme=fedavg", override], capsys)
+def test_bad_compression_gives_one_line_before_anything_runs(overrides: list[str], named: str, capsys) -> None:
+    err = refused(["scheme=fedavg", *overrides], capsys)
     assert named in err
 
 
 def test_plans_carry_compression_alongside_their_own_fields() -> None:
     assert FedAvg().plan(1) == LocalPlan()  # off by default: today's plan exactly
-    prox = FedProx(mu=0.1, compression="topk", compression_ratio=0.2).plan(1)
-    assert (prox.prox_mu, prox.compression, prox.compression_ratio, prox.error_feedback) == (0.1, "topk", 0.2, True)
-    scaffold = Scaffold(compression="int8", error_feedback=False).plan(1)
-    assert scaffold.control == {} and scaffold.compression == "int8" and not scaffold.error_feedback
+    prox = Compression(FedProx(mu=0.1), ratio=0.2).plan(1)
+    assert prox.prox_mu == 0.1 and prox.send == (Compress("topk", 0.2, True),)
+    scaffold = Compression(Scaffold(), method="int8", error_feedback=False).plan(1)
+    assert scaffold.control == {} and scaffold.send == (Compress("int8", 0.1, False),)
     # DP-FedAvg combines: the coordinator clips and noises the decompressed change (central DP)
-    assert DPFedAvg(noise_multiplier=1.0, compression="topk").plan(1).compression == "topk"
+    assert Compression(DPFedAvg(noise_multiplier=1.0)).plan(1).send == (Compress("topk", 0.1, True),)
 
 
 def test_receive_turns_uploads_back_into_weights() -> None:
     g = {"w": np.zeros(4, np.float32)}
     sent = compress({"w": np.array([0.0, 2.0, -1.0, 0.5], np.float32)}, "topk", 0.5)
     u = Update(institution="a", index=0, state=sent, num_samples=1, train_loss=0.0, compute_seconds=0.0, bytes_up=0)
-    (back,) = FedAvg(compression="topk", compression_ratio=0.5).receive(g, [u])
+    (back,) = Compression(FedAvg(), ratio=0.5).receive(g, [u])
     np.testing.assert_array_equal(back.state["w"], [0.0, 2.0, -1.0, 0.0])
     assert FedAvg().receive(g, [u])[0] is u  # uncompressed schemes pass updates through
 
@@ -197,22 +204,28 @@ def institution() -> Institution:
     return Institution(spec, shard, training=TrainingSpec(), seed=0, initial={})
 
 
+def send(step: Compress, who: Institution, g: dict, state: dict) -> dict:
+    """What ``who``'s host sends of an upload of ``state`` under the compression step ``step``."""
+    u = Update(institution="a", index=0, state=state, num_samples=1, train_loss=0.0, compute_seconds=0.0, bytes_up=0)
+    return step(who, RoundContext(round=1, seed=0, cohort=("a",)), g, u).state
+
+
 def test_the_residual_is_persistent_state_a_restarted_institution_gets_back() -> None:
     # Prepare: one upload under error feedback, then a fresh institution given what the first carries
-    plan = LocalPlan(compression="topk", compression_ratio=0.2)
+    step = Compress("topk", 0.2)
     g = {k: np.zeros_like(v) for k, v in change().items()}
     first = institution()
-    first._compress(plan, g, change(7))
+    send(step, first, g, change(7))
     carried = first.persistent()
     again = institution()
     again.restore(carried)
     # Execute: both send the next round's change
-    a, b = first._compress(plan, g, change(8)), again._compress(plan, g, change(8))
+    a, b = send(step, first, g, change(8)), send(step, again, g, change(8))
     # Assert: the residual crossed (named residual/<key>), and the two uploads agree bit for bit
     assert {"residual/w", "residual/b"} <= set(carried) and "residual/steps" not in carried
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     plain = institution()
-    plain._compress(LocalPlan(compression="topk", error_feedback=False), g, change(7))
+    send(Compress("topk", 1.0, error_feedback=False), plain, g, change(7))
     assert not plain.persistent()  # nothing carried without error feedback
 
 
@@ -239,8 +252,8 @@ def test_topk_with_error_feedback_keeps_fedavgs_accuracy_at_a_fifth_of_the_bytes
     per_update = sum(kept(v.size, 0.1) * (v.itemsize + 4) for v in state.values())
     # Execute
     plain_acc, plain_bytes, n = final(IID_DIGITS)
-    acc, sent, m = final(IID_DIGITS + ["scheme.compression=topk", "scheme.compression_ratio=0.1"])
-    int8_acc, int8_bytes, _ = final(IID_DIGITS + ["scheme.compression=int8"])
+    acc, sent, m = final(IID_DIGITS + ["compression=topk", "compression.ratio=0.1"])
+    int8_acc, int8_bytes, _ = final(IID_DIGITS + ["compression=int8"])
     # Assert: bytes exactly the formula; accuracy loosely (measured 0.847 vs 0.844 plain; 0.792 without feedback)
     assert m == n and sent == n * per_update
     assert int8_bytes == n * sum(v.size + 4 for v in state.values())
@@ -251,7 +264,7 @@ def test_topk_with_error_feedback_keeps_fedavgs_accuracy_at_a_fifth_of_the_bytes
 
 def test_compressed_runs_are_deterministic_and_vectorised_steps_compress_too() -> None:
     # Prepare
-    over = SMOKE + ["scheme=fedprox", "scheme.compression=topk", "scheme.compression_ratio=0.3"]
+    over = SMOKE + ["scheme=fedprox", "compression=topk", "compression.ratio=0.3"]
     cols = ["round", "institution", "metric"]
     # Execute: twice as is (the vectorised local step), once one institution at a time
     a, again = (run(compose("config", over), backend="inprocess") for _ in range(2))

@@ -1,4 +1,4 @@
-"""Robust merging: the pure rules against hand computations, FedAvg's ``merge`` option, and a sign-flipping cheat.
+"""Robust merging: the pure rules against hand computations, the aggregator wrappers, and a sign-flipping cheat.
 
 Known answers use small exactly-representable numbers; ``rtol=1e-6`` covers one float32
 rounding of the float64 result.
@@ -14,8 +14,9 @@ import pytest
 
 from agents.coordinator import Coordinator
 from agents.schemes.aggregate import server_step, weighted_average
-from agents.schemes.fedavg import MERGES, FedAvg
+from agents.schemes.fedavg import FedAvg
 from agents.schemes.fedprox import FedProx
+from agents.wrappers.robust import Krum, Median, MultiKrum, NormClip, TrimmedMean
 from agents.schemes.robust import clip_delta, coordinate_median, krum, krum_choice, krum_scores, norm_clip, trimmed_mean
 from sim.cli import compose
 from sim.engine import run
@@ -160,7 +161,10 @@ def test_rules_are_deterministic_bit_for_bit() -> None:
         assert all(first[k].tobytes() == again[k].tobytes() for k in first)
 
 
-# --- the scheme option -------------------------------------------------------------
+# --- the aggregator wrapper --------------------------------------------------------
+
+RULES = {"median": lambda s: Median(s), "trimmed_mean": lambda s: TrimmedMean(s), "krum": lambda s: Krum(s),
+         "multi_krum": lambda s: MultiKrum(s, krum_m=3), "norm_clip": lambda s: NormClip(s, clip_norm=0.5)}
 
 
 def test_default_merge_is_todays_fedavg_exactly() -> None:
@@ -175,25 +179,36 @@ def test_default_merge_is_todays_fedavg_exactly() -> None:
     assert out["w"].tobytes() == expected["w"].tobytes()
 
 
-@pytest.mark.parametrize("merge", [m for m in MERGES if m != "mean"])
-def test_every_robust_merge_ignores_a_far_outlier(merge: str) -> None:
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_every_robust_merge_ignores_a_far_outlier(rule: str) -> None:
     # Prepare
     glob = {"w": np.array([1.0, 1.0], np.float32)}
     ups = [update(i, s, 10) for i, s in enumerate(HONEST_AND_OUTLIER)]
     ctx = RoundContext(round=1, seed=0, cohort=NAMES)
-    # Execute
-    out = FedProx(merge=merge, krum_m=3, clip_norm=0.5).merge(ctx, glob, ups)["w"]
+    # Execute: the rule wrapped around FedProx (any scheme of FedAvg's family)
+    out = RULES[rule](FedProx()).merge(ctx, glob, ups)["w"]
     # Assert: within 0.5 of the honest cluster around (1, 1); the plain mean lands near (-8.4, 17)
     assert np.linalg.norm(out - 1.0) <= 0.5
     assert np.linalg.norm(FedAvg().merge(ctx, glob, ups)["w"] - 1.0) > 10
 
 
+def test_a_rule_keeps_the_wrapped_schemes_server_step() -> None:
+    # Prepare: the median of three states, applied by FedAvg's step with server_lr 0.5 and the round's factor 0.5
+    glob = {"w": np.zeros(1, np.float32)}
+    ups = [update(i, {"w": np.array([v], np.float32)}) for i, v in enumerate([1.0, 2.0, 9.0])]
+    ctx = RoundContext(round=1, seed=0, cohort=NAMES[:3], server_scale=0.5)
+    # Execute
+    out = Median(FedAvg(server_lr=0.5)).merge(ctx, glob, ups)
+    # Assert: old + 0.25 * (median - old)
+    assert out["w"].tobytes() == server_step(glob, {"w": np.array([2.0], np.float32)}, 0.25)["w"].tobytes()
+
+
 @pytest.mark.parametrize("make, key", [
-    (lambda: FedAvg(merge="mode"), "scheme.merge"),
-    (lambda: FedAvg(trim=0.5), "scheme.trim"),
-    (lambda: FedAvg(trim=-0.1), "scheme.trim"),
-    (lambda: FedProx(clip_norm=0.0), "scheme.clip_norm"),
-    (lambda: FedAvg(krum_m=0), "scheme.krum_m"),
+    (lambda: TrimmedMean(FedAvg(), trim=0.5), "aggregator.trim"),
+    (lambda: TrimmedMean(FedAvg(), trim=-0.1), "aggregator.trim"),
+    (lambda: NormClip(FedProx(), clip_norm=0.0), "aggregator.clip_norm"),
+    (lambda: MultiKrum(FedAvg(), krum_m=0), "aggregator.krum_m"),
+    (lambda: Krum(FedAvg(), byzantine=-1), "aggregator.byzantine"),
 ])
 def test_bad_merge_settings_name_their_key(make, key: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -203,32 +218,33 @@ def test_bad_merge_settings_name_their_key(make, key: str) -> None:
 
 def test_krum_with_f_too_large_for_the_cohort_is_refused_when_selecting() -> None:
     # Prepare: 5 institutions, f = 2 needs more than 6
-    scheme = FedAvg(merge="krum", byzantine=2)
+    scheme = Krum(FedAvg(), byzantine=2)
     # Execute / Assert: the first select (round 1, before anything trains) refuses, naming the key
     with pytest.raises(ConfigError) as err:
         scheme.select(RoundContext(round=1, seed=0, cohort=NAMES))
-    assert err.value.key == "scheme.byzantine" and "selects 5 of 5" in str(err.value)
-    with pytest.raises(ConfigError, match="scheme.krum_m"):
-        FedAvg(merge="multi_krum", krum_m=5).check(5)
-    FedAvg(merge="krum", byzantine=1).check(5)  # 5 > 2*1 + 2
-    FedAvg(merge="median", byzantine=10).check(5)  # byzantine is Krum's key only
+    assert err.value.key == "aggregator.byzantine" and "selects 5 of 5" in str(err.value)
+    with pytest.raises(ConfigError, match="aggregator.krum_m"):
+        MultiKrum(FedAvg(), krum_m=5).check(5)
+    Krum(FedAvg(), byzantine=1).check(5)  # 5 > 2*1 + 2
 
 
 def test_krum_refuses_a_round_where_too_few_updates_arrived() -> None:
     ctx = RoundContext(round=1, seed=0, cohort=NAMES)
     ups = [update(i, s) for i, s in enumerate(HONEST_AND_OUTLIER[:4])]
     with pytest.raises(ConfigError, match="only 4 arrived"):
-        FedAvg(merge="krum").merge(ctx, {"w": np.zeros(2, np.float32)}, ups)
+        Krum(FedAvg()).merge(ctx, {"w": np.zeros(2, np.float32)}, ups)
 
 
-@pytest.mark.parametrize("override, named", [
-    ("scheme.merge=mode", "scheme.merge: unknown merge 'mode'"),
-    ("scheme.trim=0.5", "scheme.trim: must lie in [0, 0.5)"),
-    ("scheme.clip_norm=0", "scheme.clip_norm"),
-    ("scheme.byzantine=-1", "scheme.byzantine"),
+@pytest.mark.parametrize("overrides, named", [
+    (["aggregator=mode"], "aggregator"),
+    (["aggregator=trimmed_mean", "aggregator.trim=0.5"], "aggregator.trim: must lie in [0, 0.5)"),
+    (["aggregator=norm_clip", "aggregator.clip_norm=0"], "aggregator.clip_norm"),
+    (["aggregator=krum", "aggregator.byzantine=-1"], "aggregator.byzantine"),
+    (["aggregator=median", "aggregator.trim=0.1"], "aggregator.trim"),  # a key the chosen rule does not take
+    (["scheme=qffl", "aggregator=median"], "aggregator=median cannot wrap scheme qffl"),
 ])
-def test_bad_merge_settings_give_one_line_before_anything_runs(override: str, named: str, capsys) -> None:
-    err = refused(["scheme=fedprox", override], capsys)
+def test_bad_merge_settings_give_one_line_before_anything_runs(overrides: list[str], named: str, capsys) -> None:
+    err = refused(["scheme=fedprox", *overrides], capsys)
     assert named in err
 
 
@@ -263,7 +279,8 @@ def test_robust_merges_survive_one_sign_flipper_of_five_where_the_mean_breaks(mo
     # Prepare: the honest-only reference (the cheat's update never merged)
     honest = final_accuracy(monkeypatch, "drop")
     # Execute
-    got = {merge: final_accuracy(monkeypatch, "flip", f"scheme.merge={merge}", "scheme.krum_m=3")
+    got = {merge: final_accuracy(monkeypatch, "flip", f"aggregator={merge}",
+                                 *(["aggregator.krum_m=3"] if merge == "multi_krum" else []))
            for merge in ("mean", "median", "trimmed_mean", "krum", "multi_krum")}
     # Assert: the issue's numbers: >= 95% of honest-only for the robust rules; the mean visibly broken (< 50%)
     assert honest > 0.7, honest

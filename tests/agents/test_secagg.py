@@ -7,12 +7,17 @@ what remains is one float32 rounding of the result.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from agents.schemes import secagg
 from agents.schemes.dp_fedavg import DPFedAvg
 from agents.schemes.fedavg import FedAvg
+from agents.wrappers import wrap
+from agents.wrappers.robust import Median
+from agents.wrappers.secagg import SecureAggregation
 from sim.cli import compose, guard
 from sim.checks import load_spec
 from sim.engine import run
@@ -34,9 +39,12 @@ def updates(seed: int = 0) -> tuple[dict, list[Update]]:
 
 
 def sealed(scheme, ctx: RoundContext, glob: dict, ups: list[Update]) -> list[Update]:
-    """The updates as the institutions' hosts send them under ``scheme``'s plan (masked when it asks)."""
-    plan = scheme.plan(ctx.round)
-    return [secagg.seal(plan, ctx, glob, u) for u in ups] if plan.secure_aggregation else ups
+    """The updates as the institutions' hosts send them under ``scheme``'s plan (its client halves: masked when
+    secure aggregation wraps it)."""
+    ctx = replace(ctx, plan=scheme.plan(ctx.round))
+    for step in ctx.plan.send:
+        ups = [step(None, ctx, glob, u) for u in ups]
+    return ups
 
 
 # --- the pure protocol ----------------------------------------------------------------
@@ -83,7 +91,7 @@ def test_overhead_formula() -> None:
     assert secagg.overhead(n, words, False) == (2 * k + 4 * c, 4 * (2 * k + c))
 
 
-# --- FedAvg with secure_aggregation ---------------------------------------------------
+# --- FedAvg wrapped in secure aggregation ---------------------------------------------------
 
 
 def test_coordinator_sees_only_masked_updates_and_merges_like_fedavg(monkeypatch) -> None:
@@ -93,7 +101,7 @@ def test_coordinator_sees_only_masked_updates_and_merges_like_fedavg(monkeypatch
     seen: list[np.ndarray] = []
     real = secagg.unmask_sum
     monkeypatch.setattr(secagg, "unmask_sum", lambda masked, *a: seen.extend(masked.values()) or real(masked, *a))
-    scheme = FedAvg(secure_aggregation=True)
+    scheme = SecureAggregation(FedAvg())
     arrived = sealed(scheme, ctx, glob, ups)
     # Execute
     plain = FedAvg().merge(ctx, glob, ups)
@@ -114,7 +122,7 @@ def test_a_member_failing_after_masking_is_unmasked_and_the_round_merges() -> No
     glob, ups = updates(3)
     ctx = RoundContext(round=2, seed=5, cohort=("inst0", "inst1", "inst3"), dropped=(("inst2", FAILED), ("inst4", UNAVAILABLE)))
     arrived = [u for u in ups if u.institution in ctx.cohort]
-    scheme = FedAvg(secure_aggregation=True)
+    scheme = SecureAggregation(FedAvg())
     # Execute
     secure = scheme.merge(ctx, glob, sealed(scheme, ctx, glob, arrived))
     # Assert: key agreement had 4 members; the survivors' FedAvg comes out
@@ -130,8 +138,9 @@ def test_a_member_failing_after_masking_is_unmasked_and_the_round_merges() -> No
 def test_dp_under_secure_aggregation_equals_dp_in_the_clear() -> None:
     glob, ups = updates(4)
     ctx = RoundContext(round=1, seed=0, cohort=NAMES)
-    plain, secure = DPFedAvg(noise_multiplier=1.0, clip_norm=0.1), DPFedAvg(noise_multiplier=1.0, clip_norm=0.1,
-                                                                             secure_aggregation=True)
+    plain = DPFedAvg(noise_multiplier=1.0, clip_norm=0.1)
+    secure = wrap(DPFedAvg(noise_multiplier=1.0, clip_norm=0.1),
+                  {"secagg": {"_target_": "agents.wrappers.secagg.SecureAggregation"}})  # inside the DP layer
     plain.check(5), secure.check(5)
     a, b = plain.merge(ctx, glob, ups), secure.merge(ctx, glob, sealed(secure, ctx, glob, ups))
     for k in glob:
@@ -144,7 +153,7 @@ def test_fedavg_family_under_secure_aggregation_equals_the_scheme_in_the_clear(n
     from agents.schemes.base import SCHEMES
 
     glob, ups = updates(6)
-    plain, secure = SCHEMES[name](), SCHEMES[name](secure_aggregation=True)
+    plain, secure = SCHEMES[name](), SecureAggregation(SCHEMES[name]())
     a = b = glob
     # Execute
     for r in (1, 2, 3):
@@ -158,11 +167,12 @@ def test_fedavg_family_under_secure_aggregation_equals_the_scheme_in_the_clear(n
 
 
 def test_robust_merges_are_refused_under_secure_aggregation(capsys) -> None:
-    with pytest.raises(ConfigError, match="scheme.secure_aggregation"):
-        FedAvg(merge="median", secure_aggregation=True)
+    with pytest.raises(ConfigError, match="secagg=masked cannot wrap scheme fedavg with aggregator=median"):
+        SecureAggregation(Median(FedAvg()))
     with pytest.raises(SystemExit) as exit_:
-        guard("config", ["scheme.merge=krum", "scheme.secure_aggregation=true"], load_spec)
-    assert exit_.value.code == 2 and "scheme.secure_aggregation" in capsys.readouterr().err
+        guard("config", ["aggregator=krum", "secagg=masked"], load_spec)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: secagg: ") and "aggregator=krum" in err
 
 
 # --- end to end: the ledger -----------------------------------------------------------
@@ -173,7 +183,7 @@ def test_secure_run_matches_fedavg_and_books_the_protocols_bytes() -> None:
     # the protocol's threshold; at 0.2 three fail in round 3 and secure aggregation rightly loses that round)
     extra = SMALL + ["scenario.failure_rate=0.15"]
     plain = run(compose("config", extra), backend="inprocess")
-    secure = run(compose("config", extra + ["scheme.secure_aggregation=true"]), backend="inprocess")
+    secure = run(compose("config", extra + ["secagg=masked"]), backend="inprocess")
     failed = plain.ledger[plain.ledger.status == "failed"].groupby("round").size()
     assert failed.sum() >= 2 and failed.max() <= 6 - secagg.threshold(6)
     # Assert: the same scores (to float32 rounding of 1e-5-equal models), more bytes, exactly the formula's

@@ -21,7 +21,8 @@ def test_trust_compares_fedavg_robust_merges_dp_and_an_honest_reference():
     # Assert: every run validates, one spends a privacy budget, one has nobody cheating
     specs = {label: load_spec(c) for label, c in configs.items()}
     assert set(specs) == {"isolated", "fedavg", "dp_fedavg", "median", "trimmed_mean", "krum", "fedavg_honest"}
-    assert {specs[k].scheme.get("merge") for k in ("median", "trimmed_mean", "krum")} == {"median", "trimmed_mean", "krum"}
+    assert {specs[k].wrappers["aggregator"]["_target_"].rpartition(".")[2] for k in ("median", "trimmed_mean", "krum")} == {
+        "Median", "TrimmedMean", "Krum"}
     assert configs["fedavg"].scenario.behaviours is not None and configs["fedavg_honest"].scenario.behaviours is None
     assert cfg.seeds == 3
 
@@ -45,6 +46,6 @@ def test_privacy_sweep_crosses_epsilon_with_schemes_and_merge_rules_and_a_dp_tri
     assert OmegaConf.select(trial, "scheme._target_").endswith("DPFedAvg") and trial.scheme.target_epsilon == 1.0
     assert trial.scenario.behaviours is None
     cheated = trial_config(base, {"variant": "krum", "seed": 0}, spec.variants)
-    assert cheated.scheme.merge == "krum" and dict(cheated.scenario.behaviours) == {"sign_flip": 0.2, "free_rider": 0.1}
+    assert cheated.aggregator.name == "krum" and dict(cheated.scenario.behaviours) == {"sign_flip": 0.2, "free_rider": 0.1}
     ledger = pd.read_parquet(tmp_path / "trial" / "ledger.parquet")
     assert ledger["epsilon"].max() > 0

@@ -1,0 +1,146 @@
+"""Robust merge rules as wrappers: the cohort's mean of an averaging scheme replaced by a rule few cheats can steer.
+
+The rules are the pure functions of :mod:`agents.schemes.robust` (Yin et al. 2018: coordinate median
+and trimmed mean; Blanchard et al. 2017: Krum and Multi-Krum; Sun et al. 2019: norm clipping); the
+server step (``server_lr``, the server optimiser) stays the wrapped scheme's. They wrap schemes whose
+merge is FedAvg's (``averages``): fedavg, fedprox, fedavgm, fedadam, fedyogi, ditto, fedper, finetune,
+reptile, compute_share. Median, trimmed mean and Krum count every institution once, whatever sample
+count it claims: a claim is exactly what a cheat can inflate (norm clipping keeps the scheme's weights).
+``aggregator=mean`` (the default) wraps nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from agents.schemes import robust
+from agents.schemes.base import cohort_size
+from agents.wrappers.base import Wrapper, averaging
+from sim.core.types import ConfigError, RoundContext, State, Update
+
+
+class Robust(Wrapper):
+    """An averaging scheme whose mean is replaced by a robust rule (subclasses: which rule)."""
+
+    group = "aggregator"
+
+    def fit(self, inner: Any) -> None:
+        """Only a scheme that merges by a mean has a mean to replace."""
+        if not averaging(inner):
+            raise self.refuse("it does not merge by a mean of the updates (its merge is its own)",
+                              "use aggregator=mean with it, or a scheme of FedAvg's family")
+
+    def rule(self, state: State, states: list[State], weights: list[float]) -> dict:
+        """The robust merge of ``states`` (in scenario order)."""
+        raise NotImplementedError
+
+    def select(self, ctx: RoundContext) -> tuple[str, ...]:
+        """The inner scheme's cohort, after checking the rule can work with this many institutions."""
+        self.check(len(ctx.cohort))
+        return self.inner.select(ctx)
+
+    def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
+        """The rule over the usable updates, applied by the inner scheme's server step; None if none is usable."""
+        target = self.aggregate(state, updates)
+        return None if target is None else self.inner.step(state, target, self.inner.server_lr * ctx.server_scale)
+
+    def aggregate(self, state: State, updates: Sequence[Update]) -> dict | None:
+        """The rule over what arrived; None if nothing usable did."""
+        usable = self.inner.usable(updates)
+        if not usable:
+            return None
+        self.arrived(len(usable))
+        return self.rule(state, [u.state for u in usable], self.inner.weights(usable))
+
+    def arrived(self, n: int) -> None:
+        """Refuse a round in which too few updates arrived for the rule (most rules work with any)."""
+
+
+class Median(Robust):
+    """The coordinate-wise median of the cohort's states."""
+
+    option = "median"
+
+    def rule(self, state: State, states: list[State], weights: list[float]) -> dict:
+        return robust.coordinate_median(states)
+
+
+class TrimmedMean(Robust):
+    """Per coordinate, the mean after dropping the ``trim`` fraction of highest and of lowest values."""
+
+    option = "trimmed_mean"
+
+    def __init__(self, inner: Any, *, trim: float = 0.2):
+        if not 0.0 <= float(trim) < 0.5:  # trimming half from each end would leave nothing
+            raise ConfigError("aggregator.trim", f"must lie in [0, 0.5), got {trim!r}")
+        self.trim = float(trim)
+        super().__init__(inner)
+
+    def rule(self, state: State, states: list[State], weights: list[float]) -> dict:
+        return robust.trimmed_mean(states, self.trim)
+
+
+class Krum(Robust):
+    """Krum: the state closest to its n - f - 2 nearest neighbours, when up to ``byzantine`` (f) may lie."""
+
+    option = "krum"
+
+    def __init__(self, inner: Any, *, byzantine: int = 1):
+        if isinstance(byzantine, bool) or not isinstance(byzantine, int) or byzantine < 0:
+            raise ConfigError("aggregator.byzantine", f"must be a whole number >= 0, got {byzantine!r}")
+        self.byzantine = byzantine
+        self.m = 1
+        super().__init__(inner)
+
+    def check(self, institutions: int) -> None:
+        """Refuse settings the cohort can never satisfy (n > 2f + 2; Multi-Krum also m <= n - f)."""
+        self.inner.check(institutions)
+        n = cohort_size(institutions, self.inner.cohort_fraction)
+        need = robust.krum_needs(self.byzantine)
+        if n < need:
+            raise ConfigError("aggregator.byzantine", f"{self.option} with byzantine={self.byzantine} needs a cohort of "
+                              f"more than 2f+2={need - 1} institutions, and each round selects {n} of {institutions}; "
+                              "lower aggregator.byzantine, raise scheme.cohort_fraction or add institutions")
+        if self.m > n - self.byzantine:
+            raise ConfigError("aggregator.krum_m", f"multi_krum averages at most n - f = {n - self.byzantine} of the "
+                              f"{n} selected institutions, got krum_m={self.m}")
+
+    def arrived(self, n: int) -> None:
+        """Refuse a round in which dropouts left too few updates for Krum."""
+        if n < robust.krum_needs(self.byzantine):
+            raise ConfigError("aggregator.byzantine", f"{self.option} with byzantine={self.byzantine} needs more than "
+                              f"2f+2={2 * self.byzantine + 2} updates, and only {n} arrived this round (dropouts?); "
+                              "lower aggregator.byzantine")
+        if self.m > n - self.byzantine:
+            raise ConfigError("aggregator.krum_m", f"multi_krum averages at most n - f = {n - self.byzantine} of "
+                              f"the {n} updates that arrived, got krum_m={self.m}")
+
+    def rule(self, state: State, states: list[State], weights: list[float]) -> dict:
+        return robust.krum(states, self.byzantine, self.m)
+
+
+class MultiKrum(Krum):
+    """Multi-Krum: the plain mean of the ``krum_m`` states with the best Krum scores."""
+
+    option = "multi_krum"
+
+    def __init__(self, inner: Any, *, byzantine: int = 1, krum_m: int = 1):
+        if isinstance(krum_m, bool) or not isinstance(krum_m, int) or krum_m < 1:
+            raise ConfigError("aggregator.krum_m", f"must be a whole number >= 1, got {krum_m!r}")
+        super().__init__(inner, byzantine=byzantine)
+        self.m = krum_m
+
+
+class NormClip(Robust):
+    """Each update's change to the global model clipped to L2 norm ``clip_norm`` before the (weighted) mean."""
+
+    option = "norm_clip"
+
+    def __init__(self, inner: Any, *, clip_norm: float = 0.1):
+        if not float(clip_norm) > 0:
+            raise ConfigError("aggregator.clip_norm", f"must lie in (0.0, inf], got {clip_norm!r}")
+        self.clip_norm = float(clip_norm)
+        super().__init__(inner)
+
+    def rule(self, state: State, states: list[State], weights: list[float]) -> dict:
+        return robust.norm_clip(state, states, weights, self.clip_norm)
