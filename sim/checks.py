@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from sim.core import schema
 from sim.core.config import RunSpec, parse_spec
 from sim.core.types import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["load_spec", "scheme_names"]
 
