@@ -179,8 +179,7 @@ class Coordinator:
             new, loss = self.data_parallel(state, x, y, key, parts)
         else:
             set_state(self.model, state)
-            loss, _ = local_train(self.model, x, y, training=scheduled(self.training, round),
-                                  plan=self.scheme.plan(round), key=key)
+            loss, _ = local_train(self.model, x, y, training=scheduled(self.training, round), key=key)
             new = get_state(self.model)
         by_index = {s.index: s for s in self.specs.values()}
         by = tuple(by_index[i] for i, n in parts or () if n) or tuple(self.specs.values())

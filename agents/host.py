@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from agents.institution import Institution
+from agents.institution import Institution, client_of
 from sim.core import stragglers
 from sim.core.batched import batchable, evaluate_many, scorable, train_many
 from sim.core.train import deterministic_cuda, scheduled
@@ -72,7 +72,9 @@ class Host:
         """
         cohort = set(ctx.cohort)
         trained = [i for i, name in zip(self.institutions, self.names) if name in cohort]
-        if trained and self.vectorise and batchable(self.model, ctx.plan, self.training):
+        client = client_of(ctx.plan)
+        if (trained and self.vectorise and client.batchable and ctx.plan.upload in ("weights", "nothing")
+                and batchable(self.model, self.training)):
             # Free-riders skip the step: they answer on their own, the others train together; scenario order kept.
             # DP-SGD institutions clip per sample: the vectorised step cannot, so they train on their own too.
             together = [i for i in trained if not i.free_rides(ctx.plan) and not i.spec.private]
@@ -88,8 +90,8 @@ class Host:
     def _train_together(self, trained: Sequence[Institution], ctx: RoundContext,
                         global_state: State | None) -> list[Update]:
         """One vectorised local step for all of ``trained`` (sim.core.batched); compute time is shared out by samples."""
-        plan = ctx.plan
-        starts = [i.start(plan, global_state) for i in trained]
+        plan, client = ctx.plan, client_of(ctx.plan)
+        starts = [client.start(i, plan, global_state) for i in trained]
         own = self.model.state_dict()
         for i, start in zip(trained, starts):  # what set_state would refuse, the vectorised step refuses too
             check_state_keys(own, start, i.spec.name)
@@ -97,8 +99,8 @@ class Host:
         t0 = time.perf_counter()
         results = train_many(self.model, starts, [i.tensors(self.model) for i in trained],
                              [(i.seed, i.spec.index, ctx.round) for i in trained],
-                             training=scheduled(self.training, ctx.round), plan=plan,
-                             anchors=starts if plan.prox_mu > 0 else None, max_steps=caps)
+                             training=scheduled(self.training, ctx.round), mu=client.pull(),
+                             anchors=starts if client.pull() > 0 else None, max_steps=caps)
         seconds = time.perf_counter() - t0
         total = max(1, sum(i.shard.num_train for i in trained))
         return [i.trained(plan, global_state, state, loss, seconds * i.shard.num_train / total,
@@ -121,7 +123,7 @@ class Host:
         """Each hosted institution's (or only those named in ``only``) test scores for the model it ends the round with."""
         chosen = self.institutions if only is None else [i for i, n in zip(self.institutions, self.names) if n in only]
         if (chosen and global_state and self.vectorise and plan.evaluate != "personal"
-                and plan.adapt_steps <= 0 and plan.adapt_epochs <= 0 and scorable(self.model, self.training.precision)):
+                and not client_of(plan).adapts and scorable(self.model, self.training.precision)):
             return self._evaluate_together(chosen, global_state)
         return [(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test, self.global_val))
                 for i in chosen]

@@ -93,9 +93,10 @@ def _check_dp_sgd(spec: RunSpec, scheme: Any) -> None:
         return
     key = f"scenario.institutions[{private.index}].dp_noise_multiplier"
     plan = scheme.plan(1)
-    if plan.one_step or plan.upload == "data":
+    one_step = not getattr(plan.client, "local_sgd", True)
+    if one_step or plan.upload == "data":
         raise ConfigError(key, f"DP-SGD privatises local SGD steps, but scheme {spec.scheme.get('_target_')} sends "
-                          f"{'a full-shard gradient' if plan.one_step else 'raw data'}; use a weights-sending scheme")
+                          f"{'a full-shard gradient' if one_step else 'raw data'}; use a weights-sending scheme")
     if str(spec.model.get("_target_", "")).startswith("sim.core.models.foundation."):
         raise ConfigError(key, "DP-SGD is not supported for text/transformer models; use a numeric model (model=mlp)")
     if spec.training.precision != "fp32":

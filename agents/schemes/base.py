@@ -1,17 +1,34 @@
-"""The scheme protocol and its registry.
+"""The scheme protocol, the client half every scheme starts from, and the registry.
 
 A scheme decides *who* trains each round (``select``), *what* local training looks
-like (``plan``) and *how* updates become the next global state (``merge``). The maths
-of merging lives in :mod:`agents.schemes.aggregate`; a scheme only decides.
+like (``plan``: a :class:`~sim.core.types.LocalPlan` carrying the scheme's :class:`Client`
+half) and *how* updates become the next global state (``merge``). The maths of merging
+lives in :mod:`agents.schemes.aggregate`; a scheme only decides.
+
+A scheme owns both halves: its client half is a small frozen :class:`Client` subclass in
+its own file (FedProx's pull, SCAFFOLD's correction and control variate, Ditto's personal
+model, FedPer's own head, fine-tuning before scoring, q-FFL's start loss, FedSGD's gradient),
+whose hooks the institution calls at fixed points of its round (:mod:`agents.institution`).
+The trainer below them (:mod:`sim.core.train`, :mod:`sim.core.batched`) knows only generic
+objective terms (:mod:`sim.core.objective`), so it stays scheme-agnostic.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 
-from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, State, Update
+from sim.core.models import get_state
+from sim.core.objective import Pull, Term
+from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, State, Update, state_nbytes
+
+if TYPE_CHECKING:
+    import torch
+
+    from agents.institution import Institution
 
 SCHEMES: dict[str, type["Scheme"]] = {}
 """Registry: config name (== yaml file name in conf/scheme/) -> scheme class."""
@@ -40,6 +57,81 @@ class Trainer(Protocol):
         ``parts``: (scenario index, rows) of the institutions whose rows make up (x, y), in order
         (whose compute the training runs on; Ray Train gives each its own worker); None = everybody's."""
         ...
+
+
+@dataclass
+class Work:
+    """What an institution's local step produced, passed through its scheme's client hooks in turn."""
+
+    payload: dict[str, np.ndarray]  # what it would send (before behaviours and the wrappers' client halves)
+    loss: float = math.nan  # mean training loss of the step (data loss only)
+    steps: int = 0  # optimizer steps taken
+    processed: int = 0  # samples processed (forward + backward: what the simulated clock charges)
+    samples: int = 0  # training samples behind the update (what a weighted mean weighs it by)
+    start_loss: float = math.nan  # q-FFL: the received model's loss on the own training data
+
+
+@dataclass(frozen=True)
+class Client:
+    """FedAvg's client half, which every scheme's starts from: plain local SGD from the start state, weights sent,
+    the global model scored. A scheme that changes the local step subclasses it in its own file; it travels to the
+    hosts in the round's LocalPlan, so it stays small and frozen (numpy arrays at most)."""
+
+    batchable: ClassVar[bool] = True  # its local step is plain SGD plus at most a pull: the vectorised step may run it
+    adapts: ClassVar[bool] = False  # scoring first adapts a copy of the model (fine-tuning): no batched scoring
+    whole: ClassVar[bool] = True  # every key of the model is sent and merged (FedPer keeps its head home)
+    local_sgd: ClassVar[bool] = True  # the step is local SGD (FedSGD sends one full-shard gradient instead)
+
+    def pull(self) -> float:
+        """Weight of a proximal pull towards the start state (FedProx's mu); 0: none."""
+        return 0.0
+
+    def start(self, inst: Institution, plan: LocalPlan, global_state: State | None) -> State | None:
+        """The state the local step starts from: the institution's own model or the global one, as the plan says."""
+        return inst.personal if plan.start == "personal" else global_state
+
+    def kept(self, global_state: State) -> tuple[str, ...]:
+        """Keys of the model the institution keeps at home (never sent, never received); FedAvg: none."""
+        return ()
+
+    def terms(self, inst: Institution, model: torch.nn.Module, start: State) -> tuple[Term, ...]:
+        """Extra terms of the local objective (:mod:`sim.core.objective`): the pull towards the start, if any."""
+        mu = self.pull()
+        return (Pull(mu, start),) if mu > 0 else ()
+
+    def local_step(self, inst: Institution, model: torch.nn.Module, start: State, training: Any, key: tuple[int, ...],
+                   cap: int | None) -> Work:
+        """The round's local work on ``model`` (set to ``start``): local SGD under :meth:`terms`."""
+        return inst.sgd(model, training, key, cap, self.terms(inst, model, start))
+
+    def after(self, inst: Institution, model: torch.nn.Module, plan: LocalPlan, global_state: State | None,
+              work: Work, round: int, training: Any) -> None:
+        """What the institution keeps after its step (a personal start: the trained model), before anything is sent."""
+        if plan.start == "personal":
+            inst.personal, inst.changed = get_state(model), True
+
+    def finish(self, inst: Institution, start: State, payload: dict[str, np.ndarray], work: Work,
+               training: Any) -> dict[str, np.ndarray]:
+        """The upload as it leaves the step (after any behaviour bent it); FedAvg: as it is."""
+        return payload
+
+    def bytes_down(self, plan: LocalPlan, global_state: State | None, kept: Sequence[str] = ()) -> int:
+        """Bytes an institution receives for the round: the global model less the keys it keeps, when it starts
+        from it; nothing when it starts from its own."""
+        if plan.start != "global" or not global_state:
+            return 0
+        return state_nbytes(global_state) - state_nbytes({k: global_state[k] for k in kept})
+
+    def scored(self, inst: Institution, plan: LocalPlan, global_state: State | None) -> State | None:
+        """The model the institution ends the round with, which it is scored on."""
+        return inst.personal if plan.evaluate == "personal" else global_state
+
+    def adapt(self, inst: Institution, model: torch.nn.Module) -> None:
+        """Change the lent model before it is scored (fine-tuning); FedAvg: nothing."""
+
+
+PLAIN = Client()
+"""The client half of a plan that names none: FedAvg's."""
 
 
 class Scheme:

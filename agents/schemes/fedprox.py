@@ -9,9 +9,9 @@ gamma-inexact local solutions, the local steps finished by ``engine.round_deadli
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from agents.schemes.base import check_range, register
+from agents.schemes.base import Client, check_range, register
 from agents.schemes.fedavg import FedAvg
 from sim.core.types import LocalPlan
 
@@ -28,4 +28,15 @@ class FedProx(FedAvg):
 
     def plan(self, round: int) -> LocalPlan:
         """Local SGD from the global model with the proximal weight ``mu``."""
-        return replace(super().plan(round), prox_mu=self.mu)
+        return replace(super().plan(round), client=ProxClient(self.mu))
+
+
+@dataclass(frozen=True)
+class ProxClient(Client):
+    """FedProx's client half: local SGD on loss + (mu/2)*||w - w_global||^2 (a pull towards the start)."""
+
+    mu: float = 0.01
+
+    def pull(self) -> float:
+        """The proximal weight; the vectorised step batches it across institutions."""
+        return self.mu

@@ -8,11 +8,16 @@ gradient (equal to the full-batch gradient of the pooled data when everyone take
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
 
 from agents.schemes.aggregate import apply_gradient, weighted_average
-from agents.schemes.base import Scheme, check_range, register, sample_cohort
+from agents.schemes.base import Client, Scheme, Work, check_range, register, sample_cohort
+from sim.core.train import full_gradient
 from sim.core.types import LocalPlan, RoundContext, State, Update
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register("fedsgd")
@@ -28,7 +33,7 @@ class FedSGD(Scheme):
 
     def plan(self, round: int) -> LocalPlan:
         """One full-shard gradient at the global model, uploaded instead of weights."""
-        return LocalPlan(upload="gradient", one_step=True)
+        return LocalPlan(upload="gradient", client=GradientClient())
 
     def select(self, ctx: RoundContext) -> tuple[str, ...]:
         """A ``cohort_fraction`` sample of institutions, fixed by (seed, round)."""
@@ -41,3 +46,22 @@ class FedSGD(Scheme):
             return None
         grad = weighted_average([u.state for u in usable], [float(u.num_samples) for u in usable])
         return apply_gradient(state, grad, self.server_lr * ctx.server_scale)
+
+
+@dataclass(frozen=True)
+class GradientClient(Client):
+    """FedSGD's client half: the gradient of the mean loss over the whole shard at the received model, no step."""
+
+    batchable = False  # one full-batch gradient, not local SGD
+    local_sgd = False  # so DP-SGD, which privatises SGD steps, has nothing to work on
+
+    def local_step(self, inst: Any, model: torch.nn.Module, start: State, training: Any, key: tuple[int, ...],
+                   cap: int | None) -> Work:
+        """The full-shard gradient (named like the model's parameters) and that loss; every sample processed once."""
+        shard = inst.shard
+        gradient, loss = full_gradient(model, shard.x_train, shard.y_train, precision=inst.training.precision)
+        return Work(gradient, loss, 0, shard.num_train, shard.num_train)
+
+    def after(self, inst: Any, model: torch.nn.Module, plan: LocalPlan, global_state: State | None, work: Work,
+              round: int, training: Any) -> None:
+        """Nothing to keep: no step was taken."""

@@ -11,9 +11,18 @@ uploaded nor kept, so the global model is exactly FedAvg's.
 
 from __future__ import annotations
 
-from agents.schemes.base import register
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agents.schemes.base import Client, register
 from agents.schemes.fedavg import FedAvg
+from sim.core.train import local_train, rng_for
 from sim.core.types import ConfigError, LocalPlan
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_count(key: str, value: int) -> int:
@@ -39,4 +48,41 @@ class FineTune(FedAvg):
 
     def plan(self, round: int) -> LocalPlan:
         """FedAvg's local step; scoring adapts a copy of the merged model first, drawing from this round's stream."""
-        return LocalPlan(adapt_steps=self.adapt_steps, adapt_epochs=self.adapt_epochs, adapt_round=round)
+        return LocalPlan(client=AdaptClient(self.adapt_steps, self.adapt_epochs, round))
+
+
+ADAPT_STREAM = 0xADA97
+"""Fourth element of the RNG key of adaptation before scoring (finetune, reptile)."""
+
+
+@dataclass(frozen=True)
+class AdaptClient(Client):
+    """The client half of schemes scored after local adaptation: FedAvg's step; before scoring, a copy of the merged
+    model is fine-tuned on the own training data (finetune; reptile's adaptation steps)."""
+
+    steps: int = 0  # minibatch SGD steps before scoring
+    epochs: int = 0  # whole local epochs instead; wins over steps when > 0
+    round: int = 0  # the planned round: seeds adaptation's RNG (scoring is not told the round)
+
+    @property
+    def adapts(self) -> bool:  # type: ignore[override]
+        """Whether scoring adapts at all (0 steps and 0 epochs score the merged model as it is)."""
+        return self.steps > 0 or self.epochs > 0
+
+    def adapt(self, inst: Any, model: torch.nn.Module) -> None:
+        """Fine-tune the lent model on the own training data; what the institution carries is untouched."""
+        x, y, n = inst.shard.x_train, inst.shard.y_train, inst.shard.num_train
+        if n == 0 or not self.adapts:
+            return
+        key = (inst.seed, inst.spec.index, self.round, ADAPT_STREAM)
+        training = replace(inst.training, local_epochs=self.epochs)
+        if self.epochs <= 0:
+            # Exactly ``steps`` minibatches: that many batches' worth of fresh permutations,
+            # trained as one epoch (a shard smaller than a batch is one batch per step, as in training).
+            size = min(max(1, inst.training.batch_size), n)
+            rng, _ = rng_for((*key, 0))
+            need = self.steps * size
+            idx = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
+            x, y = x[idx], y[idx]
+            training = replace(inst.training, local_epochs=1, batch_size=size)
+        local_train(model, x, y, training=training, key=key)

@@ -21,14 +21,19 @@ free-rider, which trains nothing and reports no loss; an empty shard) are left o
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from agents.schemes.aggregate import server_step, weighted_average
-from agents.schemes.base import check_range, register
+from agents.schemes.base import Client, Work, check_range, register
 from agents.schemes.fedavg import FedAvg
+from sim.core.train import evaluate
 from sim.core.types import LocalPlan, RoundContext, State, Update
+
+if TYPE_CHECKING:
+    import torch
 
 EPS = 1e-10
 """Added to each loss before its powers, as the reference code does (F_k = 0 with q < 1 would divide by zero)."""
@@ -71,7 +76,7 @@ class QFFL(FedAvg):
 
     def plan(self, round: int) -> LocalPlan:
         """Plain local SGD from the global model, after scoring it on the own training data."""
-        return LocalPlan(start_loss=True)
+        return LocalPlan(client=StartLossClient())
 
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
         """The q-FedAvg step over the updates with a finite reported loss; None if there are none."""
@@ -79,3 +84,18 @@ class QFFL(FedAvg):
         if not usable:
             return None
         return q_fedavg_step(state, [u.state for u in usable], [u.start_loss for u in usable], self.q, self.lipschitz)
+
+
+@dataclass(frozen=True)
+class StartLossClient(Client):
+    """q-FFL's client half: F_k, the received model's loss on the own training data, measured before the local step."""
+
+    batchable = False  # it scores the received model first
+
+    def local_step(self, inst: Any, model: torch.nn.Module, start: State, training: Any, key: tuple[int, ...],
+                   cap: int | None) -> Work:
+        """FedAvg's local step, after measuring F_k (reported as the update's ``start_loss``)."""
+        loss = evaluate(model, inst.shard.x_train, inst.shard.y_train, precision=inst.training.precision)[1]
+        work = super().local_step(inst, model, start, training, key, cap)
+        work.start_loss = loss
+        return work

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from agents.schemes.base import check_range, register
 from agents.schemes.fedavg import FedAvg
-from agents.schemes.finetune import check_count
+from agents.schemes.finetune import AdaptClient, check_count
 from sim.core.types import LocalPlan
 
 
@@ -30,4 +30,4 @@ class Reptile(FedAvg):
 
     def plan(self, round: int) -> LocalPlan:
         """FedAvg's local step; scoring adapts a copy of the meta-model first, drawing from this round's stream."""
-        return LocalPlan(adapt_steps=self.adapt_steps, adapt_round=round)
+        return LocalPlan(client=AdaptClient(self.adapt_steps, 0, round))

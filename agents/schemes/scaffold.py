@@ -11,7 +11,7 @@ so c stays the mean of all N institutions' c_i.
 How c and c_i travel, and where they live:
 
 - c is this scheme's state (:meth:`state` / :meth:`load_state`, so checkpoints keep it).
-  It reaches institutions in the round's ``LocalPlan.control`` (a flat ``name -> array``
+  It reaches institutions in the round's client half (:class:`ScaffoldClient`, a flat ``name -> array``
   mapping over trainable parameters, float32), not inside the global state: the global
   state stays exactly the model, so the coordinator, evaluation and every model loader
   read it unchanged. Institutions book c's bytes in ``bytes_down``; members that received
@@ -24,21 +24,27 @@ How c and c_i travel, and where they live:
 
 Local steps of plain SGD are what option II assumes: with momentum, weight decay or a
 learning-rate schedule the (x - y_i) / (K * lr) estimate is the paper's, with lr the
-round's scheduled rate. The vectorised local step does not run SCAFFOLD (``batchable``).
+round's scheduled rate. The vectorised local step does not run SCAFFOLD (``batchable``). The
+client half (:class:`ScaffoldClient`) adds the correction to the local objective (a
+:class:`~sim.core.objective.Shift`) and, after the step, updates c_i and appends its change.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from agents.schemes.aggregate import weighted_average
-from agents.schemes.base import register
+from agents.schemes.base import Client, Work, register
 from agents.schemes.fedavg import FedAvg
 from sim.core.faults import FAILED
+from sim.core.objective import Shift, Term
 from sim.core.types import LocalPlan, RoundContext, State, Update, state_nbytes
+
+if TYPE_CHECKING:
+    import torch
 
 CHANGE = "control_change/"
 """Key prefix of an institution's c_i+ - c_i in its upload."""
@@ -78,7 +84,7 @@ class Scaffold(FedAvg):
     def plan(self, round: int) -> LocalPlan:
         """Local SGD corrected by c - c_i; upload the weights and the change of c_i."""
         self.sent = state_nbytes(self.c)
-        return replace(super().plan(round), control=dict(self.c))
+        return replace(super().plan(round), client=ScaffoldClient(dict(self.c)))
 
     def select(self, ctx: RoundContext) -> tuple[str, ...]:
         """FedAvg's cohort; remember how many institutions there are (N in the control step)."""
@@ -108,3 +114,47 @@ class Scaffold(FedAvg):
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Continue with a checkpoint's server control."""
         self.c = {k.removeprefix("c/"): np.asarray(v, np.float32) for k, v in arrays.items() if k.startswith("c/")}
+
+
+@dataclass(frozen=True)
+class ScaffoldClient(Client):
+    """SCAFFOLD's client half: local steps follow g - c_i + c; afterwards c_i moves and its change is uploaded."""
+
+    batchable = False  # it corrects gradients and updates the institution's control variate
+
+    c: State = field(default_factory=dict, compare=False)  # the server control (name -> float32 array; {} = zeros)
+
+    def terms(self, inst: Any, model: torch.nn.Module, start: State) -> tuple[Term, ...]:
+        """The correction c - c_i over the trainable parameters (a missing variate is zero), as a linear term."""
+        out = {}
+        for k, p in model.named_parameters():
+            if p.requires_grad and (k in self.c or k in inst.control):
+                zero = np.zeros(tuple(p.shape), np.float32)
+                out[k] = np.asarray(self.c.get(k, zero), np.float32) - np.asarray(inst.control.get(k, zero), np.float32)
+        return (Shift(out),)
+
+    def finish(self, inst: Any, start: State, payload: dict[str, np.ndarray], work: Work,
+               training: Any) -> dict[str, np.ndarray]:
+        """Option II: c_i+ = c_i - c + (x - y_i) / (K * lr) over the sent floating keys; the upload gains c_i+ - c_i.
+
+        ``x`` is the received model, ``y_i`` what is sent (after any behaviour), ``K`` the local steps taken.
+        No steps (an empty shard) leaves c_i as it is.
+        """
+        if work.steps <= 0:
+            return {**payload}
+        change = {}
+        for k, y in payload.items():
+            y = np.asarray(y)
+            if not np.issubdtype(y.dtype, np.floating) or k not in start:
+                continue
+            drift = (np.asarray(start[k], np.float64) - y.astype(np.float64)) / (work.steps * training.lr)
+            c = np.asarray(self.c.get(k, 0.0), np.float64)
+            old = np.asarray(inst.control.get(k, np.zeros_like(y)), np.float32)
+            new = (old.astype(np.float64) - c + drift).astype(np.float32)
+            change[k], inst.control[k] = new - old, new
+        inst.changed = True
+        return {**payload, **{CHANGE + k: v for k, v in change.items()}}
+
+    def bytes_down(self, plan: LocalPlan, global_state: State | None, kept: Sequence[str] = ()) -> int:
+        """The global model and c beside it."""
+        return super().bytes_down(plan, global_state, kept) + (state_nbytes(self.c) if plan.start == "global" else 0)

@@ -49,7 +49,7 @@ class SecureAggregation(Wrapper):
                               "update in the clear", "use aggregator=mean or secagg=none")
         if not averaging(inner):
             raise self.refuse("it does not merge by a mean of the updates", "use secagg=none with it")
-        if inner.plan(1).personal_keys:
+        if not getattr(inner.plan(1).client, "whole", True):
             raise self.refuse("its institutions keep part of the model at home, and masks need every key of the "
                               "global state from every member", "use secagg=none with it")
 

@@ -125,12 +125,12 @@ def collab_lora(model_cfg: Mapping[str, Any], x: np.ndarray, y: np.ndarray, num_
     """collabsim's local step (``sim.core.train.local_train``, one epoch over the same rows) on the foundation factory."""
     from sim.core.models import build_model
     from sim.core.train import local_train
-    from sim.core.types import LocalPlan, TrainingSpec
+    from sim.core.types import TrainingSpec
 
     model = build_model(model_cfg, (x.shape[1],), num_labels, seed=0)
     training = TrainingSpec(local_epochs=1, batch_size=batch, lr=lr)
-    local_train(model, x[:batch], y[:batch], training=training, plan=LocalPlan(), key=(0, 0, 0))  # warm-up
+    local_train(model, x[:batch], y[:batch], training=training, key=(0, 0, 0))  # warm-up
     t0 = time.perf_counter()
-    local_train(model, x, y, training=training, plan=LocalPlan(), key=COLLAB_KEY)
+    local_train(model, x, y, training=training, key=COLLAB_KEY)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "samples_per_s": len(y) / seconds}

@@ -42,7 +42,7 @@ from torch import nn
 
 from sim.core.models import get_state
 from sim.core.train import _minibatches, numpy_rng_for
-from sim.core.types import LocalPlan, State, TrainingSpec
+from sim.core.types import State, TrainingSpec
 
 MAX_BATCH = 256  # institutions per batched call: bounds the stacked parameters and batches held in memory
 
@@ -65,8 +65,9 @@ Result = tuple[dict[str, np.ndarray], float, int]
 """Per institution: new state (named like ``get_state``), mean per-sample data loss, optimizer steps."""
 
 
-def batchable(model: nn.Module, plan: LocalPlan, training: TrainingSpec) -> bool:
-    """Whether :func:`train_many` can stand in for ``local_train`` for this model, plan and training."""
+def batchable(model: nn.Module, training: TrainingSpec) -> bool:
+    """Whether :func:`train_many` can stand in for ``local_train`` for this model and training (plain SGD steps, at
+    most a proximal pull; whether a scheme's local step is that is its client half's to say)."""
     pure = all(type(m) in _PURE for m in model.modules())
     params = list(model.parameters())
     fp32 = bool(params) and all(p.dtype == torch.float32 for p in params)
@@ -74,12 +75,6 @@ def batchable(model: nn.Module, plan: LocalPlan, training: TrainingSpec) -> bool
         pure
         and fp32
         and not list(model.buffers())  # buffers mean running statistics or other state that training moves
-        and not plan.one_step
-        and plan.upload in ("weights", "nothing")
-        and not plan.personal_keys  # FedPer keeps its head home: the institution's own step handles that
-        and plan.personal_mu is None  # Ditto trains a second, personal model
-        and plan.control is None  # SCAFFOLD corrects gradients and updates the institution's control variate
-        and not plan.start_loss  # q-FFL scores the received model first
         and training.precision == "fp32"
         and training.optimizer == "sgd"  # the vectorised step writes out SGD's update, not Adam's
     )
@@ -110,7 +105,7 @@ def train_many(
     keys: Sequence[tuple[int, ...]],
     *,
     training: TrainingSpec,
-    plan: LocalPlan,
+    mu: float = 0.0,
     anchors: Sequence[State | None] | None = None,
     max_batch: int = MAX_BATCH,
     max_steps: Sequence[int | None] | None = None,
@@ -118,8 +113,8 @@ def train_many(
     """Local training of every institution k from ``starts[k]`` on ``shards_xy[k]`` with key ``keys[k]``, batched.
 
     Returns what ``set_state(model, starts[k]); local_train(...); get_state(model)`` would,
-    per institution and in input order. ``anchors[k]`` is the FedProx anchor (None: the
-    start). ``max_steps[k]`` cuts institution k's minibatches short as ``local_train``'s
+    per institution and in input order, with ``local_train``'s terms ``[Pull(mu, anchors[k])]``: a proximal
+    pull of weight ``mu`` towards ``anchors[k]`` (None: the start). ``max_steps[k]`` cuts institution k's minibatches short as ``local_train``'s
     ``max_steps`` does (a partial straggler; None: all). ``model`` supplies the architecture,
     device, and values of keys a start omits; it is not changed. Call only when :func:`batchable` is True.
     """
@@ -148,7 +143,7 @@ def train_many(
                 [plans[i] for i in busy],
                 [None if anchors is None else anchors[i] for i in busy],
                 training=training,
-                plan=plan,
+                mu=mu,
             )
             for i, r in zip(busy, out):
                 results[i] = r
@@ -198,7 +193,7 @@ def _train_chunk(
     anchors: Sequence[State | None],
     *,
     training: TrainingSpec,
-    plan: LocalPlan,
+    mu: float,
 ) -> list[Result]:
     """One batched run over institutions that all have at least one step.
 
@@ -211,7 +206,7 @@ def _train_chunk(
         # A vmapped convolution over one institution is a plain one, whose rounding differs from the grouped one it
         # is over two or more: a lone institution trains beside a copy of itself, so hosts never change its numbers.
         return _train_chunk(model, [*starts, *starts], [*shards_xy, *shards_xy], [*plans, *plans], [*anchors, *anchors],
-                            training=training, plan=plan)[:1]
+                            training=training, mu=mu)[:1]
     first = next(model.parameters())
     device, dtype = first.device, first.dtype
     order = sorted(range(len(starts)), key=lambda i: len(plans[i]))  # stable: ties keep their input order
@@ -250,7 +245,7 @@ def _train_chunk(
     # 2. Stacked state: trainable parameters, frozen ones, and the FedProx anchors with a per-key flag.
     params = _stack(starts, trainable, device)
     fixed = _stack(starts, frozen, device)
-    mu = float(plan.prox_mu)
+    mu = float(mu)
     pull: dict[str, torch.Tensor] = {}
     flag: dict[str, torch.Tensor] = {}
     if mu > 0:

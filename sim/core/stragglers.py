@@ -197,6 +197,7 @@ class Deadline:
             return ctx
         slow, offline, late, partial = [], [], [], []
         deadline = self.spec.deadline_s
+        one_step = not getattr(ctx.plan.client, "local_sgd", True)  # FedSGD: one full-shard gradient, no steps
         for name in ctx.cohort:
             f, available = self.spec.factor(specs[name], ctx.seed, ctx.round)
             if f != 1.0:
@@ -208,7 +209,7 @@ class Deadline:
                 continue
             at = replace(specs[name], speed=specs[name].speed * f)
             n = self.sizes.get(name, 0)
-            samples = n if ctx.plan.one_step else self.training.local_epochs * n
+            samples = n if one_step else self.training.local_epochs * n
             down = model_bytes if ctx.plan.start == "global" else 0
             up = 0 if ctx.plan.upload == "nothing" else model_bytes
             transfer = clock.transfer_seconds(at, up, down)
@@ -216,7 +217,7 @@ class Deadline:
             if transfer + compute <= deadline:
                 continue
             steps = planned_steps(n, self.training)
-            if policy == "partial" and steps > 0 and not ctx.plan.one_step:
+            if policy == "partial" and steps > 0 and not one_step:
                 done = max(1, min(steps, math.floor(max(0.0, deadline - transfer) / compute * steps)))
                 if done < steps:
                     partial.append((name, done, done / steps))

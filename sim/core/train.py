@@ -18,6 +18,7 @@ import functools
 import math
 import warnings
 from dataclasses import replace
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sim.core import dp_sgd
-from sim.core.types import LocalPlan, State, TrainingSpec
+from sim.core.objective import Term
+from sim.core.types import TrainingSpec
 
 _CHUNK = 4096  # samples per forward pass when a whole shard is processed at once (bounds memory)
 
@@ -163,27 +165,21 @@ def local_train(
     y: np.ndarray,
     *,
     training: TrainingSpec,
-    plan: LocalPlan,
     key: tuple[int, ...],
-    anchor: State | None = None,
-    correction: State | None = None,
+    terms: Sequence[Term] = (),
     dp: dp_sgd.DpSgd | None = None,
     max_steps: int | None = None,
 ) -> tuple[float, int]:
     """Train ``model`` in place with SGD on (x, y); return (mean per-sample training loss, optimizer steps).
 
-    ``training.local_epochs`` passes of shuffled minibatches with cross-entropy. With
-    ``plan.prox_mu > 0`` the FedProx term (mu/2)*||w - anchor||^2 is added over the
-    parameters named in ``anchor`` (default: the weights training started from).
-    With ``plan.one_step`` a single full-batch step is taken instead of epochs.
-    With ``correction`` (SCAFFOLD's c - c_i) the term <w, correction> is added over the
-    parameters it names, so each step follows g + correction.
-    The reported loss is the data loss only (no proximal or correction term), so schemes compare.
+    ``training.local_epochs`` passes of shuffled minibatches with cross-entropy, plus each of
+    ``terms`` (:mod:`sim.core.objective`: a scheme's proximal pull, its gradient correction), added
+    in order. The reported loss is the data loss only (no extra term), so schemes compare.
     With ``max_steps`` only the first that many minibatches are trained (a straggler's partial
     work, :mod:`sim.core.stragglers`): the same draws as a full step, cut short.
     With ``dp`` the steps are DP-SGD's (:mod:`sim.core.dp_sgd`, Opacus): Poisson-sampled batches from the stream
     ``(*key, dp_sgd.SAMPLING_STREAM)`` instead of shuffled ones, per-sample clipping and Gaussian noise from
-    ``(*key, dp_sgd.NOISE_STREAM)``, in fp32; proximal and correction terms touch no data and are added unclipped.
+    ``(*key, dp_sgd.NOISE_STREAM)``, in fp32; the extra terms touch no data and are added unclipped.
 
     A fresh optimizer is built every call: momentum does not carry across rounds
     (institutions restart from a merged state that momentum buffers would not match).
@@ -195,18 +191,13 @@ def local_train(
     xt, yt = _to_tensors(model, x, y)
     device, dtype = _device_dtype(model)
     params = dict(model.named_parameters())
-    pull: dict[str, torch.Tensor] = {}
-    if plan.prox_mu > 0:
-        source = anchor if anchor is not None else {k: p.detach() for k, p in params.items()}
-        pull = {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dtype).clone() for k, v in source.items() if k in params}
-    shift = {k: torch.as_tensor(np.asarray(v)).to(device=device, dtype=dtype) for k, v in (correction or {}).items()
-             if k in params}
+    extra = [b for t in terms if (b := t.bind(params, device, dtype)) is not None]
     opt = optimizer(model, training)
     if dp is not None:  # Poisson samples of the shard, as the accountant counts them
         batches = dp_sgd.poisson_batches(n, training.batch_size, training.local_epochs,
                                          rng_for((*key, dp_sgd.SAMPLING_STREAM))[1])[:max_steps]
     else:
-        batches = [np.arange(n)] if plan.one_step else _minibatches(np_rng, n, training)[:max_steps]
+        batches = _minibatches(np_rng, n, training)[:max_steps]
     if not batches:  # local_epochs == 0
         return float("nan"), 0
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
@@ -233,10 +224,8 @@ def local_train(
                 logits = model(xb)
             data_loss = F.cross_entropy(_widened(logits), yb)
             loss = data_loss if dp is None else torch.zeros((), device=device)  # DP: only the extra terms
-            if pull:
-                loss = loss + 0.5 * plan.prox_mu * sum(((params[k] - a) ** 2).sum() for k, a in pull.items())
-            if shift:  # a linear term: its gradient is the correction itself
-                loss = loss + sum((params[k] * c).sum() for k, c in shift.items())
+            for term in extra:  # a proximal pull, a linear correction (whose gradient is the correction itself)
+                loss = loss + term(params)
             if dp is not None:
                 dp_sgd.step(opt, data_loss, loss)
             else:

@@ -8,7 +8,7 @@ without a cluster.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
@@ -136,22 +136,15 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class LocalPlan:
-    """What a scheme asks of an institution's local step this round (the local_objective hook)."""
+    """What a scheme asks of an institution's round (from ``Scheme.plan``): what every scheme shares, and its own
+    client half."""
 
     start: Literal["global", "personal"] = "global"  # which model local training starts from
     upload: Literal["weights", "gradient", "data", "nothing"] = "weights"
     evaluate: Literal["global", "personal"] = "global"  # which model is scored on test data
-    one_step: bool = False  # FedSGD: a single full-batch gradient instead of epochs
-    prox_mu: float = 0.0  # FedProx proximal weight; 0 is plain local SGD
-    personal_keys: tuple[str, ...] | Literal["auto"] = ()  # FedPer: key prefixes kept local; "auto" = last layer
-    personal_mu: float | None = None  # Ditto: also train a personal v, pull (mu/2)*||v - w_global||^2; None = none
-    adapt_steps: int = 0  # minibatch SGD steps on the own training data before scoring (finetune, reptile)
-    adapt_epochs: int = 0  # whole local epochs of that adaptation instead; wins over adapt_steps when > 0
-    adapt_round: int = 0  # the planned round; seeds adaptation's RNG (scoring is not told the round)
-    # SCAFFOLD: the server control c (name -> array over trainable parameters; {} = all zeros): local gradients
-    # become g - c_i + c and the change of c_i is uploaded. None = off. Not compared or shown (arrays).
-    control: State | None = field(default=None, compare=False, repr=False)
-    start_loss: bool = False  # q-FFL: also measure the received model's loss on the own training data before training
+    # The scheme's client half (a frozen agents.schemes.base.Client: its extra loss terms, what it keeps at home,
+    # how it is scored); None = FedAvg's plain local SGD
+    client: Any = None
     # What the update goes through on the institution's host before it leaves, in order: the client halves of the
     # scheme's wrappers (agents/wrappers: compression, secure aggregation's sealing). Each is called as
     # step(institution, ctx, global_state, update) -> update.

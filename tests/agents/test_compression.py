@@ -180,9 +180,9 @@ def test_bad_compression_gives_one_line_before_anything_runs(overrides: list[str
 def test_plans_carry_compression_alongside_their_own_fields() -> None:
     assert FedAvg().plan(1) == LocalPlan()  # off by default: today's plan exactly
     prox = Compression(FedProx(mu=0.1), ratio=0.2).plan(1)
-    assert prox.prox_mu == 0.1 and prox.send == (Compress("topk", 0.2, True),)
+    assert prox.client.pull() == 0.1 and prox.send == (Compress("topk", 0.2, True),)
     scaffold = Compression(Scaffold(), method="int8", error_feedback=False).plan(1)
-    assert scaffold.control == {} and scaffold.send == (Compress("int8", 0.1, False),)
+    assert scaffold.client.c == {} and scaffold.send == (Compress("int8", 0.1, False),)
     # DP-FedAvg combines: the coordinator clips and noises the decompressed change (central DP)
     assert Compression(DPFedAvg(noise_multiplier=1.0)).plan(1).send == (Compress("topk", 0.1, True),)
 

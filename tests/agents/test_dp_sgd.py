@@ -144,7 +144,7 @@ def test_local_train_takes_empty_batches_as_noise_steps() -> None:
     runs = []
     for _ in range(2):
         model = mlp()
-        loss, steps = local_train(model, x, y, training=training, plan=LocalPlan(), key=(0, 1, 1), dp=dp)
+        loss, steps = local_train(model, x, y, training=training, key=(0, 1, 1), dp=dp)
         runs.append((loss, steps, [p.detach().clone() for p in model.parameters()], model))
     # Assert: every step counted, a finite loss over the samples drawn, the same weights twice, no Opacus hooks left
     assert empty > 0 and runs[0][1] == 40 and math.isfinite(runs[0][0]) and runs[0][0] == runs[1][0]
@@ -165,7 +165,7 @@ def test_dp_sgd_on_a_gpu_draws_its_noise_there_and_repeats() -> None:
     runs = []
     for _ in range(2):
         model = mlp().cuda()
-        loss, steps = local_train(model, x, y, training=training, plan=LocalPlan(), key=(0, 1, 1), dp=dp)
+        loss, steps = local_train(model, x, y, training=training, key=(0, 1, 1), dp=dp)
         runs.append((loss, steps, [p.detach().cpu() for p in model.parameters()]))
     # Assert: trained there, the same weights twice
     assert math.isfinite(runs[0][0]) and runs[0][1] == 13

@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agents.institution import Institution, personal_keys
+from agents.institution import Institution
+from agents.schemes.fedper import personal_keys
+from agents.schemes.finetune import AdaptClient
 from agents.schemes.ditto import Ditto
 from agents.schemes.fedper import FedPer
 from agents.schemes.finetune import FineTune
@@ -79,7 +81,7 @@ def values(result) -> pd.DataFrame:
 
 def test_auto_personal_keys_are_the_last_layer_of_small_nets() -> None:
     # Prepare: an MLP, a CNN and a logistic regression
-    auto = LocalPlan(personal_keys="auto")
+    auto = "auto"
     nets = {
         "mlp": build_model(MLP, (6,), 3, seed=0),
         "cnn": build_model({"_target_": "sim.core.models.cnn", "channels": [2], "hidden": 4}, (1, 4, 4), 3, seed=0),
@@ -101,17 +103,17 @@ def test_auto_personal_keys_keep_a_whole_transformer_classifier_and_not_the_adap
              "base_model.model.classifier.out_proj.weight", "base_model.model.classifier.out_proj.bias"]
     state = {k: np.zeros(2, np.float32) for k in names}
     # Execute
-    kept = personal_keys(LocalPlan(personal_keys="auto"), state)
+    kept = personal_keys("auto", state)
     # Assert
     assert kept == tuple(names[2:])
 
 
 def test_explicit_prefixes_pick_keys_and_a_prefix_matching_nothing_names_its_key(model) -> None:
     state = get_state(model)
-    assert personal_keys(LocalPlan(personal_keys=("1.",)), state) == ("1.weight", "1.bias")
-    assert personal_keys(LocalPlan(), state) == ()
+    assert personal_keys(("1.",), state) == ("1.weight", "1.bias")
+    assert personal_keys((), state) == ()
     with pytest.raises(ConfigError, match=r"^scheme\.personal_keys: \['head'\] match no key"):
-        personal_keys(LocalPlan(personal_keys=("head",)), state)
+        personal_keys(("head",), state)
 
 
 # --- fedper ------------------------------------------------------------------------------------
@@ -185,15 +187,15 @@ def test_adaptation_changes_the_score_but_nothing_carried_and_is_deterministic(p
 
 def test_adaptation_takes_exactly_adapt_steps_minibatches(model, monkeypatch) -> None:
     # Prepare: record what adaptation hands to local_train
-    import agents.institution as module
+    import agents.schemes.finetune as module  # the client half of finetune and reptile adapts
 
     seen = []
-    monkeypatch.setattr(module, "local_train", lambda m, x, y, *, training, plan, key, anchor=None:
+    monkeypatch.setattr(module, "local_train", lambda m, x, y, *, training, key, terms=():
                         seen.append((len(y), training.batch_size, training.local_epochs, key)) or (0.0, 0))
     inst = institution(get_state(model))
     # Execute
-    inst.evaluate(model, LocalPlan(adapt_steps=7, adapt_round=4), get_state(model), None)
-    inst.evaluate(model, LocalPlan(adapt_epochs=2, adapt_round=4), get_state(model), None)
+    inst.evaluate(model, LocalPlan(client=AdaptClient(steps=7, round=4)), get_state(model), None)
+    inst.evaluate(model, LocalPlan(client=AdaptClient(epochs=2, round=4)), get_state(model), None)
     # Assert: 7 batches of 8 over one pass, then two epochs of the whole shard; keyed by round 4, own stream
     assert seen[0][:3] == (7 * 8, 8, 1)
     assert seen[1][:3] == (48, 8, 2)

@@ -132,7 +132,7 @@ def test_ray_train_follows_the_shards_repeats_itself_and_matches_central_accurac
     central = start
     for r in range(1, 4):
         set_state(model, central)
-        local_train(model, x, y, training=TRAINING, plan=LocalPlan(upload="data"), key=(0, r, 7))
+        local_train(model, x, y, training=TRAINING, key=(0, r, 7))
         central = get_state(model)
     # Assert: a worker per institution with rows; a round gives the same weights whatever the job did before (what a
     # resumed run, which starts a new job from the checkpointed pool and state, relies on); accuracy as central's

@@ -15,7 +15,7 @@ import torch
 from agents.institution import Institution
 from agents.schemes.fedavg import FedAvg
 from agents.schemes.qffl import EPS, QFFL, q_fedavg_step
-from agents.schemes.scaffold import CHANGE, Scaffold, control_step, split_upload
+from agents.schemes.scaffold import ScaffoldClient, CHANGE, Scaffold, control_step, split_upload
 from sim.cli import compose
 from sim.engine import run
 from sim.core.models import get_state, set_state
@@ -61,7 +61,7 @@ def test_scaffold_merge_steps_the_model_by_the_mean_change_and_the_control_by_su
     np.testing.assert_allclose(scheme.state()["c/w"], [1.0, 2.0], rtol=F64)
     assert set(split_upload(ups[0].state)[1]) == {"w"}
     # the next plan carries c down
-    np.testing.assert_array_equal(scheme.plan(2).control["w"], [1.0, 2.0])
+    np.testing.assert_array_equal(scheme.plan(2).client.c["w"], [1.0, 2.0])
 
 
 def test_scaffold_ledger_books_c_for_members_that_received_it_and_sent_nothing() -> None:
@@ -97,7 +97,7 @@ def test_one_full_batch_step_follows_the_corrected_gradient_and_sets_c_i_to_the_
     old = dict(inst.control)
     g, _ = full_gradient(model, inst.shard.x_train, inst.shard.y_train)
     # Execute
-    u = inst.train(model, RoundContext(round=1, seed=0, cohort=("a",), plan=LocalPlan(control=c)), x)
+    u = inst.train(model, RoundContext(round=1, seed=0, cohort=("a",), plan=LocalPlan(client=ScaffoldClient(c))), x)
     # Assert: y = x - lr (g - c_i + c); with K = 1, c_i+ = c_i - c + (x - y)/lr = g(x)
     for k in x:
         np.testing.assert_allclose(u.state[k], x[k] - 0.1 * (g[k] - old[k] + c[k]), atol=1e-6)
@@ -117,7 +117,7 @@ def test_first_round_with_zero_controls_is_fedavgs_local_step() -> None:
     x = get_state(model)
     plain = inst.train(model, RoundContext(round=1, seed=0, cohort=("a",)), x)
     inst2, model2 = institution()
-    scaffold = inst2.train(model2, RoundContext(round=1, seed=0, cohort=("a",), plan=LocalPlan(control={})), x)
+    scaffold = inst2.train(model2, RoundContext(round=1, seed=0, cohort=("a",), plan=LocalPlan(client=ScaffoldClient({}))), x)
     for k in x:
         assert plain.state[k].tobytes() == scaffold.state[k].tobytes()
 
@@ -138,7 +138,7 @@ def test_scaffold_with_a_tiny_lr_and_one_step_is_fedavg_to_first_order() -> None
     ups, fed = [], []
     for i, (inst, model, g) in enumerate(states):
         inst.control = {k: v.copy() for k, v in g.items()}
-        ups.append(update(i, inst.train(model, RoundContext(round=2, seed=0, cohort=("a",), plan=LocalPlan(control=c)), x).state))
+        ups.append(update(i, inst.train(model, RoundContext(round=2, seed=0, cohort=("a",), plan=LocalPlan(client=ScaffoldClient(c))), x).state))
         set_state(model, x)
         fed.append(update(i, inst.train(model, RoundContext(round=2, seed=0, cohort=("a",)), x).state))
     scheme = Scaffold()

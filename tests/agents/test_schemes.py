@@ -222,7 +222,7 @@ def test_fedprox_puts_mu_in_the_plan_and_merges_like_fedavg() -> None:
     out = scheme.merge(ctx(), GLOBAL, UPDATES)
     # Assert
     assert isinstance(scheme, FedAvg)
-    assert plan.prox_mu == 0.25 and plan.upload == "weights" and plan.start == "global"
+    assert plan.client.pull() == 0.25 and plan.upload == "weights" and plan.start == "global"
     np.testing.assert_allclose(out["w"], [2.5, 3.5], rtol=F32_RTOL)
 
 
@@ -233,7 +233,7 @@ def test_fedsgd_plans_one_gradient_step() -> None:
     # Execute
     plan = FedSGD().plan(1)
     # Assert
-    assert plan.upload == "gradient" and plan.one_step
+    assert plan.upload == "gradient" and not plan.client.local_sgd
 
 
 def test_fedsgd_applies_sample_weighted_gradient() -> None:

@@ -11,8 +11,9 @@ from torch import nn
 
 from sim.core.batched import batchable, train_many
 from sim.core.models import build_model, get_state, set_state
+from sim.core.objective import Pull
 from sim.core.train import local_train
-from sim.core.types import LocalPlan, TrainingSpec
+from sim.core.types import TrainingSpec
 
 LOGREG = {"_target_": "sim.core.models.logreg"}
 MLP = {"_target_": "sim.core.models.mlp", "hidden": [16]}
@@ -36,13 +37,13 @@ def starts_for(cfg, k, shape=(10,), classes=3):
     return [get_state(build_model(cfg, shape, classes, seed=s)) for s in range(k)]
 
 
-def one_at_a_time(model, starts, data, keys, training, plan, anchors=None):
+def one_at_a_time(model, starts, data, keys, training, mu=0.0, anchors=None):
     """The reference: set_state + local_train + get_state per institution, as the host does today."""
     out = []
     for i, (x, y) in enumerate(data):
         set_state(model, starts[i])
-        anchor = (anchors[i] if anchors is not None else starts[i]) if plan.prox_mu > 0 else None
-        loss, steps = local_train(model, x, y, training=training, plan=plan, key=keys[i], anchor=anchor)
+        anchor = anchors[i] if anchors is not None else starts[i]
+        loss, steps = local_train(model, x, y, training=training, key=keys[i], terms=(Pull(mu, anchor),))
         out.append((get_state(model), loss, steps))
     return out
 
@@ -67,12 +68,11 @@ def assert_same(ref, got):
 def test_train_many_equals_local_train(cfg, momentum, weight_decay, prox_mu) -> None:
     # Prepare: 7 institutions of unequal sizes, each from its own start
     training = TrainingSpec(local_epochs=2, batch_size=16, lr=0.1, momentum=momentum, weight_decay=weight_decay)
-    plan = LocalPlan(prox_mu=prox_mu)
     model, data = build_model(cfg, (10,), 3, seed=0), shards()
     starts, keys = starts_for(cfg, len(data)), [(0, i, 3) for i in range(len(data))]
     # Execute (max_batch=3: several chunks, the last one short)
-    ref = one_at_a_time(model, starts, data, keys, training, plan)
-    got = train_many(model, starts, data, keys, training=training, plan=plan, max_batch=3)
+    ref = one_at_a_time(model, starts, data, keys, training, prox_mu)
+    got = train_many(model, starts, data, keys, training=training, mu=prox_mu, max_batch=3)
     # Assert
     assert [n for _, _, n in got] == [2 * -(-n // 16) for n in SIZES]
     assert_same(ref, got)
@@ -83,15 +83,15 @@ def test_tolerance_is_tight_enough_to_see_every_setting() -> None:
     model, data = build_model(MLP, (10,), 3, seed=0), shards()
     starts, keys = starts_for(MLP, len(data)), [(0, i, 3) for i in range(len(data))]
     plain = TrainingSpec(local_epochs=2, batch_size=16, lr=0.1)
-    base = one_at_a_time(model, starts, data, keys, plain, LocalPlan())
+    base = one_at_a_time(model, starts, data, keys, plain)
     variants = [
-        (TrainingSpec(local_epochs=2, batch_size=16, lr=0.1, weight_decay=1e-3), LocalPlan()),
-        (TrainingSpec(local_epochs=2, batch_size=16, lr=0.1, momentum=0.9), LocalPlan()),
-        (plain, LocalPlan(prox_mu=0.1)),
+        (TrainingSpec(local_epochs=2, batch_size=16, lr=0.1, weight_decay=1e-3), 0.0),
+        (TrainingSpec(local_epochs=2, batch_size=16, lr=0.1, momentum=0.9), 0.0),
+        (plain, 0.1),
     ]
-    for training, plan in variants:
+    for training, mu in variants:
         # Execute
-        other = one_at_a_time(model, starts, data, keys, training, plan)
+        other = one_at_a_time(model, starts, data, keys, training, mu)
         moved = max(np.abs(a[0][k] - b[0][k]).max() for a, b in zip(base, other) for k in a[0])
         # Assert: an ignored term would break the equality test by a wide margin
         assert moved > 10 * ATOL
@@ -104,8 +104,8 @@ def test_cnn_and_tensor_inputs_match() -> None:
     starts, keys = starts_for(CNN, 4, (1, 8, 8), 4), [(1, i, 1) for i in range(4)]
     tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in data]
     # Execute
-    ref = one_at_a_time(model, starts, data, keys, training, LocalPlan())
-    got = train_many(model, starts, tensors, keys, training=training, plan=LocalPlan())
+    ref = one_at_a_time(model, starts, data, keys, training)
+    got = train_many(model, starts, tensors, keys, training=training, mu=0.0)
     # Assert
     assert_same(ref, got)
 
@@ -113,14 +113,14 @@ def test_cnn_and_tensor_inputs_match() -> None:
 def test_partial_and_foreign_anchors_match() -> None:
     # Prepare: anchors that differ from the start, one naming only the head, one None (= the start)
     training = TrainingSpec(local_epochs=2, batch_size=16, lr=0.1)
-    plan = LocalPlan(prox_mu=0.5)
+    mu = 0.5
     model, data = build_model(MLP, (10,), 3, seed=0), shards(SIZES[:3])
     starts, keys = starts_for(MLP, 3), [(0, i, 2) for i in range(3)]
     other = get_state(build_model(MLP, (10,), 3, seed=99))
     anchors = [other, {"3.weight": other["3.weight"], "3.bias": other["3.bias"]}, None]
     # Execute
-    ref = one_at_a_time(model, starts, data, keys, training, plan, anchors=[other, anchors[1], starts[2]])
-    got = train_many(model, starts, data, keys, training=training, plan=plan, anchors=anchors)
+    ref = one_at_a_time(model, starts, data, keys, training, mu, anchors=[other, anchors[1], starts[2]])
+    got = train_many(model, starts, data, keys, training=training, mu=mu, anchors=anchors)
     # Assert
     assert_same(ref, got)
 
@@ -133,10 +133,10 @@ def test_empty_shard_no_epochs_and_partial_starts() -> None:
     starts = [full[0], {"1.weight": full[1]["1.weight"]}]
     before = get_state(model)
     # Execute
-    got = train_many(model, starts, data, [(0, 0, 1), (0, 1, 1)], training=training, plan=LocalPlan())
-    ref = one_at_a_time(build_model(LOGREG, (10,), 3, seed=0), starts, data, [(0, 0, 1), (0, 1, 1)], training, LocalPlan())
+    got = train_many(model, starts, data, [(0, 0, 1), (0, 1, 1)], training=training, mu=0.0)
+    ref = one_at_a_time(build_model(LOGREG, (10,), 3, seed=0), starts, data, [(0, 0, 1), (0, 1, 1)], training)
     idle = train_many(model, full, data, [(0, 0, 1), (0, 1, 1)],
-                      training=TrainingSpec(local_epochs=0), plan=LocalPlan())
+                      training=TrainingSpec(local_epochs=0), mu=0.0)
     # Assert: nothing trained on the empty shard; the model lent for the architecture is left alone
     assert np.isnan(got[0][1]) and got[0][2] == 0
     assert all(np.array_equal(got[0][0][k], full[0][k]) for k in full[0])
@@ -154,29 +154,39 @@ def test_deterministic_and_leaves_global_rng_alone() -> None:
     expected = torch.rand(3)
     torch.manual_seed(123)
     # Execute
-    a = train_many(model, starts, data, keys, training=training, plan=LocalPlan())
-    b = train_many(model, starts, data, keys, training=training, plan=LocalPlan(), max_batch=2)
+    a = train_many(model, starts, data, keys, training=training, mu=0.0)
+    b = train_many(model, starts, data, keys, training=training, mu=0.0, max_batch=2)
     # Assert: same inputs -> identical numbers, whatever the chunking; callers' torch RNG untouched
     assert torch.equal(torch.rand(3), expected)
     for (sa, la, na), (sb, lb, nb) in zip(a, b):
         assert la == lb and na == nb and all(np.array_equal(sa[k], sb[k]) for k in sa)
 
 
-def test_batchable_only_for_pure_fp32_multi_step_weight_plans() -> None:
+def test_batchable_only_for_pure_fp32_sgd_models() -> None:
     # Prepare
-    plain, training = LocalPlan(), TrainingSpec()
+    training = TrainingSpec()
     mlp = build_model(MLP, (10,), 3, seed=0)
     dropout = nn.Sequential(nn.Flatten(), nn.Linear(10, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
     batchnorm = nn.Sequential(nn.Flatten(), nn.Linear(10, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
-    # Assert
-    assert batchable(mlp, plain, training)
-    assert batchable(build_model(CNN, (1, 8, 8), 4, seed=0), LocalPlan(upload="nothing", prox_mu=0.1), training)
-    assert not batchable(dropout, plain, training)
-    assert not batchable(batchnorm, plain, training)
-    assert not batchable(mlp, LocalPlan(one_step=True, upload="gradient"), training)
-    assert not batchable(mlp, LocalPlan(upload="data"), training)
-    assert not batchable(mlp, plain, TrainingSpec(precision="bf16"))
-    assert not batchable(mlp.double(), plain, training)
+    # Assert: the model and the training decide here; whether a scheme's step is plain SGD is its client half's say
+    assert batchable(mlp, training) and batchable(build_model(CNN, (1, 8, 8), 4, seed=0), training)
+    assert not batchable(dropout, training)
+    assert not batchable(batchnorm, training)
+    assert not batchable(mlp, TrainingSpec(precision="bf16"))
+    assert not batchable(mlp, TrainingSpec(optimizer="adamw"))
+    assert not batchable(mlp.double(), training)
+
+
+def test_only_plain_and_proximal_client_halves_are_batched() -> None:
+    from agents.schemes import SCHEMES
+
+    # Assert: FedAvg's family with a pull batches; a second model, a kept head, a correction, a start loss or a
+    # full-shard gradient do not
+    plans = {name: SCHEMES[name]().plan(1) for name in ("fedavg", "fedprox", "isolated", "finetune", "fedavgm",
+                                                           "ditto", "fedper", "scaffold", "qffl", "fedsgd")}
+    batched_ = {name for name, plan in plans.items() if (plan.client is None or plan.client.batchable)}
+    assert batched_ == {"fedavg", "fedprox", "isolated", "finetune", "fedavgm"}
+    assert plans["fedprox"].client.pull() == 0.01 and plans["fedsgd"].upload == "gradient"
 
 
 @pytest.mark.parametrize("cfg", [LOGREG, MLP, CNN], ids=["logreg", "mlp", "cnn"])
@@ -188,10 +198,10 @@ def test_an_institution_trains_the_same_whoever_shares_its_batch(cfg) -> None:
     starts, keys = starts_for(cfg, len(data), shape, 4), [(2, i, 1) for i in range(len(data))]
     pick = [4, 1, 3]
     # Execute
-    everybody = train_many(model, starts, data, keys, training=training, plan=LocalPlan(prox_mu=0.1))
+    everybody = train_many(model, starts, data, keys, training=training, mu=0.1)
     some = train_many(model, [starts[i] for i in pick], [data[i] for i in pick], [keys[i] for i in pick],
-                      training=training, plan=LocalPlan(prox_mu=0.1))
-    alone = [train_many(model, [starts[i]], [data[i]], [keys[i]], training=training, plan=LocalPlan(prox_mu=0.1))[0]
+                      training=training, mu=0.1)
+    alone = [train_many(model, [starts[i]], [data[i]], [keys[i]], training=training, mu=0.1)[0]
              for i in pick]  # a host with one cohort member (a vmapped convolution over one is an ungrouped one)
     # Assert: bit for bit, whatever else is in the cohort (the determinism contract across hosts)
     for j, i in enumerate(pick):

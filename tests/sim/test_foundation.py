@@ -65,7 +65,7 @@ def test_local_train_on_token_ids_changes_only_the_trainable_part() -> None:
     model = tiny()
     before, x, y = full(model), *ids(0)
     # Execute
-    loss, steps = local_train(model, x, y, training=SPEC, plan=LocalPlan(), key=(0, 1, 1))
+    loss, steps = local_train(model, x, y, training=SPEC, key=(0, 1, 1))
     after = full(model)
     # Assert: a real step; frozen keys bit-identical, every LoRA B (zero at start) and the head moved
     changed = {k for k in after if not torch.equal(before[k], after[k])}
@@ -79,7 +79,7 @@ def test_set_state_swaps_adapters_in_one_model_like_separate_models() -> None:
     separate = {}
     for inst in (1, 2):
         model = tiny()
-        local_train(model, *ids(inst), training=SPEC, plan=LocalPlan(), key=(0, inst, 1))
+        local_train(model, *ids(inst), training=SPEC, key=(0, inst, 1))
         separate[inst] = model.eval()
     shared = tiny().eval()
     base = {k: v for k, v in full(shared).items() if k in shared.frozen_keys}
@@ -116,7 +116,7 @@ def test_minilm_loads_and_a_step_moves_only_adapters_and_head() -> None:
     model = build_model(MINILM, (L,), C, seed=0)
     before, x, y = full(model), *ids(0, n=8)
     # Execute
-    local_train(model, x, y, training=SPEC, plan=LocalPlan(), key=(0, 0, 1))
+    local_train(model, x, y, training=SPEC, key=(0, 0, 1))
     # Assert: the real weights were loaded (not a random init), and only the shared part moved
     assert model.model.base_model.model.config.hidden_size == 384
     word = next(k for k in before if k.endswith("word_embeddings.weight"))
@@ -196,7 +196,7 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_falls_back_to_fp32() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for p, model in models.items():
-            losses[p], _ = local_train(model, x, y, training=TrainingSpec(lr=0.5, batch_size=8, precision=p), plan=LocalPlan(), key=(0, 0, 1))
+            losses[p], _ = local_train(model, x, y, training=TrainingSpec(lr=0.5, batch_size=8, precision=p), key=(0, 0, 1))
         acc, loss = evaluate(models["bf16"], x, y, precision="bf16")
     # Assert: bf16 trains (close to fp32, not equal); fp16 on CPU warns and is exactly fp32
     s16, s32, sbf = (get_state(models[p]) for p in ("fp16", "fp32", "bf16"))
@@ -216,7 +216,7 @@ def test_half_precision_trains_minilm_on_a_gpu(precision: str) -> None:
     model = build_model(MINILM, (L,), C, seed=0).cuda()
     before, (x, y) = get_state(model), ids(0)
     # Execute: fp16 goes through the GradScaler, bf16 without one
-    loss, _ = local_train(model, x, y, training=TrainingSpec(lr=0.5, batch_size=8, precision=precision), plan=LocalPlan(), key=(0, 0, 1))
+    loss, _ = local_train(model, x, y, training=TrainingSpec(lr=0.5, batch_size=8, precision=precision), key=(0, 0, 1))
     # Assert: finite loss; the fp32 master weights moved
     after = get_state(model)
     assert np.isfinite(loss) and any(not np.array_equal(before[k], after[k]) for k in before)
@@ -235,7 +235,7 @@ def test_minilm_on_a_gpu_repeats_bit_for_bit(precision: str) -> None:
     states = []
     for _ in range(2):
         model = build_model(MINILM, (L,), C, seed=0).cuda()
-        local_train(model, x, y, training=TrainingSpec(lr=0.05, batch_size=8, precision=precision), plan=LocalPlan(), key=(0, 0, 1))
+        local_train(model, x, y, training=TrainingSpec(lr=0.05, batch_size=8, precision=precision), key=(0, 0, 1))
         states.append(get_state(model))
     # Assert: bit for bit
     assert all(np.array_equal(states[0][k], states[1][k]) for k in states[0])

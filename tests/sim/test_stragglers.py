@@ -77,6 +77,7 @@ def test_the_step_cap_is_the_first_steps_of_the_full_step_on_both_paths():
     # Prepare: a logistic regression on a small shard; 3 epochs of 5 batches = 15 planned steps
     from sim.core.batched import train_many
     from sim.core.models import build_model, get_state, set_state
+    from sim.core.objective import Pull
     from sim.core.train import local_train
 
     rng = np.random.default_rng(0)
@@ -84,12 +85,12 @@ def test_the_step_cap_is_the_first_steps_of_the_full_step_on_both_paths():
     training = TrainingSpec(local_epochs=3, batch_size=10, lr=0.1)
     model = build_model({"_target_": "sim.core.models.logreg"}, (6,), 3, seed=0)
     start = get_state(model)
-    plan = LocalPlan(prox_mu=0.5)
+    mu = 0.5
     # Execute: the capped step, one at a time and vectorised (next to an uncapped institution)
     set_state(model, start)
-    _, steps = local_train(model, x, y, training=training, plan=plan, key=(0, 1, 2), max_steps=4)
+    _, steps = local_train(model, x, y, training=training, key=(0, 1, 2), max_steps=4, terms=(Pull(mu),))
     one = get_state(model)
-    many = train_many(model, [start, start], [(x, y), (x, y)], [(0, 1, 2), (0, 1, 2)], training=training, plan=plan,
+    many = train_many(model, [start, start], [(x, y), (x, y)], [(0, 1, 2), (0, 1, 2)], training=training, mu=mu,
                       max_steps=[4, None])
     # Assert: four steps taken; both paths agree to float32 rounding; the uncapped one trained all 15
     assert steps == 4 and many[0][2] == 4 and many[1][2] == stragglers.planned_steps(50, training) == 15

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from sim.core.models import build_model, get_state, set_state
+from sim.core.objective import Pull, Shift
 from sim.core.train import evaluate, full_gradient, local_train, numpy_rng_for, rng_for
 from sim.core.types import LocalPlan, TrainingSpec
 
@@ -53,9 +56,9 @@ def test_local_train_same_key_identical_weights_other_key_differs() -> None:
     x, y = blobs()
     models = [fresh() for _ in range(3)]
     # Execute
-    r0 = local_train(models[0], x, y, training=SPEC, plan=LocalPlan(), key=(0, 1, 1))
-    r1 = local_train(models[1], x, y, training=SPEC, plan=LocalPlan(), key=(0, 1, 1))
-    local_train(models[2], x, y, training=SPEC, plan=LocalPlan(), key=(0, 1, 2))
+    r0 = local_train(models[0], x, y, training=SPEC, key=(0, 1, 1))
+    r1 = local_train(models[1], x, y, training=SPEC, key=(0, 1, 1))
+    local_train(models[2], x, y, training=SPEC, key=(0, 1, 2))
     s0, s1, s2 = (get_state(m) for m in models)
     # Assert: bit-identical for the same key; the shuffling of another key changes the weights
     assert r0 == r1
@@ -69,7 +72,7 @@ def test_local_train_reduces_loss_and_counts_steps() -> None:
     model = fresh()
     _, loss_before = evaluate(model, x, y)
     # Execute
-    train_loss, steps = local_train(model, x, y, training=SPEC, plan=LocalPlan(), key=(0, 0, 0))
+    train_loss, steps = local_train(model, x, y, training=SPEC, key=(0, 0, 0))
     acc, loss_after = evaluate(model, x, y)
     # Assert: 2 epochs x ceil(128 / 16) steps; the blobs are separable, so training fits them
     assert steps == 2 * 8
@@ -83,7 +86,7 @@ def test_local_train_leaves_global_rng_alone() -> None:
     x, y = blobs(32)
     before = torch.get_rng_state()
     # Execute
-    local_train(fresh(), x, y, training=SPEC, plan=LocalPlan(), key=(1, 2, 3))
+    local_train(fresh(), x, y, training=SPEC, key=(1, 2, 3))
     # Assert
     assert torch.equal(torch.get_rng_state(), before)
 
@@ -94,24 +97,25 @@ def test_prox_term_pulls_towards_the_anchor() -> None:
     plain, prox = fresh(), fresh()
     anchor = get_state(plain)
     # Execute
-    local_train(plain, x, y, training=SPEC, plan=LocalPlan(), key=(0, 1, 0))
-    local_train(prox, x, y, training=SPEC, plan=LocalPlan(prox_mu=1.0), key=(0, 1, 0), anchor=anchor)
+    local_train(plain, x, y, training=SPEC, key=(0, 1, 0))
+    local_train(prox, x, y, training=SPEC, key=(0, 1, 0), terms=(Pull(1.0, anchor),))
     # Assert: same shuffling, the only difference is the pull, so the FedProx model stays closer
     assert distance(get_state(prox), anchor) < distance(get_state(plain), anchor)
 
 
-def test_one_step_plan_takes_a_single_full_batch_step() -> None:
-    # Prepare
+def test_a_shift_term_moves_each_step_by_its_correction() -> None:
+    # Prepare: one full-batch SGD step, with and without the linear term <w, c> (SCAFFOLD's correction)
     x, y = blobs(40)
-    model = fresh()
-    grad, _ = full_gradient(model, x, y)
-    expected = {k: get_state(model)[k] - SPEC.lr * grad[k] for k in grad}
+    plain, shifted = fresh(), fresh()
+    c = {k: np.full_like(v, 0.5) for k, v in get_state(plain).items()}
+    one = replace(SPEC, batch_size=40, local_epochs=1)
     # Execute
-    _, steps = local_train(model, x, y, training=SPEC, plan=LocalPlan(one_step=True), key=(0, 0, 0))
-    # Assert: 1e-6 absolute covers float32 rounding of weights of order 1
+    local_train(plain, x, y, training=one, key=(0, 0, 0))
+    _, steps = local_train(shifted, x, y, training=one, key=(0, 0, 0), terms=(Shift(c),))
+    # Assert: the gradient of <w, c> is c, so the step differs by exactly -lr * c (1e-6: float32 rounding of O(1) weights)
     assert steps == 1
-    for k, v in expected.items():
-        np.testing.assert_allclose(get_state(model)[k], v, atol=1e-6)
+    for k, v in get_state(plain).items():
+        np.testing.assert_allclose(get_state(shifted)[k], v - one.lr * c[k], atol=1e-6)
 
 
 def test_full_gradient_matches_finite_differences() -> None:
@@ -173,7 +177,7 @@ def test_empty_shard_is_reported_not_crashed() -> None:
     # Prepare
     x, y = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
     # Execute
-    loss, steps = local_train(fresh(), x, y, training=SPEC, plan=LocalPlan(), key=(0,))
+    loss, steps = local_train(fresh(), x, y, training=SPEC, key=(0,))
     acc, eval_loss = evaluate(fresh(), x, y)
     # Assert
     assert steps == 0 and np.isnan(loss) and np.isnan(acc) and np.isnan(eval_loss)
