@@ -27,7 +27,7 @@ from sim.cli import compose
 from sim.engine import run
 from sim.core.models import build_model
 from sim.core.train import local_train
-from sim.core.types import LocalPlan, TrainingSpec
+from sim.core.types import TrainingSpec
 from refusal import refused
 
 SMALL = ["smoke=true", "rounds=3", "data.num_samples=600", "checkpoint_every=0", "results.select=last",

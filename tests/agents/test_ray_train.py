@@ -14,7 +14,7 @@ from sim.cli import compose
 from sim.checks import load_spec
 from sim.core.models import build_model, get_state, set_state
 from sim.core.train import evaluate, local_train
-from sim.core.types import ConfigError, LocalPlan, TrainingSpec
+from sim.core.types import ConfigError, TrainingSpec
 
 MLP = {"_target_": "sim.core.models.mlp", "hidden": [16]}
 TRAINING = TrainingSpec(local_epochs=2, batch_size=32, lr=0.1)

@@ -12,7 +12,7 @@ from torch import nn
 from sim.core.models import build_model, get_state, set_state
 from sim.core.objective import Pull, Shift
 from sim.core.train import evaluate, full_gradient, local_train, numpy_rng_for, rng_for
-from sim.core.types import LocalPlan, TrainingSpec
+from sim.core.types import TrainingSpec
 
 LOGREG = {"_target_": "sim.core.models.logreg"}
 SPEC = TrainingSpec(local_epochs=2, batch_size=16, lr=0.1)
