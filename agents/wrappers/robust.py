@@ -96,24 +96,22 @@ class Krum(Robust):
         """Refuse settings the cohort can never satisfy (n > 2f + 2; Multi-Krum also m <= n - f)."""
         self.inner.check(institutions)
         n = cohort_size(institutions, self.inner.cohort_fraction)
-        need = robust.krum_needs(self.byzantine)
-        if n < need:
-            raise ConfigError("aggregator.byzantine", f"{self.option} with byzantine={self.byzantine} needs a cohort of "
-                              f"more than 2f+2={need - 1} institutions, and each round selects {n} of {institutions}; "
-                              "lower aggregator.byzantine, raise scheme.cohort_fraction or add institutions")
-        if self.m > n - self.byzantine:
-            raise ConfigError("aggregator.krum_m", f"multi_krum averages at most n - f = {n - self.byzantine} of the "
-                              f"{n} selected institutions, got krum_m={self.m}")
+        self.fits(n, f"a cohort of more than 2f+2={2 * self.byzantine + 2} institutions, and each round selects {n} of "
+                     f"{institutions}", "selected institutions",
+                  "lower aggregator.byzantine, raise scheme.cohort_fraction or add institutions")
 
     def arrived(self, n: int) -> None:
         """Refuse a round in which dropouts left too few updates for Krum."""
+        self.fits(n, f"more than 2f+2={2 * self.byzantine + 2} updates, and only {n} arrived this round (dropouts?)",
+                  "updates that arrived", "lower aggregator.byzantine")
+
+    def fits(self, n: int, shortfall: str, of: str, fix: str) -> None:
+        """Refuse ``n`` states (``of`` what): Krum needs more than 2f + 2 (``shortfall`` says so), Multi-Krum m <= n - f."""
         if n < robust.krum_needs(self.byzantine):
-            raise ConfigError("aggregator.byzantine", f"{self.option} with byzantine={self.byzantine} needs more than "
-                              f"2f+2={2 * self.byzantine + 2} updates, and only {n} arrived this round (dropouts?); "
-                              "lower aggregator.byzantine")
+            raise ConfigError("aggregator.byzantine", f"{self.option} with byzantine={self.byzantine} needs {shortfall}; {fix}")
         if self.m > n - self.byzantine:
-            raise ConfigError("aggregator.krum_m", f"multi_krum averages at most n - f = {n - self.byzantine} of "
-                              f"the {n} updates that arrived, got krum_m={self.m}")
+            raise ConfigError("aggregator.krum_m", f"multi_krum averages at most n - f = {n - self.byzantine} of the "
+                              f"{n} {of}, got krum_m={self.m}")
 
     def rule(self, state: State, states: list[State], weights: list[float]) -> dict:
         return robust.krum(states, self.byzantine, self.m)

@@ -23,7 +23,7 @@ from sim.core import schema
 from sim.core.scenario import build_scenario, from_sites, uses_sites
 from sim.core.schema import CLUSTER, ENGINE, GPU_POLICIES, PLACEMENTS, RESULTS, TOP, TRAINING, check_group
 from sim.core.stragglers import StragglerSpec, load as load_stragglers
-from sim.core.types import ConfigError, Scenario, TrainingSpec
+from sim.core.types import ConfigError, Scenario, TrainingSpec, defaults
 
 log = logging.getLogger("collabsim")
 
@@ -31,21 +31,24 @@ __all__ = ["EngineSpec", "GPU_POLICIES", "PLACEMENTS", "RunSpec", "SMOKE_ROUNDS"
 SMOKE_ROUNDS = 3
 
 
+ENGINE_DEFAULTS = defaults("engine")
+
+
 @dataclass(frozen=True)
 class EngineSpec:
-    """How the simulation is laid out on the cluster."""
+    """How the simulation is laid out on the cluster (defaults: conf/config.yaml's ``engine``, which explains each)."""
 
-    threads_per_institution: int = 1
-    coordinator_cpus: float = 0.25
-    pooled_hosts: int | None = None  # None = as many as the CPUs allow
-    max_dedicated: int = 16
-    gpu_policy: str = "warn"
-    round_timeout_s: float = 600.0  # a host that has not answered by then is given up on for the round
-    round_deadline_s: float | None = None  # simulated seconds a round waits for updates (sim/core/stragglers.py); None = no deadline
-    backend: str = "ray"  # ray: institutions on Ray actors | inprocess: everything in this process (small runs, tests)
-    eval_every: int = 1  # score every N rounds (round 0 and the last round always)
-    vectorise: bool = True  # plain local steps of a host's institutions run as one vmapped computation (sim/core/batched.py)
-    eval_scope: str = "all"  # all: every institution is scored | cohort: only the round's cohort (all in the last round)
+    threads_per_institution: int = ENGINE_DEFAULTS["threads_per_institution"]
+    coordinator_cpus: float = ENGINE_DEFAULTS["coordinator_cpus"]
+    pooled_hosts: int | None = None if ENGINE_DEFAULTS["pooled_hosts"] == "auto" else ENGINE_DEFAULTS["pooled_hosts"]
+    max_dedicated: int = ENGINE_DEFAULTS["max_dedicated"]
+    gpu_policy: str = ENGINE_DEFAULTS["gpu_policy"]
+    round_timeout_s: float = ENGINE_DEFAULTS["round_timeout_s"]  # a host silent this long is given up for the round
+    round_deadline_s: float | None = ENGINE_DEFAULTS["round_deadline_s"]  # simulated seconds a round waits; None: none
+    backend: str = ENGINE_DEFAULTS["backend"]  # ray | inprocess
+    eval_every: int = ENGINE_DEFAULTS["eval_every"]  # score every N rounds (round 0 and the last round always)
+    vectorise: bool = ENGINE_DEFAULTS["vectorise"]  # a host's plain local steps as one computation (sim/core/batched.py)
+    eval_scope: str = ENGINE_DEFAULTS["eval_scope"]  # all | cohort: who is scored (all in the last round)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,13 @@ without a cluster.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
+import yaml
 
 State = Mapping[str, np.ndarray]
 """Model state that crosses actors: a flat ``name -> array`` mapping, never a pickled module."""
@@ -115,23 +118,36 @@ class Federation:
     y_val: np.ndarray | None = None
 
 
+CONFIG = Path(__file__).resolve().parents[2] / "conf" / "config.yaml"
+"""The one place the defaults of every top-level key, ``training`` and ``engine`` are declared (with their comments):
+the command line composes it, and the dataclasses below read their defaults from it, so a run built in Python gets
+exactly what ``python -m sim`` gets."""
+
+
+@functools.cache
+def defaults(section: str) -> dict:
+    """The defaults conf/config.yaml gives a section (``training``, ``engine``)."""
+    with open(CONFIG) as f:
+        return dict(yaml.safe_load(f)[section])
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
-    """Local-training hyperparameters shared by every institution."""
+    """Local-training hyperparameters shared by every institution (defaults: conf/config.yaml's ``training``)."""
 
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    optimizer: str = "sgd"  # sgd | adamw: the local optimizer, built afresh every round
-    head_lr: float | None = None  # learning rate of a transformer's classification head; None = lr
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast dtype of forward passes (fp16 only on a GPU)
-    schedule: str = "constant"  # constant | cosine | step: the local learning rate over rounds (sim.core.train.lr_scale)
-    server_schedule: str = "constant"  # the same choice for a scheme's server learning rate (server_lr)
-    step_every: int = 10  # schedule=step: multiply by step_gamma every step_every rounds
-    step_gamma: float = 0.5
-    rounds: int = 0  # the run's planned rounds (cosine decays over them); 0 = unknown, no decay
+    local_epochs: int = defaults("training")["local_epochs"]
+    batch_size: int = defaults("training")["batch_size"]
+    lr: float = defaults("training")["lr"]
+    momentum: float = defaults("training")["momentum"]
+    weight_decay: float = defaults("training")["weight_decay"]
+    optimizer: str = defaults("training")["optimizer"]  # sgd | adamw: the local optimizer, built afresh every round
+    head_lr: float | None = defaults("training")["head_lr"]  # a transformer's classification head's lr; None = lr
+    precision: str = defaults("training")["precision"]  # fp32 | bf16 | fp16: autocast dtype of forward passes
+    schedule: str = defaults("training")["schedule"]  # constant | cosine | step: the local lr over rounds (train.lr_scale)
+    server_schedule: str = defaults("training")["server_schedule"]  # the same for a scheme's server_lr
+    step_every: int = defaults("training")["step_every"]  # schedule=step: multiply by step_gamma every step_every rounds
+    step_gamma: float = defaults("training")["step_gamma"]
+    rounds: int = 0  # the run's planned rounds (cosine decays over them; set from the top-level rounds); 0 = no decay
 
 
 @dataclass(frozen=True)

@@ -196,7 +196,7 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_falls_back_to_fp32() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for p, model in models.items():
-            losses[p], _ = local_train(model, x, y, training=TrainingSpec(lr=0.5, batch_size=8, precision=p), key=(0, 0, 1))
+            losses[p], _ = local_train(model, x, y, training=TrainingSpec(local_epochs=1, lr=0.5, batch_size=8, precision=p), key=(0, 0, 1))
         acc, loss = evaluate(models["bf16"], x, y, precision="bf16")
     # Assert: bf16 trains (close to fp32, not equal); fp16 on CPU warns and is exactly fp32
     s16, s32, sbf = (get_state(models[p]) for p in ("fp16", "fp32", "bf16"))
@@ -216,7 +216,7 @@ def test_half_precision_trains_minilm_on_a_gpu(precision: str) -> None:
     model = build_model(MINILM, (L,), C, seed=0).cuda()
     before, (x, y) = get_state(model), ids(0)
     # Execute: fp16 goes through the GradScaler, bf16 without one
-    loss, _ = local_train(model, x, y, training=TrainingSpec(lr=0.5, batch_size=8, precision=precision), key=(0, 0, 1))
+    loss, _ = local_train(model, x, y, training=TrainingSpec(local_epochs=1, lr=0.5, batch_size=8, precision=precision), key=(0, 0, 1))
     # Assert: finite loss; the fp32 master weights moved
     after = get_state(model)
     assert np.isfinite(loss) and any(not np.array_equal(before[k], after[k]) for k in before)
@@ -235,7 +235,7 @@ def test_minilm_on_a_gpu_repeats_bit_for_bit(precision: str) -> None:
     states = []
     for _ in range(2):
         model = build_model(MINILM, (L,), C, seed=0).cuda()
-        local_train(model, x, y, training=TrainingSpec(lr=0.05, batch_size=8, precision=precision), key=(0, 0, 1))
+        local_train(model, x, y, training=TrainingSpec(local_epochs=1, lr=0.05, batch_size=8, precision=precision), key=(0, 0, 1))
         states.append(get_state(model))
     # Assert: bit for bit
     assert all(np.array_equal(states[0][k], states[1][k]) for k in states[0])

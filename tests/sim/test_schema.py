@@ -12,7 +12,7 @@ from sim.core import schema
 from sim.cli import compose, guard
 from sim.checks import load_spec
 from sim.core.config import RunSpec
-from sim.core.types import ConfigError
+from sim.core.types import TrainingSpec, ConfigError
 
 BASE = OmegaConf.to_container(compose("config", ["smoke=true", "data.num_samples=600"]), resolve=True)
 BASE.pop("hydra", None)
@@ -197,3 +197,15 @@ def test_every_key_of_the_default_config_has_a_field():
         assert set(node) - set(schema.OTHER_ENTRY_POINTS) <= set(fields), group
     for row in BASE["scenario"]["institutions"]:
         assert set(row) <= set(schema.INSTITUTION)
+
+
+def test_a_config_without_training_or_engine_gets_the_command_lines_defaults() -> None:
+    # Prepare: the composed default config, and the same as a plain dict that leaves both groups out
+    composed = compose("config", ["smoke=true"])
+    bare = OmegaConf.to_container(composed, resolve=True)
+    del bare["training"], bare["engine"]
+    # Execute
+    full, built = load_spec(composed), load_spec(bare)
+    # Assert: one source of defaults (conf/config.yaml): the dataclasses read theirs from it
+    assert built.training == full.training and built.engine == full.engine
+    assert TrainingSpec(rounds=full.rounds) == full.training
