@@ -36,6 +36,11 @@ class ConfigError(ValueError):
         self.key = key
         self.problem = problem
 
+    def __reduce__(self):
+        # Raised inside a Ray actor (a Krum round that too few updates reached), it must unpickle in the driver as
+        # itself, one line naming the key; the default rebuilds it from the message alone and fails.
+        return type(self), (self.key, self.problem)
+
 
 class RunFailed(RuntimeError):
     """A run stopped before its last round (a lost coordinator, an unrecoverable host); ``resume`` continues it."""

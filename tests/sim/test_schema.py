@@ -209,3 +209,12 @@ def test_a_config_without_training_or_engine_gets_the_command_lines_defaults() -
     # Assert: one source of defaults (conf/config.yaml): the dataclasses read theirs from it
     assert built.training == full.training and built.engine == full.engine
     assert TrainingSpec(rounds=full.rounds) == full.training
+
+
+def test_a_config_error_survives_pickling_as_itself() -> None:
+    # Ray ships an exception raised in an actor to the driver pickled: it must arrive as the same one line and key
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("aggregator.byzantine", "needs more than 2f+2=4 updates")))
+    assert type(err) is ConfigError and err.key == "aggregator.byzantine"
+    assert str(err) == "aggregator.byzantine: needs more than 2f+2=4 updates"
