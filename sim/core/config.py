@@ -241,7 +241,8 @@ def _wrappers(c: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str,
         cfg = c.get(group) or {}
         if not isinstance(cfg, Mapping):
             raise ConfigError(group, f"expected a config group, got {cfg!r}; pick one with {group}=<name>")
-        schema.check_value(f"{group}.name", cfg.get("name", ""), schema.Field("str"))
+        if "name" in cfg:  # absent from configs saved before the wrappers
+            schema.check_value(f"{group}.name", cfg["name"], schema.Field("str"))
         if not cfg.get("_target_"):  # an option that wraps nothing takes no settings; the others' keys: by signature
             check_group(group, cfg, {"name": schema.Field("str")}, allowed=schema.HYDRA_KEYS)
         else:

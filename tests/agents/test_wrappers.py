@@ -101,3 +101,24 @@ def test_a_preset_keeps_its_layer_in_the_fixed_order() -> None:
     assert [w.group for w in layers(built)] == ["privacy", "secagg"]
     with pytest.raises(ConfigError, match="privacy=client_dp cannot wrap scheme dp_fedavg: it already brings"):
         wrap(built, {"privacy": {"_target_": "agents.wrappers.privacy.ClientDP", "noise_multiplier": 1.0}})
+
+
+def test_a_config_saved_before_the_layers_and_wrappers_loads_as_what_it_meant() -> None:
+    # Prepare: a fedprox config as runs wrote it before (wrapper keys in the scheme, no wrapper groups, the old model path)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose("config", ["smoke=true", "scheme=fedprox"]), resolve=True)
+    for group in GROUPS:
+        del cfg[group]
+    cfg["scheme"] |= {"merge": "median", "trim": 0.2, "byzantine": 1, "krum_m": 1, "clip_norm": 0.1,
+                      "secure_aggregation": False, "compression": "topk", "compression_ratio": 0.2, "error_feedback": True}
+    cfg["model"]["_target_"] = "sim" + ".models.mlp"  # spelt apart: the path as old configs hold it
+    # Execute
+    spec = load_spec(cfg)
+    # Assert: the groups its keys meant, the scheme without them, the factory at its new home
+    assert spec.wrappers == {"aggregator": {"_target_": "agents.wrappers.robust.Median"},
+                             "compression": {"_target_": "agents.wrappers.compression.Compression", "method": "topk",
+                                             "ratio": 0.2, "error_feedback": True}}
+    assert not {"merge", "clip_norm", "compression"} & set(spec.scheme) and spec.scheme["mu"] == 0.01
+    assert spec.model["_target_"] == "sim.core.models.mlp"
+    assert wrapped_name(spec) == "scheme fedprox with aggregator=median with compression=topk"
