@@ -96,11 +96,12 @@ class Host:
         for i, start in zip(trained, starts):  # what set_state would refuse, the vectorised step refuses too
             check_state_keys(own, start, i.spec.name)
         caps = [stragglers.cap(ctx, i.spec.name) for i in trained]  # partial stragglers stop early
+        mu = client.pull()  # a proximal pull towards each start (FedProx), batched with the steps
         t0 = time.perf_counter()
         results = train_many(self.model, starts, [i.tensors(self.model) for i in trained],
                              [(i.seed, i.spec.index, ctx.round) for i in trained],
-                             training=scheduled(self.training, ctx.round), mu=client.pull(),
-                             anchors=starts if client.pull() > 0 else None, max_steps=caps)
+                             training=scheduled(self.training, ctx.round), mu=mu,
+                             anchors=starts if mu > 0 else None, max_steps=caps)
         seconds = time.perf_counter() - t0
         total = max(1, sum(i.shard.num_train for i in trained))
         return [i.trained(plan, global_state, state, loss, seconds * i.shard.num_train / total,

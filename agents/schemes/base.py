@@ -23,7 +23,8 @@ import numpy as np
 
 from sim.core.models import get_state
 from sim.core.objective import Pull, Term
-from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, State, Update, state_nbytes
+from sim.core.types import (ConfigError, InstitutionSpec, LocalPlan, RoundContext, State, TrainingSpec, Update,
+                            state_nbytes)
 
 if TYPE_CHECKING:
     import torch
@@ -99,19 +100,19 @@ class Client:
         mu = self.pull()
         return (Pull(mu, start),) if mu > 0 else ()
 
-    def local_step(self, inst: Institution, model: torch.nn.Module, start: State, training: Any, key: tuple[int, ...],
+    def local_step(self, inst: Institution, model: torch.nn.Module, start: State, training: TrainingSpec, key: tuple[int, ...],
                    cap: int | None) -> Work:
         """The round's local work on ``model`` (set to ``start``): local SGD under :meth:`terms`."""
         return inst.sgd(model, training, key, cap, self.terms(inst, model, start))
 
     def after(self, inst: Institution, model: torch.nn.Module, plan: LocalPlan, global_state: State | None,
-              work: Work, round: int, training: Any) -> None:
+              work: Work, round: int, training: TrainingSpec) -> None:
         """What the institution keeps after its step (a personal start: the trained model), before anything is sent."""
         if plan.start == "personal":
             inst.personal, inst.changed = get_state(model), True
 
     def finish(self, inst: Institution, start: State, payload: dict[str, np.ndarray], work: Work,
-               training: Any) -> dict[str, np.ndarray]:
+               training: TrainingSpec) -> dict[str, np.ndarray]:
         """The upload as it leaves the step (after any behaviour bent it); FedAvg: as it is."""
         return payload
 

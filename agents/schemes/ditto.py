@@ -18,7 +18,7 @@ from agents.schemes.fedavg import FedAvg
 from sim.core.models import get_state, set_state
 from sim.core.objective import Pull
 from sim.core.train import local_train
-from sim.core.types import ConfigError, LocalPlan, State
+from sim.core.types import ConfigError, LocalPlan, State, TrainingSpec
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +50,7 @@ class DittoClient(Client):
     lam: float = 0.1
 
     def after(self, inst: Any, model: torch.nn.Module, plan: LocalPlan, global_state: State | None, work: Work,
-              round: int, training: Any) -> None:
+              round: int, training: TrainingSpec) -> None:
         """Train v on the own shard minimising loss(v) + (lam/2)*||v - w||^2, w this round's global model."""
         super().after(inst, model, plan, global_state, work, round, training)
         if not global_state:

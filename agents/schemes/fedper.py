@@ -17,7 +17,7 @@ import numpy as np
 
 from agents.schemes.base import Client, Work, register
 from agents.schemes.fedavg import FedAvg
-from sim.core.types import ConfigError, LocalPlan, State
+from sim.core.types import ConfigError, LocalPlan, State, TrainingSpec
 
 AUTO = "auto"
 """``personal_keys`` value meaning: the keys of the model's last layer (its head)."""
@@ -96,7 +96,7 @@ class FedPerClient(Client):
         return {**global_state, **{k: inst.personal[k] for k in kept}} if kept else start
 
     def after(self, inst: Any, model: Any, plan: LocalPlan, global_state: State | None, work: Work, round: int,
-              training: Any) -> None:
+              training: TrainingSpec) -> None:
         """The trained head stays home (never uploaded) as the institution's own."""
         kept = self.kept(global_state) if global_state else ()
         if kept:

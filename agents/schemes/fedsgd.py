@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from agents.schemes.aggregate import apply_gradient, weighted_average
 from agents.schemes.base import Client, Scheme, Work, check_range, register, sample_cohort
 from sim.core.train import full_gradient
-from sim.core.types import LocalPlan, RoundContext, State, Update
+from sim.core.types import LocalPlan, RoundContext, State, TrainingSpec, Update
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +55,7 @@ class GradientClient(Client):
     batchable = False  # one full-batch gradient, not local SGD
     local_sgd = False  # so DP-SGD, which privatises SGD steps, has nothing to work on
 
-    def local_step(self, inst: Any, model: torch.nn.Module, start: State, training: Any, key: tuple[int, ...],
+    def local_step(self, inst: Any, model: torch.nn.Module, start: State, training: TrainingSpec, key: tuple[int, ...],
                    cap: int | None) -> Work:
         """The full-shard gradient (named like the model's parameters) and that loss; every sample processed once."""
         shard = inst.shard
@@ -63,5 +63,5 @@ class GradientClient(Client):
         return Work(gradient, loss, 0, shard.num_train, shard.num_train)
 
     def after(self, inst: Any, model: torch.nn.Module, plan: LocalPlan, global_state: State | None, work: Work,
-              round: int, training: Any) -> None:
+              round: int, training: TrainingSpec) -> None:
         """Nothing to keep: no step was taken."""

@@ -30,7 +30,7 @@ from agents.schemes.aggregate import server_step, weighted_average
 from agents.schemes.base import Client, Work, check_range, register
 from agents.schemes.fedavg import FedAvg
 from sim.core.train import evaluate
-from sim.core.types import LocalPlan, RoundContext, State, Update
+from sim.core.types import LocalPlan, RoundContext, State, TrainingSpec, Update
 
 if TYPE_CHECKING:
     import torch
@@ -92,7 +92,7 @@ class StartLossClient(Client):
 
     batchable = False  # it scores the received model first
 
-    def local_step(self, inst: Any, model: torch.nn.Module, start: State, training: Any, key: tuple[int, ...],
+    def local_step(self, inst: Any, model: torch.nn.Module, start: State, training: TrainingSpec, key: tuple[int, ...],
                    cap: int | None) -> Work:
         """FedAvg's local step, after measuring F_k (reported as the update's ``start_loss``)."""
         loss = evaluate(model, inst.shard.x_train, inst.shard.y_train, precision=inst.training.precision)[1]

@@ -41,7 +41,7 @@ from agents.schemes.base import Client, Work, register
 from agents.schemes.fedavg import FedAvg
 from sim.core.faults import FAILED
 from sim.core.objective import Shift, Term
-from sim.core.types import LocalPlan, RoundContext, State, Update, state_nbytes
+from sim.core.types import LocalPlan, RoundContext, State, TrainingSpec, Update, state_nbytes
 
 if TYPE_CHECKING:
     import torch
@@ -134,7 +134,7 @@ class ScaffoldClient(Client):
         return (Shift(out),)
 
     def finish(self, inst: Any, start: State, payload: dict[str, np.ndarray], work: Work,
-               training: Any) -> dict[str, np.ndarray]:
+               training: TrainingSpec) -> dict[str, np.ndarray]:
         """Option II: c_i+ = c_i - c + (x - y_i) / (K * lr) over the sent floating keys; the upload gains c_i+ - c_i.
 
         ``x`` is the received model, ``y_i`` what is sent (after any behaviour), ``K`` the local steps taken.
