@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from sim.core import schema
+from sim.core import legacy, schema
 from sim.core.scenario import build_scenario, from_sites, uses_sites
 from sim.core.schema import CLUSTER, ENGINE, GPU_POLICIES, PLACEMENTS, RESULTS, TOP, TRAINING, check_group
 from sim.core.stragglers import StragglerSpec, load as load_stragglers
@@ -123,7 +123,7 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
         scheme_name=scheme_name,
         scheme=scheme_cfg,
         wrappers=wrappers,
-        model=_moved_target(_group(c, "model")),
+        model=legacy.model(_group(c, "model")),
         data=_group(c, "data"),
         training=replace(_training(c.get("training") or {}), rounds=rounds),
         engine=engine,
@@ -215,27 +215,11 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
-LEGACY_KEYS = {
-    "merge": "aggregator", "trim": "aggregator", "byzantine": "aggregator", "krum_m": "aggregator",
-    "secure_aggregation": "secagg", "compression": "compression", "compression_ratio": "compression",
-    "error_feedback": "compression",
-}
-"""Scheme keys of before the wrappers (a config saved then still holds them) -> the group that took them over.
-``clip_norm`` was the norm_clip rule's too, except under dp_fedavg, where it is still the scheme's own."""
-RULES = {"median": "Median", "trimmed_mean": "TrimmedMean", "krum": "Krum", "multi_krum": "MultiKrum",
-         "norm_clip": "NormClip"}
-"""The old ``scheme.merge`` values -> the wrapper classes of agents/wrappers/robust.py."""
-
-
 def _wrappers(c: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(the scheme group without the keys of before the wrappers, the wrappers the run has: group -> config).
 
     A group wraps when its config names a ``_target_``; a config saved before the wrappers gets the
-    groups its old scheme keys meant (``scheme.merge: krum`` -> aggregator Krum, and so on)."""
-    scheme = dict(c["scheme"])
-    old = {k: scheme.pop(k) for k in list(scheme) if k in LEGACY_KEYS}
-    if "merge" in old and "clip_norm" in scheme:
-        old["clip_norm"] = scheme.pop("clip_norm")
+    groups its old scheme keys meant (:func:`sim.core.legacy.wrappers`)."""
     out = {}
     for group in schema.WRAPPERS:
         cfg = c.get(group) or {}
@@ -247,31 +231,8 @@ def _wrappers(c: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str,
             check_group(group, cfg, {"name": schema.Field("str")}, allowed=schema.HYDRA_KEYS)
         else:
             out[group] = {k: v for k, v in cfg.items() if k != "name"}  # the option's name labels it, builds nothing
-    rule = old.get("merge", "mean")
-    if rule != "mean" and "aggregator" not in out:
-        keys = {"trimmed_mean": ("trim",), "krum": ("byzantine",), "multi_krum": ("byzantine", "krum_m"),
-                "norm_clip": ("clip_norm",)}.get(rule, ())
-        out["aggregator"] = {"_target_": f"agents.wrappers.robust.{RULES.get(rule, rule)}",
-                             **{k: old[k] for k in keys if k in old}}
-    if old.get("secure_aggregation") and "secagg" not in out:
-        out["secagg"] = {"_target_": "agents.wrappers.secagg.SecureAggregation"}
-    if old.get("compression", "none") != "none" and "compression" not in out:
-        out["compression"] = {"_target_": "agents.wrappers.compression.Compression", "method": old["compression"],
-                              **({"ratio": old["compression_ratio"]} if "compression_ratio" in old else {}),
-                              **({"error_feedback": old["error_feedback"]} if "error_feedback" in old else {})}
-    return scheme, out
-
-
-MOVED = ("sim" + ".models.", "sim.core.models.")  # spelt in two parts so no path rewrite takes it for a use
-"""Where model factories lived before the layers were split (a config saved then names the old path; its run id keeps it)."""
-
-
-def _moved_target(model: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The model group with a factory path of before the move (``sim.models.X``) pointing at its home now."""
-    target = model.get("_target_")
-    if isinstance(target, str) and target.startswith(MOVED[0]):
-        return {**model, "_target_": MOVED[1] + target.removeprefix(MOVED[0])}
-    return model
+    scheme, meant = legacy.wrappers(c["scheme"])
+    return scheme, {**meant, **out}
 
 
 def _group(c: Mapping[str, Any], name: str) -> Mapping[str, Any]:
