@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from agents.schemes.base import Books, Central, cost_of
 from agents.wrappers import build
 from sim.core import clock, faults, stragglers
 from sim.core.data import corruption
@@ -57,12 +58,14 @@ class Coordinator:
         # Central training as a data-parallel job (a callable like _train_central's own step, with close()): the Ray
         # runtime's coordinator sets it (agents/runtime/warm.py); None trains here, in this process.
         self.data_parallel: Any = None
-        self.scheme.bind(self._train_central)
+        if isinstance(self.scheme, Central):  # pooled data: the scheme trains here
+            self.scheme.bind(self._train_central)
         # A backdoor planted by a data-poisoning institution (the first one's trigger): scored on the global test set.
         self.backdoor = next(((s.trigger_features, s.trigger_value, s.target_label) for s in specs
                               if s.behaviour == "data_poisoning"), None)
         self.deadline = deadline  # per-round slowdowns and engine.round_deadline_s (sim/core/stragglers.py)
-        self.scheme.attach(tuple(specs), row_bytes=_row_bytes(global_test))
+        if isinstance(self.scheme, Books):  # compute sharing: it plans who trains whose data
+            self.scheme.attach(tuple(specs), row_bytes=_row_bytes(global_test))
 
     def current_state(self) -> State:
         """The global state now (before round 1: also every institution's starting personal model)."""
@@ -86,8 +89,8 @@ class Coordinator:
 
         ``lost`` names cohort members whose host crashed or timed out (status per name).
         """
-        # What crossed (compressed, say) becomes what the merge reads; the ledger keeps the bytes that crossed.
-        updates = self.scheme.receive(self.state, sorted((u for lst in update_lists for u in lst), key=lambda u: u.index))
+        # The merge reads what crossed (compressed, say: its wrapper restores it); the ledger keeps the bytes that crossed.
+        updates = sorted((u for lst in update_lists for u in lst), key=lambda u: u.index)
         sent = state_nbytes(self.state) if ctx.plan.start == "global" else 0  # what a dropped member had received
         self.central_work = []
         rows = [self._ledger_row(stragglers.slowed(self.specs[u.institution], ctx), u,
@@ -96,8 +99,8 @@ class Coordinator:
         merged = self.scheme.merge(ctx, self.state, updates)
         if merged is not None:
             self.state = {k: np.asarray(v) for k, v in merged.items()}
-        end, staleness = self.scheme.timing()  # asynchronous schemes: when the round ends, how stale what merged
-        extras, epsilon = self.scheme.ledger(ctx, updates), self.scheme.epsilon(ctx.round)
+        cost = cost_of(self.scheme, ctx, updates)  # extra bytes; asynchronous: when the round ends; epsilon spent
+        end, staleness, extras, epsilon = cost.end, cost.staleness, cost.extras, cost.epsilon
         arrived = {u.institution for u in updates}
         status = dict(ctx.dropped) | dict(lost)
         # Institutions simply not picked this round all have the same row: they go as positions (see IDLE_ROWS),
@@ -118,7 +121,8 @@ class Coordinator:
             _book(self.specs[row["institution"]], row, extras.get(row["institution"]))
             if epsilon == epsilon:  # NaN (no privacy noise): the engine's default stands
                 row["epsilon"] = epsilon  # client-level DP: every institution's guarantee is the same
-        self.scheme.book(ctx, rows)  # compute_share moves a taker's training to its giver's row and clock
+        if isinstance(self.scheme, Books):  # compute_share moves a taker's training to its giver's row and clock
+            self.scheme.book(ctx, rows)
         samples = sum(s for s, _, _ in self.central_work)
         # Central training runs on the combined compute of the institutions whose data it trains on.
         central = sum(clock.TRAIN_COST * s * self.flops / sum(map(clock.flops_rate, by)) for s, _, by in self.central_work)

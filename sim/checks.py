@@ -46,6 +46,7 @@ def _check_groups(spec: RunSpec) -> None:
     from sim.core.data import check_data
     from sim.core.models import build_model
 
+    from agents.schemes.base import checked
     from agents.wrappers import build
 
     schema.check_by_signature("scheme", spec.scheme, get_object(spec.scheme["_target_"]), schema.Field("int", 0))
@@ -58,8 +59,8 @@ def _check_groups(spec: RunSpec) -> None:
     except (InstantiationException, TypeError, ValueError) as e:
         cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
         raise cause or ConfigError("scheme", _first_line(e)) from None
-    scheme.check(len(spec.only or spec.scenario.institutions))  # e.g. Krum's cohort bound, before any actor starts
-    scheme.check_institutions([s for s in spec.scenario.institutions if spec.only is None or s.name in spec.only])
+    # e.g. Krum's cohort bound, compute sharing's takers and givers: before any actor starts
+    checked(scheme, [s for s in spec.scenario.institutions if spec.only is None or s.name in spec.only])
     if getattr(scheme, "asynchronous", False) and spec.engine.round_deadline_s is not None:
         raise ConfigError("engine.round_deadline_s", f"{spec.scheme_name} is asynchronous: no round waits for its "
                           "slowest member, so there is no deadline to miss; set engine.round_deadline_s=null")

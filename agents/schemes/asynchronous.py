@@ -23,8 +23,8 @@ from typing import ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from agents.schemes.base import Scheme, check_range
-from sim.core.types import ConfigError, RoundContext, State, Update
+from agents.schemes.base import Cost, Scheme, check_range
+from sim.core.types import ConfigError, InstitutionSpec, RoundContext, State, Update
 
 STALENESS = ("constant", "polynomial", "hinge")
 DISPATCH_STREAM = 0xA5C
@@ -74,8 +74,12 @@ class Asynchronous(Scheme):
         self.merged: dict[str, int] = {}  # institution -> staleness of its update taken this round
         self.end: float | None = None  # simulated time this round ends (the arrival taken)
 
-    def check(self, institutions: int) -> None:
-        """Refuse a concurrency above the institutions."""
+    def check(self, specs: Sequence[InstitutionSpec]) -> None:
+        """Refuse a concurrency above the institutions (Checks)."""
+        self.fits(len(specs))
+
+    def fits(self, institutions: int) -> None:
+        """Refuse a concurrency above ``institutions``."""
         if self.concurrency > institutions:
             raise ConfigError("scheme.concurrency", f"at most {institutions} institutions can train at once, got "
                               f"concurrency={self.concurrency}; lower it (0 = all)")
@@ -86,7 +90,7 @@ class Asynchronous(Scheme):
 
     def select(self, ctx: RoundContext) -> tuple[str, ...]:
         """The idle institutions, in scenario order; a sample of them fixed by (seed, round) if fewer slots are free."""
-        self.check(len(ctx.cohort))
+        self.fits(len(ctx.cohort))
         busy = {f.institution for f in self.queue}
         idle = [n for n in ctx.cohort if n not in busy]
         free = self.slots(len(ctx.cohort)) - len(self.queue)
@@ -124,9 +128,9 @@ class Asynchronous(Scheme):
         self.version += new is not None
         return new
 
-    def timing(self) -> tuple[float | None, dict[str, float]]:
+    def cost(self, ctx: RoundContext, updates: Sequence[Update]) -> Cost:
         """The round ends at the arrival taken; its staleness (server steps since the model it trained from)."""
-        return self.end, {k: float(v) for k, v in self.merged.items()}
+        return Cost(end=self.end, staleness={k: float(v) for k, v in self.merged.items()})
 
     def state(self) -> dict[str, np.ndarray]:
         """The queue (arrival, index, name, version and payload of every update in flight) and the version."""

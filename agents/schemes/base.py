@@ -16,8 +16,8 @@ objective terms (:mod:`sim.core.objective`), so it stays scheme-agnostic.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -136,29 +136,25 @@ PLAIN = Client()
 
 
 class Scheme:
-    """Base class: every institution, every round, plain local epochs, no merge."""
+    """The protocol every scheme implements: five methods. This base is the scheme that does nothing (every
+    institution, every round, plain local epochs, no merge); a scheme that needs more says so by implementing one of
+    the optional capabilities below (:class:`Checks`, :class:`Costs`, :class:`Books`, :class:`Central`)."""
 
     name: ClassVar[str] = "base"
     stragglers: str = "drop"  # past engine.round_deadline_s: drop (wait for nobody late) | partial (take work done so far)
-    books_idle: ClassVar[bool] = False  # True when book() may change the rows of institutions not in the cohort
-
-    def bind(self, trainer: Trainer) -> None:
-        """Receive the coordinator's central trainer; only schemes that train centrally keep it."""
-
-    def plan(self, round: int) -> LocalPlan:
-        """The local step institutions run this round."""
-        return LocalPlan()
+    books_idle: ClassVar[bool] = False  # True when Books.book may change the rows of institutions not in the cohort
 
     def select(self, ctx: RoundContext) -> tuple[str, ...]:
         """Pick this round's cohort out of ``ctx.cohort`` (all institutions), in scenario order."""
         return ctx.cohort
 
-    def receive(self, state: State, updates: Sequence[Update]) -> list[Update]:
-        """The updates as :meth:`merge` reads them, from what crossed (compressed uploads back to weights); most pass as is."""
-        return list(updates)
+    def plan(self, round: int) -> LocalPlan:
+        """What the round asks of institutions: where the step starts, what is sent, what is scored, its client half."""
+        return LocalPlan()
 
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
-        """Turn the updates that arrived (in scenario order) into the next global state; None keeps ``state``."""
+        """Turn the updates that arrived (in scenario order, as they crossed) into the next global state; None keeps
+        ``state``."""
         return None
 
     def state(self) -> dict[str, np.ndarray]:
@@ -168,32 +164,62 @@ class Scheme:
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Continue from what :meth:`state` returned."""
 
-    def ledger(self, ctx: RoundContext, updates: Sequence[Update]) -> dict[str, dict[str, float]]:
-        """Extra ``bytes_up``, ``bytes_down`` and ``round_trips`` per institution this round beyond the plain exchange
-        (e.g. secure aggregation's key agreement); most schemes add nothing."""
-        return {}
 
-    def timing(self) -> tuple[float | None, dict[str, float]]:
-        """After a merge: (simulated time the round ends, staleness of each institution's update merged) for a scheme
-        that does not wait for its slowest member (asynchronous); (None, {}): the round lasts as long as its slowest."""
-        return None, {}
+@dataclass(frozen=True)
+class Cost:
+    """What a round cost beyond the plain exchange of models, as a scheme reports it after its merge."""
 
-    def epsilon(self, round: int) -> float:
-        """Client-level privacy spent after ``round`` rounds, the same for every institution; NaN without privacy noise."""
-        return float("nan")
+    extras: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # institution -> extra bytes_up, bytes_down,
+    # round_trips (secure aggregation's key agreement, SCAFFOLD's control to members that then failed)
+    end: float | None = None  # simulated time the round ends (asynchronous schemes); None: when its slowest finishes
+    staleness: Mapping[str, float] = field(default_factory=dict)  # institution -> staleness of its update merged
+    epsilon: float = math.nan  # client-level privacy spent so far, the same for every institution; NaN: no noise
 
-    def check(self, institutions: int) -> None:
-        """Raise ConfigError if the scheme cannot run with this many institutions (most can run with any)."""
 
-    def check_institutions(self, specs: Sequence[InstitutionSpec]) -> None:
-        """Raise ConfigError if the scheme cannot run with these institutions' compute and links (most can)."""
+@runtime_checkable
+class Checks(Protocol):
+    """A scheme that cannot run with every set of institutions (Krum's cohort bound, compute sharing's takers, ...)."""
+
+    def check(self, specs: Sequence[InstitutionSpec]) -> None:
+        """Raise ConfigError, naming the key and the fix, if the scheme cannot run with these institutions."""
+
+
+@runtime_checkable
+class Costs(Protocol):
+    """A scheme whose round costs more than the plain exchange, ends on its own clock, or spends privacy."""
+
+    def cost(self, ctx: RoundContext, updates: Sequence[Update]) -> Cost:
+        """What this round cost, asked right after :meth:`Scheme.merge` with the updates that crossed."""
+
+
+@runtime_checkable
+class Books(Protocol):
+    """A scheme that moves work between institutions (compute sharing): it rewrites their ledger rows."""
 
     def attach(self, specs: Sequence[InstitutionSpec], *, row_bytes: int) -> None:
-        """Meet the run's institutions before round 1 (specs, and the bytes of one raw training row); schemes that plan
-        by compute (compute_share) keep them."""
+        """Meet the run's institutions before round 1 (and the bytes of one raw training row)."""
 
     def book(self, ctx: RoundContext, rows: list[dict[str, Any]]) -> None:
-        """Adjust the round's ledger rows in place for where the work really ran (compute_share); most leave them."""
+        """Adjust the round's ledger rows in place for where the work really ran."""
+
+
+@runtime_checkable
+class Central(Protocol):
+    """A scheme that trains at the coordinator (pooled data)."""
+
+    def bind(self, trainer: Trainer) -> None:
+        """Receive the coordinator's central trainer."""
+
+
+def checked(scheme: Any, specs: Sequence[InstitutionSpec]) -> None:
+    """Refuse institutions the scheme cannot run with (nothing to check for most)."""
+    if isinstance(scheme, Checks):
+        scheme.check(specs)
+
+
+def cost_of(scheme: Any, ctx: RoundContext, updates: Sequence[Update]) -> Cost:
+    """What the round cost beyond the plain exchange (nothing for most schemes)."""
+    return scheme.cost(ctx, updates) if isinstance(scheme, Costs) else Cost()
 
 
 def sample_cohort(ctx: RoundContext, fraction: float) -> tuple[str, ...]:

@@ -62,7 +62,7 @@ class ComputeShare(FedAvg):
         self.row_bytes = 0
         self.moved: set[int] = set()  # scenario indices of takers whose data is at their giver already
 
-    def check_institutions(self, specs: Sequence[InstitutionSpec]) -> None:
+    def check(self, specs: Sequence[InstitutionSpec]) -> None:
         """Refuse a scenario where nobody is slow enough, or nobody has spare capacity (see :func:`broker.check`)."""
         broker.check(specs, self.slow_factor, self.reference)
 

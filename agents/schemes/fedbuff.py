@@ -36,9 +36,9 @@ class FedBuff(Asynchronous):
         self.buffer: dict[str, np.ndarray] = {}  # sum of s_i * Delta_i (float64) since the last step
         self.buffered = 0
 
-    def check(self, institutions: int) -> None:
+    def fits(self, institutions: int) -> None:
         """Refuse a buffer larger than the institutions training at once (it would hold one's changes twice)."""
-        super().check(institutions)
+        super().fits(institutions)
         if self.buffer_size > self.slots(institutions):
             raise ConfigError("scheme.buffer_size", f"a buffer of {self.buffer_size} is more than the "
                               f"{self.slots(institutions)} of {institutions} institutions that train at once; lower "

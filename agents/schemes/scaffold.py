@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from agents.schemes.aggregate import weighted_average
-from agents.schemes.base import Client, Work, register
+from agents.schemes.base import Client, Cost, Work, register
 from agents.schemes.fedavg import FedAvg
 from sim.core.faults import FAILED
 from sim.core.objective import Shift, Term
@@ -101,11 +101,11 @@ class Scaffold(FedAvg):
         self.c = control_step(self.c, [c for _, c in parts], max(self.population, len(usable)))
         return self.step(state, target, self.server_lr * ctx.server_scale)
 
-    def ledger(self, ctx: RoundContext, updates: Sequence[Update]) -> dict[str, dict[str, float]]:
+    def cost(self, ctx: RoundContext, updates: Sequence[Update]) -> Cost:
         """c's bytes for members that received this round's plan but sent nothing back (failed, crashed, timed out)."""
         arrived = {u.institution for u in updates}
         received = (set(ctx.cohort) - arrived) | {name for name, fault in ctx.dropped if fault == FAILED}
-        return {name: {"bytes_down": self.sent} for name in sorted(received)} if self.sent else {}
+        return Cost(extras={name: {"bytes_down": self.sent} for name in sorted(received)} if self.sent else {})
 
     def state(self) -> dict[str, np.ndarray]:
         """The server control c, for checkpoints."""

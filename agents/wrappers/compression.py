@@ -82,8 +82,12 @@ class Compression(Wrapper):
         plan = self.inner.plan(round)
         return replace(plan, send=(*plan.send, Compress(self.method, self.ratio, self.error_feedback)))
 
-    def receive(self, state: State, updates: Sequence[Update]) -> list[Update]:
-        """Compressed uploads back to weights (global + the decompressed change; other keys as sent), then the inner
-        scheme's own reading."""
-        restored = [replace(u, state=compression.restore(state, u.state)) if u.state else u for u in updates]
-        return self.inner.receive(state, restored)
+    def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
+        """The inner scheme's merge of the uploads turned back into weights (global + the decompressed change; other
+        keys as sent)."""
+        return self.inner.merge(ctx, state, restored(state, updates))
+
+
+def restored(state: State, updates: Sequence[Update]) -> list[Update]:
+    """Compressed uploads as the weights they stand for; empty ones as they are."""
+    return [replace(u, state=compression.restore(state, u.state)) if u.state else u for u in updates]

@@ -24,9 +24,10 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from agents.schemes import privacy, secagg
+from agents.schemes.base import Cost, checked, cost_of
 from agents.wrappers.base import Wrapper, averaging
 from agents.wrappers.secagg import Seal, SecureAggregation
-from sim.core.types import ConfigError, LocalPlan, RoundContext, State, Update
+from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, State, Update
 
 SAMPLING_STREAM = 0xD95A
 """Last element of the Poisson-sampling RNG key."""
@@ -91,10 +92,10 @@ class ClientDP(Wrapper):
         plan = self.inner.plan(round)
         return replace(plan, send=tuple(replace(s, clip=self.clip_norm) if isinstance(s, Seal) else s for s in plan.send))
 
-    def check(self, institutions: int) -> None:
+    def check(self, specs: Sequence[InstitutionSpec]) -> None:
         """Remember how many institutions the cohort is sampled from (the noise is scaled by q * N)."""
-        self.inner.check(institutions)
-        self.population = institutions
+        checked(self.inner, specs)
+        self.population = len(specs)
 
     def select(self, ctx: RoundContext) -> tuple[str, ...]:
         """Poisson sampling: each institution independently with probability q, fixed by (seed, round)."""
@@ -125,3 +126,7 @@ class ClientDP(Wrapper):
     def epsilon(self, round: int) -> float:
         """Epsilon spent after ``round`` rounds (dp-accounting, RDP), the same for every institution under client-level DP."""
         return privacy.epsilon(self.noise_multiplier, self.q, round, self.delta)
+
+    def cost(self, ctx: RoundContext, updates: Sequence[Update]) -> Cost:
+        """The inner scheme's cost (secure aggregation's bytes), and the epsilon spent after this round."""
+        return replace(cost_of(self.inner, ctx, updates), epsilon=self.epsilon(ctx.round))

@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from agents.schemes import robust
-from agents.schemes.base import cohort_size
+from agents.schemes.base import checked, cohort_size
 from agents.wrappers.base import Wrapper, averaging
-from sim.core.types import ConfigError, RoundContext, State, Update
+from sim.core.types import ConfigError, InstitutionSpec, RoundContext, State, Update
 
 
 class Robust(Wrapper):
@@ -33,11 +33,6 @@ class Robust(Wrapper):
     def rule(self, state: State, states: list[State], weights: list[float]) -> dict:
         """The robust merge of ``states`` (in scenario order)."""
         raise NotImplementedError
-
-    def select(self, ctx: RoundContext) -> tuple[str, ...]:
-        """The inner scheme's cohort, after checking the rule can work with this many institutions."""
-        self.check(len(ctx.cohort))
-        return self.inner.select(ctx)
 
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
         """The rule over the usable updates, applied by the inner scheme's server step; None if none is usable."""
@@ -92,9 +87,18 @@ class Krum(Robust):
         self.m = 1
         super().__init__(inner)
 
-    def check(self, institutions: int) -> None:
-        """Refuse settings the cohort can never satisfy (n > 2f + 2; Multi-Krum also m <= n - f)."""
-        self.inner.check(institutions)
+    def check(self, specs: Sequence[InstitutionSpec]) -> None:
+        """Refuse settings the cohort can never satisfy, before any actor starts (Checks)."""
+        checked(self.inner, specs)
+        self.cohort(len(specs))
+
+    def select(self, ctx: RoundContext) -> tuple[str, ...]:
+        """The inner scheme's cohort, after checking Krum can work with a cohort drawn from this many institutions."""
+        self.cohort(len(ctx.cohort))
+        return self.inner.select(ctx)
+
+    def cohort(self, institutions: int) -> None:
+        """Refuse a cohort drawn from ``institutions`` that can never satisfy n > 2f + 2 (Multi-Krum also m <= n - f)."""
         n = cohort_size(institutions, self.inner.cohort_fraction)
         self.fits(n, f"a cohort of more than 2f+2={2 * self.byzantine + 2} institutions, and each round selects {n} of "
                      f"{institutions}", "selected institutions",

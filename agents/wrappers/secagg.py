@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from agents.schemes import secagg
+from agents.schemes.base import Cost, cost_of
 from agents.wrappers.base import Wrapper, averaging
 from sim.core.types import LocalPlan, RoundContext, State, Update
 
@@ -72,9 +73,10 @@ class SecureAggregation(Wrapper):
         total, weight = summed
         return {k: np.asarray(state[k], np.float64) + v / weight for k, v in total.items()}
 
-    def ledger(self, ctx: RoundContext, updates: Sequence[Update]) -> dict[str, dict]:
-        """The inner scheme's extras plus the protocol's extra bytes and round trips per key-agreement member."""
-        out = dict(self.inner.ledger(ctx, updates))
+    def cost(self, ctx: RoundContext, updates: Sequence[Update]) -> Cost:
+        """The inner scheme's cost plus the protocol's extra bytes and round trips per key-agreement member."""
+        inner = cost_of(self.inner, ctx, updates)
+        out = dict(inner.extras)
         members, arrived = secagg.members(ctx), {u.institution: u for u in updates}
         for name in members:
             u = arrived.get(name)
@@ -83,4 +85,4 @@ class SecureAggregation(Wrapper):
             # the masked vector itself is the update's own upload (bytes_up); the rest is the protocol's
             out[name] = {"bytes_up": up - words * secagg.WORD_BYTES, "bytes_down": down,
                          "round_trips": secagg.EXTRA_ROUND_TRIPS}
-        return out
+        return replace(inner, extras=out)

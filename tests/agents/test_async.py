@@ -37,8 +37,8 @@ def step(scheme, r: int, t: float, state: dict, sent: dict[str, tuple[float, lis
     """One round: dispatch ``sent`` (name -> (seconds, weights)), merge; return (new state, round end, staleness)."""
     seconds = {n: s for n, (s, _) in sent.items()}
     new = scheme.merge(ctx(r, t, seconds), state, [update(n, w) for n, (_, w) in sent.items()])
-    end, stale = scheme.timing()
-    return (state if new is None else new), end, stale
+    cost = scheme.cost(ctx(r, t, seconds), [])
+    return (state if new is None else new), cost.end, dict(cost.staleness)
 
 
 # --- staleness functions: against a hand computation -------------------------------------

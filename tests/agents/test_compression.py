@@ -20,7 +20,7 @@ from agents.schemes.fedavg import FedAvg
 from agents.schemes.fedprox import FedProx
 from agents.schemes.isolated import Isolated
 from agents.schemes.scaffold import Scaffold
-from agents.wrappers.compression import Compress, Compression
+from agents.wrappers.compression import Compress, Compression, restored
 from agents.wrappers.secagg import SecureAggregation
 from sim.cli import compose
 from sim.engine import run
@@ -187,13 +187,15 @@ def test_plans_carry_compression_alongside_their_own_fields() -> None:
     assert Compression(DPFedAvg(noise_multiplier=1.0)).plan(1).send == (Compress("topk", 0.1, True),)
 
 
-def test_receive_turns_uploads_back_into_weights() -> None:
+def test_the_wrapper_turns_uploads_back_into_weights_before_the_merge() -> None:
     g = {"w": np.zeros(4, np.float32)}
     sent = compress({"w": np.array([0.0, 2.0, -1.0, 0.5], np.float32)}, "topk", 0.5)
     u = Update(institution="a", index=0, state=sent, num_samples=1, train_loss=0.0, compute_seconds=0.0, bytes_up=0)
-    (back,) = Compression(FedAvg(), ratio=0.5).receive(g, [u])
+    (back,) = restored(g, [u])
     np.testing.assert_array_equal(back.state["w"], [0.0, 2.0, -1.0, 0.0])
-    assert FedAvg().receive(g, [u])[0] is u  # uncompressed schemes pass updates through
+    ctx = RoundContext(round=1, seed=0, cohort=("a",))
+    merged = Compression(FedAvg(), ratio=0.5).merge(ctx, g, [u])  # the wrapper's merge reads the restored weights
+    np.testing.assert_array_equal(merged["w"], [0.0, 2.0, -1.0, 0.0])
 
 
 def institution() -> Institution:

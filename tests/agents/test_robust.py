@@ -224,8 +224,8 @@ def test_krum_with_f_too_large_for_the_cohort_is_refused_when_selecting() -> Non
         scheme.select(RoundContext(round=1, seed=0, cohort=NAMES))
     assert err.value.key == "aggregator.byzantine" and "selects 5 of 5" in str(err.value)
     with pytest.raises(ConfigError, match="aggregator.krum_m"):
-        MultiKrum(FedAvg(), krum_m=5).check(5)
-    Krum(FedAvg(), byzantine=1).check(5)  # 5 > 2*1 + 2
+        MultiKrum(FedAvg(), krum_m=5).check(NAMES)
+    Krum(FedAvg(), byzantine=1).check(NAMES)  # 5 > 2*1 + 2
 
 
 def test_krum_refuses_a_round_where_too_few_updates_arrived() -> None:

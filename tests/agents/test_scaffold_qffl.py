@@ -69,7 +69,7 @@ def test_scaffold_ledger_books_c_for_members_that_received_it_and_sent_nothing()
     scheme.load_state({"c/w": np.zeros(3, np.float32)})
     scheme.plan(2)
     ctx = RoundContext(round=2, seed=0, cohort=("a", "b"), dropped=(("c", "failed"), ("d", "offline")))
-    extra = scheme.ledger(ctx, [update(0, {"w": np.zeros(3)})])
+    extra = scheme.cost(ctx, [update(0, {"w": np.zeros(3)})]).extras
     assert extra == {"b": {"bytes_down": 12}, "c": {"bytes_down": 12}}
 
 

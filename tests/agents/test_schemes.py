@@ -245,3 +245,19 @@ def test_fedsgd_applies_sample_weighted_gradient() -> None:
     # Assert
     np.testing.assert_allclose(out["w"], [0.875, 0.625], rtol=F32_RTOL)
     np.testing.assert_array_equal(out["buf"], [3.0])  # buffers get no gradient and stay
+
+
+def test_the_shapes_stay_narrow() -> None:
+    # The issue's bounds: a protocol of five methods, FedAvg's constructor of at most six arguments, a local plan of at
+    # most six fields (the rest is each scheme's own client half and the wrappers')
+    import dataclasses
+    import inspect
+
+    from agents.schemes.base import Scheme
+    from agents.schemes.fedavg import FedAvg
+    from sim.core.types import LocalPlan
+
+    methods = {n for n, v in vars(Scheme).items() if callable(v) and not n.startswith("_")}
+    assert methods == {"select", "plan", "merge", "state", "load_state"}
+    assert len(inspect.signature(FedAvg).parameters) <= 6
+    assert len(dataclasses.fields(LocalPlan)) <= 6

@@ -141,7 +141,7 @@ def test_dp_under_secure_aggregation_equals_dp_in_the_clear() -> None:
     plain = DPFedAvg(noise_multiplier=1.0, clip_norm=0.1)
     secure = wrap(DPFedAvg(noise_multiplier=1.0, clip_norm=0.1),
                   {"secagg": {"_target_": "agents.wrappers.secagg.SecureAggregation"}})  # inside the DP layer
-    plain.check(5), secure.check(5)
+    plain.check(NAMES), secure.check(NAMES)  # five institutions: the noise is scaled by q * 5
     a, b = plain.merge(ctx, glob, ups), secure.merge(ctx, glob, sealed(secure, ctx, glob, ups))
     for k in glob:
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5)
@@ -163,7 +163,7 @@ def test_fedavg_family_under_secure_aggregation_equals_the_scheme_in_the_clear(n
     for k in glob:
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5)
     ctx = RoundContext(round=1, seed=2, cohort=NAMES)
-    assert secure.ledger(ctx, sealed(secure, ctx, glob, ups))  # and the protocol's bytes are booked
+    assert secure.cost(ctx, sealed(secure, ctx, glob, ups)).extras  # and the protocol's bytes are booked
 
 
 def test_robust_merges_are_refused_under_secure_aggregation(capsys) -> None:
