@@ -15,7 +15,7 @@ How c and c_i travel, and where they live:
   mapping over trainable parameters, float32), not inside the global state: the global
   state stays exactly the model, so the coordinator, evaluation and every model loader
   read it unchanged. Institutions book c's bytes in ``bytes_down``; members that received
-  it and then failed are booked by :meth:`ledger`.
+  it and then failed are booked by :meth:`cost`.
 - c_i is the institution's persistent state (``control/<key>`` in ``Institution.persistent``),
   checkpointed and given back to a restarted host like Ditto's personal model.
 - The upload is the weights y_i (the server knows x, so y_i and y_i - x carry the same
