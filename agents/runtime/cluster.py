@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,33 @@ after it asks for its actors (about 1.5 s of a command's start on 2 cores)."""
 
 STARTED: list[bool] = []
 """Non-empty once :func:`connect` has started a local cluster in this process (which :func:`disconnect` ends)."""
+
+
+TOKEN_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+"""Where a user can hand Ray a token of their own (then the token file is theirs to look after)."""
+
+
+def private_token() -> Path | None:
+    """Ray's token file (``~/.ray/auth_token``), readable by its owner alone, before a local cluster starts.
+
+    Ray 2.60's servers listen on every interface whatever node address they are given, so the token
+    is what keeps other machines, and other users of this one, from running code as the researcher.
+    Ray writes the file with the process's umask (world-readable, 0644, on most systems); it is made
+    here first (0600 in a 0700 folder), or tightened if it exists. None when a token is given through
+    the environment instead."""
+    if any(os.environ.get(v) for v in TOKEN_VARIABLES):
+        return None
+    token = Path.home() / ".ray" / "auth_token"
+    token.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token.parent.chmod(0o700)
+    try:
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        token.chmod(0o600)
+        return token
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return token
 
 
 def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tuple[float, float]:
@@ -49,6 +78,7 @@ def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tupl
             if cluster.get("temp_dir"):
                 kwargs["_temp_dir"] = str(cluster["temp_dir"])
             cpus = cluster.get("num_cpus")
+            private_token()
             log.info("starting a local Ray cluster on %s with %s (a few seconds)", LOOPBACK,
                      "every CPU of this machine" if cpus is None else f"{cpus:g} CPUs")
             context = ray.init(**{k: v for k, v in kwargs.items() if v is not None})
