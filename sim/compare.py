@@ -27,6 +27,7 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
     A variant (``variants.LABEL: [overrides]``) is a run beside the schemes with overrides of its own, e.g. the
     same scheme with full fine-tuning instead of LoRA; its results carry LABEL in the ``scheme`` column.
     """
+    check_resume(cfg.get("resume"))
     names = list(cfg.schemes)
     unknown = [n for n in names if n not in group_options("scheme")]
     if unknown:
@@ -44,6 +45,19 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
             raise ConfigError(f"variants.{label}", f"expected a list of overrides like scheme=fedavg, got {extra!r}")
         configs[label] = compose("config", keep + list(extra))
     return configs
+
+
+def check_resume(resume: object) -> None:
+    """Refuse ``resume`` for a compare: given a run's directory, every scheme would take that one run's results (one
+    run labelled as every scheme); a compare cannot continue an interrupted compare yet either."""
+    if resume is None or resume is False:
+        return
+    if isinstance(resume, str):
+        raise ConfigError("resume", f"{resume} is one run's directory, and a compare runs several schemes: resuming it "
+                          "would label that one run as each of them; continue the run itself with python -m sim "
+                          f"resume={resume}, or run the compare again (overwrite=true in its hydra.run.dir)")
+    raise ConfigError("resume", "a compare cannot continue an interrupted compare yet; run it again (overwrite=true "
+                      "in its hydra.run.dir, or a new hydra.run.dir)")
 
 
 def seed_list(cfg: DictConfig) -> list[int]:

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from sim.cli import compose
+from sim.cli import compose, guard
 from sim.compare import compare
 from sim.engine import run
 
@@ -49,3 +50,19 @@ def test_compare_runs_every_scheme_on_every_seed_and_labels_variants(tmp_path):
         assert np.isclose(got[s], expected[s])
     loss = m[(m.institution == "global") & (m.metric == "loss") & (m["round"] == 2)].groupby("scheme").value.mean()
     assert not np.isclose(loss["fedavg"], loss["fedavg_slow"])  # the variant really ran with its own lr
+
+
+@pytest.mark.parametrize("resume, named", [
+    ("/some/run", "is one run's directory, and a compare runs several schemes"),
+    ("true", "a compare cannot continue an interrupted compare yet"),
+])
+def test_a_compare_never_takes_one_run_for_every_scheme(resume, named, capsys, tmp_path) -> None:
+    # The reported command: python -m sim.compare resume=<one run's dir> hydra.run.dir=NEW once wrote a summary in
+    # which all four "schemes" were the same FedProx run; it is refused in one line before anything runs
+    from sim.compare import _check
+
+    with pytest.raises(SystemExit) as exit_:
+        guard("compare", [f"resume={resume}", f"hydra.run.dir={tmp_path / 'new'}"], _check, with_overrides=True)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: resume: ") and named in err
+    assert not (tmp_path / "new").exists()
