@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
         log.warning("adding the %s baseline: every gain is measured against it", BASELINE)
         names.insert(0, BASELINE)
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("schemes=", "report=", "scheme=", "seeds=",
-                                                                      "variants"))]
+                                                                      "variants", "resume="))]  # the compare's own
     configs = {n: compose("config", keep + [f"scheme={n}"]) for n in dict.fromkeys(names)}
     for label, extra in (cfg.get("variants") or {}).items():
         if label in configs or label in group_options("scheme"):
@@ -48,16 +49,36 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
 
 
 def check_resume(resume: object) -> None:
-    """Refuse ``resume`` for a compare: given a run's directory, every scheme would take that one run's results (one
-    run labelled as every scheme); a compare cannot continue an interrupted compare yet either."""
-    if resume is None or resume is False:
-        return
+    """A compare continues with ``resume=true`` in its own directory; a run's directory is refused: every scheme would
+    take that one run's results (one run labelled as every scheme)."""
     if isinstance(resume, str):
         raise ConfigError("resume", f"{resume} is one run's directory, and a compare runs several schemes: resuming it "
-                          "would label that one run as each of them; continue the run itself with python -m sim "
-                          f"resume={resume}, or run the compare again (overwrite=true in its hydra.run.dir)")
-    raise ConfigError("resume", "a compare cannot continue an interrupted compare yet; run it again (overwrite=true "
-                      "in its hydra.run.dir, or a new hydra.run.dir)")
+                          "would label that one run as each of them; continue a compare with the same command plus "
+                          "resume=true in its hydra.run.dir, or one run of it with python -m sim resume=RUN_DIR")
+    if resume is not None and not isinstance(resume, bool):
+        raise ConfigError("resume", f"expected true or false, got {resume!r}")
+
+
+def check_same(out_dir: Path, plan: dict) -> None:
+    """Refuse ``resume=true`` unless ``out_dir`` holds a compare started with this very plan (schemes, seeds, configs)."""
+    saved = rundir.read_marker(out_dir, rundir.COMPARE_MARKER)
+    if not saved:
+        raise ConfigError("resume", f"{out_dir} holds no compare to continue; give its hydra.run.dir (the same command "
+                          "plus resume=true)")
+    if json.loads(json.dumps(plan, default=str)) != saved.get("plan"):
+        keys = rundir.changed_keys(saved.get("plan"), json.loads(json.dumps(plan, default=str)))
+        raise ConfigError("resume", f"{out_dir} holds a compare of other settings (changed: {', '.join(keys[:5])}); "
+                          "continue it with the command that started it plus resume=true")
+
+
+def runs_done(out_dir: Path) -> tuple[int, int]:
+    """(complete runs, runs planned) of the compare in ``out_dir``."""
+    import glob
+
+    planned = rundir.read_marker(out_dir, rundir.COMPARE_MARKER).get("plan") or {}
+    total = len(planned.get("seeds", [])) * len(planned.get("runs", {}))
+    done = sum('"complete"' in Path(f).read_text() for f in glob.glob(str(out_dir / "runs" / "*" / "status.json")))
+    return done, total
 
 
 def seed_list(cfg: DictConfig) -> list[int]:
@@ -78,11 +99,17 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
     from sim.engine import run
 
     configs, seeds = scheme_configs(cfg, overrides), seed_list(cfg)
-    overwrite = bool(cfg.get("overwrite", False))
-    rundir.check_fresh(out_dir, overwrite)  # before Ray starts and before anything in out_dir is touched
+    overwrite, resume = bool(cfg.get("overwrite", False)), bool(cfg.get("resume"))
+    plan = {"seeds": seeds, "runs": {name: OmegaConf.to_container(sub, resolve=True) for name, sub in configs.items()}}
+    if resume:  # the same compare, continued: its plan as it was written when it started
+        check_same(out_dir, plan)
+    else:
+        rundir.check_fresh(out_dir, overwrite)  # before Ray starts and before anything in out_dir is touched
     rundir.acquire(out_dir)
-    if overwrite:
+    if overwrite and not resume:
         rundir.clear(out_dir)
+    if not resume:
+        rundir.write_marker(out_dir, rundir.COMPARE_MARKER, plan=plan)
     results, pool = [], ActorPool()
     try:
         for seed in seeds:
@@ -91,6 +118,8 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
                 sub.seed = seed
                 where = out_dir / "runs" / (name if len(seeds) == 1 else f"{name}-s{seed}")
                 log.info("run %d/%d: %s, seed %d", len(results) + 1, len(configs) * len(seeds), name, seed)
+                if resume and (where / "status.json").is_file():
+                    sub.resume = str(where)  # done: its tables; stopped: from its last checkpoint
                 result = run(sub, where, pool=pool)
                 for table in (result.metrics, result.ledger, result.institutions):
                     table["scheme"] = name  # the label asked for: a variant's, or a scheme file's own name
@@ -114,10 +143,18 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
 def main(cfg: DictConfig) -> None:
     """Compare the configured schemes and print the table."""
     out = Path(HydraConfig.get().runtime.output_dir)
+    overrides = list(HydraConfig.get().overrides.task)
     try:
-        table = compare(cfg, list(HydraConfig.get().overrides.task), out)
+        table = compare(cfg, overrides, out)
     except ConfigError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        done, total = runs_done(out)
+        again = " ".join(o for o in overrides if not o.startswith(("resume=", "hydra.run.dir=")))
+        print(f"interrupted: {done} of {total} runs complete in {out} (the one under way keeps its last checkpoint); "
+              f"continue with: python -m sim.compare {again + ' ' if again else ''}resume=true hydra.run.dir={out}",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"summary: {out / 'summary.csv'}")

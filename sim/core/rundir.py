@@ -29,12 +29,13 @@ log = logging.getLogger("collabsim")
 LOCK = ".collabsim.lock"
 RUN_MARKER = "collabsim-run.json"
 SWEEP_MARKER = "collabsim-sweep.json"
+COMPARE_MARKER = "collabsim-compare.json"
 KEY = "hydra.run.dir"  # the key a user changes to pick another directory
 HYDRA_OWN = (".hydra",)  # Hydra writes these (and <job>.log) before our code runs
 # What our commands leave in a directory; removed (only these) when overwrite=true replaces it.
 OURS = ("config.yaml", "status.json", "metrics.parquet", "ledger.parquet", "institutions.parquet", "checkpoints",
         "summary.csv", "trials.csv", "trials.parquet", "runs", "trials", "tune", "report.html", "tables",
-        RUN_MARKER, SWEEP_MARKER)
+        RUN_MARKER, SWEEP_MARKER, COMPARE_MARKER)
 
 
 def _foreign(path: Path) -> list[str]:

@@ -7,6 +7,7 @@ import pytest
 from sim.cli import compose, guard
 from sim.compare import compare
 from sim.engine import run
+from sim.core.types import ConfigError
 
 
 def test_eval_every_scores_round_zero_multiples_and_the_last_round(small_cfg):
@@ -52,10 +53,7 @@ def test_compare_runs_every_scheme_on_every_seed_and_labels_variants(tmp_path):
     assert not np.isclose(loss["fedavg"], loss["fedavg_slow"])  # the variant really ran with its own lr
 
 
-@pytest.mark.parametrize("resume, named", [
-    ("/some/run", "is one run's directory, and a compare runs several schemes"),
-    ("true", "a compare cannot continue an interrupted compare yet"),
-])
+@pytest.mark.parametrize("resume, named", [("/some/run", "is one run's directory, and a compare runs several schemes")])
 def test_a_compare_never_takes_one_run_for_every_scheme(resume, named, capsys, tmp_path) -> None:
     # The reported command: python -m sim.compare resume=<one run's dir> hydra.run.dir=NEW once wrote a summary in
     # which all four "schemes" were the same FedProx run; it is refused in one line before anything runs
@@ -66,3 +64,48 @@ def test_a_compare_never_takes_one_run_for_every_scheme(resume, named, capsys, t
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: resume: ") and named in err
     assert not (tmp_path / "new").exists()
+
+
+def test_an_interrupted_compare_resumed_equals_a_straight_one(tmp_path, monkeypatch) -> None:
+    # Prepare: a small compare, and the same one stopped by Ctrl-C in round 3 of its second run (checkpoint at round 2)
+    import sim.compare as cmp
+    from sim.engine import run as real_run
+
+    args = ["smoke=true", "engine.backend=inprocess", "seeds=1", "schemes=[isolated,fedavg,fedprox]", "rounds=4",
+            "checkpoint_every=2", "report=false"]
+    straight = compare(compose("compare", args), args, tmp_path / "straight")
+    calls = []
+
+    def stopped(cfg, out_dir=None, **kw):
+        calls.append(out_dir)
+
+        def ctrl_c(r, _):
+            if len(calls) == 2 and r == 3:
+                raise KeyboardInterrupt
+
+        return real_run(cfg, out_dir, on_round=ctrl_c, **kw)
+
+    monkeypatch.setattr("sim.engine.run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        compare(compose("compare", args), args, tmp_path / "cut")
+    assert cmp.runs_done(tmp_path / "cut") == (1, 3)
+    # Execute: the same command plus resume=true, in the same directory
+    monkeypatch.setattr("sim.engine.run", real_run)
+    resumed = compare(compose("compare", [*args, "resume=true"]), [*args, "resume=true"], tmp_path / "cut")
+    # Assert: the same summary and tables as the straight compare; a compare of other settings is refused
+    pd.testing.assert_frame_equal(straight, resumed)
+    for table in ("metrics", "ledger"):
+        a, b = (pd.read_parquet(d / f"{table}.parquet").drop(columns=["compute_seconds"], errors="ignore")
+                for d in (tmp_path / "straight", tmp_path / "cut"))
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    other = [*args[:-1], "seeds=2", "report=false"]
+    with pytest.raises(ConfigError, match="holds a compare of other settings"):
+        compare(compose("compare", [*other, "resume=true"]), [*other, "resume=true"], tmp_path / "cut")
+
+
+def test_resume_true_where_no_compare_started_is_refused_before_anything_runs(tmp_path) -> None:
+    args = ["smoke=true", "engine.backend=inprocess", "seeds=1", "resume=true"]
+    (tmp_path / "new").mkdir()
+    with pytest.raises(ConfigError, match="holds no compare to continue"):
+        compare(compose("compare", args), args, tmp_path / "new")
+    assert not any((tmp_path / "new").iterdir())
