@@ -65,20 +65,21 @@ def check_same(out_dir: Path, plan: dict) -> None:
     if not saved:
         raise ConfigError("resume", f"{out_dir} holds no compare to continue; give its hydra.run.dir (the same command "
                           "plus resume=true)")
-    if json.loads(json.dumps(plan, default=str)) != saved.get("plan"):
-        keys = rundir.changed_keys(saved.get("plan"), json.loads(json.dumps(plan, default=str)))
+    plan = json.loads(json.dumps(plan, default=str))  # as the marker holds it
+    if plan != saved.get("plan"):
+        keys = rundir.changed_keys(saved.get("plan"), plan)
         raise ConfigError("resume", f"{out_dir} holds a compare of other settings (changed: {', '.join(keys[:5])}); "
                           "continue it with the command that started it plus resume=true")
 
 
 def runs_done(out_dir: Path) -> tuple[int, int]:
     """(complete runs, runs planned) of the compare in ``out_dir``."""
-    import glob
+    from sim.core.checkpoint import read_status
 
     planned = rundir.read_marker(out_dir, rundir.COMPARE_MARKER).get("plan") or {}
     total = len(planned.get("seeds", [])) * len(planned.get("runs", {}))
-    done = sum('"complete"' in Path(f).read_text() for f in glob.glob(str(out_dir / "runs" / "*" / "status.json")))
-    return done, total
+    runs = (out_dir / "runs").glob("*") if (out_dir / "runs").is_dir() else ()
+    return sum(read_status(run).get("state") == "complete" for run in runs), total
 
 
 def seed_list(cfg: DictConfig) -> list[int]:

@@ -64,7 +64,11 @@ class FedAvg(Scheme):
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
         """The cohort's mean of the updates' (possibly partial) states, applied by the server optimiser with
         ``server_lr`` (times the round's ``training.server_schedule`` factor); None if nothing usable arrived."""
-        target = self.aggregate(state, updates)
+        return self.step_to(ctx, state, self.aggregate(state, updates))
+
+    def step_to(self, ctx: RoundContext, state: State, target: State | None) -> State | None:
+        """The server step from ``state`` towards a merged ``target`` at this round's rate (``server_lr`` times the
+        ``training.server_schedule`` factor); None when nothing was merged. Wrappers that replace the mean call it."""
         return None if target is None else self.step(state, target, self.server_lr * ctx.server_scale)
 
     def usable(self, updates: Sequence[Update]) -> list[Update]:

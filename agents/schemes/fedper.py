@@ -89,11 +89,14 @@ class FedPerClient(Client):
         """The head's keys."""
         return personal_keys(self.prefixes, global_state)
 
+    def with_head(self, inst: Any, global_state: State | None) -> State | None:
+        """The merged shared part with the institution's own head; None without a global model or a head."""
+        kept = self.kept(global_state) if global_state else ()
+        return {**global_state, **{k: inst.personal[k] for k in kept}} if kept else None
+
     def start(self, inst: Any, plan: LocalPlan, global_state: State | None) -> State | None:
         """The shared part from the global model, the head its own."""
-        start = super().start(inst, plan, global_state)
-        kept = self.kept(global_state) if global_state else ()
-        return {**global_state, **{k: inst.personal[k] for k in kept}} if kept else start
+        return self.with_head(inst, global_state) or super().start(inst, plan, global_state)
 
     def after(self, inst: Any, model: Any, plan: LocalPlan, global_state: State | None, work: Work, round: int,
               training: TrainingSpec) -> None:
@@ -106,7 +109,5 @@ class FedPerClient(Client):
 
     def scored(self, inst: Any, plan: LocalPlan, global_state: State | None) -> State | None:
         """The merged shared part with its own head."""
-        kept = self.kept(global_state) if plan.evaluate == "personal" and global_state else ()
-        if kept:
-            return {**global_state, **{k: inst.personal[k] for k in kept}}
-        return super().scored(inst, plan, global_state)
+        merged = self.with_head(inst, global_state) if plan.evaluate == "personal" else None
+        return merged or super().scored(inst, plan, global_state)

@@ -99,7 +99,7 @@ class Scaffold(FedAvg):
         parts = [split_upload(u.state) for u in usable]
         target = weighted_average([m for m, _ in parts], self.weights(usable))
         self.c = control_step(self.c, [c for _, c in parts], max(self.population, len(usable)))
-        return self.step(state, target, self.server_lr * ctx.server_scale)
+        return self.step_to(ctx, state, target)
 
     def cost(self, ctx: RoundContext, updates: Sequence[Update]) -> Cost:
         """c's bytes for members that received this round's plan but sent nothing back (failed, crashed, timed out)."""

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from agents.wrappers.base import Wrapper
+from agents.wrappers.base import Wrapper, layers
+from agents.wrappers.base import core as innermost
 from sim.core.schema import WRAPPERS as GROUPS  # the wrappers' config groups, innermost first: the order they compose in
 
 
@@ -37,11 +38,8 @@ def wrap(scheme: Any, wrappers: Mapping[str, Mapping[str, Any]]) -> Any:
 
     from sim.core.types import ConfigError
 
-    own: dict[str, Wrapper] = {}
-    core = scheme
-    while isinstance(core, Wrapper):
-        own[core.group] = core
-        core = core.inner
+    own: dict[str, Wrapper] = {w.group: w for w in layers(scheme)}
+    core = innermost(scheme)
     for group in GROUPS:
         cfg = wrappers.get(group)
         if group in own and cfg:

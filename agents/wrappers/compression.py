@@ -69,7 +69,7 @@ class Compression(Wrapper):
         """A scheme that uploads weights, not under secure aggregation."""
         from agents.wrappers.secagg import SecureAggregation
 
-        if any(isinstance(w, SecureAggregation) for w in [inner, *layers(inner)]):
+        if any(isinstance(w, SecureAggregation) for w in layers(inner)):
             raise self.refuse(f"secure aggregation's masks do not add up over {self.method} changes",
                               "use compression=none or secagg=none")
         upload = inner.plan(1).upload

@@ -121,7 +121,7 @@ class ClientDP(Wrapper):
         std = privacy.noise_std(self.noise_multiplier, self.clip_norm, expected)
         noise = privacy.gaussian_noise(state, std, ctx.seed, ctx.round)
         target = privacy.noised_mean(state, clipped, expected, noise)
-        return self.base.step(state, target, self.base.server_lr * ctx.server_scale)
+        return self.base.step_to(ctx, state, target)
 
     def epsilon(self, round: int) -> float:
         """Epsilon spent after ``round`` rounds (dp-accounting, RDP), the same for every institution under client-level DP."""

@@ -36,8 +36,7 @@ class Robust(Wrapper):
 
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
         """The rule over the usable updates, applied by the inner scheme's server step; None if none is usable."""
-        target = self.aggregate(state, updates)
-        return None if target is None else self.inner.step(state, target, self.inner.server_lr * ctx.server_scale)
+        return self.inner.step_to(ctx, state, self.aggregate(state, updates))
 
     def aggregate(self, state: State, updates: Sequence[Update]) -> dict | None:
         """The rule over what arrived; None if nothing usable did."""

@@ -61,8 +61,7 @@ class SecureAggregation(Wrapper):
 
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
         """The inner scheme's server step towards the unmasked weighted mean; None if too few survived."""
-        target = self.aggregate(ctx, state, updates)
-        return None if target is None else self.inner.step(state, target, self.inner.server_lr * ctx.server_scale)
+        return self.inner.step_to(ctx, state, self.aggregate(ctx, state, updates))
 
     def aggregate(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> dict | None:
         """global + sum(w_i * change_i) / sum(w_i), both sums read off the masked vectors alone; None if nothing

@@ -136,22 +136,25 @@ def defaults(section: str) -> dict:
         return dict(yaml.safe_load(f)[section])
 
 
+TRAINING_DEFAULTS = defaults("training")
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     """Local-training hyperparameters shared by every institution (defaults: conf/config.yaml's ``training``)."""
 
-    local_epochs: int = defaults("training")["local_epochs"]
-    batch_size: int = defaults("training")["batch_size"]
-    lr: float = defaults("training")["lr"]
-    momentum: float = defaults("training")["momentum"]
-    weight_decay: float = defaults("training")["weight_decay"]
-    optimizer: str = defaults("training")["optimizer"]  # sgd | adamw: the local optimizer, built afresh every round
-    head_lr: float | None = defaults("training")["head_lr"]  # a transformer's classification head's lr; None = lr
-    precision: str = defaults("training")["precision"]  # fp32 | bf16 | fp16: autocast dtype of forward passes
-    schedule: str = defaults("training")["schedule"]  # constant | cosine | step: the local lr over rounds (train.lr_scale)
-    server_schedule: str = defaults("training")["server_schedule"]  # the same for a scheme's server_lr
-    step_every: int = defaults("training")["step_every"]  # schedule=step: multiply by step_gamma every step_every rounds
-    step_gamma: float = defaults("training")["step_gamma"]
+    local_epochs: int = TRAINING_DEFAULTS["local_epochs"]
+    batch_size: int = TRAINING_DEFAULTS["batch_size"]
+    lr: float = TRAINING_DEFAULTS["lr"]
+    momentum: float = TRAINING_DEFAULTS["momentum"]
+    weight_decay: float = TRAINING_DEFAULTS["weight_decay"]
+    optimizer: str = TRAINING_DEFAULTS["optimizer"]  # sgd | adamw: the local optimizer, built afresh every round
+    head_lr: float | None = TRAINING_DEFAULTS["head_lr"]  # a transformer's classification head's lr; None = lr
+    precision: str = TRAINING_DEFAULTS["precision"]  # fp32 | bf16 | fp16: autocast dtype of forward passes
+    schedule: str = TRAINING_DEFAULTS["schedule"]  # constant | cosine | step: the local lr over rounds (train.lr_scale)
+    server_schedule: str = TRAINING_DEFAULTS["server_schedule"]  # the same for a scheme's server_lr
+    step_every: int = TRAINING_DEFAULTS["step_every"]  # schedule=step: multiply by step_gamma every step_every rounds
+    step_gamma: float = TRAINING_DEFAULTS["step_gamma"]
     rounds: int = 0  # the run's planned rounds (cosine decays over them; set from the top-level rounds); 0 = no decay
 
 
