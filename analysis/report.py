@@ -20,6 +20,7 @@ from analysis import metrics as m
 from analysis import compute, cost_report, costs, plots, trust
 from analysis.page import behaviour_guide, gain_matrix, image, interval_note, interval_text, page, section, table
 from analysis.runs import Results, load_results
+from sim.core.caveats import caveats
 from sim.core.results import write_table, write_text
 
 INSTITUTION_COLUMNS = ["institution", "discipline", "share", "train_samples", "test_samples", "label_skew",
@@ -95,7 +96,8 @@ def build_report(
         warnings.simplefilter("always", m.AnalysisWarning)
         results = load_results(run_dirs, include_incomplete=include_incomplete)
         tables = analyse(results, target)
-    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, m.AnalysisWarning)))
+    notes = caveats(results.configs.values(), results.institutions)  # what changes the numbers' meaning, first
+    notes = list(dict.fromkeys(notes + [str(w.message) for w in caught if issubclass(w.category, m.AnalysisWarning)]))
     for w in caught:  # other warnings (a library's deprecations) are for developers, not the page
         if not issubclass(w.category, m.AnalysisWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -32,6 +32,8 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {e}; continue with: python -m sim resume={out}", file=sys.stderr)
         raise SystemExit(1) from None
     print(run_summary(result.metrics, result.ledger))
+    for caveat in result.caveats():  # the warnings that change what the numbers mean, where the reader looks
+        print(f"note: {caveat}")
     print(f"results: {out}")
 
 

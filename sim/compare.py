@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sim.cli import compose, fail, group_options, launch, swept_values, without_flags
 from sim.checks import load_spec
 from sim.core import rundir
+from sim.core.caveats import caveats
 from sim.core.results import write_csv, write_table, write_text
 from sim.core.types import ConfigError
 
@@ -137,6 +138,7 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
     write_table(institutions, out_dir / "institutions.parquet")
     table = summary(metrics, ledger)
     write_csv(table, out_dir / "summary.csv")
+    table.attrs["caveats"] = caveats([r.config for r in results], institutions)
     return table
 
 
@@ -158,6 +160,8 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(130) from None
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for caveat in table.attrs.get("caveats", []):  # the warnings that change what the numbers mean, under the numbers
+        print(f"note: {caveat}")
     print(f"summary: {out / 'summary.csv'}")
     if cfg.report:
         from analysis.report import build_report

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -21,6 +21,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from sim.core import checkpoint, rundir
+from sim.core.caveats import caveats
 from sim.core.checkpoint import Progress
 from sim.checks import load_spec
 from sim.core.config import RunSpec
@@ -44,6 +45,11 @@ class RunResult:
     metrics: pd.DataFrame
     ledger: pd.DataFrame
     institutions: pd.DataFrame
+    config: Mapping[str, Any] = field(default_factory=dict)  # the resolved config it ran with
+
+    def caveats(self) -> list[str]:
+        """What the run means that its numbers alone do not show (:mod:`sim.core.caveats`), for its summary."""
+        return caveats([self.config], self.institutions)
 
 
 def run(
@@ -66,7 +72,7 @@ def run(
     specs = tuple(s for s in spec.scenario.institutions if s.name in members)
     if spec.resume and checkpoint.read_status(out).get("state") == "complete":
         log.info("[%s] %s is complete; nothing to resume", spec.scheme_name, out)
-        return _read_run(spec.run_id, out)
+        return _read_run(spec.run_id, out, spec.config)
     progress, snapshot = _open(out, spec)
     mark = _status_writer(out, spec)
     mark("running", progress.rounds_done)
@@ -148,6 +154,7 @@ def run(
         metrics=metrics,
         ledger=progress.table("ledger"),
         institutions=frame("institutions", [_institution_row(keys, s, shards[s.name]) for s in specs]),
+        config=dict(spec.config),
     )
     if out is not None:
         write_run(out, result, spec.config)
@@ -217,10 +224,10 @@ def _status_writer(out: Path | None, spec: RunSpec) -> Callable[..., None]:
     return mark
 
 
-def _read_run(run_id: str, out: Path) -> RunResult:
+def _read_run(run_id: str, out: Path, config: Mapping[str, Any]) -> RunResult:
     """The tables of a complete run directory."""
     tables = {k: pd.read_parquet(out / f"{k}.parquet") for k in ("metrics", "ledger", "institutions")}
-    return RunResult(run_id=run_id, **tables)
+    return RunResult(run_id=run_id, **tables, config=dict(config))
 
 
 def _start_backend(kind: str, spec: RunSpec, specs: tuple[InstitutionSpec, ...], fed: Federation, flops: int,
@@ -286,6 +293,7 @@ def _institution_row(keys: dict, s: InstitutionSpec, shard: Shard) -> dict:
     return keys | {
         "institution": s.name, "discipline": s.discipline, "share": s.share,
         "train_samples": shard.num_train, "test_samples": len(shard.y_test),
+        "classes": int(len(np.unique(shard.y_train))),
         "label_skew": math.nan if s.label_skew is None else s.label_skew, "feature_skew": s.feature_skew,
         "cpus": s.cpus, "gpus": s.gpus, "behaviour": s.behaviour,
         "availability": s.availability, "failure_rate": s.failure_rate, "speed": s.speed,

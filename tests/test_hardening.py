@@ -154,8 +154,8 @@ def _with(df, **cells):
     (lambda df: _with(df, a_7=np.inf), "data.path", ["column 'a'", "infinite", "institution 'x'", "row 8"]),
     (lambda df: _with(df, b_4=np.nan), "data.path", ["column 'b'", "missing", "institution 'y'"]),
     (lambda df: df.assign(label=1), "data.label_column", ["one class only (1)"]),
-    (lambda df: df.assign(label=np.where(df.site == "x", 0, df.label)), "data.label_column",
-     ["institution 'x' has one class only (0)"]),
+    (lambda df: df.assign(label=np.where(df.site == "x", 0, 1)), "data.label_column",
+     ["every institution holds a single class in column 'label'"]),
     (lambda df: _with(df, a_3="abc"), "data.feature_columns", ["column 'a'", "mixes numbers and text", "'abc'"]),
 ])
 def test_bad_tables_are_refused_naming_file_column_and_institution(make, key, words, tmp_path):

@@ -81,6 +81,7 @@ INSTITUTION_COLUMNS = {
     "share": "float64",
     "train_samples": "int64",
     "test_samples": "int64",
+    "classes": "int64",  # classes in its training split (1 = a single-class institution: its accuracy is over one class)
     "label_skew": "float64",  # NaN = no label skew
     "feature_skew": "float64",
     "cpus": "float64",

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from analysis.report import build_report
+
 from sim.cli import compose
 from sim.compare import compare
 from sim.checks import load_spec
@@ -118,8 +120,6 @@ def test_a_table_with_a_site_column_is_its_own_scenario(sites):
 @pytest.mark.parametrize("bad, key, words", [
     (pd.DataFrame({"site": ["tiny"], "field": ["x"], "a": [0.0], "b": [0.0], "c": [0.0], "label": [1]}),
      "data.institution_column", "site 'tiny' has 1 row"),
-    (pd.DataFrame({"site": ["mono"] * 30, "field": ["x"] * 30, "a": 0.0, "b": 0.0, "c": 0.0, "label": [1] * 30}),
-     "data.label_column", "institution 'mono' has one class only (1)"),
 ])
 def test_a_site_that_cannot_stand_alone_is_one_line(sites, bad, key, words):
     frame, where = sites
@@ -127,6 +127,26 @@ def test_a_site_that_cannot_stand_alone_is_one_line(sites, bad, key, words):
     with pytest.raises(ConfigError) as err:
         load_spec(compose("config", table_args(where / "bad.csv")))
     assert err.value.key == key and words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_institution_of_one_class_runs_and_every_summary_says_so(sites, caplog, tmp_path):
+    # Prepare: the sites table plus a specialised site whose rows all carry label 1
+    frame, where = sites
+    mono = pd.DataFrame({"site": ["mono"] * 30, "field": ["x"] * 30, "a": 0.5, "b": -0.5, "c": 0.0, "label": [1] * 30})
+    pd.concat([frame, mono], ignore_index=True).to_csv(where / "mono.csv", index=False)
+    # Execute: the pre-run check, the run, and the report of the run
+    with caplog.at_level(logging.WARNING, logger="collabsim"):
+        spec = load_spec(compose("config", table_args(where / "mono.csv")))
+    result = run(spec, tmp_path / "run", backend="inprocess")
+    page = build_report([tmp_path / "run"], tmp_path / "report").read_text()
+    # Assert: one warning, the run complete with the site in it, and the caveat in its summary and its report
+    assert "1 institution holds one class only in column 'label' of mono.csv ('mono')" in caplog.text
+    classes = result.institutions.set_index("institution")["classes"]
+    assert classes["mono"] == 1 and (classes.drop("mono") == 2).all()
+    assert [c for c in result.caveats() if "single class" in c] == [
+        "mono holds a single class in its training data: its accuracy is over one class only, so training alone can "
+        "score 100% by always answering it"]
+    assert "mono holds a single class in its training data" in page
 
 
 def test_a_table_spread_over_the_fictional_default_institutions_is_warned_about(sites, caplog):

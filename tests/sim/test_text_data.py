@@ -264,11 +264,12 @@ def test_text_column_all_empty_is_refused(tmp_path):
         check_data(data, sites("s0", "s1", "s2"))
 
 
-def test_text_institution_with_one_class_or_too_few_rows_is_refused(tmp_path):
+def test_a_text_institution_of_one_class_is_warned_about_and_too_few_rows_refused(tmp_path, caplog):
     one_class = ["bio"] * 12 + ["astro", "bio"] * 12
     data = defaults("text") | {"path": str(write_texts(tmp_path, label=one_class))}
-    with pytest.raises(ConfigError, match=r"^data.label_column: institution 's0' would hold only class 'bio'"):
+    with caplog.at_level(logging.WARNING, logger="collabsim"):
         check_data(data, sites("s0", "s1", "s2"))
+    assert "1 institution holds a single class ('s0' only 'bio')" in caplog.text
     data = defaults("text") | {"path": str(write_texts(tmp_path, rows_per_site=4))}
     with pytest.raises(ConfigError, match=r"^scenario.institutions: institution 's0' gets 3 train and 1 test"):
         check_data(data, sites("s0", "s1", "s2"))
@@ -281,7 +282,7 @@ def test_text_institution_with_one_class_or_too_few_rows_is_refused(tmp_path):
     ({"task": "authors"}, "data.task", "unknown task 'authors'"),
     ({"partition": "iid"}, "data.partition", "partition must be natural"),
     ({"task": "discipline"}, "data.partition", "gives each institution one class"),
-    ({"min_class_rows": 100_000}, "data.min_class_rows", "would hold only class"),
+    ({"min_class_rows": 100_000}, "data.min_class_rows", "every institution would hold a single class"),
 ])
 def test_docstrings_bad_task_and_partition(corpus_dir, change, key, message):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*{re.escape(message)}"):

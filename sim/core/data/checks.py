@@ -1,11 +1,12 @@
 """Checks of a user's table before it is trusted: every value problem is one line naming file, column and institution.
 
-Refused: an empty (header-only) table; a label column with missing values, with a single
-class overall, or (partition natural) a single class at some institution; feature columns
-with text, missing values or infinities; a column that mixes numbers and text. Warned, not
-refused: a constant feature column. It carries no information but does no harm (after
-standardisation it is 0 everywhere), and one-hot files often hold a column that a subset
-of rows never sets, so refusing it would turn away good data.
+Refused: an empty (header-only) table; a label column with missing values or with a single
+class overall; feature columns with text, missing values or infinities; a column that mixes
+numbers and text. Warned, not refused: an institution holding a single class (its accuracy is
+over one class; sim.core.caveats repeats that in the summary and the report), and a constant
+feature column: it carries no information but does no harm (after standardisation it is 0
+everywhere), and one-hot files often hold a column that a subset of rows never sets, so
+refusing it would turn away good data.
 """
 
 from __future__ import annotations
@@ -103,13 +104,17 @@ def check_labels(df: pd.DataFrame, data: Mapping, path: Path) -> None:
     inst = data.get("institution_column")
     if data.get("partition") == "natural" and inst is not None:
         per_site = text.groupby(df[inst].astype(str), sort=False).nunique()
-        single = per_site[per_site < 2]
-        if len(single):
-            name = single.index[0]
-            only = labels[df[inst].astype(str) == name].iloc[0]
-            raise ConfigError("data.label_column", f"institution '{name}' has one class only ({_shown(only)}) in column "
-                              f"'{column}' of {path.name}: its accuracy would be meaningless; give it rows of at "
-                              "least two classes or drop it from the scenario")
+        single = sorted(per_site[per_site < 2].index)
+        if single and len(single) == len(per_site):  # each institution its own class: alone, every one is trivially right
+            raise ConfigError("data.label_column", f"every institution holds a single class in column '{column}' of "
+                              f"{path.name}, so each is 100% right alone by always answering it; check "
+                              "data.label_column and data.institution_column")
+        if single:  # legitimate (a specialised clinic, LEAF-style populations): run, and say what it means
+            shown = ", ".join(f"'{s}'" for s in single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
+            log.warning("warning: data.label_column: %d institution%s hold%s one class only in column '%s' of %s (%s): "
+                        "%s accuracy is over one class, and the run's summary and report say so", len(single),
+                        "s" if len(single) != 1 else "", "s" if len(single) == 1 else "", column, path.name, shown,
+                        "its" if len(single) == 1 else "their")
 
 
 def check_table(df: pd.DataFrame, data: Mapping, path: Path) -> list[str]:

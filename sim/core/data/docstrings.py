@@ -238,11 +238,11 @@ def _pool(data: Mapping, scenario: Scenario, seed: int, smoke: bool) -> Pool:
     y, classes = labels(df, data)
     if data["task"] == "subpackage":
         shards = natural(df["package"].to_numpy(), scenario.names)
-        refuse = ("data.min_class_rows", "lower data.min_class_rows so fewer subpackages merge into one class")
+        hint = ("data.min_class_rows", "lower data.min_class_rows so fewer subpackages merge into one class")
     else:
         shards = partition(y, len(classes), data, scenario, stream(seed, PARTITION))
-        refuse = ("data.partition", "use partition=iid or a larger data.dirichlet_alpha")
-    parts = text.finish(shards, y, None, data, scenario, seed, text.row_limit(data, smoke), classes, refuse)
+        hint = ("data.partition", "use partition=iid or a larger data.dirichlet_alpha")
+    parts = text.finish(shards, y, None, data, scenario, seed, text.row_limit(data, smoke), classes, hint)
     return text.compact(df["text"].to_numpy(dtype=object), y, parts, len(classes))
 
 

@@ -17,6 +17,7 @@ below (:func:`finish`, :func:`compact`, :func:`check_common`) are shared with th
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -27,6 +28,8 @@ from sim.core.data.partition import (
 )
 from sim.core.data.table import _is_test, _labels, _path, check_named, read, split_rows
 from sim.core.types import ConfigError, Scenario
+
+log = logging.getLogger("collabsim")
 
 DEFAULTS = {
     "name": "text",
@@ -109,18 +112,26 @@ def cap(idx: np.ndarray, strata: np.ndarray, limit: int | None, rng: np.random.G
 
 
 def finish(shards: Sequence[np.ndarray], y: np.ndarray, is_test: np.ndarray | None, data: Mapping,
-           scenario: Scenario, seed: int, limit: int | None, classes: Sequence[Any], refuse: tuple[str, str],
+           scenario: Scenario, seed: int, limit: int | None, classes: Sequence[Any], hint: tuple[str, str],
            ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Cap each institution's rows, refuse one left with a single class (``refuse`` = key, fix), split train/test."""
+    """Cap each institution's rows, split train/test; warn of those left with a single class (``hint`` = key, how to
+    give them more): they run, and the run's summary and report say their accuracy is over one class."""
     strata = y * 2 + is_test if is_test is not None else y  # with a split column, keep its train/test mix too
-    parts = []
+    parts, single = [], []
     for spec, idx in zip(scenario.institutions, shards):
         idx = cap(np.asarray(idx, np.int64), strata, limit, stream(seed, ROWS, spec.index))
         held = np.unique(y[idx])
         if len(held) == 1:
-            raise ConfigError(refuse[0], f"institution '{spec.name}' would hold only class "
-                              f"{classes[int(held[0])]!r}, so it has nothing to learn; {refuse[1]}")
+            single.append(f"'{spec.name}' only {classes[int(held[0])]!r}")
         parts.append(split_rows(idx, is_test, data["test_fraction"], seed, spec.index))
+    shown = ", ".join(single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
+    if single and len(single) == len(parts):  # each institution its own class: alone, every one is trivially right
+        raise ConfigError(hint[0], f"every institution would hold a single class ({shown}), so each is 100% right "
+                          f"alone by always answering it; {hint[1]}")
+    if single:
+        log.warning("warning: %s: %d institution%s hold%s a single class (%s): %s accuracy is over one class; to give "
+                    "%s more, %s", hint[0], len(single), "s" if len(single) != 1 else "", "s" if len(single) == 1 else "",
+                    shown, "its" if len(single) == 1 else "their", "it" if len(single) == 1 else "them", hint[1])
     return parts
 
 
@@ -185,7 +196,7 @@ def _split(df: pd.DataFrame, file: str, data: Mapping, scenario: Scenario, seed:
     y, num_classes = _labels(df, data["label_column"])
     classes = _classes(df[data["label_column"]].to_numpy())
     shards = _shards(df, y, num_classes, data, scenario, seed, file)
-    fix = ("data.label_column", "give it rows of at least two labels or drop it from the scenario") \
+    fix = ("data.label_column", "give it rows of at least two labels") \
         if data["partition"] == "natural" else \
         ("data.partition", "use partition=iid or a larger data.dirichlet_alpha")
     parts = finish(shards, y, _is_test(df, data["split_column"]), data, scenario, seed,

@@ -1,0 +1,64 @@
+"""What a run means that its numbers alone do not show: the caveats a reader must see next to them.
+
+A warning at the start of a run scrolls away under hundreds of progress lines. The few that
+change what the numbers mean are read back here from what the run itself recorded (its
+config and its tables), so the run's final summary, a compare's table and the report repeat
+them word for word, and a run read back years later still says them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+__all__ = ["caveats", "invented_institutions", "single_class"]
+
+
+def _names(items: list[str], limit: int = 4) -> str:
+    """'a', 'a and b', 'a, b and c', or the first few and how many more."""
+    if len(items) > limit:
+        items = items[: limit - 1] + [f"{len(items) - limit + 1} more"]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def invented_institutions(config: Mapping[str, Any]) -> str | None:
+    """The sentence for a file's rows spread over a built-in scenario's fictional institutions, else None.
+
+    A table (or text corpus) whose sites were never named (``data.institution_column`` unset, or
+    a partition other than natural) is dealt out to the scenario's own list of institutions: the
+    gains are then those of invented partners, not of the sites in the file."""
+    data, scenario = config.get("data") or {}, config.get("scenario") or {}
+    if not isinstance(data, Mapping) or data.get("name") not in ("table", "text") or data.get("partition") == "natural":
+        return None
+    if not isinstance(scenario, Mapping) or scenario.get("from_data") != "auto":
+        return None  # a scenario the user chose (its own file, or from_data=false): the spread is what was asked for
+    file = str(data.get("path") or "").rsplit("/", 1)[-1] or "the data file"
+    return (f"the rows of {file} are spread over the fictional institutions of scenario={scenario.get('name')}, not "
+            "over the file's own sites: set data.institution_column=COLUMN to make each site an institution")
+
+
+def single_class(institutions: pd.DataFrame) -> str | None:
+    """The sentence for institutions whose training data hold one class only, else None.
+
+    Such an institution is legitimate (a specialised clinic; LEAF-style populations) but its
+    accuracy is over one class: alone it can reach 100% by always answering that class."""
+    if "classes" not in institutions or institutions.empty:
+        return None
+    one = institutions.drop_duplicates("institution")
+    one = one[one["classes"].fillna(2) == 1]
+    if one.empty:
+        return None
+    names = sorted(one["institution"].astype(str))
+    verb = "holds" if len(names) == 1 else "hold"
+    return (f"{_names(names)} {verb} a single class in {'its' if len(names) == 1 else 'their'} training data: "
+            f"{'its' if len(names) == 1 else 'their'} accuracy is over one class only, so training alone can score "
+            "100% by always answering it")
+
+
+def caveats(configs: Iterable[Mapping[str, Any]], institutions: pd.DataFrame | None = None) -> list[str]:
+    """Every caveat of these runs, once each, in a fixed order (the runs of one compare usually share them)."""
+    out = [invented_institutions(c) for c in configs if isinstance(c, Mapping)]
+    if institutions is not None:
+        out.append(single_class(institutions))
+    return list(dict.fromkeys(s for s in out if s))
