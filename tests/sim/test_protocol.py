@@ -13,6 +13,7 @@ from analysis.report import build_report
 from sim.cli import compose
 from sim.compare import compare
 from sim.checks import load_spec
+from sim.core.caveats import caveats
 from sim.core.data import build_federation
 from sim.engine import run
 from sim.core.train import lr_scale
@@ -154,9 +155,13 @@ def test_a_table_spread_over_the_fictional_default_institutions_is_warned_about(
     with caplog.at_level(logging.WARNING, logger="collabsim"):
         spec = load_spec(compose("config", ["data=table", f"data.path={where / 'sites.parquet'}"]))
     assert spec.scenario.name == "default" and "data.institution_column=COLUMN" in caplog.text
+    assert caveats([spec.config]) == [  # repeated under the run's summary and in its report, where it is read
+        "the rows of sites.parquet are spread over the fictional institutions of scenario=default, not over the "
+        "file's own sites: set data.institution_column=COLUMN to make each site an institution"]
     own = load_spec(compose("config", table_args(where / "sites.parquet", "scenario.from_data=false",
                                                  "data.partition=iid")))
-    assert own.scenario.name == "default"  # the scenario's own list, when asked for
+    assert own.scenario.name == "default" and caveats([own.config]) == []  # the scenario's own list, when asked for
+    assert caveats([load_spec(compose("config", table_args(where / "sites.parquet"))).config]) == []  # its own sites
 
 
 def test_seeds_zero_is_refused_in_one_line():
