@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from sim.core import checkpoint, rundir
 from sim.core.caveats import caveats
 from sim.core.checkpoint import Progress
+from sim.core.heartbeat import Heartbeat
 from sim.checks import load_spec
 from sim.core.config import RunSpec
 from sim.core.data import build_federation
@@ -80,12 +81,15 @@ def run(
     discipline = {s.name: s.discipline for s in specs} | {GLOBAL: GLOBAL}
     progress.names = pd.array([s.name for s in specs], dtype="string")  # who a round did not pick comes by position
     runner, wall0, summary = None, time.perf_counter(), {}
+    beat = Heartbeat(f"[{spec.scheme_name}]").start()  # a step over 10 s says so (model loading, tokenising, ...)
     try:
         # 2. Data: every institution's shard and the global test set (the same whatever the coalition).
+        beat.phase(f"building the data ({len(specs)} institutions)")
         fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=spec.smoke, model=spec.model)
         flops = model_flops(build_model(spec.model, fed.input_shape, fed.num_classes, seed=spec.seed), fed.input_shape)
 
         # 3. Place hosts and coordinator; a resumed run puts back their state.
+        beat.phase("starting the institutions and loading the model into them")
         runner = _start_backend(backend or spec.engine.backend, spec, specs, fed, flops, pool)
         if snapshot is not None:
             runner.restore(snapshot)
@@ -93,7 +97,9 @@ def run(
             # 4. The scheme picks the cohort and the local plan; the fault model drops who will not deliver.
             ctx = runner.begin_round(r, progress.sim_time)
             if r == 1:
+                beat.phase("scoring the starting model (round 0)")
                 progress.add("metrics", _scores(keys, 0, runner.evaluate(ctx.plan), discipline))
+            beat.phase(f"training and merging round {r}/{spec.rounds}")
             # 5. Local steps fan out; the coordinator merges what arrived, in scenario order.
             # Scored every engine.eval_every rounds and in the last; eval_scope=cohort scores only who trained this
             # round (large populations), everybody in the last.
@@ -136,12 +142,14 @@ def run(
             log.info("[%s] round %d/%d  %s  cohort %d%s  simulated %.1fs  wall %.1fs", spec.scheme_name, r, spec.rounds,
                      scored, len(ctx.cohort), f" (dropped {dropped})" if dropped else "", progress.sim_time,
                      time.perf_counter() - wall0)
+            beat.touch()
             if on_round is not None and summary:
                 on_round(r, summary)
     except BaseException as e:
         mark("failed", progress.rounds_done, e)
         raise
     finally:
+        beat.stop()
         if runner is not None:
             runner.close()
 

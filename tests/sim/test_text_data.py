@@ -16,6 +16,8 @@ import yaml
 
 from sim.core.data import build_federation, check_data, defaults, docstrings
 from sim.core.scenario import build_scenario
+from sim.cli import compose
+from sim.checks import load_spec
 from sim.core.types import ConfigError, InstitutionSpec, Scenario
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,7 +242,8 @@ def test_text_needs_a_transformer_model(tmp_path):
 
 def test_text_refuses_feature_skew(tmp_path):
     data = defaults("text") | {"path": str(write_texts(tmp_path))}
-    with pytest.raises(ConfigError, match=r"feature_skew: 's0' asks for feature_skew 0.2.*token ids"):
+    with pytest.raises(ConfigError, match=r"feature_skew: 's0' of scenario=\w+ asks for feature_skew 0.2.*token ids.*"
+                                          r"data.institution_column=COLUMN"):
         check_data(data, sites("s0", "s1", "s2", feature_skew=0.2))
 
 
@@ -290,5 +293,16 @@ def test_docstrings_bad_task_and_partition(corpus_dir, change, key, message):
 
 
 def test_docstrings_subpackage_needs_institutions_named_after_packages(corpus_dir):
-    with pytest.raises(ConfigError, match=r"^scenario.institutions\[1\].name: 'lab' is no package"):
+    with pytest.raises(ConfigError, match=r"^scenario.institutions\[1\].name: 'lab' of scenario=\w+ is no package.*"
+                                          r"use scenario=docstrings"):
         check_data(docs(corpus_dir), sites("scipy", "lab"))
+
+
+def test_data_docstrings_brings_its_own_scenario_unless_one_is_named():
+    # Execute: the data group alone, then with a scenario named on the command line
+    picked = compose("config", ["data=docstrings", "model=minilm"])
+    named = compose("config", ["data=docstrings", "model=minilm", "scenario=default"])
+    # Assert: its eight packages by default; the user's choice wins, and its refusal names the scenario to use
+    assert picked.scenario.name == "docstrings" and named.scenario.name == "default"
+    with pytest.raises(ConfigError, match=r"'city_hospital' of scenario=default is no package.*use scenario=docstrings"):
+        load_spec(named)

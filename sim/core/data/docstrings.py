@@ -132,7 +132,10 @@ def _walk(module: str) -> Iterator[tuple[str, str, str, str]]:
 
 def build_corpus(packages: Sequence[tuple] = PACKAGES) -> pd.DataFrame:
     """Walk the packages and return the de-duplicated corpus (columns COLUMNS), without any cache."""
-    rows = [(dist, discipline, *row) for dist, module, _, discipline in packages for row in _walk(module)]
+    rows = []
+    for k, (dist, module, _, discipline) in enumerate(packages, 1):  # a minute or so: say where it is
+        log.info("docstrings corpus: reading %s (%d/%d)", dist, k, len(packages))
+        rows += [(dist, discipline, *row) for row in _walk(module)]
     owners: dict[str, set[str]] = {}
     for row in rows:
         owners.setdefault(row[-1], set()).add(row[0])
@@ -183,6 +186,8 @@ def corpus(cache_dir: str | os.PathLike = DEFAULTS["cache_dir"], packages: Seque
     if df is not None:
         return df
     start = time.perf_counter()
+    log.info("building the docstrings corpus from %d installed packages (once: it is cached in %s)", len(packages),
+             path.parent)
     df = build_corpus(packages)
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), DIGEST_KEY: rows_digest(df).encode()})
@@ -226,8 +231,9 @@ def _check_keys(data: Mapping, scenario: Scenario) -> None:
         known = [dist for dist, _, _, _ in PACKAGES]
         for spec in scenario.institutions:
             if spec.name not in known:
-                raise ConfigError(f"scenario.institutions[{spec.index}].name", f"'{spec.name}' is no package; "
-                                  f"task=subpackage needs institutions named {', '.join(known)} (scenario=docstrings)")
+                raise ConfigError(f"scenario.institutions[{spec.index}].name", f"'{spec.name}' of scenario={scenario.name} "
+                                  f"is no package; task=subpackage needs institutions named {', '.join(known)}: use "
+                                  "scenario=docstrings (data=docstrings picks it unless a scenario is named)")
 
 
 def _pool(data: Mapping, scenario: Scenario, seed: int, smoke: bool) -> Pool:
@@ -248,8 +254,8 @@ def _pool(data: Mapping, scenario: Scenario, seed: int, smoke: bool) -> Pool:
 
 def check(data: Mapping, scenario: Scenario) -> None:
     """Validate the keys, the installed versions and (reading the cached corpus) every institution's rows."""
+    _check_keys(data, scenario)  # first: task=subpackage with another scenario's institutions names scenario=docstrings
     text.check_common(data, scenario)
-    _check_keys(data, scenario)
     check_versions()
     if data["task"] == "discipline":
         check_partition(data, scenario, len(corpus(data["cache_dir"])))

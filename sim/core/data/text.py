@@ -91,8 +91,16 @@ def check_common(data: Mapping, scenario: Scenario) -> None:
     for spec in scenario.institutions:
         if spec.feature_skew > 0:
             raise ConfigError(f"scenario.institutions[{spec.index}].feature_skew",
-                              f"'{spec.name}' asks for feature_skew {spec.feature_skew}, but text inputs are "
-                              f"token ids and cannot be shifted; set feature_skew: 0 for data={data['name']}")
+                              f"'{spec.name}' of scenario={scenario.name} asks for feature_skew {spec.feature_skew}, "
+                              f"but text inputs are token ids and cannot be shifted; {_text_scenario(data)}")
+
+
+def _text_scenario(data: Mapping) -> str:
+    """Which scenario suits a text dataset, for a message."""
+    if data["name"] == "docstrings":
+        return "use scenario=docstrings (data=docstrings picks it unless a scenario is named) or a scenario without shifts"
+    return ("make each site of the file an institution with data.institution_column=COLUMN, or use a scenario "
+            "without shifts")
 
 
 def row_limit(data: Mapping, smoke: bool) -> int | None:
