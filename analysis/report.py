@@ -239,6 +239,7 @@ def _privacy(privacy: pd.DataFrame, tag: str, suffix: str) -> str:
                  "Schemes with privacy noise at the epsilon they spent; schemes that share updates without noise at "
                  "'no guarantee'; isolated shares nothing.")
     body += table(privacy, ["scheme", "epsilon", "seeds", "mean_accuracy", "global_accuracy"])
+    body += _note(trust.PRIVACY_COVERS)
     return section(f"privacy{tag}", "What privacy costs" + suffix, body + _note(interval_note(privacy["seeds"])),
                    "Differential privacy bounds what any one institution's participation reveals, by epsilon (smaller "
                    "is more private, at delta of the scheme's config); the noise that buys it costs accuracy.")

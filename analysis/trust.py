@@ -15,6 +15,16 @@ from analysis.metrics import (
     run_costs,
 )
 
+PRIVACY_COVERS = (
+    "What the guarantee covers. Client-level privacy (privacy=client_dp, scheme=dp_fedavg): each institution's "
+    "clipped model change, every institution weighted 1 (no sample count is used), with the noise added by the "
+    "coordinator, which must therefore be trusted. Sample-level DP-SGD (an institution's dp_noise_multiplier): the "
+    "model it sends. Outside the guarantee, and sent as they are: its number of training samples, which FedAvg weights "
+    "by (treated as public, as DP-SGD's own sampling rate q = batch size / samples is; scheme.weighting=uniform uses "
+    "none), and under q-FFL the loss of the received model on its data, which q-FFL's step needs. The training loss "
+    "in the tables is the simulator's record for you: no scheme reads it, and it is not counted as sent.")
+"""What leaves an institution under each kind of privacy, covered or not: printed under the report's privacy table."""
+
 HONEST = "honest"
 """The behaviour of an institution that does what it claims (institutions.parquet's ``behaviour``)."""
 
