@@ -48,6 +48,7 @@ def test_no_epsilon_and_everyone_honest_means_no_privacy_panel_and_no_damage_tab
     # Assert
     assert trust.privacy_table(mt, lg).empty and trust.damage_table(mt, inst).empty
     assert 'id="privacy"' not in page and 'id="damage"' not in page and "What privacy costs" not in page
+    assert "What the guarantee covers" not in page
 
 
 def test_epsilon_and_misbehaviour_bring_the_panel_the_table_and_correct_numbers(tmp_path):
@@ -67,6 +68,7 @@ def test_epsilon_and_misbehaviour_bring_the_panel_the_table_and_correct_numbers(
     assert np.isclose(row["kept"], 0.5) and np.isclose(row["damage"], -35.0)
     assert np.isclose(row["gain_sign_flip"], (0.50 - 0.80) * 100)  # B's own gain against its isolated 0.80
     assert 'id="privacy"' in page and 'id="damage"' in page and "Gain of sign flip" in page
+    assert "What the guarantee covers." in page and "Outside the guarantee, and sent as they are" in page
 
 
 def test_findings_count_schemes_and_never_say_all_for_some():
