@@ -81,7 +81,7 @@ INSTITUTION_COLUMNS = {
     "share": "float64",
     "train_samples": "int64",
     "test_samples": "int64",
-    "classes": "int64",  # classes in its training split (1 = a single-class institution: its accuracy is over one class)
+    "classes": "Int64",  # classes in its training split (1: its accuracy is over one class); <NA> where not recorded
     "label_skew": "float64",  # NaN = no label skew
     "feature_skew": "float64",
     "cpus": "float64",
@@ -117,7 +117,7 @@ def frame(kind: str, rows: Iterable[Mapping]) -> pd.DataFrame:
         if dtype == "bool" or name in ZERO_IF_MISSING:
             fill = False if dtype == "bool" else 0
             values = [fill if v is None or v != v else v for v in values]  # v != v: NaN
-        data[name] = pd.array(values, dtype=dtype) if dtype == "string" else np.array(values, dtype=dtype)
+        data[name] = pd.array(values, dtype=dtype) if dtype in ("string", "Int64") else np.array(values, dtype=dtype)
     return pd.DataFrame(data, columns=list(columns))
 
 
