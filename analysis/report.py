@@ -96,7 +96,7 @@ def build_report(
         warnings.simplefilter("always", m.AnalysisWarning)
         results = load_results(run_dirs, include_incomplete=include_incomplete)
         tables = analyse(results, target)
-    notes = caveats(results.configs.values(), results.institutions)  # what changes the numbers' meaning, first
+    notes = caveats(results.configs.values(), results.institutions, results.metrics)  # what changes their meaning
     notes = list(dict.fromkeys(notes + [str(w.message) for w in caught if issubclass(w.category, m.AnalysisWarning)]))
     for w in caught:  # other warnings (a library's deprecations) are for developers, not the page
         if not issubclass(w.category, m.AnalysisWarning):

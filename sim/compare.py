@@ -138,7 +138,7 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
     write_table(institutions, out_dir / "institutions.parquet")
     table = summary(metrics, ledger)
     write_csv(table, out_dir / "summary.csv")
-    table.attrs["caveats"] = caveats([r.config for r in results], institutions)
+    table.attrs["caveats"] = caveats([r.config for r in results], institutions, metrics)
     return table
 
 

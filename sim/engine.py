@@ -50,7 +50,7 @@ class RunResult:
 
     def caveats(self) -> list[str]:
         """What the run means that its numbers alone do not show (:mod:`sim.core.caveats`), for its summary."""
-        return caveats([self.config], self.institutions)
+        return caveats([self.config], self.institutions, self.metrics)
 
 
 def run(

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-__all__ = ["caveats", "invented_institutions", "single_class"]
+__all__ = ["caveats", "invented_institutions", "single_class", "unmoved"]
 
 
 def _names(items: list[str], limit: int = 4) -> str:
@@ -56,9 +56,28 @@ def single_class(institutions: pd.DataFrame) -> str | None:
             "100% by always answering it")
 
 
-def caveats(configs: Iterable[Mapping[str, Any]], institutions: pd.DataFrame | None = None) -> list[str]:
+def unmoved(metrics: pd.DataFrame) -> str | None:
+    """The sentence for runs whose models never changed (every scored round scores exactly as the starting model),
+    else None: nobody trained (no update arrived) or every update was thrown away, so its accuracy is the start's."""
+    loss = metrics[(metrics["metric"] == "loss") & (metrics["institution"] != "global")] if len(metrics) else metrics
+    if loss.empty:
+        return None
+    still = loss.groupby(["run_id", "institution"])["value"].agg(lambda v: len(v) > 1 and v.nunique() == 1)
+    runs = still.groupby(level="run_id").all()
+    if not runs.any():
+        return None
+    schemes = metrics[metrics["run_id"].isin(runs[runs].index)]["scheme"].dropna().unique()
+    what = f"{int(runs.sum())} of {len(runs)} runs ({_names(sorted(map(str, schemes)))})" if len(runs) > 1 else "the run"
+    return (f"in {what} no model ever moved: every round scores exactly as the starting model, so nobody's update "
+            "was merged (none arrived, or all were discarded); its accuracies are those of the untrained model")
+
+
+def caveats(configs: Iterable[Mapping[str, Any]], institutions: pd.DataFrame | None = None,
+            metrics: pd.DataFrame | None = None) -> list[str]:
     """Every caveat of these runs, once each, in a fixed order (the runs of one compare usually share them)."""
     out = [invented_institutions(c) for c in configs if isinstance(c, Mapping)]
     if institutions is not None:
         out.append(single_class(institutions))
+    if metrics is not None:
+        out.append(unmoved(metrics))
     return list(dict.fromkeys(s for s in out if s))
