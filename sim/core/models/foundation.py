@@ -30,15 +30,19 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from sim.core.models.frozen import FrozenPrefix, trim
 from sim.core.schema import Field, check_group
 from sim.core.types import ConfigError
 
 ADAPTERS = ("lora", "none", "frozen")
 """lora: LoRA adapters + head train | none: full fine-tuning | frozen: the base is frozen, only the head trains."""
-LORA_DEFAULTS = MappingProxyType({"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ("query", "value")})
-"""LoRA settings a config does not state: rank 8 on the attention query/value projections (the LoRA paper's choice)."""
+LORA_DEFAULTS = MappingProxyType({"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ("query", "value"),
+                                   "layers": None})
+"""LoRA settings a config does not state: rank 8 on the attention query/value projections (the LoRA paper's choice),
+in every layer (``layers``: the top k layers only, below which nothing trains and outputs are computed once)."""
 LORA_FIELDS = {"r": Field("int", 1, 4096), "alpha": Field("float", 0.0, low_open=True),
-               "dropout": Field("float", 0.0, 1.0, high_open=True), "target_modules": Field("strs")}
+               "dropout": Field("float", 0.0, 1.0, high_open=True), "target_modules": Field("strs"),
+               "layers": Field("int", 1, null=True)}
 HEADS = ("classifier", "score")
 """Names transformers give the classification head of a sequence-classification model."""
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -49,7 +53,7 @@ class TextClassifier(nn.Module):
 
     input_dtype = torch.int64  # model_flops and callers probe with token ids, not floats
 
-    def __init__(self, model: nn.Module, pad_id: int):
+    def __init__(self, model: nn.Module, pad_id: int, cache: bool = True):
         super().__init__()
         self.model = model
         self.pad_id = int(pad_id)
@@ -57,10 +61,20 @@ class TextClassifier(nn.Module):
         self.frozen_keys = frozenset(k for k in self.state_dict() if k not in trainable)
         # The new classification head, which training.head_lr may give a learning rate of its own.
         self.head_keys = frozenset(n for n in trainable if set(n.split(".")) & set(HEADS))
+        # The frozen bottom's outputs, computed once per text (sim.core.models.frozen); None: every layer runs
+        self.prefix = FrozenPrefix.of(model, self.pad_id) if cache else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Class logits ``(B, num_classes)`` of token ids ``(B, L)``; pad positions are masked out of attention."""
-        return self.model(input_ids=ids, attention_mask=(ids != self.pad_id).long()).logits
+        """Class logits ``(B, num_classes)`` of token ids ``(B, L)``; pad positions are masked out of attention.
+
+        The batch is cut to its longest text; with a frozen bottom its outputs are stored and replayed."""
+        ids = trim(ids, self.pad_id)
+        mask = (ids != self.pad_id).long()
+        if self.prefix is None:
+            return self.model(input_ids=ids, attention_mask=mask).logits
+        hidden = self.prefix.hidden(self.model, ids, mask)
+        with self.prefix.replay(hidden):
+            return self.model(input_ids=ids, attention_mask=mask).logits
 
 
 def minilm_path() -> Path:
@@ -256,14 +270,26 @@ def lora_wrap(model: nn.Module, options: Mapping[str, Any]) -> nn.Module:
     """``peft.get_peft_model`` with ``options``; a module peft cannot wrap or a missing target is one line."""
     from peft import LoraConfig, get_peft_model
 
+    top = {} if options.get("layers") is None else {"layers_to_transform": top_layers(model, int(options["layers"]))}
     config = LoraConfig(r=int(options["r"]), lora_alpha=float(options["alpha"]), lora_dropout=float(options["dropout"]),
-                        target_modules=list(options["target_modules"]))
+                        target_modules=list(options["target_modules"]), **top)
     try:
         with _quiet():
             return get_peft_model(model, config)
     except (ValueError, TypeError) as e:  # peft's NoMatchingPeftModuleError is a ValueError
         raise ConfigError("model.lora.target_modules", f"LoRA cannot wrap {list(options['target_modules'])} ({_first_line(e)[:160]}); "
                           f"Linear modules it can: {', '.join(linear_names(model)) or 'none'}") from None
+
+
+def top_layers(model: nn.Module, k: int) -> list[int]:
+    """Indices of the top ``k`` transformer layers of ``model`` (``model.lora.layers``), checked against its depth."""
+    depth = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    if not depth:
+        raise ConfigError("model.lora.layers", f"{type(model).__name__} does not say how many layers it has; leave "
+                          "model.lora.layers=null (adapters in every layer)")
+    if not 1 <= k <= depth:
+        raise ConfigError("model.lora.layers", f"must be in [1, {depth}] (the model's {depth} layers), got {k}")
+    return list(range(depth - k, depth))
 
 
 def linear_names(model: nn.Module) -> list[str]:
