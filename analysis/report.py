@@ -27,7 +27,7 @@ INSTITUTION_COLUMNS = ["institution", "discipline", "share", "train_samples", "t
 FAIRNESS_COLUMNS = ["scheme", "worst_institution", "worst_gain", "gain_std", "gain_gini", "share_better_off",
                     "accuracy_parity", "worst_discipline"]
 SUMMARY_COLUMNS = ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain",
-                   "mean_gain_interval", "worse_off", "megabytes"]
+                   "mean_gain_interval", "worse_off", "significantly_worse_off", "megabytes"]
 COST_COLUMNS = ["scheme", "megabytes", "mb_up", "mb_down", "mb_per_member_round", "compute_seconds", "simulated_seconds",
                 "simulated_duration", "staleness", "epsilon", "mean_accuracy", "accuracy_per_mb", "pareto"]
 
@@ -182,21 +182,25 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                    "<p>" + " ".join(html.escape(s) for s in described) + "</p>"
                    + table(pick["institutions"], [c for c in INSTITUTION_COLUMNS if c in pick["institutions"]]))
     summary = summary.assign(mean_gain_interval=[  # isolated's gain is 0 by definition: no interval to show
-        None if scheme == m.BASELINE else interval_text(lo, hi) or None
-        for scheme, lo, hi in zip(summary["scheme"], summary["mean_gain_low"], summary["mean_gain_high"])])
-    with_interval = summary["mean_gain_interval"].notna().any()  # no interval anywhere: no column, no note
+        None if scheme == m.BASELINE else interval_text(lo, hi, note) or None
+        for scheme, lo, hi, note in zip(summary["scheme"], summary["mean_gain_low"], summary["mean_gain_high"],
+                                        summary.get("mean_gain_note", pd.Series(None, index=summary.index)))])
+    joined = summary[summary["scheme"] != m.BASELINE]
+    with_interval = bool((joined["seeds"] >= m.MIN_SEEDS).any())  # too few seeds everywhere: no column, one note
     shown = [c for c in SUMMARY_COLUMNS if c in summary and (c != "mean_gain_interval" or with_interval)]
-    seeds = summary.loc[summary["scheme"] != m.BASELINE, "seeds"] if with_interval else []
+    seeds = joined["seeds"] if with_interval else []
     out += section(f"summary{tag}", "Summary by scheme" + suffix, table(summary, shown) + _note(interval_note(seeds)),
                    "One row per scheme; figures are means over seeds; isolated is the baseline every gain is measured "
                    "against. " + words.selection_rule(configs))
     if len(gains):
         body = image(plots.png_bytes(plots.gain_plot(gains)), "Gain per institution and scheme",
-                     f"Bars: mean gain over seeds; whiskers: 95% interval (with {m.MIN_SEEDS} seeds or more); "
+                     f"Bars: mean gain over seeds; whiskers: 95% interval (with {m.MIN_SEEDS} seeds or more, and only "
+                     "where it stays within the gains possible); "
                      "red outline: worse off than alone.")
         body += gain_matrix(gains)
         body += _note("Each cell: mean gain in accuracy points over seeds, on each institution's own test split, and "
-                      f"below it the 95% t-interval when there are {m.MIN_SEEDS} seeds or more. Red: worse off than "
+                      f"below it the 95% t-interval when there are {m.MIN_SEEDS} seeds or more ('too uncertain' where it "
+                      "would reach gains no accuracy can give). Red: worse off than "
                       "training alone. Changes in loss are in tables/gains.csv. " + interval_note(gains["seeds"]))
         out += section(f"gains{tag}", "Who gains, who loses" + suffix, body,
                        "Each institution's accuracy under a scheme minus its accuracy when training alone.")

@@ -36,7 +36,7 @@ def privacy_table(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     per_run["epsilon"] = per_run["epsilon"].map(lambda e: float(f"{e:.3g}") if pd.notna(e) else np.nan)
     rows = []
     for (scenario, scheme, epsilon), g in per_run.groupby(["scenario", "scheme", "epsilon"], sort=False, dropna=False):
-        mean, low, high = mean_interval(g["mean_accuracy"])
+        mean, low, high = mean_interval(g["mean_accuracy"], lowest=0.0, highest=1.0)  # an accuracy lies in [0, 1]
         rows.append({"scenario": scenario, "scheme": scheme, "epsilon": epsilon, "seeds": int(g["seed"].nunique()),
                      "mean_accuracy": mean, "mean_accuracy_low": low, "mean_accuracy_high": high,
                      "global_accuracy": g["global_accuracy"].mean()})
