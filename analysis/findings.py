@@ -110,12 +110,25 @@ def institutions_phrase(k: int, n: int, verb: str, verb_one: str | None = None) 
     return f"{k} of {n} institutions {one if k == 1 else verb}"
 
 
-def ranked(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows that may be ranked: reference runs (``is_reference``: the trust experiment's run with nobody cheating)
-    are a yardstick for the others, never a scheme to choose."""
-    if "is_reference" not in table:
-        return table
-    return table[~table["is_reference"].fillna(False).astype(bool)]
+REFERENCE = "reference"
+"""How a reference run (the trust experiment's run with nobody cheating) is labelled wherever schemes are listed."""
+
+
+def references(summary: pd.DataFrame) -> set[str]:
+    """Schemes the summary marks ``is_reference``: yardsticks for the others, never schemes to choose."""
+    if "is_reference" not in summary:
+        return set()
+    return set(summary.loc[summary["is_reference"].fillna(False).astype(bool), "scheme"])
+
+
+def ranked(table: pd.DataFrame, refs: set[str]) -> pd.DataFrame:
+    """The rows of schemes that may be ranked: every scheme but the references."""
+    return table[~table["scheme"].isin(refs)] if refs and "scheme" in table else table
+
+
+def labelled(schemes: pd.Series, refs: set[str]) -> pd.Series:
+    """Scheme names for a table, a reference's marked '(reference)'."""
+    return schemes.map(lambda s: f"{s} ({REFERENCE})" if s in refs else s)
 
 
 def _signs(rows: pd.DataFrame) -> list[int]:
@@ -141,7 +154,8 @@ def findings(summary: pd.DataFrame, gains: pd.DataFrame, fairness: pd.DataFrame,
     runs (``is_reference``) are never ranked.
     """
     out: list[tuple[str, str]] = []
-    summary, gains = ranked(summary), ranked(gains)
+    refs = references(summary)
+    summary, gains = ranked(summary, refs), ranked(gains, refs)
     joined = summary[summary["scheme"] != BASELINE].dropna(subset=["mean_gain"])
     if not (summary["scheme"] == BASELINE).any() or joined.empty:
         out.append(("No baseline", "no isolated runs match these runs, so gains over training alone cannot be measured; "
@@ -222,7 +236,7 @@ def _cost(best: pd.Series, alone: pd.Series) -> list[tuple[str, str]]:
 def _pooled_vs_federated(summary: pd.DataFrame) -> list[tuple[str, str]]:
     """Whether pooling all data beats the best federated scheme on mean accuracy."""
     pooled = summary[summary["scheme"] == POOLED].dropna(subset=["mean_accuracy"])
-    federated = ranked(summary)
+    federated = ranked(summary, references(summary))
     federated = federated[federated["scheme"].map(is_federated)].dropna(subset=["mean_accuracy"])
     if pooled.empty or federated.empty:
         return []

@@ -272,6 +272,9 @@ def summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
 def run_costs(ledger: pd.DataFrame) -> pd.DataFrame:
     """Ledger totals per run (sums over rounds and institutions): bytes, megabytes, compute, simulated time, epsilon.
 
+    ``compute_seconds`` is measured wall time (it moves with the machine's load, so the report does not show it);
+    ``sim_compute_seconds`` the simulated device seconds of training (NaN for ledgers written before it existed).
+
     ``simulated_seconds`` adds up every institution's simulated seconds (total busy time);
     ``simulated_duration`` is the ledger's clock at the end of the run (``sim_time``: how long the run lasts when
     institutions work in parallel; an asynchronous round does not wait for its slowest member); for tables without
@@ -280,6 +283,9 @@ def run_costs(ledger: pd.DataFrame) -> pd.DataFrame:
     ``staleness`` is the mean staleness of the updates an asynchronous scheme merged (NaN otherwise).
     """
     sums = ledger.groupby(RUN)[["bytes_up", "bytes_down", "compute_seconds", "simulated_seconds"]].sum()
+    # Simulated device seconds: the same under any machine load (compute_seconds is measured wall time; it is not).
+    sums["sim_compute_seconds"] = (ledger.groupby(RUN)["sim_compute_seconds"].sum(min_count=1)
+                                   if "sim_compute_seconds" in ledger else np.nan)
     per_round = ledger.groupby([*RUN, "round"])["simulated_seconds"].max()
     sums["simulated_duration"] = per_round.groupby(level=RUN).sum()
     if "sim_time" in ledger:
@@ -306,8 +312,8 @@ def cost_table(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     per_run = run_costs(ledger).merge(run_accuracy(metrics)[["run_id", "mean_accuracy"]], on="run_id", how="outer")
     per_run["scenario"] = per_run["scenario"].fillna(per_run["run_id"].map(metrics.groupby("run_id")["scenario"].first()))
     per_run["scheme"] = per_run["scheme"].fillna(per_run["run_id"].map(metrics.groupby("run_id")["scheme"].first()))
-    values = ["bytes_up", "bytes_down", "megabytes", "mb_per_member_round", "compute_seconds", "simulated_seconds",
-              "simulated_duration", "staleness", "epsilon", "mean_accuracy"]
+    values = ["bytes_up", "bytes_down", "megabytes", "mb_per_member_round", "compute_seconds", "sim_compute_seconds",
+              "simulated_seconds", "simulated_duration", "staleness", "epsilon", "mean_accuracy"]
     table = per_run.groupby(["scenario", "scheme"], sort=False)[values].mean()
     table["runs"] = per_run.groupby(["scenario", "scheme"], sort=False)["run_id"].nunique()
     table = table.reset_index()

@@ -132,8 +132,8 @@ def fmt(value, kind: str) -> str:
         return f"{value:.1f}"
     if kind == "int":
         return f"{int(value):,}"
-    if kind == "mb":
-        return "0" if value == 0 else f"{value:,.1f}" if value >= 100 else f"{value:.3g}"
+    if kind == "mb":  # never in e-notation: a few bytes read as '< 0.001'
+        return "0" if value == 0 else f"{value:,.1f}" if value >= 100 else "< 0.001" if value < 0.001 else f"{value:.3g}"
     if kind == "sec":
         return f"{value:,.1f}"
     if kind in ("float", "ratio"):
