@@ -182,8 +182,9 @@ def findings(summary: pd.DataFrame, gains: pd.DataFrame, fairness: pd.DataFrame,
         out.append(("Highest mean gain", text + "."))
     elif best["mean_gain"] > 0:
         text = (f"{best['scheme']} has the highest mean gain, {fmt(best['mean_gain'], 'pts')} accuracy points over "
-                f"training alone ({accuracy}), but it is {sureness(low, high, note)}"
-                + (f" ({said})" if pd.notna(low) else "") + counted)
+                f"training alone ({accuracy}), but it is "
+                + (f"not significant: its 95% interval, {interval_text(low, high)}, includes zero" if pd.notna(low)
+                   else sureness(low, high, note)) + counted)
         out.append(("Highest mean gain", text + "."))
     else:
         text = (f"no scheme beats training alone on average; the best, {best['scheme']}, changes mean accuracy by {fmt(best['mean_gain'], 'pts')} "

@@ -11,6 +11,7 @@ import html
 import math
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from analysis.certainty import MIN_SEEDS, TOO_UNCERTAIN, why_blank
@@ -136,8 +137,9 @@ def fmt(value, kind: str) -> str:
         return "0" if value == 0 else f"{value:,.1f}" if value >= 100 else "< 0.001" if value < 0.001 else f"{value:.3g}"
     if kind == "sec":
         return f"{value:,.1f}"
-    if kind in ("float", "ratio"):
-        return f"{value:.3g}"
+    if kind in ("float", "ratio"):  # three significant figures, never in e-notation (0.00000381, 12,300)
+        return f"{value:,.0f}" if abs(value) >= 1000 else np.format_float_positional(
+            float(value), precision=3, unique=False, fractional=False, trim="-")
     if kind == "bool":
         return "yes" if bool(value) else "no"
     return str(value)
