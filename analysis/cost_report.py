@@ -82,7 +82,8 @@ def guide(currency: str) -> dict[str, tuple[str, str, str]]:
         "co2_kg": ("CO2e (kg)", "kWh times the grid's kg CO2e per kWh.", "float"),
         "duration": ("Duration (s)", "Simulated seconds from the start to the end of the run (sim_time of its last round).",
                      "money"),
-        "reached": ("Reached", "Seeds whose run reaches the target accuracy.", "text"),
+        "reached": ("Reached", "Seeds whose accuracy at the selected round (the summary's figure) reaches the target.",
+                    "text"),
         "time_to_target": ("Time to target (s)", "Simulated seconds until the first scored round at the target, mean over "
                            "the seeds that reach it.", "money"),
         "cost_to_target": (f"Cost to target ({c})", "Money spent up to and including that round, mean over the seeds "
