@@ -20,13 +20,22 @@ How the ledger becomes money (all per round x institution, then summed):
 Money is the sum of usage x price over :data:`CHARGES`, so a new ledger quantity (compute
 handed to a partner, say) is one more (usage column, price key) pair.
 
-**Time to target.** The accuracy of a run at a round is the mean over institutions of each
-one's accuracy on its own test split (the summary's *mean accuracy*), over rounds where every
-institution was scored. The target is ``--target`` if given, else :data:`TARGET_FRACTION` of the
-best such accuracy any scheme's mean over seeds reaches in the scenario. A run's time to target
-is the ledger's ``sim_time`` at the first scored round that reaches it (round 0: 0 seconds), its
-cost to target the money of every round up to that one; per scheme both are means over the seeds
-that reach it, and ``reached`` says how many do.
+**Scale.** ``costs.scale`` (default 1) multiplies every run's device-hours and GB (and so kWh,
+CO2e and money) before pricing: the simulation's toy model and data cost millionths of a dollar,
+so a reader who wants a real-world figure declares how many times more work a real deployment
+does (a larger model, more data) and the report says which scale it priced at. Simulated time is
+not scaled.
+
+**Time to target** reads the same selected numbers as the summary. The target is ``--target`` if
+given, else :data:`TARGET_FRACTION` of the best *mean accuracy* in the summary (each run's mean
+over institutions at the round its selection rule picked, :func:`analysis.metrics.run_accuracy`,
+mean over seeds; reference runs aside). A run reaches the target when that selected accuracy of
+its own does; its time to target is then the ledger's ``sim_time`` at the first scored round whose
+mean accuracy over institutions reaches it (round 0: 0 seconds; when no single round does, as
+per-institution selection can mix rounds, the last round any institution's model was selected
+from), its cost to target the money of every round up to that one. Per scheme both are means over
+the seeds that reach it, and ``reached`` says how many do. A run that touches the target in some
+round but whose selected accuracy is below it does not count as reaching it.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import GLOBAL, RUN, order_rows, pareto_front, run_accuracy
+from analysis.metrics import GLOBAL, RUN, final_round, order_rows, pareto_front, run_accuracy
 from analysis.runs import read_config
 from sim.core.clock import FLOPS_PER_CPU, FLOPS_PER_GPU, MIN_CPUS  # the clock's floor: what it runs, it charges
 from sim.core.results import TableError, read_one
@@ -60,6 +69,8 @@ class Prices:
     currency: str = "USD"
     base: Mapping[str, float | None] = field(default_factory=dict)
     overrides: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
+    scale: float = 1.0
+    """How many times the simulated work a real deployment does (``costs.scale``): usage is multiplied by it."""
 
     def of(self, institution: str) -> dict[str, float]:
         """Every price key for one institution (NaN where a key is null: no energy or emissions figures)."""
@@ -80,7 +91,8 @@ def prices_from_config(config: Mapping) -> Prices | None:
     overrides = costs.get("institutions") or {}
     check_costs(costs, list(overrides) if isinstance(overrides, Mapping) else [])  # a hand-edited config.yaml: one line
     base = {k: costs.get(k, None if PRICES[k].null else 0.0) for k in PRICES}
-    return Prices(str(costs.get("currency") or "USD"), base, {k: dict(v) for k, v in overrides.items()})
+    return Prices(str(costs.get("currency") or "USD"), base, {k: dict(v) for k, v in overrides.items()},
+                  float(costs.get("scale") or 1.0))
 
 
 def run_prices(configs: Mapping[str, Mapping]) -> dict[str, Prices]:
@@ -124,10 +136,12 @@ def priced_ledger(ledger: pd.DataFrame, institutions: pd.DataFrame, prices: Mapp
     central = central[[*RUN, "round", "sim_compute_seconds"]].merge(devices, on="run_id")
     rows = pd.concat([own, central.assign(bytes_up=0, bytes_down=0, work="central")], ignore_index=True)
     seconds = rows["sim_compute_seconds"].fillna(0.0).astype(float)
-    rows["cpu_hours"] = seconds * rows["cpus"] / 3600
-    rows["gpu_hours"] = seconds * rows["gpus"] / 3600
+    scale = rows["run_id"].map({r: p.scale for r, p in prices.items()}).fillna(1.0).astype(float)  # costs.scale
+    rows["cpu_hours"] = seconds * rows["cpus"] / 3600 * scale
+    rows["gpu_hours"] = seconds * rows["gpus"] / 3600 * scale
     moved = rows["data_bytes"].fillna(0).astype(float) if "data_bytes" in rows else 0.0  # raw data to a compute partner
-    rows["gb"] = (rows["bytes_up"].fillna(0).astype(float) + rows["bytes_down"].fillna(0).astype(float) + moved) / 1e9
+    rows["gb"] = (rows["bytes_up"].fillna(0).astype(float) + rows["bytes_down"].fillna(0).astype(float) + moved) / 1e9 \
+        * scale
     pairs = rows[["run_id", "institution"]].drop_duplicates()
     table = pd.DataFrame([{"run_id": r, "institution": i, **{f"price_{k}": v for k, v in prices[r].of(i).items()}}
                           for r, i in pairs.itertuples(index=False)],
@@ -160,29 +174,39 @@ def accuracy_by_round(metrics: pd.DataFrame) -> pd.DataFrame:
     return per[per["scored"] == everyone].drop(columns="scored").reset_index(drop=True)
 
 
-def targets(curve: pd.DataFrame, target: float | None = None) -> pd.DataFrame:
-    """Per scenario: the target accuracy, and the best mean-over-seeds accuracy (scheme, round) it was taken from."""
-    means = curve.groupby(["scenario", "scheme", "round"])["accuracy"].mean().reset_index()
+def targets(selected: pd.DataFrame, target: float | None = None, refs: frozenset | set = frozenset()) -> pd.DataFrame:
+    """Per scenario: the target accuracy, and the best mean accuracy in the summary (scheme, mean over seeds of each
+    run's selected accuracy) it was taken from; reference schemes (``refs``) are never the best.
+
+    ``selected`` is :func:`analysis.metrics.run_accuracy` (one row per run, ``mean_accuracy`` at the selected round).
+    """
+    columns = ["scenario", "target", "fraction", "best_scheme", "best_accuracy"]
+    means = selected[~selected["scheme"].isin(refs)].groupby(["scenario", "scheme"])["mean_accuracy"].mean()
     rows = []
-    for scenario, g in means.groupby("scenario", sort=True):
-        best = g.loc[g["accuracy"].idxmax()]
-        rows.append({"scenario": scenario, "target": TARGET_FRACTION * best["accuracy"] if target is None else target,
+    for scenario, g in means.dropna().reset_index().groupby("scenario", sort=True):
+        best = g.loc[g["mean_accuracy"].idxmax()]
+        rows.append({"scenario": scenario, "target": TARGET_FRACTION * best["mean_accuracy"] if target is None else target,
                      "fraction": TARGET_FRACTION if target is None else np.nan, "best_scheme": best["scheme"],
-                     "best_accuracy": best["accuracy"], "best_round": int(best["round"])})
-    return pd.DataFrame(rows, columns=["scenario", "target", "fraction", "best_scheme", "best_accuracy", "best_round"])
+                     "best_accuracy": best["mean_accuracy"]})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def time_to_target(metrics: pd.DataFrame, ledger: pd.DataFrame, priced: pd.DataFrame, goal: pd.DataFrame) -> pd.DataFrame:
-    """Per run: the first scored round reaching its scenario's target, its ``sim_time`` and the money and kWh spent by then."""
+    """Per run: whether its selected accuracy reaches its scenario's target, the first scored round at it, that round's
+    ``sim_time`` and the money and kWh spent by then (see the module docstring)."""
+    selected = run_accuracy(metrics)[[*RUN, "mean_accuracy"]].merge(goal[["scenario", "target"]], on="scenario")
     curve = accuracy_by_round(metrics).merge(goal[["scenario", "target"]], on="scenario")
     hit = curve[curve["accuracy"] >= curve["target"]].groupby("run_id")["round"].min()
-    runs = curve.drop_duplicates("run_id")[[*RUN, "target"]].reset_index(drop=True)
-    runs["round"] = runs["run_id"].map(hit)
+    picked = final_round(metrics[metrics["institution"] != GLOBAL]).groupby("run_id")["round"].max()
+    runs = selected[[*RUN, "target"]].reset_index(drop=True)
+    reached = (selected["mean_accuracy"] >= selected["target"]).to_numpy()
+    runs["round"] = [runs_round if ok else np.nan for runs_round, ok in
+                     zip(runs["run_id"].map(hit).fillna(runs["run_id"].map(picked)), reached)]
     clock = ledger.groupby(["run_id", "round"])["sim_time"].max() if "sim_time" in ledger else pd.Series(dtype=float)
     spent = priced.groupby(["run_id", "round"])[["money", "kwh"]].sum(min_count=1)
     out = []
-    for r in runs.itertuples(index=False):
-        row = {**r._asdict(), "reached": not pd.isna(r.round), "time_to_target": np.nan, "cost_to_target": np.nan,
+    for r, ok in zip(runs.itertuples(index=False), reached):
+        row = {**r._asdict(), "reached": bool(ok), "time_to_target": np.nan, "cost_to_target": np.nan,
                "kwh_to_target": np.nan}
         if row["reached"]:
             mine = spent.loc[r.run_id] if r.run_id in spent.index.get_level_values(0) else spent.iloc[:0]
@@ -236,7 +260,7 @@ def institution_costs(priced: pd.DataFrame) -> pd.DataFrame:
 
 
 def cost_tables(metrics: pd.DataFrame, ledger: pd.DataFrame, institutions: pd.DataFrame, configs: Mapping[str, Mapping],
-                target: float | None = None) -> tuple[dict[str, pd.DataFrame], list[str]]:
+                target: float | None = None, refs: frozenset | set = frozenset()) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """The report's cost tables (money, money_per_institution, time_to_target, targets) and notes on what was left out.
 
     Runs without prices (made before the cost model) or without ``sim_compute_seconds`` in
@@ -257,8 +281,14 @@ def cost_tables(metrics: pd.DataFrame, ledger: pd.DataFrame, institutions: pd.Da
     if len(currencies) > 1:
         notes.append(f"the runs price in different currencies ({', '.join(currencies)}); their sums mix them.")
     mt = metrics[metrics["run_id"].isin(priced_runs)]
-    goal = targets(accuracy_by_round(mt), target)
+    scales = sorted({prices[r].scale for r in priced_runs})
+    if len(scales) > 1:
+        notes.append(f"the runs price at different scales (costs.scale {', '.join(f'{s:g}' for s in scales)}); their "
+                     "sums mix them.")
+    goal = targets(run_accuracy(mt), target, refs)
     per_run = time_to_target(mt, ledger, priced, goal)
-    tables = {"money": scheme_costs(mt, ledger, priced, per_run, "/".join(currencies)),
+    money = scheme_costs(mt, ledger, priced, per_run, "/".join(currencies)).assign(
+        scale=scales[0] if len(scales) == 1 else np.nan)
+    tables = {"money": money,
               "money_per_institution": institution_costs(priced), "time_to_target": per_run, "targets": goal}
     return tables, notes

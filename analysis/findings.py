@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from analysis.certainty import significance, sureness, tally
 from analysis.metrics import BASELINE, MIN_SEEDS, POOLED, is_federated
 from analysis.page import TOO_FEW_SEEDS, fmt, interval_text
 
@@ -109,15 +110,52 @@ def institutions_phrase(k: int, n: int, verb: str, verb_one: str | None = None) 
     return f"{k} of {n} institutions {one if k == 1 else verb}"
 
 
+REFERENCE = "reference"
+"""How a reference run (the trust experiment's run with nobody cheating) is labelled wherever schemes are listed."""
+
+
+def references(summary: pd.DataFrame) -> set[str]:
+    """Schemes the summary marks ``is_reference``: yardsticks for the others, never schemes to choose."""
+    if "is_reference" not in summary:
+        return set()
+    return set(summary.loc[summary["is_reference"].fillna(False).astype(bool), "scheme"])
+
+
+def ranked(table: pd.DataFrame, refs: set[str]) -> pd.DataFrame:
+    """The rows of schemes that may be ranked: every scheme but the references."""
+    return table[~table["scheme"].isin(refs)] if refs and "scheme" in table else table
+
+
+def labelled(schemes: pd.Series, refs: set[str]) -> pd.Series:
+    """Scheme names for a table, a reference's marked '(reference)'."""
+    return schemes.map(lambda s: f"{s} ({REFERENCE})" if s in refs else s)
+
+
+def _signs(rows: pd.DataFrame) -> list[int]:
+    """:func:`analysis.certainty.significance` of each institution's gain."""
+    return [significance(lo, hi) for lo, hi in zip(rows["gain_low"], rows["gain_high"])]
+
+
+def _interval_said(low, high, note) -> str:
+    """'95% interval a to b' or why there is none ('too few seeds (n < 3)', 'too uncertain: ...')."""
+    text = interval_text(low, high, note)
+    return f"95% interval {text}" if pd.notna(low) and pd.notna(high) else text
+
+
 def findings(summary: pd.DataFrame, gains: pd.DataFrame, fairness: pd.DataFrame, costs: pd.DataFrame) -> list[tuple[str, str]]:
     """The main findings as (topic, sentence) pairs: best scheme, who loses, cost, fairness, pooled vs federated, seeds.
 
     ``summary`` is :func:`analysis.metrics.summary` and ``gains`` :func:`analysis.metrics.gain_summary`
     of one scenario. A mean gain is always called a mean ("on average"); how many
     institutions gain is counted from ``gains``, so an average lifted by a few is never
-    read as a gain for each.
+    read as a gain for each. One certainty rule (:mod:`analysis.certainty`): a gain or loss is
+    stated as a fact only when its 95% interval excludes zero; otherwise it is counted with how
+    many are significant ("2 of 6 institutions are worse off, none significantly"). Reference
+    runs (``is_reference``) are never ranked.
     """
     out: list[tuple[str, str]] = []
+    refs = references(summary)
+    summary, gains = ranked(summary, refs), ranked(gains, refs)
     joined = summary[summary["scheme"] != BASELINE].dropna(subset=["mean_gain"])
     if not (summary["scheme"] == BASELINE).any() or joined.empty:
         out.append(("No baseline", "no isolated runs match these runs, so gains over training alone cannot be measured; "
@@ -126,31 +164,38 @@ def findings(summary: pd.DataFrame, gains: pd.DataFrame, fairness: pd.DataFrame,
     best = joined.loc[joined["mean_gain"].idxmax()]
     alone = summary[summary["scheme"] == BASELINE].iloc[0]
     per = gains[gains["scheme"] == best["scheme"]].dropna(subset=["gain"])
-    n, better, worse = len(per), int((per["gain"] > 0).sum()), int(per["worse_off"].astype(bool).sum())
-    interval = interval_text(best.get("mean_gain_low"), best.get("mean_gain_high"))
-    if interval:
-        interval = f", 95% interval {interval}" + (", so possibly noise" if best["mean_gain_low"] <= 0 <= best["mean_gain_high"] else "")
-    if best["mean_gain"] > 0:
-        text = (f"{best['scheme']} gains the most on average: {fmt(best['mean_gain'], 'pts')} accuracy points "
-                f"over training alone (mean accuracy {fmt(best['mean_accuracy'], 'pct')} against "
-                f"{fmt(alone['mean_accuracy'], 'pct')}{interval})")
-        if n:
-            text += f"; {institutions_phrase(better, n, 'gain')}"
-            if 0 < worse < n:
-                text += f" and {worse} {'is' if worse == 1 else 'are'} worse off"
-            if worse > n / 2:
-                text += ", so the average comes from a few and most institutions lose by joining"
+    n = len(per)
+    gaining, losing = per[per["gain"] > 0], per[per["worse_off"].astype(bool)]
+    low, high, note = best.get("mean_gain_low"), best.get("mean_gain_high"), best.get("mean_gain_note")
+    sure = significance(low, high)
+    said = _interval_said(low, high, note)
+    accuracy = f"mean accuracy {fmt(best['mean_accuracy'], 'pct')} against {fmt(alone['mean_accuracy'], 'pct')}"
+    counted = f"; {tally(_signs(gaining), n, 'gain')}" if n else ""
+    if len(losing):
+        counted += f"; {tally(_signs(losing), n, 'are worse off', 'is worse off')}"
+    if best["mean_gain"] > 0 and sure > 0:
+        text = (f"{best['scheme']} gains the most on average: {fmt(best['mean_gain'], 'pts')} accuracy points over "
+                f"training alone ({accuracy}; {said}){counted}")
+        if len(losing) > n / 2:
+            surely = sum(1 for x in _signs(losing) if x < 0) > n / 2
+            text += ", so the average comes from a few" + (" and most institutions lose by joining" if surely else "")
+        out.append(("Highest mean gain", text + "."))
+    elif best["mean_gain"] > 0:
+        text = (f"{best['scheme']} has the highest mean gain, {fmt(best['mean_gain'], 'pts')} accuracy points over "
+                f"training alone ({accuracy}), but it is "
+                + (f"not significant: its 95% interval, {interval_text(low, high)}, includes zero" if pd.notna(low)
+                   else sureness(low, high, note)) + counted)
         out.append(("Highest mean gain", text + "."))
     else:
-        text = (f"no scheme beats training alone on average; the best, {best['scheme']}, changes mean accuracy by "
-                f"{fmt(best['mean_gain'], 'pts')} points on average{interval}")
-        out.append(("No gain on average", text + (f"; {institutions_phrase(better, n, 'gain')}." if n else ".")))
+        text = (f"no scheme beats training alone on average; the best, {best['scheme']}, changes mean accuracy by {fmt(best['mean_gain'], 'pts')} "
+                f"points ({said}; {sureness(low, high, note).split(':')[0]}){counted}")
+        out.append(("No gain on average", text + "."))
     out += _losers(gains)
     out += _cost(best, alone)
     fair = fairness[fairness["scheme"] == best["scheme"]]
     if len(fair) and n:
         f = fair.iloc[0]
-        text = (f"under {best['scheme']}, {institutions_phrase(better, n, 'are better off', 'is better off')} "
+        text = (f"under {best['scheme']}, {tally(_signs(gaining), n, 'are better off', 'is better off')}, "
                 f"and the Gini of their gains is {fmt(f['gain_gini'], 'ratio')} (0 = perfectly even)")
         if pd.notna(f["accuracy_parity"]) and f["worst_discipline"]:
             text += f"; {f['worst_discipline']} trails the best discipline by {fmt(f['accuracy_parity'] * 100, 'pts_abs')} points"
@@ -159,25 +204,22 @@ def findings(summary: pd.DataFrame, gains: pd.DataFrame, fairness: pd.DataFrame,
 
 
 def _losers(gains: pd.DataFrame) -> list[tuple[str, str]]:
-    """Who ends up worse than alone, scheme by scheme, and how sure that is."""
+    """Who ends up worse than alone, scheme by scheme, counted with how many of them are significantly worse off."""
     worse = gains[gains["worse_off"].astype(bool)]
     if worse.empty:
         return [("Who loses by joining", "no institution ends up worse off by joining, under any scheme.")]
     parts = []
     for scheme, w in worse.groupby("scheme", sort=False):
         total = int(gains[gains["scheme"] == scheme]["gain"].notna().sum())
-        worst = w.loc[w["gain"].idxmin()]
+        counted = tally(_signs(w), total, "are worse off", "is worse off")
         if len(w) > 2:
-            parts.append(f"under {scheme}, {institutions_phrase(len(w), total, 'are worse off', 'is worse off')} "
-                         f"(worst: {worst['institution']}, {fmt(worst['gain'], 'pts')} points)")
+            worst = w.loc[w["gain"].idxmin()]
+            parts.append(f"under {scheme}, {counted} (worst: {worst['institution']}, {fmt(worst['gain'], 'pts')} points, "
+                         f"{_interval_said(worst['gain_low'], worst['gain_high'], worst.get('gain_note'))})")
             continue
-        each = []
-        for r in w.itertuples():
-            sure = interval_text(r.gain_low, r.gain_high)
-            if sure:
-                sure = f", 95% interval {sure}" + ("" if r.gain_high < 0 else ", so possibly noise")
-            each.append(f"{r.institution} ({fmt(r.gain, 'pts')} points{sure})")
-        parts.append(f"under {scheme}, {_names(each)}")
+        each = [f"{r['institution']} ({fmt(r['gain'], 'pts')} points, "
+                f"{_interval_said(r['gain_low'], r['gain_high'], r.get('gain_note'))})" for _, r in w.iterrows()]
+        parts.append(f"under {scheme}, {counted}: {_names(each)}")
     return [("Who loses by joining", "; ".join(parts) + ".")]
 
 
@@ -195,7 +237,8 @@ def _cost(best: pd.Series, alone: pd.Series) -> list[tuple[str, str]]:
 def _pooled_vs_federated(summary: pd.DataFrame) -> list[tuple[str, str]]:
     """Whether pooling all data beats the best federated scheme on mean accuracy."""
     pooled = summary[summary["scheme"] == POOLED].dropna(subset=["mean_accuracy"])
-    federated = summary[summary["scheme"].map(is_federated)].dropna(subset=["mean_accuracy"])
+    federated = ranked(summary, references(summary))
+    federated = federated[federated["scheme"].map(is_federated)].dropna(subset=["mean_accuracy"])
     if pooled.empty or federated.empty:
         return []
     p, f = pooled.iloc[0], federated.loc[federated["mean_accuracy"].idxmax()]
@@ -218,10 +261,12 @@ def _seed_note(summary: pd.DataFrame, gains: pd.DataFrame) -> list[tuple[str, st
     low, high = int(seeds.min()), int(seeds.max())
     count = f"{low} seed{'s' if low != 1 else ''}" if low == high else f"{low} to {high} seeds"
     if low >= MIN_SEEDS:
-        return [("Certainty", f"figures are means over {count}; intervals are 95% t-intervals over seeds.")]
+        return [("Certainty", f"figures are means over {count}; intervals are 95% t-intervals over seeds, shown only "
+                 "where they stay within what is possible ('too uncertain' otherwise), and a gain or loss is called "
+                 "significant only when its interval excludes zero.")]
     return [("Certainty", f"figures are means over {count}: {TOO_FEW_SEEDS}"
              + (f" where there are fewer than {MIN_SEEDS}" if high >= MIN_SEEDS else "")
-             + ", so small differences may be noise.")]
+             + ", so no gain or loss there is significant and small differences may be noise.")]
 
 
 def count_phrase(k: int, n: int, noun: str, verb: str, verb_one: str | None = None) -> str:

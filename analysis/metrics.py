@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.certainty import MIN_SEEDS, bounded_interval, gain_range
 from sim.core.results import SELECT_RULES, select_rounds  # noqa: F401 - the selection rule belongs to the results schema
 
 BASELINE = "isolated"
@@ -31,8 +32,6 @@ GLOBAL = "global"
 RUN = ["run_id", "scheme", "scenario", "seed"]
 """Columns that identify a run."""
 METRICS = ("accuracy", "loss", "train_loss", "backdoor_success")
-MIN_SEEDS = 3
-"""Fewest seeds an interval is shown for: from two seeds a t-interval is too wide to mean anything."""
 
 
 class AnalysisWarning(UserWarning):
@@ -51,19 +50,11 @@ def is_federated(scheme: str) -> bool:
     return scheme not in (BASELINE, POOLED)
 
 
-def mean_interval(values: Iterable[float], level: float = 0.95, min_n: int = MIN_SEEDS) -> tuple[float, float, float]:
-    """Mean and two-sided Student-t interval of the mean; the interval is NaN with fewer than ``min_n`` values."""
-    x = np.asarray(list(values), dtype=float)
-    x = x[~np.isnan(x)]
-    if len(x) == 0:
-        return np.nan, np.nan, np.nan
-    mean = float(x.mean())
-    if len(x) < max(2, min_n):
-        return mean, np.nan, np.nan  # too few seeds say nothing about spread: NaN, never a misleading interval
-    from scipy import stats  # when an interval is asked for: scipy.stats takes a second to import, a run's summary needs none
-
-    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    return mean, mean - half, mean + half
+def mean_interval(values: Iterable[float], level: float = 0.95, min_n: int = MIN_SEEDS, lowest: float = -np.inf,
+                  highest: float = np.inf) -> tuple[float, float, float]:
+    """Mean and two-sided Student-t interval of the mean; the interval is NaN with fewer than ``min_n`` values or
+    when it leaves [lowest, highest] (:func:`analysis.certainty.bounded_interval` says which)."""
+    return bounded_interval(values, lowest, highest, level, min_n)[:3]
 
 
 def gini(values: Iterable[float]) -> float:
@@ -172,17 +163,22 @@ def gain_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def gain_summary(gains: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
-    """Mean gain per scenario x scheme x institution over seeds, its t-interval, and whether it loses by joining."""
+    """Mean gain per scenario x scheme x institution over seeds, its t-interval, and whether it loses by joining.
+
+    The interval is NaN when there are too few seeds or when it leaves the gains possible against the institution's
+    own accuracy alone (:func:`analysis.certainty.gain_range`); ``gain_note`` says which.
+    """
     rows = []
     keys = ["scenario", "scheme", "institution", "discipline"]
     for (scenario, scheme, institution, discipline), g in gains.groupby(keys, sort=False):
-        mean, low, high = mean_interval(g["gain"], level)
+        lowest, highest = gain_range(g.loc[g["gain"].notna(), "isolated_accuracy"].mean())
+        mean, low, high, note = bounded_interval(g["gain"], lowest, highest, level)
         rows.append({
             "scenario": scenario, "scheme": scheme, "institution": institution, "discipline": discipline,
-            "seeds": int(g["gain"].notna().sum()), "gain": mean, "gain_low": low, "gain_high": high,
+            "seeds": int(g["gain"].notna().sum()), "gain": mean, "gain_low": low, "gain_high": high, "gain_note": note,
             "loss_change": g["loss_change"].mean(), "worse_off": bool(mean < 0),
         })
-    columns = [*keys, "seeds", "gain", "gain_low", "gain_high", "loss_change", "worse_off"]
+    columns = [*keys, "seeds", "gain", "gain_low", "gain_high", "gain_note", "loss_change", "worse_off"]
     return order_rows(pd.DataFrame(rows, columns=columns))
 
 
@@ -237,30 +233,37 @@ def summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     ``simulated_duration`` is how long a run lasts on the simulated clock, in seconds (:func:`run_costs`).
     ``seeds`` counts the runs behind each row; ``mean_gain_low``/``mean_gain_high`` bound the
     95% t-interval of the mean gain over seeds (each seed's mean over institutions), NaN with
-    fewer than :data:`MIN_SEEDS` seeds.
+    fewer than :data:`MIN_SEEDS` seeds or when it leaves the range a mean gain can take against the baseline's
+    accuracy; ``mean_gain_note`` says which (empty when the interval is shown). ``significantly_worse_off`` counts
+    the institutions whose gain's interval lies below zero.
     """
     gains = gain_table(metrics)
     per_run = run_accuracy(metrics)
     per_run = per_run.merge(gains.groupby("run_id")["gain"].mean().rename("mean_gain"), on="run_id", how="left")
+    alone = gains[gains["gain"].notna()].groupby("run_id")["isolated_accuracy"].mean().rename("alone")
+    per_run = per_run.merge(alone, on="run_id", how="left")
     per_run.loc[per_run["scheme"] == BASELINE, "mean_gain"] = 0.0
     per_run = per_run.merge(run_costs(ledger)[["run_id", "megabytes", "simulated_duration"]], on="run_id", how="left")
     values = ["global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain", "megabytes", "simulated_duration"]
     groups = per_run.groupby(["scenario", "scheme"], sort=False)
     table = groups[values].mean().reset_index()
     table["seeds"] = groups["run_id"].nunique().to_numpy()
-    bounds = [mean_interval(g["mean_gain"])[1:] for _, g in groups]
-    table["mean_gain_low"] = [lo for lo, _ in bounds]
-    table["mean_gain_high"] = [hi for _, hi in bounds]
+    bounds = [bounded_interval(g["mean_gain"], *gain_range(g["alone"].mean()))[1:] if scheme != BASELINE
+              else bounded_interval(g["mean_gain"])[1:] for (_, scheme), g in groups]
+    table["mean_gain_low"] = [b[0] for b in bounds]
+    table["mean_gain_high"] = [b[1] for b in bounds]
+    table["mean_gain_note"] = [b[2] for b in bounds]
     per_inst = gain_summary(gains).dropna(subset=["gain"])
-    worse = per_inst.groupby(["scenario", "scheme"])["worse_off"].sum()
-    table["worse_off"] = [
-        0 if scheme == BASELINE else worse.get((scenario, scheme), pd.NA)
-        for scenario, scheme in zip(table["scenario"], table["scheme"])
-    ]
-    table["worse_off"] = table["worse_off"].astype("Int64")
+    per_inst = per_inst.assign(sure_loss=per_inst["gain_high"] < 0)
+    for column, flag in (("worse_off", "worse_off"), ("significantly_worse_off", "sure_loss")):
+        count = per_inst.groupby(["scenario", "scheme"])[flag].sum()
+        table[column] = [0 if scheme == BASELINE else count.get((scenario, scheme), pd.NA)
+                         for scenario, scheme in zip(table["scenario"], table["scheme"])]
+        table[column] = table[column].astype("Int64")
     table = order_rows(table)
     columns = ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain", "mean_gain_low",
-               "mean_gain_high", "worse_off", "megabytes", "simulated_duration"]
+               "mean_gain_high", "mean_gain_note", "worse_off", "significantly_worse_off", "megabytes",
+               "simulated_duration"]
     if table["scenario"].nunique() > 1:
         columns = ["scenario", *columns]
     return table[columns]
@@ -268,6 +271,9 @@ def summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
 
 def run_costs(ledger: pd.DataFrame) -> pd.DataFrame:
     """Ledger totals per run (sums over rounds and institutions): bytes, megabytes, compute, simulated time, epsilon.
+
+    ``compute_seconds`` is measured wall time (it moves with the machine's load, so the report does not show it);
+    ``sim_compute_seconds`` the simulated device seconds of training (NaN for ledgers written before it existed).
 
     ``simulated_seconds`` adds up every institution's simulated seconds (total busy time);
     ``simulated_duration`` is the ledger's clock at the end of the run (``sim_time``: how long the run lasts when
@@ -277,6 +283,9 @@ def run_costs(ledger: pd.DataFrame) -> pd.DataFrame:
     ``staleness`` is the mean staleness of the updates an asynchronous scheme merged (NaN otherwise).
     """
     sums = ledger.groupby(RUN)[["bytes_up", "bytes_down", "compute_seconds", "simulated_seconds"]].sum()
+    # Simulated device seconds: the same under any machine load (compute_seconds is measured wall time; it is not).
+    sums["sim_compute_seconds"] = (ledger.groupby(RUN)["sim_compute_seconds"].sum(min_count=1)
+                                   if "sim_compute_seconds" in ledger else np.nan)
     per_round = ledger.groupby([*RUN, "round"])["simulated_seconds"].max()
     sums["simulated_duration"] = per_round.groupby(level=RUN).sum()
     if "sim_time" in ledger:
@@ -303,8 +312,8 @@ def cost_table(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     per_run = run_costs(ledger).merge(run_accuracy(metrics)[["run_id", "mean_accuracy"]], on="run_id", how="outer")
     per_run["scenario"] = per_run["scenario"].fillna(per_run["run_id"].map(metrics.groupby("run_id")["scenario"].first()))
     per_run["scheme"] = per_run["scheme"].fillna(per_run["run_id"].map(metrics.groupby("run_id")["scheme"].first()))
-    values = ["bytes_up", "bytes_down", "megabytes", "mb_per_member_round", "compute_seconds", "simulated_seconds",
-              "simulated_duration", "staleness", "epsilon", "mean_accuracy"]
+    values = ["bytes_up", "bytes_down", "megabytes", "mb_per_member_round", "compute_seconds", "sim_compute_seconds",
+              "simulated_seconds", "simulated_duration", "staleness", "epsilon", "mean_accuracy"]
     table = per_run.groupby(["scenario", "scheme"], sort=False)[values].mean()
     table["runs"] = per_run.groupby(["scenario", "scheme"], sort=False)["run_id"].nunique()
     table = table.reset_index()

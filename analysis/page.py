@@ -11,9 +11,10 @@ import html
 import math
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
-from analysis.metrics import MIN_SEEDS
+from analysis.certainty import MIN_SEEDS, TOO_UNCERTAIN, why_blank
 
 GLOBAL_TEST = "global test set"
 """The test data every merged model is scored on; always named with GLOBAL_TEST_IS nearby."""
@@ -47,8 +48,14 @@ GUIDE: dict[str, tuple[str, str, str]] = {
     "worst_accuracy": ("Worst accuracy", f"Lowest accuracy of any institution at the selected round, on {OWN_TEST}.", "pct"),
     "mean_gain": ("Mean gain", "Average over institutions of its accuracy minus what it reaches alone, in percentage points "
                   f"(on {OWN_TEST}).", "pts"),
-    "mean_gain_interval": ("95% interval", f"t-interval of the mean gain over seeds; shown with {MIN_SEEDS} seeds or more.", "text"),
-    "worse_off": ("Worse off", "Number of institutions less accurate than when training alone.", "int"),
+    "mean_gain_interval": ("95% interval", f"t-interval of the mean gain over seeds; shown with {MIN_SEEDS} seeds or "
+                           "more, and only when it stays within the gains possible (an accuracy lies between 0 and "
+                           "100%): otherwise 'too uncertain'.", "text"),
+    "mean_gain_note": ("Why no interval", "Empty when the interval is shown; else 'too few seeds' or 'too uncertain' "
+                       "(the t-interval reaches gains no accuracy could give).", "text"),
+    "worse_off": ("Worse off", "Number of institutions whose mean gain over seeds is below zero, sure or not.", "int"),
+    "significantly_worse_off": ("Surely worse off", "Of those, how many have a 95% interval entirely below zero; "
+                                "the others may be noise.", "int"),
     "megabytes": ("MB exchanged", "Megabytes sent and received in a whole run, all institutions together.", "mb"),
     "seeds": ("Seeds", "Number of repeated runs behind the figure.", "int"),
     "gain": ("Gain", f"Accuracy under the scheme minus accuracy alone, on {OWN_TEST}, in percentage points (mean over "
@@ -67,7 +74,12 @@ GUIDE: dict[str, tuple[str, str, str]] = {
     "mb_down": ("MB down", "Megabytes received from the coordinator.", "mb"),
     "mb_per_member_round": ("MB per member-round", "Megabytes one institution sends and receives in a round it takes "
                             "part in.", "mb"),
-    "compute_seconds": ("Compute (s)", "Measured seconds of local training, summed over institutions and rounds.", "sec"),
+    "compute_seconds": ("Wall time (s), measured", "Wall-clock seconds local training took on the machine that ran "
+                        "it, summed over institutions and rounds: changes with that machine's load, so not comparable "
+                        "between runs (tables only).", "sec"),
+    "sim_compute_seconds": ("Compute (simulated s)", "Simulated device seconds of training, summed over institutions "
+                            "and rounds: samples processed x the model's work per sample at each institution's declared "
+                            "CPUs and GPUs. The same on any machine, under any load.", "sec"),
     "simulated_seconds": ("Busy time (s)", "Simulated seconds of work and transfer, summed over institutions.", "sec"),
     "staleness": ("Staleness", "Asynchronous schemes: mean number of server steps between the model an update was trained "
                   "from and the one it was merged into (— for synchronous schemes).", "ratio"),
@@ -121,12 +133,13 @@ def fmt(value, kind: str) -> str:
         return f"{value:.1f}"
     if kind == "int":
         return f"{int(value):,}"
-    if kind == "mb":
-        return "0" if value == 0 else f"{value:,.1f}" if value >= 100 else f"{value:.3g}"
+    if kind == "mb":  # never in e-notation: a few bytes read as '< 0.001'
+        return "0" if value == 0 else f"{value:,.1f}" if value >= 100 else "< 0.001" if value < 0.001 else f"{value:.3g}"
     if kind == "sec":
         return f"{value:,.1f}"
-    if kind in ("float", "ratio"):
-        return f"{value:.3g}"
+    if kind in ("float", "ratio"):  # three significant figures, never in e-notation (0.00000381, 12,300)
+        return f"{value:,.0f}" if abs(value) >= 1000 else np.format_float_positional(
+            float(value), precision=3, unique=False, fractional=False, trim="-")
     if kind == "bool":
         return "yes" if bool(value) else "no"
     return str(value)
@@ -177,9 +190,16 @@ def interval_note(seeds) -> str:
     return f"Intervals only where there are {MIN_SEEDS} seeds or more; elsewhere {TOO_FEW_SEEDS}."
 
 
-def interval_text(low, high) -> str:
-    """'low to high' in signed points, or '' when there is no interval."""
-    return f"{fmt(low, 'pts')} to {fmt(high, 'pts')}" if pd.notna(low) and pd.notna(high) else ""
+def interval_text(low, high, note=None) -> str:
+    """'low to high' in signed points; without an interval, why not (``note``, e.g. 'too uncertain: ...'), or ''."""
+    if pd.notna(low) and pd.notna(high):
+        return f"{fmt(low, 'pts')} to {fmt(high, 'pts')}"
+    return why_blank(note)
+
+
+def short_reason(note) -> str:
+    """The first words of a note on a missing interval ('too uncertain', 'too few seeds (n < 3)'), for a cell."""
+    return why_blank(note).split(":")[0]
 
 
 def gain_matrix(gains: pd.DataFrame) -> str:
@@ -196,6 +216,8 @@ def gain_matrix(gains: pd.DataFrame) -> str:
                 continue
             r = by.loc[s]
             interval = interval_text(r["gain_low"], r["gain_high"])
+            if not interval and r.get("gain_note") == TOO_UNCERTAIN:
+                interval = short_reason(r["gain_note"])
             small = f"<br><small>{html.escape(interval)}</small>" if interval else ""
             loss = " loss" if r["worse_off"] else ""
             cells.append(f'<td class="cell{loss}">{html.escape(fmt(r["gain"], "pts"))}{small}</td>')

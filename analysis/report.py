@@ -28,8 +28,8 @@ INSTITUTION_COLUMNS = ["institution", "discipline", "share", "train_samples", "t
 FAIRNESS_COLUMNS = ["scheme", "worst_institution", "worst_gain", "gain_std", "gain_gini", "share_better_off",
                     "accuracy_parity", "worst_discipline"]
 SUMMARY_COLUMNS = ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain",
-                   "mean_gain_interval", "worse_off", "megabytes"]
-COST_COLUMNS = ["scheme", "megabytes", "mb_up", "mb_down", "mb_per_member_round", "compute_seconds", "simulated_seconds",
+                   "mean_gain_interval", "worse_off", "significantly_worse_off", "megabytes"]
+COST_COLUMNS = ["scheme", "megabytes", "mb_up", "mb_down", "mb_per_member_round", "sim_compute_seconds", "simulated_seconds",
                 "simulated_duration", "staleness", "epsilon", "mean_accuracy", "accuracy_per_mb", "pareto"]
 
 
@@ -45,11 +45,16 @@ def analyse(results: Results, target: float | None = None) -> dict[str, pd.DataF
         warnings.warn(f"several runs of {scheme} in scenario {scenario!r} with seed {seed} (a sweep over settings?) "
                       "are averaged as if they were repeats", m.AnalysisWarning, stacklevel=2)
     gains = m.gain_table(mt)
-    priced, notes = costs.cost_tables(mt, lg, results.institutions, results.configs, target)
+    refs = trust.reference_schemes(results.institutions)
+    priced, notes = costs.cost_tables(mt, lg, results.institutions, results.configs, target, set(refs["scheme"]))
     if priced and notes:  # some runs priced, some not: say so; with none priced the section says it once
         warnings.warn(" ".join(notes), m.AnalysisWarning, stacklevel=2)
+    summary = m.summary(mt, lg)
+    scenario = summary["scenario"] if "scenario" in summary else mt["scenario"].dropna().iloc[0] if len(mt) else None
+    key = pd.MultiIndex.from_arrays([pd.Series(scenario, index=summary.index), summary["scheme"]])
+    summary["is_reference"] = key.isin(pd.MultiIndex.from_frame(refs)) if len(refs) else False
     return {**priced,
-        "summary": m.summary(mt, lg),
+        "summary": summary,
         "gains_per_run": gains,
         "gains": m.gain_summary(gains),
         "fairness": m.fairness_table(mt),
@@ -173,44 +178,54 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
     order = {name: i for i, name in enumerate(dict.fromkeys(pick["institutions"]["institution"]))}
     gains = pick["gains"].assign(_at=lambda d: d["institution"].map(order)).sort_values("_at", kind="stable")
     gains = m.order_rows(gains.drop(columns="_at"))  # schemes in reading order, institutions in scenario order
+    refs = words.references(summary)
     described = words.describe_scenario(pick["institutions"], configs, schemes, sorted(mt["seed"].unique()))
     items = "".join(f"<li><strong>{html.escape(topic)}:</strong> {html.escape(text)}</li>"
                     for topic, text in words.findings(summary, gains, pick["fairness"], pick["costs"])
                     + words.privacy_findings(pick["privacy"]) + words.damage_findings(pick["damage"])
-                    + cost_report.cost_findings(*_money(pick)))
+                    + cost_report.cost_findings(*_money(pick), refs))
     out = (f'<section id="findings{tag}" class="findings"><h2>Key findings{html.escape(suffix)}</h2>'
            f"<ul>{items}</ul></section>")
     out += section(f"scenario{tag}", "The scenario" + suffix,
                    "<p>" + " ".join(html.escape(s) for s in described) + "</p>"
                    + table(pick["institutions"], [c for c in INSTITUTION_COLUMNS if c in pick["institutions"]]))
     summary = summary.assign(mean_gain_interval=[  # isolated's gain is 0 by definition: no interval to show
-        None if scheme == m.BASELINE else interval_text(lo, hi) or None
-        for scheme, lo, hi in zip(summary["scheme"], summary["mean_gain_low"], summary["mean_gain_high"])])
-    with_interval = summary["mean_gain_interval"].notna().any()  # no interval anywhere: no column, no note
+        None if scheme == m.BASELINE else interval_text(lo, hi, note) or None
+        for scheme, lo, hi, note in zip(summary["scheme"], summary["mean_gain_low"], summary["mean_gain_high"],
+                                        summary.get("mean_gain_note", pd.Series(None, index=summary.index)))])
+    joined = summary[summary["scheme"] != m.BASELINE]
+    with_interval = bool((joined["seeds"] >= m.MIN_SEEDS).any())  # too few seeds everywhere: no column, one note
     shown = [c for c in SUMMARY_COLUMNS if c in summary and (c != "mean_gain_interval" or with_interval)]
-    seeds = summary.loc[summary["scheme"] != m.BASELINE, "seeds"] if with_interval else []
-    out += section(f"summary{tag}", "Summary by scheme" + suffix, table(summary, shown) + _note(interval_note(seeds)),
+    seeds = joined["seeds"] if with_interval else []
+    ref_note = (f"{words._names(sorted(refs))} (reference) {'has' if len(refs) == 1 else 'have'} every institution "
+                "honest: the yardstick the damage by misbehaving partners is measured against, not a scheme to choose, "
+                "so never ranked in the findings." if refs else "")
+    out += section(f"summary{tag}", "Summary by scheme" + suffix,
+                   table(summary.assign(scheme=words.labelled(summary["scheme"], refs)), shown)
+                   + _note(interval_note(seeds) + " " + ref_note),
                    "One row per scheme; figures are means over seeds; isolated is the baseline every gain is measured "
                    "against. " + words.selection_rule(configs))
     if len(gains):
         body = image(plots.png_bytes(plots.gain_plot(gains)), "Gain per institution and scheme",
-                     f"Bars: mean gain over seeds; whiskers: 95% interval (with {m.MIN_SEEDS} seeds or more); "
+                     f"Bars: mean gain over seeds; whiskers: 95% interval (with {m.MIN_SEEDS} seeds or more, and only "
+                     "where it stays within the gains possible); "
                      "red outline: worse off than alone.")
         body += gain_matrix(gains)
         body += _note("Each cell: mean gain in accuracy points over seeds, on each institution's own test split, and "
-                      f"below it the 95% t-interval when there are {m.MIN_SEEDS} seeds or more. Red: worse off than "
+                      f"below it the 95% t-interval when there are {m.MIN_SEEDS} seeds or more ('too uncertain' where it "
+                      "would reach gains no accuracy can give). Red: worse off than "
                       "training alone. Changes in loss are in tables/gains.csv. " + interval_note(gains["seeds"]))
         out += section(f"gains{tag}", "Who gains, who loses" + suffix, body,
                        "Each institution's accuracy under a scheme minus its accuracy when training alone.")
     out += section(f"fairness{tag}", "Fairness of the gains" + suffix, table(pick["fairness"], FAIRNESS_COLUMNS),
                    "Are the gains shared evenly, and do some disciplines end up behind?")
     costs = pick["costs"].assign(mb_up=lambda d: d["bytes_up"] / 1e6, mb_down=lambda d: d["bytes_down"] / 1e6)
-    cost_cols = [c for c in COST_COLUMNS if c not in ("epsilon", "staleness") or costs[c].notna().any()]
+    cost_cols = [c for c in COST_COLUMNS if c not in ("epsilon", "staleness", "sim_compute_seconds") or costs[c].notna().any()]
     out += section(f"costs{tag}", "What it costs" + suffix,
                    image(plots.png_bytes(plots.pareto_plot(costs)), "Mean accuracy against MB exchanged",
                          "A scheme is on the Pareto front when no other is both more accurate and cheaper to communicate. "
                          "Markers that would cover each other are set side by side; the table has the exact values.")
-                   + table(costs, cost_cols) + cost_report.money_section(*_money(pick)),
+                   + table(costs, cost_cols) + cost_report.money_section(*_money(pick), refs),
                    "Communication, compute, time and money per run, mean over seeds.")
     out += _privacy(pick["privacy"], tag, suffix) + _damage(pick["damage"], tag, suffix)
     out += compute.compute_section(pick["compute_balance"], pick["time_saved"], tag, suffix)

@@ -29,6 +29,29 @@ HONEST = "honest"
 """The behaviour of an institution that does what it claims (institutions.parquet's ``behaviour``)."""
 
 
+def reference_schemes(institutions: pd.DataFrame) -> pd.DataFrame:
+    """Per scenario where some run has a misbehaving institution, the reference: the federated scheme whose runs have
+    every institution honest (a label starting with fedavg first, e.g. the trust experiment's ``fedavg_honest``).
+
+    It is what :func:`damage_table` measures the damage against. A reference is a yardstick, not a scheme one could
+    choose (nobody makes partners honest by picking it), so the report labels it and never ranks it.
+    """
+    columns = ["scenario", "scheme"]
+    if institutions.empty or "behaviour" not in institutions:
+        return pd.DataFrame(columns=columns)
+    who = institutions.assign(cheat=institutions["behaviour"].fillna(HONEST) != HONEST)
+    cheating_run = who.groupby(["scenario", "scheme", "run_id"])["cheat"].any()
+    clean = ~cheating_run.groupby(level=["scenario", "scheme"]).any()
+    rows = []
+    for scenario, per_scheme in clean.groupby(level="scenario"):
+        if per_scheme.all():
+            continue  # nobody misbehaves in this scenario: no damage to measure, no reference
+        names = sorted((s for (_, s), ok in per_scheme.items() if ok and is_federated(s)),
+                       key=lambda s: (not s.startswith("fedavg"), s))
+        rows += [(scenario, names[0])] if names else []
+    return pd.DataFrame(rows, columns=columns)
+
+
 def privacy_table(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     """Accuracy against privacy budget: one row per scenario x scheme x epsilon (mean over seeds), empty when no run has epsilon.
 
@@ -46,7 +69,7 @@ def privacy_table(metrics: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
     per_run["epsilon"] = per_run["epsilon"].map(lambda e: float(f"{e:.3g}") if pd.notna(e) else np.nan)
     rows = []
     for (scenario, scheme, epsilon), g in per_run.groupby(["scenario", "scheme", "epsilon"], sort=False, dropna=False):
-        mean, low, high = mean_interval(g["mean_accuracy"])
+        mean, low, high = mean_interval(g["mean_accuracy"], lowest=0.0, highest=1.0)  # an accuracy lies in [0, 1]
         rows.append({"scenario": scenario, "scheme": scheme, "epsilon": epsilon, "seeds": int(g["seed"].nunique()),
                      "mean_accuracy": mean, "mean_accuracy_low": low, "mean_accuracy_high": high,
                      "global_accuracy": g["global_accuracy"].mean()})
@@ -77,6 +100,7 @@ def damage_table(metrics: pd.DataFrame, institutions: pd.DataFrame) -> pd.DataFr
     finals = institution_finals(metrics).merge(who[["run_id", "institution", "behaviour"]], on=["run_id", "institution"],
                                                how="left").fillna({"behaviour": HONEST})
     clean = finals[finals["run_id"].map(cheating).eq(False) & finals["scheme"].map(is_federated)]
+    reference = reference_schemes(institutions)
     behaviours = sorted(b for b in who["behaviour"].unique() if b != HONEST)
     gains = gain_table(metrics).merge(who[["run_id", "institution", "behaviour"]], on=["run_id", "institution"], how="left")
     rows = []
@@ -85,7 +109,7 @@ def damage_table(metrics: pd.DataFrame, institutions: pd.DataFrame) -> pd.DataFr
     bad = finals[finals["run_id"].map(cheating).eq(True) & finals["scheme"].map(is_federated)]
     for (scenario, scheme), f in bad.groupby(["scenario", "scheme"], sort=False):
         refs = clean[clean["scenario"] == scenario]
-        names = sorted(refs["scheme"].unique(), key=lambda s: (not s.startswith("fedavg"), s))
+        names = list(reference.loc[reference["scenario"] == scenario, "scheme"])
         ref = refs[refs["scheme"] == names[0]] if names else refs
         honest = f[f["behaviour"] == HONEST]
         per_seed = honest.groupby("seed")["accuracy"].mean()

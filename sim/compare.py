@@ -158,8 +158,9 @@ def main(cfg: DictConfig) -> None:
               f"continue with: python -m sim.compare {again + ' ' if again else ''}resume=true hydra.run.dir={out}",
               file=sys.stderr)
         raise SystemExit(130) from None
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    from analysis.terminal import summary_text
+
+    print(summary_text(table, BASELINE))  # intervals as text, or why there is none: never NaN
     for caveat in table.attrs.get("caveats", []):  # the warnings that change what the numbers mean, under the numbers
         print(f"note: {caveat}")
     print(f"summary: {out / 'summary.csv'}")

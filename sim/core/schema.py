@@ -326,7 +326,8 @@ PRICES = {
     "co2_per_kwh": Field("float", 0.0, null=True),  # kg CO2e per kWh (null: no emissions figures)
 }
 """Prices of the cost model (conf/costs/, analysis/costs.py), consortium-wide or per institution."""
-COSTS = {"currency": Field("str"), **PRICES, "institutions": Field("group", null=True)}
+COSTS = {"currency": Field("str"), **PRICES, "scale": Field("float", 0.0, low_open=True),
+         "institutions": Field("group", null=True)}
 
 
 def check_costs(costs: Mapping | None, names: tuple[str, ...] | list[str]) -> Mapping:

@@ -14,14 +14,18 @@ from sim.core.results import frame
 NAMES = ["a_lab", "b_lab", "c_lab", "d_lab", "e_lab", "f_lab"]
 
 
-def tables(alone: list[float], joined: dict[str, list[float]], seeds=(0, 1, 2)) -> tuple[pd.DataFrame, pd.DataFrame]:
+def tables(alone: list[float], joined: dict[str, list[float]], seeds=(0, 1, 2), spread: float = 0.0,
+           ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Metrics and ledger in the results schema: one round, each institution's accuracy alone and under each scheme.
 
-    Every seed gets the same accuracies, so a gain is exact and its interval has zero width.
+    Every seed gets the same accuracies, so a gain is exact and its interval has zero width; with ``spread`` the
+    joined schemes' accuracies move by -spread, 0, +spread, ... from seed to seed (same mean, a wider interval).
     """
     metrics, ledger = [], []
-    for scheme, accuracies in {"isolated": alone, **joined}.items():
-        for seed in seeds:
+    for scheme, base in {"isolated": alone, **joined}.items():
+        for k, seed in enumerate(seeds):
+            shift = 0.0 if scheme == "isolated" else spread * (k % 3 - 1)
+            accuracies = [a + shift for a in base]
             run = {"run_id": f"{scheme}-{seed}", "scheme": scheme, "scenario": "s", "seed": seed}
             for name, acc in zip(NAMES, accuracies):
                 metrics.append({**run, "round": 1, "institution": name, "discipline": name[0], "metric": "accuracy", "value": acc})
@@ -52,8 +56,8 @@ def test_a_mean_gain_lifted_by_one_institution_is_not_a_gain_for_each():
     # Assert
     headline = said["Highest mean gain"]
     assert "on average" in headline and "+3.8 accuracy points" in headline
-    assert "1 of 6 institutions gains and 5 are worse off" in headline
-    assert "most institutions lose" in headline
+    assert "1 of 6 institutions gains, significantly; 5 of 6 institutions are worse off, 5 significantly" in headline
+    assert "most institutions lose" in headline  # every interval excludes zero here: stated as a fact
     assert not re.search(r"\b(each|every|all)\b", headline)
     assert "5 of 6 institutions are worse off" in said["Who loses by joining"]
     assert "1 of 6 institutions is better off" in said["Fairness"]
@@ -84,10 +88,43 @@ def test_the_best_scheme_is_named_by_its_config_name_and_losers_under_every_sche
     assert "under fed_avg_full, all 6 institutions are worse off" in said["Who loses by joining"]
 
 
+def test_losses_whose_intervals_include_zero_are_counted_as_none_significant_never_stated_flatly():
+    # Prepare: every institution loses 1 to 2 points on average, but the seeds spread 3 points either way
+    joined = {"fedavg": [0.49, 0.79, 0.78, 0.79, 0.78, 0.79]}
+    # Execute
+    said = sentences(*tables(ALONE, joined, spread=0.03))
+    # Assert: the count comes with how sure it is, in the losers' sentence and in the headline alike
+    assert "under fedavg, all 6 institutions are worse off, none significantly" in said["Who loses by joining"]
+    headline = said["No gain on average"]
+    assert "no scheme beats training alone on average" in headline and "not significant" in headline
+    assert "all 6 institutions are worse off, none significantly" in headline
+
+
+def test_a_mean_gain_whose_interval_includes_zero_is_not_headlined_as_a_gain():
+    # Prepare: +3.2 points on average, seeds 8 points apart either way
+    joined = {"fedavg": [0.55, 0.84, 0.82, 0.83, 0.83, 0.82]}
+    # Execute
+    said = sentences(*tables(ALONE, joined, spread=0.08))
+    # Assert: named as the highest mean, and said to be not significant, with its interval
+    text = said["Highest mean gain"]
+    assert text.startswith("fedavg has the highest mean gain, +3.2 accuracy points")
+    assert "not significant: its 95% interval, " in text and "includes zero" in text and "gains the most" not in text
+
+
+def test_with_one_seed_nothing_is_significant_and_the_sentences_say_why():
+    # Prepare
+    joined = {"fedavg": [0.49, 0.79, 0.78, 0.79, 0.78, 0.79]}
+    # Execute
+    said = sentences(*tables(ALONE, joined, seeds=(0,)))
+    # Assert
+    assert "all 6 institutions are worse off, none significantly" in said["Who loses by joining"]
+    assert "too few seeds (n < 3)" in said["Who loses by joining"]
+
+
 @pytest.mark.parametrize("seeds, expected", [
     ((0,), "figures are means over 1 seed: too few seeds for an interval (n < 3)"),
     ((0, 1), "figures are means over 2 seeds: too few seeds for an interval (n < 3)"),
-    ((0, 1, 2), "figures are means over 3 seeds; intervals are 95% t-intervals over seeds."),
+    ((0, 1, 2), "figures are means over 3 seeds; intervals are 95% t-intervals over seeds"),
 ])
 def test_certainty_says_once_whether_there_are_intervals(seeds, expected):
     joined = {"pooled": [0.80, 0.79, 0.78, 0.79, 0.79, 0.78]}

@@ -117,7 +117,8 @@ def test_fairness_on_small_tables(small):
 def test_summary_columns_and_values(small):
     table = m.summary(*small[:2])
     assert list(table.columns) == ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy",
-                                   "mean_gain", "mean_gain_low", "mean_gain_high", "worse_off", "megabytes", "simulated_duration"]
+                                   "mean_gain", "mean_gain_low", "mean_gain_high", "mean_gain_note", "worse_off",
+                                   "significantly_worse_off", "megabytes", "simulated_duration"]
     assert list(table["scheme"]) == ["isolated", "fedavg"]
     assert list(table["seeds"]) == [2, 2] and table["mean_gain_low"].isna().all()  # two seeds: no interval
     fed = table.set_index("scheme").loc["fedavg"]

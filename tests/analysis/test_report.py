@@ -51,7 +51,8 @@ def test_report_exports_every_table(demo_report):
         assert (tables / f"{name}.csv").is_file() and (tables / f"{name}.parquet").is_file()
     summary = pd.read_csv(tables / "summary.csv")
     assert list(summary.columns) == ["scheme", "seeds", "global_accuracy", "mean_accuracy", "worst_accuracy", "mean_gain",
-                                     "mean_gain_low", "mean_gain_high", "worse_off", "megabytes", "simulated_duration"]
+                                     "mean_gain_low", "mean_gain_high", "mean_gain_note", "worse_off",
+                                     "significantly_worse_off", "megabytes", "simulated_duration", "is_reference"]
     assert list(summary["scheme"]) == ["isolated", "fedavg", "fedprox", "fedsgd", "pooled"]
 
 

@@ -102,3 +102,24 @@ def test_behaviours_drawn_per_seed_read_differs_by_seed_but_an_all_honest_refere
     # Assert: one seed: B is named; two seeds with A and B swapped: both read 'differs by seed', nobody is named
     assert "Not every partner behaves: B is sign_flip." in fixed and words.VARIES not in fixed
     assert "2 of 2 do so in some seed" in varied and "B is sign_flip" not in varied
+
+
+def test_the_run_with_nobody_cheating_is_labelled_a_reference_and_never_headlined_as_best(tmp_path):
+    # Prepare: the trust tables, B free-riding under fedavg, plus fedavg_honest, every institution honest and the most
+    # accurate of all (95%): as the trust experiment runs it
+    mt, lg, inst = _trust_tables()
+    inst.loc[(inst["scheme"] == "fedavg") & (inst["institution"] == "B"), "behaviour"] = "free_rider"
+    honest = [t[t["scheme"] == "fedavg"].assign(scheme="fedavg_honest", run_id=lambda d: d["run_id"] + "-honest")
+              for t in (mt, lg, inst)]
+    honest[0].loc[honest[0]["metric"] == "accuracy", "value"] = 0.95
+    honest[2]["behaviour"] = "honest"
+    run = write_run(tmp_path / "r", *(pd.concat([a, b], ignore_index=True) for a, b in zip((mt, lg, inst), honest)))
+    # Execute
+    page = build_report([run], tmp_path / "out").read_text()
+    # Assert: the reference is named as one in the summary, and the findings rank the schemes one could choose
+    findings = page.split('<section id="findings" class="findings">')[1].split("</section>")[0]
+    summary = page.split('<section id="summary">')[1].split("</section>")[0]
+    assert "fedavg_honest (reference)" in summary and "not a scheme to choose" in summary
+    assert "fedavg_honest gains the most" not in findings and "fedavg_honest has the highest" not in findings
+    assert "the best, fedavg," in findings or "fedavg has the highest mean gain" in findings
+    assert list(trust.reference_schemes(pd.concat([inst, honest[2]]))["scheme"]) == ["fedavg_honest"]
