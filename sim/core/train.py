@@ -284,7 +284,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1
     model.eval()
     size = max(1, int(batch_size))
     correct, loss_sum = 0, 0.0
-    with torch.no_grad():
+    with torch.inference_mode():  # no autograd bookkeeping at all (cheaper than no_grad)
         for start in range(0, n, size):
             with _autocast(xt.device, precision):
                 logits = _widened(model(xt[start : start + size]))

@@ -99,8 +99,9 @@ class FrozenPrefix:
         try:
             self.encoder.layer = nn.ModuleList(list(layers)[: self.boundary])
             model.eval()
-            with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask)
+            # Plain tensors even when scoring under inference mode: training later saves them for backward.
+            with torch.inference_mode(False), torch.no_grad():
+                model(input_ids=ids.clone(), attention_mask=mask.clone())
         finally:
             self.encoder.layer = layers
             hook.remove()
