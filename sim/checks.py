@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping
 
 from sim.core import schema
-from sim.core.config import RunSpec, parse_spec
+from sim.core.config import RunSpec, parse_spec, spread_warning
 from sim.core.types import ConfigError
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ def _check_groups(spec: RunSpec) -> None:
     _check_dp_sgd(spec, scheme)
     schema.check_data_types(spec.data)
     check_data(spec.data, spec.scenario, spec.model)
+    spread_warning(spec)  # only now: a table that is refused gets its one line alone
     if spec.select == "best_val" and not (spec.data.get("val_fraction") or 0) > 0:
         raise ConfigError("results.select", "best_val chooses each institution's round on its validation split, and "
                           "data.val_fraction is 0: set data.val_fraction (e.g. 0.15) or results.select=last")

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from agents.schemes import robust
 from agents.schemes.base import checked, cohort_size
 from agents.wrappers.base import Wrapper, averaging
+from sim.core.config import warn_once
 from sim.core.types import ConfigError, InstitutionSpec, RoundContext, State, Update
 
 log = logging.getLogger("collabsim")
@@ -100,9 +101,9 @@ class Krum(Robust):
         flaky = [s for s in specs if getattr(s, "availability", 1.0) < 1.0 or getattr(s, "failure_rate", 0.0) > 0.0]
         n = cohort_size(len(specs), self.inner.cohort_fraction)
         if flaky and n - len(flaky) < self.needs():
-            log.warning("%s with byzantine=%d needs %d updates in a round and %d of the %d institutions may drop out "
-                        "(scenario.availability / failure_rate): a round that ends short keeps the previous global "
-                        "model", self.option, self.byzantine, self.needs(), len(flaky), len(specs))
+            warn_once(f"warning: aggregator: {self.option} with byzantine={self.byzantine} needs {self.needs()} "
+                      f"updates in a round and {len(flaky)} of the {len(specs)} institutions may drop out "
+                      "(scenario.availability / failure_rate): a round that ends short keeps the previous global model")
 
     def select(self, ctx: RoundContext) -> tuple[str, ...]:
         """The inner scheme's cohort, after checking Krum can work with a cohort drawn from this many institutions."""

@@ -200,17 +200,24 @@ def _scenario(c: dict[str, Any], seed: int) -> tuple[Scenario, dict[str, Any]]:
         data = {**data, "partition": "natural"}
         stem = re.sub(r"[^\w.-]+", "_", Path(str(data.get("path") or "sites")).stem) or "sites"
         return from_sites(cfg, stem, sites_from_table(data)), {**c, "data": data}
-    scenario = build_scenario(cfg, seed)
-    if isinstance(data, Mapping) and data.get("name") in ("table", "text") and cfg.get("from_data") == "auto" \
-            and data.get("partition") != "natural":
-        _warn_once(f"warning: data.path: the rows of {Path(str(data.get('path'))).name} are spread over the "
-                   f"{len(scenario.institutions)} fictional institutions of scenario={scenario.name}; to make each "
-                   "site of the file an institution, set data.institution_column=COLUMN")
-    return scenario, c
+    return build_scenario(cfg, seed), c
+
+
+def spread_warning(spec: RunSpec) -> None:
+    """Warn that a user's table is spread over the built-in scenario's fictional institutions (allowed, rarely meant).
+
+    Called once the table was read and found valid (:func:`sim.checks.load_spec`), so a refused table gets its one
+    line alone."""
+    scenario_cfg = spec.config.get("scenario") or {}
+    if spec.data.get("name") in ("table", "text") and scenario_cfg.get("from_data") == "auto" \
+            and spec.data.get("partition") != "natural" and spec.data.get("path"):
+        warn_once(f"warning: data.path: the rows of {Path(str(spec.data['path'])).name} are spread over the "
+                  f"{len(spec.scenario.institutions)} fictional institutions of scenario={spec.scenario.name}; to "
+                  "make each site of the file an institution, set data.institution_column=COLUMN")
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     """Log a warning once per process (the pre-run check and the run both load the spec)."""
     log.warning(message)
 

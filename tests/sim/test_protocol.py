@@ -139,6 +139,24 @@ def test_a_table_spread_over_the_fictional_default_institutions_is_warned_about(
     assert own.scenario.name == "default"  # the scenario's own list, when asked for
 
 
+@pytest.mark.parametrize("path, words", [
+    (None, "data.path: no file given"),
+    ("README.md", "cannot tell the format of README.md"),
+    ("missing.csv", "missing.csv"),
+])
+def test_a_refused_table_is_not_first_said_to_be_spread_over_the_institutions(path, words, tmp_path, caplog):
+    # Prepare: data=table over the default scenario's fictional institutions, with no file, a README, a missing file
+    given = [] if path is None else [f"data.path={tmp_path / path}"]
+    if path == "README.md":
+        (tmp_path / path).write_text("# not a table\n")
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="collabsim"), pytest.raises(ConfigError) as err:
+        load_spec(compose("config", ["data=table", *given]))
+    # Assert: the refusal alone, no warning about a table that was never read
+    assert words in str(err.value)
+    assert "spread over" not in caplog.text and "None" not in caplog.text
+
+
 def test_seeds_zero_is_refused_in_one_line():
     from sim.compare import seed_list
 
