@@ -196,6 +196,7 @@ def _with(df, **cells):
     (lambda df: df.assign(label=np.where(df.site == "x", 0, df.label)), "data.label_column",
      ["institution 'x' has one class only (0)"]),
     (lambda df: _with(df, a_3="abc"), "data.feature_columns", ["column 'a'", "mixes numbers and text", "'abc'"]),
+    (lambda df: df.rename(columns={"b": "a"}), "data.path", ["names 1 column(s) more than once: 'a' (2 times)"]),
 ])
 def test_bad_tables_are_refused_naming_file_column_and_institution(make, key, words, tmp_path):
     path = tmp_path / "sites.csv"
