@@ -29,7 +29,10 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
     same scheme with full fine-tuning instead of LoRA; its results carry LABEL in the ``scheme`` column.
     """
     check_resume(cfg.get("resume"))
-    names = list(cfg.schemes)
+    names = [cfg.schemes] if isinstance(cfg.schemes, str) else list(cfg.schemes or [])
+    if not [n for n in names if n != BASELINE] and not cfg.get("variants"):
+        raise ConfigError("schemes", f"{'is empty' if not names else f'holds only {BASELINE}'}, so the compare would run "
+                          f"the {BASELINE} baseline alone; list the schemes to compare with it, e.g. schemes=[fedavg,fedprox]")
     unknown = [n for n in names if n not in group_options("scheme")]
     if unknown:
         raise ConfigError("schemes", f"unknown scheme {unknown[0]!r}; choose from {', '.join(group_options('scheme'))}")

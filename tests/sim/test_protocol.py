@@ -69,6 +69,17 @@ def test_best_val_reports_each_institution_at_its_best_validation_round(small_cf
     assert (last[last.selected]["round"] == 3).all()
 
 
+@pytest.mark.parametrize("schemes, words", [("[]", "schemes: is empty"), ("[isolated]", "schemes: holds only isolated")])
+def test_a_compare_of_the_baseline_alone_is_refused(schemes, words):
+    from sim.compare import scheme_configs
+
+    # Execute / Assert: refused before any run, naming the key and the fix
+    with pytest.raises(ConfigError) as err:
+        scheme_configs(compose("compare", [f"schemes={schemes}"]), [f"schemes={schemes}"])
+    assert str(err.value).startswith(words) and "the isolated baseline alone" in str(err.value)
+    scheme_configs(compose("compare", ["schemes=[isolated]", "+variants.full=['scheme=fedavg']"]), [])  # a variant: fine
+
+
 def test_compare_over_three_seeds_gives_the_hand_computed_interval(tmp_path):
     overrides = [*QUICK, "schemes=[fedavg]", "seeds=3", "report=false"]
     table = compare(compose("compare", overrides), overrides, tmp_path).set_index("scheme")
