@@ -12,6 +12,7 @@ count it claims: a claim is exactly what a cheat can inflate (norm clipping keep
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Sequence
 
 from agents.schemes import robust
@@ -76,6 +77,17 @@ class TrimmedMean(Robust):
             raise ConfigError("aggregator.trim", f"must lie in [0, 0.5), got {trim!r}")
         self.trim = float(trim)
         super().__init__(inner)
+
+    def check(self, specs: Sequence[InstitutionSpec]) -> None:
+        """Refuse a fraction that trims no institution from a cohort this size: the merge would be the plain mean."""
+        checked(self.inner, specs)
+        n = cohort_size(len(specs), self.inner.cohort_fraction)
+        if self.trim > 0 and math.floor(self.trim * n) == 0:
+            raise ConfigError("aggregator.trim", f"{self.trim:g} of a cohort of {n} trims floor({self.trim:g} * {n}) = 0 "
+                              f"institutions from each end, so the merge is the plain mean; raise it to at least "
+                              f"1/{n} = {1 / n:.3g}, or use aggregator=mean")
+        if self.trim == 0:
+            warn_once("warning: aggregator.trim: 0 trims nothing, so trimmed_mean is the plain mean (aggregator=mean)")
 
     def rule(self, state: State, states: list[State], weights: list[float]) -> dict:
         return robust.trimmed_mean(states, self.trim)

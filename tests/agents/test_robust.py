@@ -255,6 +255,8 @@ def test_krum_with_dropouts_runs_to_the_end_warning_before_it_starts(small_cfg, 
 @pytest.mark.parametrize("overrides, named", [
     (["aggregator=mode"], "aggregator"),
     (["aggregator=trimmed_mean", "aggregator.trim=0.5"], "aggregator.trim: must lie in [0, 0.5)"),
+    (["aggregator=trimmed_mean", "aggregator.trim=0.1"], "aggregator.trim: 0.1 of a cohort of 6 trims floor(0.1 * 6) = 0 "
+                                                         "institutions from each end, so the merge is the plain mean"),
     (["aggregator=norm_clip", "aggregator.clip_norm=0"], "aggregator.clip_norm"),
     (["aggregator=krum", "aggregator.byzantine=-1"], "aggregator.byzantine"),
     (["aggregator=median", "aggregator.trim=0.1"], "aggregator.trim"),  # a key the chosen rule does not take
