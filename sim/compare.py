@@ -16,7 +16,7 @@ from sim.cli import compose, fail, group_options, launch, swept_values, without_
 from sim.checks import load_spec
 from sim.core import rundir
 from sim.core.results import write_csv, write_table, write_text
-from sim.core.types import ConfigError
+from sim.core.types import ConfigError, listing
 
 log = logging.getLogger("collabsim")
 BASELINE = "isolated"
@@ -35,7 +35,7 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
                           f"the {BASELINE} baseline alone; list the schemes to compare with it, e.g. schemes=[fedavg,fedprox]")
     unknown = [n for n in names if n not in group_options("scheme")]
     if unknown:
-        raise ConfigError("schemes", f"unknown scheme {unknown[0]!r}; choose from {', '.join(group_options('scheme'))}")
+        raise ConfigError("schemes", f"unknown scheme(s) {listing(map(repr, unknown))}; choose from {', '.join(group_options('scheme'))}")
     if BASELINE not in names:
         log.warning("adding the %s baseline: every gain is measured against it", BASELINE)
         names.insert(0, BASELINE)

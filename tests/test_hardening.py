@@ -94,7 +94,7 @@ def test_a_poisoners_target_label_out_of_range_is_refused_before_the_run_directo
     # Prepare: half of six institutions poison their data towards label 20 of a ten-class dataset
     cfg = small_cfg("scenario.num_institutions=6", "scenario.behaviours={data_poisoning: 0.5}")
     # Execute
-    with pytest.raises(ConfigError, match="target_label: is 20 but the data has 10 classes"):
+    with pytest.raises(ConfigError, match=r"target_label: is 20 but the data has 10 classes \(0..9\): 3 institution\(s\) set it"):
         run(small_cfg("scenario.num_institutions=6", "scenario.behaviours={data_poisoning: 0.5}",
                       "scenario.target_label=20"), tmp_path, backend="inprocess")
     # Assert: nothing was written, so the corrected command runs in the same directory

@@ -23,7 +23,7 @@ from sim.core import legacy, schema
 from sim.core.scenario import build_scenario, from_sites, uses_sites
 from sim.core.schema import CLUSTER, ENGINE, GPU_POLICIES, PLACEMENTS, RESULTS, TOP, TRAINING, check_group
 from sim.core.stragglers import StragglerSpec, load as load_stragglers
-from sim.core.types import ConfigError, Scenario, TrainingSpec, defaults
+from sim.core.types import ConfigError, Scenario, TrainingSpec, defaults, listing
 
 log = logging.getLogger("collabsim")
 
@@ -88,7 +88,8 @@ class RunSpec:
         """The same run with only ``names`` taking part (data and seeds unchanged)."""
         unknown = sorted(set(names) - set(self.scenario.names))
         if unknown:
-            raise ConfigError("institutions", f"unknown institution {unknown[0]!r}")
+            raise ConfigError("institutions", f"unknown institution(s) {listing(map(repr, unknown))}; the scenario has "
+                              f"{listing(self.scenario.names, 8)}")
         return replace(self, only=tuple(n for n in self.scenario.names if n in set(names)))
 
 

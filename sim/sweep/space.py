@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from sim.core.types import ConfigError
+from sim.core.types import ConfigError, listing
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 """Search-space specs: ``{grid: [..]}`` (every value), ``{choice: [..]}`` (sampled), ``{uniform|loguniform|randint: [lo, hi]}``."""
@@ -115,7 +115,7 @@ def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
         listed = next(d for d in dims if d.key == VARIANT)
         wrong = [v for v in listed.values if v not in variants]
         if wrong:
-            raise ConfigError(f"sweep.space.{VARIANT}", f"{wrong[0]!r} is not a variant of sweep.variants"
+            raise ConfigError(f"sweep.space.{VARIANT}", f"{listing(map(repr, wrong))} {'is' if len(wrong) == 1 else 'are'} not a variant of sweep.variants"
                               + (f" ({', '.join(variants)})" if variants else "; define them there"))
     search = _word(cfg, "search", SEARCHES, "grid")
     scheduler = cfg.get("scheduler")

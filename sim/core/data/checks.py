@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from sim.core.types import ConfigError
+from sim.core.types import ConfigError, shown
 
 log = logging.getLogger("collabsim")
 ROLES = ("label_column", "institution_column", "discipline_column", "split_column")
@@ -33,7 +33,7 @@ def _where(df: pd.DataFrame, data: Mapping, rows: np.ndarray) -> str:
 
 def _shown(v: object) -> str:
     """A cell's value as a user wrote it (numpy scalars as plain numbers)."""
-    return repr(v.item() if isinstance(v, np.generic) else v)
+    return shown(v)
 
 
 def _mixed(values: pd.Series) -> bool:
