@@ -192,6 +192,7 @@ def _with(df, **cells):
     (lambda df: df.head(0), "data.path", ["no rows (only a header)"]),
     (lambda df: _with(df, a_7=np.inf), "data.path", ["column 'a'", "infinite", "institution 'x'", "row 8"]),
     (lambda df: _with(df, b_4=np.nan), "data.path", ["column 'b'", "missing", "institution 'y'"]),
+    (lambda df: _with(df, b_4=np.nan, b_6=np.nan), "data.path", ["column 'b'", "first at data row 5; 2 rows in all"]),
     (lambda df: df.assign(label=1), "data.label_column", ["one class only (1)"]),
     (lambda df: df.assign(label=np.where(df.site == "x", 0, df.label)), "data.label_column",
      ["institution 'x' has one class only (0)"]),
