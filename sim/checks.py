@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping
 
 from sim.core import schema
-from sim.core.config import RunSpec, parse_spec
+from sim.core.config import RunSpec, parse_spec, spread_warning
 from sim.core.types import ConfigError
 
 if TYPE_CHECKING:
@@ -65,8 +65,10 @@ def _check_groups(spec: RunSpec) -> None:
         raise ConfigError("engine.round_deadline_s", f"{spec.scheme_name} is asynchronous: no round waits for its "
                           "slowest member, so there is no deadline to miss; set engine.round_deadline_s=null")
     _check_dp_sgd(spec, scheme)
+    _check_budget(spec, scheme)
     schema.check_data_types(spec.data)
     check_data(spec.data, spec.scenario, spec.model)
+    spread_warning(spec)  # only now: a table that is refused gets its one line alone
     if spec.select == "best_val" and not (spec.data.get("val_fraction") or 0) > 0:
         raise ConfigError("results.select", "best_val chooses each institution's round on its validation split, and "
                           "data.val_fraction is 0: set data.val_fraction (e.g. 0.15) or results.select=last")
@@ -85,6 +87,20 @@ def _check_groups(spec: RunSpec) -> None:
             probe = build_model(spec.model, (1, 8, 8) if spec.model.get("_target_", "").endswith("cnn") else (4,), 2, seed=0)
         _check_dp_model(spec, probe)
     _check_resources(spec)
+
+
+def _check_budget(spec: RunSpec, scheme: Any) -> None:
+    """Client-level DP solved for a target epsilon over planned_rounds must not run more rounds: it would spend more."""
+    from agents.wrappers.base import layers
+    from agents.wrappers.privacy import ClientDP
+
+    dp = next((w for w in layers(scheme) if isinstance(w, ClientDP)), None)
+    if dp is None or dp.target_epsilon is None or dp.planned_rounds >= spec.rounds:
+        return
+    raise ConfigError(f"{dp.prefix}.planned_rounds", f"the noise is calibrated for epsilon {float(dp.target_epsilon):g} "
+                      f"over {dp.planned_rounds} rounds, and the run has rounds={spec.rounds}, which would spend epsilon "
+                      f"{dp.epsilon(spec.rounds):.1f}; set {dp.prefix}.planned_rounds={spec.rounds} or rounds="
+                      f"{dp.planned_rounds}")
 
 
 def _check_dp_sgd(spec: RunSpec, scheme: Any) -> None:

@@ -17,7 +17,7 @@ from sim.checks import load_spec
 from sim.core import rundir
 from sim.core.caveats import caveats
 from sim.core.results import write_csv, write_table, write_text
-from sim.core.types import ConfigError
+from sim.core.types import ConfigError, listing
 
 log = logging.getLogger("collabsim")
 BASELINE = "isolated"
@@ -30,10 +30,13 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
     same scheme with full fine-tuning instead of LoRA; its results carry LABEL in the ``scheme`` column.
     """
     check_resume(cfg.get("resume"))
-    names = list(cfg.schemes)
+    names = [cfg.schemes] if isinstance(cfg.schemes, str) else list(cfg.schemes or [])
+    if not [n for n in names if n != BASELINE] and not cfg.get("variants"):
+        raise ConfigError("schemes", f"{'is empty' if not names else f'holds only {BASELINE}'}, so the compare would run "
+                          f"the {BASELINE} baseline alone; list the schemes to compare with it, e.g. schemes=[fedavg,fedprox]")
     unknown = [n for n in names if n not in group_options("scheme")]
     if unknown:
-        raise ConfigError("schemes", f"unknown scheme {unknown[0]!r}; choose from {', '.join(group_options('scheme'))}")
+        raise ConfigError("schemes", f"unknown scheme(s) {listing(map(repr, unknown))}; choose from {', '.join(group_options('scheme'))}")
     if BASELINE not in names:
         log.warning("adding the %s baseline: every gain is measured against it", BASELINE)
         names.insert(0, BASELINE)

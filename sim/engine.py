@@ -74,6 +74,12 @@ def run(
     if spec.resume and checkpoint.read_status(out).get("state") == "complete":
         log.info("[%s] %s is complete; nothing to resume", spec.scheme_name, out)
         return _read_run(spec.run_id, out, spec.config)
+    # 2. Data: every institution's shard and the global test set (the same whatever the coalition); built before the
+    #    run directory is written, so a refusal of the data (a poisoner's target label, say) leaves nothing behind.
+    with Heartbeat(f"[{spec.scheme_name}]") as beat:  # a step over 10 s says so (tokenising, a corpus, ...)
+        beat.phase(f"building the data ({len(specs)} institutions)")
+        fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=spec.smoke, model=spec.model)
+        flops = model_flops(build_model(spec.model, fed.input_shape, fed.num_classes, seed=spec.seed), fed.input_shape)
     progress, snapshot = _open(out, spec)
     mark = _status_writer(out, spec)
     mark("running", progress.rounds_done)
@@ -81,13 +87,8 @@ def run(
     discipline = {s.name: s.discipline for s in specs} | {GLOBAL: GLOBAL}
     progress.names = pd.array([s.name for s in specs], dtype="string")  # who a round did not pick comes by position
     runner, wall0, summary = None, time.perf_counter(), {}
-    beat = Heartbeat(f"[{spec.scheme_name}]").start()  # a step over 10 s says so (model loading, tokenising, ...)
+    beat = Heartbeat(f"[{spec.scheme_name}]").start()  # a step over 10 s says so (loading the model, scoring, ...)
     try:
-        # 2. Data: every institution's shard and the global test set (the same whatever the coalition).
-        beat.phase(f"building the data ({len(specs)} institutions)")
-        fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=spec.smoke, model=spec.model)
-        flops = model_flops(build_model(spec.model, fed.input_shape, fed.num_classes, seed=spec.seed), fed.input_shape)
-
         # 3. Place hosts and coordinator; a resumed run puts back their state.
         beat.phase("starting the institutions and loading the model into them")
         runner = _start_backend(backend or spec.engine.backend, spec, specs, fed, flops, pool)
@@ -209,8 +210,8 @@ def _open(out: Path | None, spec: RunSpec) -> tuple[Progress, Snapshot | None]:
     if spec.resume:
         log.info("[%s] resuming %s after round %d", spec.scheme_name, out, progress.rounds_done)
     else:
-        if spec.overwrite:
-            rundir.clear(out)  # overwrite=true: the earlier run's files go, a user's own files stay
+        if spec.overwrite or rundir.refused(out):
+            rundir.clear(out)  # overwrite=true, or a run refused before its first round: its files go, a user's stay
         rundir.write_marker(out, rundir.RUN_MARKER, run_id=spec.run_id, config=dict(spec.config))
         write_text(OmegaConf.to_yaml(OmegaConf.create(dict(spec.config))), out / "config.yaml")
     return progress, snapshot

@@ -90,6 +90,45 @@ def test_a_run_refuses_a_directory_another_run_is_writing(small_cfg, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.LOCK]
 
 
+def test_a_poisoners_target_label_out_of_range_is_refused_before_the_run_directory_is_written(small_cfg, tmp_path):
+    # Prepare: half of six institutions poison their data towards label 20 of a ten-class dataset
+    cfg = small_cfg("scenario.num_institutions=6", "scenario.behaviours={data_poisoning: 0.5}")
+    # Execute
+    with pytest.raises(ConfigError, match=r"target_label: is 20 but the data has 10 classes \(0..9\): 3 institution\(s\) set it"):
+        run(small_cfg("scenario.num_institutions=6", "scenario.behaviours={data_poisoning: 0.5}",
+                      "scenario.target_label=20"), tmp_path, backend="inprocess")
+    # Assert: nothing was written, so the corrected command runs in the same directory
+    assert snapshot(tmp_path) == {}
+    run(cfg, tmp_path, backend="inprocess")
+    assert checkpoint_state(tmp_path) == "complete"
+
+
+def test_a_run_refused_before_its_first_round_does_not_block_the_corrected_command(small_cfg, tmp_path, monkeypatch):
+    # Prepare: bad input that only an actor finds (here: its merge refuses) stops the run in round 1
+    from agents.coordinator import Coordinator
+
+    def refuse(self, ctx, lost, *updates):
+        raise ConfigError("aggregator.byzantine", "refused in round 1")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Coordinator, "merge", refuse)
+        with pytest.raises(ConfigError, match="refused in round 1"):
+            run(small_cfg(), tmp_path, backend="inprocess")
+    assert checkpoint_state(tmp_path) == "failed"
+    # Execute: the corrected command, into the same directory, without overwrite=true
+    run(small_cfg(), tmp_path, backend="inprocess")
+    # Assert: it ran, and a run that failed for another reason still holds its directory
+    assert checkpoint_state(tmp_path) == "complete"
+    (tmp_path / "status.json").write_text(json.dumps({"state": "failed", "rounds_done": 0, "error": "RunFailed: lost"}))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(small_cfg(), tmp_path, backend="inprocess")
+
+
+def checkpoint_state(folder: Path) -> str:
+    """What a run directory's status.json says of its run."""
+    return json.loads((folder / "status.json").read_text())["state"]
+
+
 def test_compare_refuses_a_used_directory_before_any_run(tmp_path):
     from sim.compare import compare
 
@@ -153,10 +192,12 @@ def _with(df, **cells):
     (lambda df: df.head(0), "data.path", ["no rows (only a header)"]),
     (lambda df: _with(df, a_7=np.inf), "data.path", ["column 'a'", "infinite", "institution 'x'", "row 8"]),
     (lambda df: _with(df, b_4=np.nan), "data.path", ["column 'b'", "missing", "institution 'y'"]),
+    (lambda df: _with(df, b_4=np.nan, b_6=np.nan), "data.path", ["column 'b'", "first at data row 5; 2 rows in all"]),
     (lambda df: df.assign(label=1), "data.label_column", ["one class only (1)"]),
     (lambda df: df.assign(label=np.where(df.site == "x", 0, 1)), "data.label_column",
      ["every institution holds a single class in column 'label'"]),
     (lambda df: _with(df, a_3="abc"), "data.feature_columns", ["column 'a'", "mixes numbers and text", "'abc'"]),
+    (lambda df: df.rename(columns={"b": "a"}), "data.path", ["names 1 column(s) more than once: 'a' (2 times)"]),
 ])
 def test_bad_tables_are_refused_naming_file_column_and_institution(make, key, words, tmp_path):
     path = tmp_path / "sites.csv"

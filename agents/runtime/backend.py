@@ -21,11 +21,11 @@ from agents.runtime import ray_train
 from agents.coordinator import Coordinator
 from agents.host import Host
 from agents.runtime.placement import Layout
-from agents.runtime.warm import ActorPool, WarmHost
+from agents.runtime.warm import ActorError, ActorPool, WarmHost
 from sim.core import faults
 from sim.core.config import RunSpec
 from sim.core.stragglers import Deadline
-from sim.core.types import Federation, InstitutionSpec, LocalPlan, RoundContext, RunFailed, Snapshot
+from sim.core.types import ConfigError, Federation, InstitutionSpec, LocalPlan, RoundContext, RunFailed, Snapshot
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0  # a new actor imports torch and builds its model: slow on a busy machine, so not the round deadline
@@ -278,12 +278,16 @@ class RayBackend:
             raise RunFailed(f"{what}: no answer within {limit:g}s (engine.round_timeout_s)") from None
         except self.ray.exceptions.RayError as e:
             self.broken = True
+            if isinstance(getattr(e, "cause", None), ConfigError):  # bad input found in an actor: the same one line
+                raise e.cause from None                               # as in-process, no resume (it would fail alike)
             raise RunFailed(f"{what}: {_reason(e)}") from None
 
 
 def _reason(e: BaseException) -> str:
     """One line on what went wrong in an actor: its own exception if it raised, else Ray's verdict."""
     cause = getattr(e, "cause", None)
+    if isinstance(cause, ActorError):  # already "Type: first line"
+        return str(cause)
     if isinstance(cause, BaseException):
         return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}".rstrip(": ")
     text = str(e).strip()

@@ -8,13 +8,59 @@ hands them back when it ends. Plain classes here; Ray wraps them where the pool 
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+import pickle
+from typing import Any, Callable
 
 from agents.coordinator import Coordinator
 from agents.host import Host
 
 
+class ActorError(RuntimeError):
+    """An exception raised in an actor that would not unpickle in the driver, carried as its one line instead.
+
+    Ray ships an actor's exception to the driver pickled; a class whose constructor takes other arguments than its
+    message fails to rebuild there, and the user would read "Failed to deserialize exception" instead of the reason.
+    """
+
+
+def portable(error: BaseException) -> BaseException:
+    """``error`` itself when it survives the trip to the driver, else an :class:`ActorError` with its first line."""
+    try:
+        back = pickle.loads(pickle.dumps(error))
+        if type(back) is type(error) and str(back) == str(error):
+            return error
+    except Exception:  # noqa: BLE001 - any failure to round-trip is what this guards against
+        pass
+    lines = str(error).strip().splitlines()
+    return ActorError(f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
+
+
+def errors_travel(cls: type) -> type:
+    """Wrap every public method of actor body ``cls`` so what it raises reaches the driver readable (:func:`portable`)."""
+
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except Exception as e:
+                out = portable(e)
+                if out is e:
+                    raise
+                raise out from None
+
+        return call
+
+    for name in dir(cls):
+        attr = getattr(cls, name)
+        if not name.startswith("_") and callable(attr) and not isinstance(attr, type):
+            setattr(cls, name, wrap(attr))
+    return cls
+
+
+@errors_travel
 class WarmHost(Host):
     """A host actor's body that outlives runs: ``load`` gives it a run's institutions, keeping process, torch and imports."""
 
@@ -27,6 +73,7 @@ class WarmHost(Host):
         return os.getpid()
 
 
+@errors_travel
 class WarmCoordinator(Coordinator):
     """A coordinator actor's body that outlives runs, like :class:`WarmHost`."""
 

@@ -17,6 +17,7 @@ institution under this wrapper.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from typing import Any, ClassVar, Sequence
@@ -29,6 +30,7 @@ from agents.wrappers.base import Wrapper, averaging
 from agents.wrappers.secagg import Seal, SecureAggregation
 from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, State, Update
 
+log = logging.getLogger("collabsim")
 SAMPLING_STREAM = 0xD95A
 """Last element of the Poisson-sampling RNG key."""
 
@@ -93,9 +95,13 @@ class ClientDP(Wrapper):
         return replace(plan, send=tuple(replace(s, clip=self.clip_norm) if isinstance(s, Seal) else s for s in plan.send))
 
     def check(self, specs: Sequence[InstitutionSpec]) -> None:
-        """Remember how many institutions the cohort is sampled from (the noise is scaled by q * N)."""
+        """Remember how many institutions the cohort is sampled from (the noise is scaled by q * N); refuse a delta
+        of 1 / institutions or more, which a mechanism can meet by publishing one institution's update outright."""
         checked(self.inner, specs)
         self.population = len(specs)
+        if specs and self.delta >= 1.0 / len(specs):
+            raise ConfigError(f"{self.prefix}.delta", f"is {self.delta:g}, not below 1 / institutions = 1/{len(specs)} "
+                              f"= {1.0 / len(specs):.3g}; lower it (e.g. {self.prefix}.delta=1e-5)")
 
     def select(self, ctx: RoundContext) -> tuple[str, ...]:
         """Poisson sampling: each institution independently with probability q, fixed by (seed, round)."""
@@ -106,11 +112,19 @@ class ClientDP(Wrapper):
         return tuple(name for name, x in zip(ctx.cohort, draws) if x < self.q)
 
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
-        """global + server_lr * (sum of clipped changes / (q N) + noise); the noise is released even for an empty cohort."""
+        """global + server_lr * (sum of clipped changes / (q N) + noise); the noise is released even for an empty cohort.
+
+        Keeping the previous model when no update arrived would tell anyone watching the model that nobody took part
+        that round, which the accountant's epsilon does not cover (with one institution it gives away whether it
+        trained): the model moves by noise alone then, and the log says so."""
         if self.population <= 0:
             raise RuntimeError("ClientDP.merge before select: the population size is unknown")
         expected = self.q * self.population
         usable = [u for u in updates if u.state]
+        if not usable:
+            log.warning("round %d: no update arrived; the privacy noise is released all the same (an unchanged model "
+                        "would reveal that nobody took part), so the global model moves by noise alone this round",
+                        ctx.round)
         if isinstance(self.inner, SecureAggregation) and usable:  # each host clipped and sealed its change (Seal.clip)
             summed = secagg.masked_sum(ctx, state, usable)
             if summed is None:  # too few survived to unmask: the protocol loses the round, nothing is released

@@ -11,12 +11,17 @@ count it claims: a claim is exactly what a cheat can inflate (norm clipping keep
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, Sequence
 
 from agents.schemes import robust
 from agents.schemes.base import checked, cohort_size
 from agents.wrappers.base import Wrapper, averaging
+from sim.core.config import warn_once
 from sim.core.types import ConfigError, InstitutionSpec, RoundContext, State, Update
+
+log = logging.getLogger("collabsim")
 
 
 class Robust(Wrapper):
@@ -36,6 +41,9 @@ class Robust(Wrapper):
 
     def merge(self, ctx: RoundContext, state: State, updates: Sequence[Update]) -> State | None:
         """The rule over the usable updates, applied by the inner scheme's server step; None if none is usable."""
+        usable = self.inner.usable(updates)
+        if usable and not self.enough(ctx, len(usable)):
+            return None  # the previous model stands: a rule is not run on fewer updates than it needs
         return self.inner.step_to(ctx, state, self.aggregate(state, updates))
 
     def aggregate(self, state: State, updates: Sequence[Update]) -> dict | None:
@@ -43,11 +51,11 @@ class Robust(Wrapper):
         usable = self.inner.usable(updates)
         if not usable:
             return None
-        self.arrived(len(usable))
         return self.rule(state, [u.state for u in usable], self.inner.weights(usable))
 
-    def arrived(self, n: int) -> None:
-        """Refuse a round in which too few updates arrived for the rule (most rules work with any)."""
+    def enough(self, ctx: RoundContext, n: int) -> bool:
+        """Whether ``n`` updates that arrived this round are enough for the rule (most rules work with any)."""
+        return True
 
 
 class Median(Robust):
@@ -70,6 +78,17 @@ class TrimmedMean(Robust):
         self.trim = float(trim)
         super().__init__(inner)
 
+    def check(self, specs: Sequence[InstitutionSpec]) -> None:
+        """Refuse a fraction that trims no institution from a cohort this size: the merge would be the plain mean."""
+        checked(self.inner, specs)
+        n = cohort_size(len(specs), self.inner.cohort_fraction)
+        if self.trim > 0 and math.floor(self.trim * n) == 0:
+            raise ConfigError("aggregator.trim", f"{self.trim:g} of a cohort of {n} trims floor({self.trim:g} * {n}) = 0 "
+                              f"institutions from each end, so the merge is the plain mean; raise it to at least "
+                              f"1/{n} = {1 / n:.3g}, or use aggregator=mean")
+        if self.trim == 0:
+            warn_once("warning: aggregator.trim: 0 trims nothing, so trimmed_mean is the plain mean (aggregator=mean)")
+
     def rule(self, state: State, states: list[State], weights: list[float]) -> dict:
         return robust.trimmed_mean(states, self.trim)
 
@@ -87,9 +106,16 @@ class Krum(Robust):
         super().__init__(inner)
 
     def check(self, specs: Sequence[InstitutionSpec]) -> None:
-        """Refuse settings the cohort can never satisfy, before any actor starts (Checks)."""
+        """Refuse settings the cohort can never satisfy, before any actor starts (Checks); warn when dropouts can
+        leave a round short, since such a round keeps the previous model."""
         checked(self.inner, specs)
         self.cohort(len(specs))
+        flaky = [s for s in specs if getattr(s, "availability", 1.0) < 1.0 or getattr(s, "failure_rate", 0.0) > 0.0]
+        n = cohort_size(len(specs), self.inner.cohort_fraction)
+        if flaky and n - len(flaky) < self.needs():
+            warn_once(f"warning: aggregator: {self.option} with byzantine={self.byzantine} needs {self.needs()} "
+                      f"updates in a round and {len(flaky)} of the {len(specs)} institutions may drop out "
+                      "(scenario.availability / failure_rate): a round that ends short keeps the previous global model")
 
     def select(self, ctx: RoundContext) -> tuple[str, ...]:
         """The inner scheme's cohort, after checking Krum can work with a cohort drawn from this many institutions."""
@@ -103,10 +129,18 @@ class Krum(Robust):
                      f"{institutions}", "selected institutions",
                   "lower aggregator.byzantine, raise scheme.cohort_fraction or add institutions")
 
-    def arrived(self, n: int) -> None:
-        """Refuse a round in which dropouts left too few updates for Krum."""
-        self.fits(n, f"more than 2f+2={2 * self.byzantine + 2} updates, and only {n} arrived this round (dropouts?)",
-                  "updates that arrived", "lower aggregator.byzantine")
+    def needs(self) -> int:
+        """Fewest updates a round needs: n > 2f + 2, and Multi-Krum's m <= n - f."""
+        return max(robust.krum_needs(self.byzantine), self.m + self.byzantine)
+
+    def enough(self, ctx: RoundContext, n: int) -> bool:
+        """A round that dropouts left with fewer updates than Krum needs keeps the previous model, with a warning
+        (the cohort itself was checked before the run: only dropouts can make a round short)."""
+        if n >= self.needs():
+            return True
+        log.warning("round %d: %s with byzantine=%d needs %d updates and %d arrived (dropouts); the global model is "
+                    "kept this round", ctx.round, self.option, self.byzantine, self.needs(), n)
+        return False
 
     def fits(self, n: int, shortfall: str, of: str, fix: str) -> None:
         """Refuse ``n`` states (``of`` what): Krum needs more than 2f + 2 (``shortfall`` says so), Multi-Krum m <= n - f."""

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from sim.core.results import frame, idle_blocks, write_atomic, write_text
-from sim.core.types import ConfigError, Snapshot
+from sim.core.types import ConfigError, Snapshot, listing
 
 FORMAT = 3  # bump when the layout changes; older checkpoints are then refused, not misread
 # What reading a damaged checkpoint raises: OSError (missing file), ValueError (bad JSON, pyarrow's ArrowInvalid,
@@ -258,6 +258,6 @@ def resume_overrides(argv: list[str]) -> list[str]:
         raise ConfigError("resume", "give the run directory to continue, e.g. resume=outputs/2025-01-31/12-00-00")
     others = [a for a in argv if not a.startswith(("resume=", "hydra.", "hydra/", "-"))]
     if others:
-        raise ConfigError("resume", f"a resumed run keeps its saved config; drop {others[0]!r}")
+        raise ConfigError("resume", f"a resumed run keeps its saved config; drop {listing(map(repr, others))}")
     path = str(Path(resume[-1]).expanduser().resolve())
     return [f"hydra.run.dir='{path}'" if "'" not in path else f"hydra.run.dir={path}", "hydra.output_subdir=null"]

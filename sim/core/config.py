@@ -23,7 +23,7 @@ from sim.core import legacy, schema
 from sim.core.scenario import build_scenario, from_sites, uses_sites
 from sim.core.schema import CLUSTER, ENGINE, GPU_POLICIES, PLACEMENTS, RESULTS, TOP, TRAINING, check_group
 from sim.core.stragglers import StragglerSpec, load as load_stragglers
-from sim.core.types import ConfigError, Scenario, TrainingSpec, defaults
+from sim.core.types import ConfigError, Scenario, TrainingSpec, defaults, listing
 
 log = logging.getLogger("collabsim")
 
@@ -88,7 +88,8 @@ class RunSpec:
         """The same run with only ``names`` taking part (data and seeds unchanged)."""
         unknown = sorted(set(names) - set(self.scenario.names))
         if unknown:
-            raise ConfigError("institutions", f"unknown institution {unknown[0]!r}")
+            raise ConfigError("institutions", f"unknown institution(s) {listing(map(repr, unknown))}; the scenario has "
+                              f"{listing(self.scenario.names, 8)}")
         return replace(self, only=tuple(n for n in self.scenario.names if n in set(names)))
 
 
@@ -200,17 +201,24 @@ def _scenario(c: dict[str, Any], seed: int) -> tuple[Scenario, dict[str, Any]]:
         data = {**data, "partition": "natural"}
         stem = re.sub(r"[^\w.-]+", "_", Path(str(data.get("path") or "sites")).stem) or "sites"
         return from_sites(cfg, stem, sites_from_table(data)), {**c, "data": data}
-    scenario = build_scenario(cfg, seed)
-    if isinstance(data, Mapping) and data.get("name") in ("table", "text") and cfg.get("from_data") == "auto" \
-            and data.get("partition") != "natural":
-        _warn_once(f"warning: data.path: the rows of {Path(str(data.get('path'))).name} are spread over the "
-                   f"{len(scenario.institutions)} fictional institutions of scenario={scenario.name}; to make each "
-                   "site of the file an institution, set data.institution_column=COLUMN")
-    return scenario, c
+    return build_scenario(cfg, seed), c
+
+
+def spread_warning(spec: RunSpec) -> None:
+    """Warn that a user's table is spread over the built-in scenario's fictional institutions (allowed, rarely meant).
+
+    Called once the table was read and found valid (:func:`sim.checks.load_spec`), so a refused table gets its one
+    line alone."""
+    scenario_cfg = spec.config.get("scenario") or {}
+    if spec.data.get("name") in ("table", "text") and scenario_cfg.get("from_data") == "auto" \
+            and spec.data.get("partition") != "natural" and spec.data.get("path"):
+        warn_once(f"warning: data.path: the rows of {Path(str(spec.data['path'])).name} are spread over the "
+                  f"{len(spec.scenario.institutions)} fictional institutions of scenario={spec.scenario.name}; to "
+                  "make each site of the file an institution, set data.institution_column=COLUMN")
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     """Log a warning once per process (the pre-run check and the run both load the spec)."""
     log.warning(message)
 

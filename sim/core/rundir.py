@@ -53,6 +53,8 @@ def check_fresh(path: str | Path, overwrite: bool = False, key: str = KEY) -> No
     if path.exists() and not path.is_dir():
         raise ConfigError(key, f"{path} is a file, not a directory; choose another {key}")
     found = _foreign(path)
+    if refused(path):  # a run refused before its first round holds nothing worth keeping: the corrected command may go
+        found = [n for n in found if n not in OURS]
     if overwrite or not found:
         return
     if found[0] in OURS:
@@ -60,6 +62,13 @@ def check_fresh(path: str | Path, overwrite: bool = False, key: str = KEY) -> No
     shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
     raise ConfigError(key, f"{path} already holds files that are not a run ({shown}); pass overwrite=true to "
                       f"write beside them or choose another {key}")
+
+
+def refused(path: str | Path) -> bool:
+    """Whether ``path`` holds a run that bad input stopped before it finished a round (status failed, ConfigError)."""
+    status = _read_json(Path(path) / "status.json")
+    return (status.get("state") == "failed" and status.get("rounds_done") == 0
+            and str(status.get("error") or "").startswith("ConfigError") and not (Path(path) / "checkpoints").exists())
 
 
 def clear(path: str | Path) -> None:

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sim.core.types import ConfigError
+from sim.core.types import ConfigError, shown
 
 MAX_INSTITUTIONS = 100_000  # a generated population is built in the driver before any check on its data
 MAX_SAMPLES = 10_000_000  # synthetic samples: 10M x 60 float32 is already 2.4 GB
@@ -68,9 +68,8 @@ def _number(v: Any) -> bool:
 
 
 def _shown(v: Any) -> str:
-    """A value as it goes into a one-line message (long values cut)."""
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A value as it goes into a one-line message (plain values, long ones cut)."""
+    return shown(v)
 
 
 def check_value(key: str, v: Any, f: Field) -> Any:

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sim.core import clock, faults
-from sim.core.types import ConfigError, InstitutionSpec, RoundContext, TrainingSpec
+from sim.core.types import ConfigError, InstitutionSpec, RoundContext, TrainingSpec, listing, shown
 
 POLICIES = ("drop", "partial")
 """What a scheme does with a straggler (``scheme.stragglers``)."""
@@ -116,30 +116,36 @@ def read_trace(path: str, names: Sequence[str]) -> tuple[dict[tuple[str, int], t
     rounds = pd.to_numeric(table["round"], errors="coerce")
     bad = table.index[~(rounds.notna() & (rounds >= 1) & (rounds == rounds.round()))]
     if len(bad):
-        raise ConfigError(key, f"{path} row {bad[0] + 2}: round {table['round'][bad[0]]!r} is not a whole number >= 1")
+        raise ConfigError(key, f"{path}: {_rows(table, bad, 'round')}; it must be a whole number >= 1")
     speed = pd.to_numeric(table["speed"], errors="coerce") if "speed" in cols else pd.Series(1.0, index=table.index)
     bad = table.index[~(speed.notna() & np.isfinite(speed) & (speed > 0))]
     if len(bad):
-        raise ConfigError(key, f"{path} row {bad[0] + 2}: speed {table['speed'][bad[0]]!r} of "
-                          f"{table['institution'][bad[0]]!r} must be a number > 0 (1 = its own speed)")
+        raise ConfigError(key, f"{path}: {_rows(table, bad, 'speed')}; it must be a number > 0 (1 = its own speed)")
     avail = pd.to_numeric(table["available"], errors="coerce") if "available" in cols else pd.Series(1, index=table.index)
     bad = table.index[~avail.isin([0, 1])]
     if len(bad):
-        raise ConfigError(key, f"{path} row {bad[0] + 2}: available {table['available'][bad[0]]!r} must be 0 or 1")
+        raise ConfigError(key, f"{path}: {_rows(table, bad, 'available')}; it must be 0 or 1")
     listed = set(table["institution"].astype(str))
     missing = [n for n in names if n not in listed]
     if missing:
-        raise ConfigError(key, f"{path} has no rows for institution {missing[0]!r} ({len(missing)} missing); "
+        raise ConfigError(key, f"{path} has no rows for {len(missing)} institution(s): {listing(map(repr, missing))}; "
                           "give every institution of the scenario its rows")
     unknown = sorted(listed - set(names))
     if unknown:
-        raise ConfigError(key, f"{path} names institution {unknown[0]!r}, which the scenario does not have")
+        raise ConfigError(key, f"{path} names {len(unknown)} institution(s) the scenario does not have: "
+                          f"{listing(map(repr, unknown))}")
     out = {}
     for name, r, s, a in zip(table["institution"].astype(str), rounds.astype(int), speed.astype(float), avail):
         if (name, r) in out:
             raise ConfigError(key, f"{path} has two rows for institution {name!r} in round {r}")
         out[(name, r)] = (s, bool(a))
     return out, int(rounds.max())
+
+
+def _rows(table: Any, bad: Any, column: str) -> str:
+    """Where a trace's ``column`` is wrong: how many rows, and each (or the first few) with its value and institution."""
+    rows = [f"row {i + 2} ({shown(table[column][i])} of {shown(table['institution'][i])})" for i in bad]
+    return f"{column} is wrong in {len(rows)} row(s): {listing(rows)}"
 
 
 def check_policy(policy: str) -> str:

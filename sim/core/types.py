@@ -42,6 +42,24 @@ class ConfigError(ValueError):
         return type(self), (self.key, self.problem)
 
 
+def shown(v: Any, width: int = 60) -> str:
+    """A value as a one-line message shows it: numpy scalars and arrays as the plain values a user wrote (``-2.0``,
+    never ``np.float64(-2.0)``), strings quoted, long values cut."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    elif isinstance(v, np.ndarray):
+        v = v.tolist()
+    text = repr(v)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def listing(items: Any, limit: int = 4) -> str:
+    """Every offending item when there are few, else the first ``limit`` and how many more ('a, b, c, d and 7 more')."""
+    items = [str(i) for i in items]
+    head = ", ".join(items[:limit])
+    return head if len(items) <= limit else f"{head} and {len(items) - limit} more"
+
+
 class RunFailed(RuntimeError):
     """A run stopped before its last round (a lost coordinator, an unrecoverable host); ``resume`` continues it."""
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
+import os
 import pickle
 import sys
 import time
@@ -36,8 +38,8 @@ from sim.cli import SEARCH_PATH, compose, explain, searchpath_override
 from sim.checks import load_spec
 from sim.core import rundir
 from sim.core.results import write_csv, write_table, write_text
-from sim.sweep.space import (INDEX, VARIANT, SweepSpec, check_points, load_sweep, param_space, trial_overrides, trial_values,
-                              variant_label)
+from sim.sweep.space import (INDEX, VARIANT, SweepSpec, check_points, duration, load_sweep, param_space, trial_overrides,
+                              trial_values, variant_label)
 from sim.sweep.results import TIMES, collect, finished, progress_line, read_text, replay, summarize
 from sim.core.types import ConfigError
 
@@ -76,6 +78,7 @@ def check(cfg: DictConfig, command_line: list[str]) -> SweepSpec:
     if spec.bundles == "per_host" and not _pins_bundles():
         raise ConfigError("sweep.bundles", "per_host needs an engine that places each actor in its own bundle "
                           "(agents.runtime.backend.RayBackend.pins_bundles); use merged")
+    _check_trial_cpus(spec, cfg)
     base = base_overrides(spec, command_line)
     for values in check_points(spec):
         try:
@@ -86,6 +89,21 @@ def check(cfg: DictConfig, command_line: list[str]) -> SweepSpec:
             key, _, problem = explain(e).partition(": ")
             raise ConfigError(_where(spec, key), problem) from None
     return spec
+
+
+def _check_trial_cpus(spec: SweepSpec, cfg: DictConfig, cluster_cpus: float | None = None) -> None:
+    """Refuse a trial reservation larger than the cluster (the local one's size is known before Ray starts):
+    an in-process trial uses one core of it, and Tune would otherwise wait for ever or the number was a typo."""
+    if spec.trial_cpus is None:
+        return
+    if cluster_cpus is None:
+        if (cfg.get("cluster") or {}).get("address") is not None:
+            return  # a remote cluster's size is known once joined: sweep() checks it then
+        own = (cfg.get("cluster") or {}).get("num_cpus")
+        cluster_cpus = float(os.cpu_count() or 1) if own is None else float(own)
+    if spec.trial_cpus > cluster_cpus + 1e-9:
+        raise ConfigError("sweep.trial_cpus", f"{spec.trial_cpus:g} is more than the {cluster_cpus:g} CPUs of the "
+                          f"cluster; lower it (at most {cluster_cpus:g}), or null to let a trial take the whole cluster")
 
 
 def _pins_bundles() -> bool:
@@ -232,6 +250,7 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
     # 13.7 s), so the idle workers' imports only took CPU from the first trials.
     cpus, gpus = connect(OmegaConf.to_container(cfg.cluster, resolve=True), preload=())
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    _check_trial_cpus(spec, cfg, max((n.get("CPU", 0.0) for n in nodes), default=cpus))
     cache: dict[str, list] = {}
 
     def resources(config: dict) -> tune.PlacementGroupFactory:
@@ -248,8 +267,9 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
     side = int(cpus // need) if need > 0 else spec.trial_count()
     if spec.max_concurrent:
         side = min(side, spec.max_concurrent)
-    log.info("sweep %s: %d trial(s), each reserving %g CPU: up to %d at a time on %g CPUs", spec.name,
-             spec.trial_count(), need, max(1, side), cpus)
+    log.info("sweep %s: %d trial(s), each reserving %g CPU: up to %d at a time on %g CPUs; about %s in all at "
+             "sweep.trial_seconds=%g a trial", spec.name, spec.trial_count(), need, max(1, side), cpus,
+             duration(math.ceil(spec.trial_count() / max(1, side)) * spec.trial_seconds), spec.trial_seconds)
     trainable = tune.with_resources(make_trainable(spec, base, sweep_dir), resources)
     if resume:
         log.info("resuming the sweep in %s", sweep_dir)

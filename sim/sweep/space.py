@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from sim.core.types import ConfigError
+from sim.core.types import ConfigError, listing
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 """Search-space specs: ``{grid: [..]}`` (every value), ``{choice: [..]}`` (sampled), ``{uniform|loguniform|randint: [lo, hi]}``."""
@@ -70,6 +70,8 @@ class SweepSpec:
     backend: str = "inprocess"  # inprocess: the trial's own (reused) process runs the simulation | ray: the trial starts actors
     tune_verbose: bool = False  # true: Tune's own progress tables on the console, instead of one line per finished trial
     variants: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # value of the ``variant`` dimension -> its overrides
+    max_trials: int = 1000  # more trials are refused unless this is raised: a typo in a space should not start 30,000
+    trial_seconds: float = 60.0  # rough wall seconds of one trial, for the estimate printed before the sweep starts
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -113,7 +115,7 @@ def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
         listed = next(d for d in dims if d.key == VARIANT)
         wrong = [v for v in listed.values if v not in variants]
         if wrong:
-            raise ConfigError(f"sweep.space.{VARIANT}", f"{wrong[0]!r} is not a variant of sweep.variants"
+            raise ConfigError(f"sweep.space.{VARIANT}", f"{listing(map(repr, wrong))} {'is' if len(wrong) == 1 else 'are'} not a variant of sweep.variants"
                               + (f" ({', '.join(variants)})" if variants else "; define them there"))
     search = _word(cfg, "search", SEARCHES, "grid")
     scheduler = cfg.get("scheduler")
@@ -152,11 +154,31 @@ def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
         backend=_word(cfg, "backend", BACKENDS, "inprocess"),
         tune_verbose=_flag(cfg, "tune_verbose", False),
         variants=variants,
+        max_trials=_count(cfg, "max_trials", 1000),
+        trial_seconds=_cpus(cfg, "trial_seconds", 60.0, positive=True),
     )
     if spec.trial_cpus is not None and spec.trial_cpus <= spec.driver_cpus:
         raise ConfigError("sweep.trial_cpus", f"{spec.trial_cpus:g} leaves nothing for the simulation after "
                           f"sweep.driver_cpus={spec.driver_cpus:g}; raise it")
-    return shrink(spec) if smoke else spec
+    spec = shrink(spec) if smoke else spec
+    trials = spec.trial_count()
+    if trials > spec.max_trials:
+        raise ConfigError("sweep.max_trials", f"the sweep has {trials:,} trials, more than sweep.max_trials="
+                          f"{spec.max_trials:,}: about {duration(trials * spec.trial_seconds)} of trial time at "
+                          f"sweep.trial_seconds={spec.trial_seconds:g} each; shrink sweep.space or seeds, or pass "
+                          f"sweep.max_trials={trials} to run them all")
+    return spec
+
+
+def duration(seconds: float) -> str:
+    """A length of time as a person would say it: '45 s', '12 min', '3.4 h', '2.1 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def expand_variants(cfg: Any) -> dict[str, tuple[str, ...]]:

@@ -137,6 +137,36 @@ def test_bad_privacy_settings_give_one_line_before_anything_runs(override, named
     assert named in err
 
 
+def test_a_budget_planned_for_fewer_rounds_than_the_run_is_refused_naming_the_epsilon_spent(capsys) -> None:
+    # Execute: epsilon 8 calibrated over 2 rounds, run for 10
+    err = refused(["scheme=dp_fedavg", "scheme.planned_rounds=2", "rounds=10"], capsys)
+    # Assert
+    assert err == ("error: scheme.planned_rounds: the noise is calibrated for epsilon 8 over 2 rounds, and the run has "
+                   "rounds=10, which would spend epsilon 21.8; set scheme.planned_rounds=10 or rounds=2\n")
+
+
+def test_a_delta_not_below_one_over_the_institutions_is_refused_naming_both(capsys) -> None:
+    err = refused(["scheme=dp_fedavg", "scheme.delta=0.5"], capsys)
+    assert "scheme.delta: is 0.5, not below 1 / institutions = 1/6 = 0.167" in err
+    err = refused(["privacy=client_dp", "privacy.delta=0.2"], capsys)  # the wrapper's own key, likewise
+    assert "privacy.delta: is 0.2, not below 1 / institutions = 1/6" in err
+
+
+def test_a_round_in_which_no_update_arrived_still_releases_noise_and_says_so(caplog) -> None:
+    # Prepare: five institutions selected, none of whose updates arrived in round 1
+    glob = {"w": np.zeros(4, np.float32)}
+    scheme = DPFedAvg(clip_norm=1.0, noise_multiplier=0.5, planned_rounds=10)
+    ctx = RoundContext(round=1, seed=7, cohort=scheme.select(RoundContext(round=1, seed=7, cohort=NAMES)))
+    # Execute
+    with caplog.at_level("WARNING", logger="collabsim"):
+        out = scheme.merge(ctx, glob, [])
+    # Assert: the noise is released (an unchanged model would reveal that nobody took part), the round is accounted
+    # for, and the log says why the model moved
+    np.testing.assert_allclose(out["w"], privacy.gaussian_noise(glob, 0.5 * 1.0 / 5, 7, 1)["w"], rtol=1e-6, atol=1e-7)
+    assert scheme.cost(ctx, []).epsilon == pytest.approx(privacy.epsilon(0.5, 1.0, 1, 1e-5))
+    assert "round 1: no update arrived; the privacy noise is released all the same" in caplog.text
+
+
 # --- end to end -----------------------------------------------------------------------
 
 

@@ -228,16 +228,35 @@ def test_krum_with_f_too_large_for_the_cohort_is_refused_when_selecting() -> Non
     Krum(FedAvg(), byzantine=1).check(NAMES)  # 5 > 2*1 + 2
 
 
-def test_krum_refuses_a_round_where_too_few_updates_arrived() -> None:
-    ctx = RoundContext(round=1, seed=0, cohort=NAMES)
+@pytest.mark.parametrize("make", [lambda: Krum(FedAvg()), lambda: MultiKrum(FedAvg(), krum_m=2)])
+def test_a_round_that_dropouts_left_too_short_for_krum_keeps_the_previous_model(make, caplog) -> None:
+    # Prepare: five were selected, four arrived; Krum with f=1 needs five
+    ctx = RoundContext(round=3, seed=0, cohort=NAMES)
     ups = [update(i, s) for i, s in enumerate(HONEST_AND_OUTLIER[:4])]
-    with pytest.raises(ConfigError, match="only 4 arrived"):
-        Krum(FedAvg()).merge(ctx, {"w": np.zeros(2, np.float32)}, ups)
+    # Execute
+    with caplog.at_level("WARNING", logger="collabsim"):
+        out = make().merge(ctx, {"w": np.zeros(2, np.float32)}, ups)
+    # Assert: no merge (None keeps the previous state), and the log says why
+    assert out is None
+    assert "round 3: " in caplog.text and "needs 5 updates and 4 arrived (dropouts); the global model is kept" in caplog.text
+
+
+def test_krum_with_dropouts_runs_to_the_end_warning_before_it_starts(small_cfg, caplog) -> None:
+    # Prepare: six institutions each present half the time; Krum with f=1 needs five updates a round
+    cfg = small_cfg("aggregator=krum", "scenario.availability=0.5", "rounds=3")
+    # Execute
+    with caplog.at_level("WARNING", logger="collabsim"):
+        result = run(cfg, backend="inprocess")
+    # Assert: every round is in the ledger, and the warnings say which rounds kept the model
+    assert sorted(result.ledger["round"].unique()) == [1, 2, 3]
+    assert "6 institutions may drop out" in caplog.text and "the global model is kept this round" in caplog.text
 
 
 @pytest.mark.parametrize("overrides, named", [
     (["aggregator=mode"], "aggregator"),
     (["aggregator=trimmed_mean", "aggregator.trim=0.5"], "aggregator.trim: must lie in [0, 0.5)"),
+    (["aggregator=trimmed_mean", "aggregator.trim=0.1"], "aggregator.trim: 0.1 of a cohort of 6 trims floor(0.1 * 6) = 0 "
+                                                         "institutions from each end, so the merge is the plain mean"),
     (["aggregator=norm_clip", "aggregator.clip_norm=0"], "aggregator.clip_norm"),
     (["aggregator=krum", "aggregator.byzantine=-1"], "aggregator.byzantine"),
     (["aggregator=median", "aggregator.trim=0.1"], "aggregator.trim"),  # a key the chosen rule does not take

@@ -117,3 +117,38 @@ def test_a_command_ends_the_cluster_it_started_and_leaves_any_other_running(ray_
             "assert not cluster.STARTED and not ray.is_initialized()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_error_raised_in_an_actor_reaches_the_user_as_its_own_line(ray_cluster):
+    # Prepare: an actor body wrapped as the warm actors are, raising a refusal and an error whose constructor takes
+    # two arguments (the kind Ray fails to rebuild in the driver: "Failed to deserialize exception")
+    import pytest
+
+    from agents.runtime.backend import RayBackend
+    from agents.runtime.warm import WarmCoordinator, WarmHost, errors_travel
+    from sim.core.types import ConfigError, RunFailed
+
+    class Picky(Exception):
+        def __init__(self, code, why):
+            super().__init__(f"code {code}: {why}")
+
+    @errors_travel
+    class Body:
+        def refuse(self):
+            raise ConfigError("aggregator.byzantine", "needs 5 updates")
+
+        def picky(self):
+            raise Picky(7, "no shard left")
+
+    actor = ray_cluster.remote(Body).remote()
+    runner = object.__new__(RayBackend)  # only what _get reads
+    runner.ray, runner.timeout, runner.broken = ray_cluster, 60.0, False
+    # Execute / Assert: the refusal is the very ConfigError in-process gives, the other its type and line
+    with pytest.raises(ConfigError) as refusal:
+        runner._get(actor.refuse.remote(), "round 1: the coordinator failed to merge")
+    assert str(refusal.value) == "aggregator.byzantine: needs 5 updates"
+    with pytest.raises(RunFailed) as failure:
+        runner._get(actor.picky.remote(), "round 1: the coordinator failed to merge")
+    assert str(failure.value) == "round 1: the coordinator failed to merge: Picky: code 7: no shard left"
+    # and the real actor bodies carry the wrapping
+    assert WarmCoordinator.merge.__wrapped__ and WarmHost.train.__wrapped__

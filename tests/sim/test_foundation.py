@@ -12,7 +12,7 @@ import torch
 from sim.cli import compose
 from sim.checks import load_spec
 from sim.core.models import build_model, get_state, model_flops, set_state
-from sim.core.models.foundation import check_config, minilm_path
+from sim.core.models.foundation import check_config, load_tokenizer, minilm_path
 from sim.core.train import evaluate, full_gradient, local_train
 from sim.core.types import ConfigError, LocalPlan, TrainingSpec, state_nbytes
 
@@ -160,6 +160,21 @@ def test_folder_without_config_json_is_refused_by_check_and_build(tmp_path: Path
         with pytest.raises(ConfigError, match="config.json") as err:
             attempt()
         assert err.value.key == "model.path"
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_naming_them(tmp_path: Path) -> None:
+    # Prepare: MiniLM's config and weights without its tokenizer (transformers would make a 5-token vocabulary of it)
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(minilm_path() / name)
+    cfg = {"_target_": "sim.core.models.foundation.hf", "path": str(tmp_path), "adapter": "frozen"}
+    # Execute / Assert: the pre-run check and the data's tokenizer refuse it in one line naming the files
+    for attempt in (lambda: check_config(cfg), lambda: load_tokenizer(cfg)):
+        with pytest.raises(ConfigError) as err:
+            attempt()
+        assert err.value.key == "model.path" and "has no tokenizer files (missing: tokenizer.json, vocab.txt" in str(err.value)
+    (tmp_path / "vocab.json").write_text("{}")  # half a BPE tokenizer: the other half is named
+    with pytest.raises(ConfigError, match=r"missing: merges.txt \(beside its vocab.json\)"):
+        check_config(cfg)
 
 
 def test_hf_loads_a_local_folder() -> None:

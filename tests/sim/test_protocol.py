@@ -72,6 +72,17 @@ def test_best_val_reports_each_institution_at_its_best_validation_round(small_cf
     assert (last[last.selected]["round"] == 3).all()
 
 
+@pytest.mark.parametrize("schemes, words", [("[]", "schemes: is empty"), ("[isolated]", "schemes: holds only isolated")])
+def test_a_compare_of_the_baseline_alone_is_refused(schemes, words):
+    from sim.compare import scheme_configs
+
+    # Execute / Assert: refused before any run, naming the key and the fix
+    with pytest.raises(ConfigError) as err:
+        scheme_configs(compose("compare", [f"schemes={schemes}"]), [f"schemes={schemes}"])
+    assert str(err.value).startswith(words) and "the isolated baseline alone" in str(err.value)
+    scheme_configs(compose("compare", ["schemes=[isolated]", "+variants.full=['scheme=fedavg']"]), [])  # a variant: fine
+
+
 def test_compare_over_three_seeds_gives_the_hand_computed_interval(tmp_path):
     overrides = [*QUICK, "schemes=[fedavg]", "seeds=3", "report=false"]
     table = compare(compose("compare", overrides), overrides, tmp_path).set_index("scheme")
@@ -162,6 +173,24 @@ def test_a_table_spread_over_the_fictional_default_institutions_is_warned_about(
                                                  "data.partition=iid")))
     assert own.scenario.name == "default" and caveats([own.config]) == []  # the scenario's own list, when asked for
     assert caveats([load_spec(compose("config", table_args(where / "sites.parquet"))).config]) == []  # its own sites
+
+
+@pytest.mark.parametrize("path, words", [
+    (None, "data.path: no file given"),
+    ("README.md", "cannot tell the format of README.md"),
+    ("missing.csv", "missing.csv"),
+])
+def test_a_refused_table_is_not_first_said_to_be_spread_over_the_institutions(path, words, tmp_path, caplog):
+    # Prepare: data=table over the default scenario's fictional institutions, with no file, a README, a missing file
+    given = [] if path is None else [f"data.path={tmp_path / path}"]
+    if path == "README.md":
+        (tmp_path / path).write_text("# not a table\n")
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="collabsim"), pytest.raises(ConfigError) as err:
+        load_spec(compose("config", ["data=table", *given]))
+    # Assert: the refusal alone, no warning about a table that was never read
+    assert words in str(err.value)
+    assert "spread over" not in caplog.text and "None" not in caplog.text
 
 
 def test_seeds_zero_is_refused_in_one_line():

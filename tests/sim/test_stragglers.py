@@ -154,11 +154,11 @@ def test_a_trace_sets_speeds_and_availability_and_loops(tmp_path, small_cfg):
 
 
 @pytest.mark.parametrize("rows, header, problem", [
-    ([f"{n},1,1.0" for n in NAMES[1:]], "institution,round,speed", "no rows for institution 'city_hospital'"),
+    ([f"{n},1,1.0" for n in NAMES[1:]], "institution,round,speed", "no rows for 1 institution(s): 'city_hospital'"),
     ([f"{n},1,{-0.5 if i == 2 else 1.0}" for i, n in enumerate(NAMES)], "institution,round,speed", "must be a number > 0"),
     ([f"{n},1,{0 if i == 2 else 1.0}" for i, n in enumerate(NAMES)], "institution,round,speed", "must be a number > 0"),
     ([f"{n},1,x" for n in NAMES], "institution,round,speed", "must be a number > 0"),
-    ([f"{n},0,1.0" for n in NAMES], "institution,round,speed", "is not a whole number >= 1"),
+    ([f"{n},0,1.0" for n in NAMES], "institution,round,speed", "it must be a whole number >= 1"),
     ([f"{n},1,2" for n in NAMES], "institution,round,available", "must be 0 or 1"),
     ([f"{n},1" for n in NAMES], "institution,round", "needs institution, round and speed and/or available"),
     ([*(f"{n},1,1.0" for n in NAMES), "nobody,1,1.0"], "institution,round,speed", "does not have"),
@@ -167,6 +167,17 @@ def test_a_bad_trace_is_one_line_before_anything_runs(rows, header, problem, tmp
     path = trace_file(tmp_path, rows, header)
     err = refused([f"scenario.speed_trace={path}"], capsys)
     assert err.startswith("error: scenario.speed_trace: ") and problem in err
+
+
+def test_a_bad_trace_names_every_offending_row_with_plain_values(tmp_path, capsys):
+    # Prepare: a numeric speed column (numpy values) wrong in five rows
+    rows = [f"{n},1,{-2 if i < 5 else 1}" for i, n in enumerate(NAMES)]
+    path = trace_file(tmp_path, rows, "institution,round,speed")
+    # Execute
+    err = refused([f"scenario.speed_trace={path}"], capsys)
+    # Assert: the count, the first four with their values as written, how many more; never a numpy repr
+    assert f"{path}: speed is wrong in 5 row(s): row 2 (-2 of '{NAMES[0]}'), row 3 (-2 of '{NAMES[1]}')" in err
+    assert "and 1 more; it must be a number > 0" in err and "np." not in err
 
 
 @pytest.mark.parametrize("override, key", [

@@ -143,6 +143,28 @@ def test_a_trial_no_node_can_hold_is_refused():
     check_fits([{"CPU": 1.0}, {"CPU": 2.0}], "PACK", [{"CPU": 2.0}, {"CPU": 2.0}])  # bundles may go to two nodes
 
 
+def test_a_trial_reservation_larger_than_the_local_cluster_is_refused_before_ray():
+    from sim.sweep import check
+
+    # Execute / Assert: 100 CPUs a trial on a 4-CPU local cluster (an in-process trial would silently use one)
+    with pytest.raises(ConfigError) as err:
+        check(compose("sweep_main", ["sweep.trial_cpus=100", "cluster.num_cpus=4"]), [])
+    assert str(err.value) == ("sweep.trial_cpus: 100 is more than the 4 CPUs of the cluster; lower it (at most 4), "
+                              "or null to let a trial take the whole cluster")
+
+
+def test_a_sweep_of_more_trials_than_max_trials_is_refused_with_an_estimate_until_raised():
+    # Prepare: 10,000 learning rates x 3 seeds
+    space = {"training.lr": {"grid": [i / 10_000 for i in range(1, 10_001)]}}
+    # Execute / Assert: refused, naming the count, the time it would take and the flag that runs it
+    with pytest.raises(ConfigError) as err:
+        sweep_of(space=space, seeds=[0, 1, 2])
+    assert str(err.value) == ("sweep.max_trials: the sweep has 30,000 trials, more than sweep.max_trials=1,000: about "
+                              "20.8 days of trial time at sweep.trial_seconds=60 each; shrink sweep.space or seeds, or "
+                              "pass sweep.max_trials=30000 to run them all")
+    assert sweep_of(space=space, seeds=[0, 1, 2], max_trials=30_000).trial_count() == 30_000
+
+
 def test_a_run_inside_a_placement_group_is_laid_out_on_that_reservation(ray_cluster):
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

@@ -267,6 +267,14 @@ def test_text_column_all_empty_is_refused(tmp_path):
         check_data(data, sites("s0", "s1", "s2"))
 
 
+def test_a_text_column_of_numbers_is_refused(tmp_path):
+    # Prepare: the text column holds integers (a misnamed column, say)
+    data = defaults("text") | {"path": str(write_texts(tmp_path, text=list(range(36))))}
+    # Execute / Assert: refused before tokenising numbers as if they were documents
+    with pytest.raises(ConfigError, match=r"^data.text_column: column 'text' of .* holds numbers, not text \(e.g. 0\)"):
+        check_data(data, sites("s0", "s1", "s2"))
+
+
 def test_a_text_institution_of_one_class_is_warned_about_and_too_few_rows_refused(tmp_path, caplog):
     one_class = ["bio"] * 12 + ["astro", "bio"] * 12
     data = defaults("text") | {"path": str(write_texts(tmp_path, label=one_class))}

@@ -35,7 +35,7 @@ import numpy as np
 
 from sim.core.data import corruption, digits, docstrings, synthetic, table, text
 from sim.core.data.partition import FEATURE_SKEW, MIN_TRAIN, PARTITIONS, VALIDATION, Pool, check_sizes, num_test, stream
-from sim.core.types import ConfigError, Federation, Scenario, Shard
+from sim.core.types import ConfigError, Federation, Scenario, Shard, listing
 
 DATASETS: dict[str, Callable[..., Pool]] = {
     "synthetic": synthetic.build,
@@ -126,6 +126,7 @@ def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: boo
                 "scenario.institutions", "raise its share or give the dataset more samples")
     parts = [(*hold_out(train, cfg["val_fraction"], seed, spec.index, spec.name), test)
              for spec, (train, test) in zip(scenario.institutions, pool.parts)]
+    _check_behaviours(scenario.institutions, pool.x.shape[1:], int(pool.num_classes), is_text)
     shards = []
     for spec, (train, val, test) in zip(scenario.institutions, parts):
         xs = [pool.x[rows] for rows in (train, val, test)]  # fancy indexing copies: shards never alias
@@ -137,7 +138,6 @@ def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: boo
         x_train, x_val, x_test = (x.astype(dtype, copy=False) for x in xs)
         y_train = pool.y[train].astype(np.int64)
         if spec.behaviour in corruption.DATA_BEHAVIOURS:
-            _check_behaviour(spec, x_train, int(pool.num_classes), is_text)
             x_train, y_train = corruption.corrupt(spec, x_train, y_train, int(pool.num_classes), seed)
         shards.append(Shard(spec.name, x_train, y_train, x_test, pool.y[test].astype(np.int64),
                             x_val, pool.y[val].astype(np.int64)))
@@ -152,20 +152,25 @@ def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: boo
     )
 
 
-def _check_behaviour(spec, x_train: np.ndarray, num_classes: int, is_text: bool) -> None:
-    """A data poisoner's trigger and target must fit the data; raises ConfigError naming the institution's key."""
-    if spec.behaviour != "data_poisoning":
+def _check_behaviours(specs, shape: tuple[int, ...], num_classes: int, is_text: bool) -> None:
+    """Data poisoners' triggers and targets must fit the data; raises ConfigError naming every institution that
+    does not (the key of the first)."""
+    poisoners = [s for s in specs if s.behaviour == "data_poisoning"]
+    if not poisoners:
         return
-    key = f"scenario.institutions[{spec.index}]"
+    key = lambda s, field: f"scenario.institutions[{s.index}].{field}"  # noqa: E731
     if is_text:
-        raise ConfigError(f"{key}.behaviour", "data_poisoning sets input features, which token ids are not; "
-                          "use it with a numeric dataset")
-    if spec.target_label >= num_classes:
-        raise ConfigError(f"{key}.target_label", f"is {spec.target_label} but the data has {num_classes} classes "
-                          f"(0..{num_classes - 1})")
-    width = int(np.prod(x_train.shape[1:]))
-    if spec.trigger_features > width:
-        raise ConfigError(f"{key}.trigger_features", f"is {spec.trigger_features} but an input has {width} elements")
+        raise ConfigError(key(poisoners[0], "behaviour"), "data_poisoning sets input features, which token ids are "
+                          f"not; use it with a numeric dataset ({len(poisoners)} institution(s) poison their data)")
+    width = int(np.prod(shape))
+    for field, bad, limit in (("target_label", [s for s in poisoners if s.target_label >= num_classes],
+                               f"the data has {num_classes} classes (0..{num_classes - 1})"),
+                              ("trigger_features", [s for s in poisoners if s.trigger_features > width],
+                               f"an input has {width} elements")):
+        if bad:
+            each = listing(f"'{s.name}' ({getattr(s, field)})" for s in bad)
+            raise ConfigError(key(bad[0], field), f"is {getattr(bad[0], field)} but {limit}: {len(bad)} "
+                              f"institution(s) set it out of range: {each}")
 
 
 def hold_out(train: np.ndarray, fraction: float, seed: int, index: int, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -18,23 +18,24 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from sim.core.types import ConfigError
+from sim.core.types import ConfigError, shown
 
 log = logging.getLogger("collabsim")
 ROLES = ("label_column", "institution_column", "discipline_column", "split_column")
 
 
 def _where(df: pd.DataFrame, data: Mapping, rows: np.ndarray) -> str:
-    """' (institution X, row N)' for the first of ``rows``: where in the file a problem starts."""
+    """' (institution X, first at data row N; K rows in all)': where in the file a problem starts, and how far it goes."""
     i = int(np.flatnonzero(rows)[0])
     inst = data.get("institution_column")
     site = f"institution '{df[inst].iloc[i]}', " if inst is not None and inst in df.columns else ""
-    return f" ({site}first at data row {i + 1})"
+    count = int(np.count_nonzero(rows))
+    return f" ({site}first at data row {i + 1}{f'; {count} rows in all' if count > 1 else ''})"
 
 
 def _shown(v: object) -> str:
     """A cell's value as a user wrote it (numpy scalars as plain numbers)."""
-    return repr(v.item() if isinstance(v, np.generic) else v)
+    return shown(v)
 
 
 def _mixed(values: pd.Series) -> bool:

@@ -12,11 +12,13 @@ mean and standard deviation of all institutions' training rows (never test rows)
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sim.core.data import checks
@@ -53,7 +55,30 @@ def _path(data: Mapping) -> Path:
         raise ConfigError("data.path", f"file not found: {path}")
     if not any(s in (".csv", ".tsv", ".parquet", ".pq") for s in path.suffixes):
         raise ConfigError("data.path", f"cannot tell the format of {path.name}; use a .csv, .tsv or .parquet file")
+    _check_unique_names(path)
     return path
+
+
+def _header(path: Path) -> list[str]:
+    """The column names as the file has them (pandas renames a repeated CSV name 'a' to 'a.1'); [] if unreadable."""
+    try:
+        if _is_parquet(path):
+            return list(pq.read_schema(path).names)
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            return next(csv.reader(f, delimiter="\t" if ".tsv" in path.suffixes else ","), [])
+    except (OSError, ValueError, pa.ArrowException):
+        return []  # read() reports a file it cannot read, in its own words
+
+
+def _check_unique_names(path: Path) -> None:
+    """Refuse a file that gives two columns one name: pandas would rename one and both would be used as features."""
+    names = _header(path)
+    repeated = {n: names.count(n) for n in dict.fromkeys(names) if names.count(n) > 1}
+    if repeated:
+        shown = ", ".join(f"'{n}' ({k} times)" for n, k in list(repeated.items())[:5])
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        raise ConfigError("data.path", f"{path.name} names {len(repeated)} column(s) more than once: {shown}{more}; "
+                          "give each column its own name")
 
 
 def _is_parquet(path: Path) -> bool:

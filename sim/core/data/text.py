@@ -169,6 +169,11 @@ def _load(data: Mapping) -> tuple[pd.DataFrame, str]:
     if len(df) == 0 or texts.isna().all() or (texts.astype(str).str.strip() == "").all():
         raise ConfigError("data.text_column", f"column '{data['text_column']}' of {path.name} holds no text; "
                           "point data.text_column at the column with the documents")
+    if pd.api.types.is_numeric_dtype(texts) or pd.api.types.is_bool_dtype(texts):
+        first = texts.dropna().iloc[0]
+        raise ConfigError("data.text_column", f"column '{data['text_column']}' of {path.name} holds numbers, not text "
+                          f"(e.g. {first.item() if isinstance(first, np.generic) else first}); point data.text_column "
+                          "at the column with the documents")
     return df, path.name
 
 

@@ -92,10 +92,25 @@ def tokenizer_path(model_cfg: Mapping[str, Any]) -> Path:
     if raw in (None, "", "minilm"):
         return minilm_path()
     path = Path(str(raw)).expanduser()
+    key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.path"
     if not path.is_dir():
-        key = "model.tokenizer" if model_cfg.get("tokenizer") else "model.path"
         raise ConfigError(key, f"{raw!r} is not a local directory; point it at a folder holding the tokenizer files")
+    check_tokenizer_files(path, key)
     return path
+
+
+def check_tokenizer_files(path: Path, key: str) -> None:
+    """Refuse a folder without a tokenizer's files: transformers would build a 5-token vocabulary (every word [UNK])
+    from a config.json alone, and the run would train on nothing but unknown tokens."""
+    names = {p.name for p in path.iterdir()}
+    if "tokenizer.json" in names or "vocab.txt" in names or any(n.endswith(".model") for n in names):
+        return
+    if "vocab.json" in names and "merges.txt" in names:
+        return
+    missing = "merges.txt (beside its vocab.json)" if "vocab.json" in names else \
+        "tokenizer.json, vocab.txt, vocab.json with merges.txt, or a SentencePiece .model"
+    raise ConfigError(key, f"{path} has no tokenizer files (missing: {missing}); copy them from where the model came "
+                      "from, or set model.tokenizer to a folder that has them")
 
 
 def load_tokenizer(model_cfg: Mapping[str, Any]) -> Any:
@@ -166,6 +181,7 @@ def check_config(model_cfg: Mapping[str, Any]) -> None:
     else:
         folder = minilm_path() if name == "minilm" else model_dir(cfg["path"])
         config = pretrained_config(folder, "model" if name == "minilm" else "model.path")
+        tokenizer_path(cfg)  # the model's own folder unless model.tokenizer names another: it must hold a tokenizer
     if adapter != "lora":
         return
     try:
