@@ -130,8 +130,8 @@ class Krum(Robust):
                   "lower aggregator.byzantine, raise scheme.cohort_fraction or add institutions")
 
     def needs(self) -> int:
-        """Fewest updates a round needs: n > 2f + 2, and Multi-Krum's m <= n - f."""
-        return max(robust.krum_needs(self.byzantine), self.m + self.byzantine)
+        """Fewest updates a round needs: n > 2f + 2, and Multi-Krum's m <= n - f (m None: n - f itself)."""
+        return max(robust.krum_needs(self.byzantine), (self.m or 1) + self.byzantine)
 
     def enough(self, ctx: RoundContext, n: int) -> bool:
         """A round that dropouts left with fewer updates than Krum needs keeps the previous model, with a warning
@@ -146,22 +146,23 @@ class Krum(Robust):
         """Refuse ``n`` states (``of`` what): Krum needs more than 2f + 2 (``shortfall`` says so), Multi-Krum m <= n - f."""
         if n < robust.krum_needs(self.byzantine):
             raise ConfigError("aggregator.byzantine", f"{self.option} with byzantine={self.byzantine} needs {shortfall}; {fix}")
-        if self.m > n - self.byzantine:
+        if self.m is not None and self.m > n - self.byzantine:
             raise ConfigError("aggregator.krum_m", f"multi_krum averages at most n - f = {n - self.byzantine} of the "
                               f"{n} {of}, got krum_m={self.m}")
 
     def rule(self, state: State, states: list[State], weights: list[float]) -> dict:
-        return robust.krum(states, self.byzantine, self.m)
+        return robust.krum(states, self.byzantine, self.m or len(states) - self.byzantine)
 
 
 class MultiKrum(Krum):
-    """Multi-Krum: the plain mean of the ``krum_m`` states with the best Krum scores."""
+    """Multi-Krum: the plain mean of the ``krum_m`` states with the best Krum scores (None: n - f of the n that arrived,
+    every update but the f the rule must assume lie; m = 1 is Krum itself)."""
 
     option = "multi_krum"
 
-    def __init__(self, inner: Any, *, byzantine: int = 1, krum_m: int = 1):
-        if isinstance(krum_m, bool) or not isinstance(krum_m, int) or krum_m < 1:
-            raise ConfigError("aggregator.krum_m", f"must be a whole number >= 1, got {krum_m!r}")
+    def __init__(self, inner: Any, *, byzantine: int = 1, krum_m: int | None = None):
+        if krum_m is not None and (isinstance(krum_m, bool) or not isinstance(krum_m, int) or krum_m < 1):
+            raise ConfigError("aggregator.krum_m", f"must be a whole number >= 1 (or null for n - f), got {krum_m!r}")
         super().__init__(inner, byzantine=byzantine)
         self.m = krum_m
 

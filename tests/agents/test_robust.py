@@ -109,6 +109,16 @@ def test_multi_krum_averages_the_m_best_and_never_the_outlier() -> None:
     np.testing.assert_allclose(out, [1.0, 1.05], rtol=F32_RTOL)
 
 
+def test_multi_krum_by_default_averages_all_but_the_f_it_must_assume_lie() -> None:
+    # Prepare: Multi-Krum as configured by default (krum_m null), f = 1, over five updates
+    rule = MultiKrum(FedAvg(), byzantine=1)
+    # Execute
+    out = rule.rule({}, HONEST_AND_OUTLIER, [1.0] * 5)["w"]
+    # Assert: n - f = 4 updates averaged (the four honest ones), not Krum's single pick
+    np.testing.assert_allclose(out, krum(HONEST_AND_OUTLIER, 1, m=4)["w"], rtol=F32_RTOL)
+    assert not np.allclose(out, krum(HONEST_AND_OUTLIER, 1)["w"])
+
+
 def test_krum_ties_go_to_the_earlier_institution() -> None:
     # Prepare: five identical states: every score is 0
     same = states(*[[1.0, 2.0]] * 5)
