@@ -96,9 +96,13 @@ def table(results: dict[str, Any]) -> str:
         if "skipped" in r:
             lines.append(f"foundation: skipped - {r['skipped']}")
         else:
-            lines.append(f"foundation (MiniLM+LoRA local step, {r['steps']} steps of 32x32 tokens, 1 thread): plain "
-                         f"{r['plain']['samples_per_s']:.1f} samples/s, collabsim {r['collabsim']['samples_per_s']:.1f}"
-                         f" samples/s, collabsim/plain {r['ratios']['samples_per_s']:.2f}")
+            p, c, x = r["plain"], r["collabsim"], r["ratios"]
+            lines.append(f"foundation (MiniLM, LoRA in the top {r['layers']} of 6 layers, {r['steps']} steps of 32x32 "
+                         f"tokens, 1 thread): training plain {p['samples_per_s']:.1f} samples/s, collabsim "
+                         f"{c['samples_per_s']:.1f} reusing stored layers ({x['samples_per_s']:.2f}x; first epoch, "
+                         f"storing them: {c['first_samples_per_s']:.1f}, {x['first_epoch']:.2f}x); scoring plain "
+                         f"{p['score_samples_per_s']:.1f}, collabsim {c['score_samples_per_s']:.1f} "
+                         f"({x['scoring']:.2f}x); max |logit difference| against every layer run {c['max_logit_diff']:.1e}")
     if results.get("pooled", {}).get("kind") == "pooled":
         lines += pooled.lines(results["pooled"])
     for name, r in results.items():

@@ -12,6 +12,7 @@ one MiniLM+LoRA local step with transformers and peft directly.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -86,8 +87,10 @@ def token_batches(vocab_size: int, steps: int, batch: int = 32, length: int = 32
     return rng.integers(1000, vocab_size, size=(steps * batch, length), dtype=np.int64)
 
 
-def plain_lora(x: np.ndarray, y: np.ndarray, num_labels: int, lr: float, batch: int = 32) -> dict[str, float]:
-    """AutoModelForSequenceClassification + LoRA, one SGD step per batch; samples/s after one warm-up step.
+def plain_lora(x: np.ndarray, y: np.ndarray, num_labels: int, lr: float, batch: int = 32, layers: int = 2,
+               score_batch: int = 256) -> dict[str, float]:
+    """AutoModelForSequenceClassification + LoRA in the top ``layers`` layers, one SGD step per batch, every layer run
+    every step (no stored states); training and scoring samples/s after one warm-up step.
 
     Rows are taken in the order ``local_train`` draws them for key (0, 0, 1), so both loops see the same batches.
     """
@@ -95,13 +98,17 @@ def plain_lora(x: np.ndarray, y: np.ndarray, num_labels: int, lr: float, batch: 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from sim.core.models.foundation import minilm_path
+    from sim.core.models.foundation import _quiet, minilm_path
     from sim.core.train import rng_for
 
     transformers.logging.set_verbosity_error()  # the new head's load report would land in the printed table
-    base = AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=num_labels,
-                                                              local_files_only=True)
-    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", **LORA))
+    with _quiet(), warnings.catch_warnings():  # load bars and peft's deprecation notes, likewise
+        warnings.simplefilter("ignore", FutureWarning)
+        base = AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=num_labels,
+                                                                  local_files_only=True)
+        depth = base.config.num_hidden_layers
+        model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", **LORA,
+                                                layers_to_transform=list(range(depth - layers, depth))))
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     order = rng_for(COLLAB_KEY)[0].permutation(len(y))
@@ -117,20 +124,39 @@ def plain_lora(x: np.ndarray, y: np.ndarray, num_labels: int, lr: float, batch: 
     for i in range(0, len(y), batch):
         step(i)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "samples_per_s": len(y) / seconds}
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(y), score_batch):
+            model(input_ids=xt[i : i + score_batch])
+    scoring = time.perf_counter() - t0
+    return {"seconds": seconds, "samples_per_s": len(y) / seconds, "score_samples_per_s": len(y) / scoring}
 
 
 def collab_lora(model_cfg: Mapping[str, Any], x: np.ndarray, y: np.ndarray, num_labels: int, lr: float,
-                batch: int = 32) -> dict[str, float]:
-    """collabsim's local step (``sim.core.train.local_train``, one epoch over the same rows) on the foundation factory."""
+                batch: int = 32, score_batch: int = 256) -> dict[str, float]:
+    """collabsim's local step (``sim.core.train.local_train``) on the foundation factory: the first epoch over the rows
+    (which stores the frozen layers' outputs), a second (which reuses them), then scoring; and the largest difference
+    between its logits and those of the same model with every layer run."""
     from sim.core.models import build_model
-    from sim.core.train import local_train
+    from sim.core.train import evaluate, local_train
     from sim.core.types import TrainingSpec
 
     model = build_model(model_cfg, (x.shape[1],), num_labels, seed=0)
     training = TrainingSpec(local_epochs=1, batch_size=batch, lr=lr)
     local_train(model, x[:batch], y[:batch], training=training, key=(0, 0, 0))  # warm-up
+    out = {}
+    for name, key in (("first", COLLAB_KEY), ("reused", (0, 1, 1))):
+        t0 = time.perf_counter()
+        local_train(model, x, y, training=training, key=key)
+        out[f"{name}_samples_per_s"] = len(y) / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    local_train(model, x, y, training=training, key=COLLAB_KEY)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "samples_per_s": len(y) / seconds}
+    evaluate(model, x, y, batch_size=score_batch)
+    out["score_samples_per_s"] = len(y) / (time.perf_counter() - t0)
+    model.eval()
+    with torch.inference_mode():
+        stored = model(torch.from_numpy(x[:64]))
+        prefix, model.prefix = model.prefix, None
+        whole = model(torch.from_numpy(x[:64]))
+        model.prefix = prefix
+    return out | {"samples_per_s": out["reused_samples_per_s"], "max_logit_diff": float((stored - whole).abs().max())}
