@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pandas as pd
@@ -28,26 +29,54 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
 
     A variant (``variants.LABEL: [overrides]``) is a run beside the schemes with overrides of its own, e.g. the
     same scheme with full fine-tuning instead of LoRA; its results carry LABEL in the ``scheme`` column.
+
+    ``parts`` (``LABEL: {schemes, overrides, variants}``), when given, replace ``schemes`` and ``variants``: each part
+    is a comparison of its own under its overrides, with its own baseline, and its runs carry LABEL in the
+    ``scenario`` column, so gains are measured within a part. Their keys are ``LABEL/scheme``.
     """
     check_resume(cfg.get("resume"))
-    names = [cfg.schemes] if isinstance(cfg.schemes, str) else list(cfg.schemes or [])
-    if not [n for n in names if n != BASELINE] and not cfg.get("variants"):
-        raise ConfigError("schemes", f"{'is empty' if not names else f'holds only {BASELINE}'}, so the compare would run "
-                          f"the {BASELINE} baseline alone; list the schemes to compare with it, e.g. schemes=[fedavg,fedprox]")
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("schemes=", "report=", "scheme=", "seeds=",
+                                                                      "variants", "resume=", "parts"))]  # the compare's own
+    parts = cfg.get("parts") or {}
+    if not parts:
+        return _part(cfg.schemes, cfg.get("variants"), keep, "")
+    if not isinstance(parts, (dict, DictConfig)):
+        raise ConfigError("parts", f"expected LABEL: {{schemes: [...], overrides: [...]}} entries, got {parts!r}")
+    configs = {}
+    for label, part in parts.items():
+        extra = (part or {}).get("overrides") or []
+        if not isinstance(extra, (list, ListConfig)) or not all(isinstance(o, str) and "=" in o for o in extra):
+            raise ConfigError(f"parts.{label}.overrides", f"expected a list of overrides like data.task=kind, got {extra!r}")
+        unknown = set(part or {}) - {"schemes", "overrides", "variants"}
+        if unknown:
+            raise ConfigError(f"parts.{label}", f"unknown key(s) {listing(sorted(unknown))}; a part takes schemes, "
+                              "overrides and variants")
+        runs = _part((part or {}).get("schemes"), (part or {}).get("variants"), [*keep, *extra, f"scenario.name={label}"],
+                     f"parts.{label}.")
+        configs |= {f"{label}/{name}": sub for name, sub in runs.items()}
+    return configs
+
+
+def _part(schemes: Any, variants: Any, keep: list[str], key: str) -> dict[str, DictConfig]:
+    """The run configs of one comparison: its schemes (the baseline first, added if missing), then its variants."""
+    names = [schemes] if isinstance(schemes, str) else list(schemes or [])
+    if not [n for n in names if n != BASELINE] and not variants:
+        raise ConfigError(key + "schemes", f"{'is empty' if not names else f'holds only {BASELINE}'}, so the compare would "
+                          f"run the {BASELINE} baseline alone; list the schemes to compare with it, e.g. "
+                          "schemes=[fedavg,fedprox]")
     unknown = [n for n in names if n not in group_options("scheme")]
     if unknown:
-        raise ConfigError("schemes", f"unknown scheme(s) {listing(map(repr, unknown))}; choose from {', '.join(group_options('scheme'))}")
+        raise ConfigError(key + "schemes", f"unknown scheme(s) {listing(map(repr, unknown))}; choose from "
+                          f"{', '.join(group_options('scheme'))}")
     if BASELINE not in names:
         log.warning("adding the %s baseline: every gain is measured against it", BASELINE)
         names.insert(0, BASELINE)
-    keep = [o for o in overrides if not o.lstrip("+~").startswith(("schemes=", "report=", "scheme=", "seeds=",
-                                                                      "variants", "resume="))]  # the compare's own
     configs = {n: compose("config", keep + [f"scheme={n}"]) for n in dict.fromkeys(names)}
-    for label, extra in (cfg.get("variants") or {}).items():
+    for label, extra in (variants or {}).items():
         if label in configs or label in group_options("scheme"):
-            raise ConfigError(f"variants.{label}", "a variant needs a label of its own, not a scheme's name")
+            raise ConfigError(f"{key}variants.{label}", "a variant needs a label of its own, not a scheme's name")
         if not isinstance(extra, (list, ListConfig)) or not all(isinstance(o, str) and "=" in o for o in extra):
-            raise ConfigError(f"variants.{label}", f"expected a list of overrides like scheme=fedavg, got {extra!r}")
+            raise ConfigError(f"{key}variants.{label}", f"expected a list of overrides like scheme=fedavg, got {extra!r}")
         configs[label] = compose("config", keep + list(extra))
     return configs
 
@@ -121,13 +150,14 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
             for name, sub in configs.items():
                 sub = sub.copy()
                 sub.seed = seed
-                where = out_dir / "runs" / (name if len(seeds) == 1 else f"{name}-s{seed}")
+                stem = name.replace("/", "-")  # a part's run: LABEL-scheme
+                where = out_dir / "runs" / (stem if len(seeds) == 1 else f"{stem}-s{seed}")
                 log.info("run %d/%d: %s, seed %d", len(results) + 1, len(configs) * len(seeds), name, seed)
                 if resume and (where / "status.json").is_file():
                     sub.resume = str(where)  # done: its tables; stopped: from its last checkpoint
                 result = run(sub, where, pool=pool)
                 for table in (result.metrics, result.ledger, result.institutions):
-                    table["scheme"] = name  # the label asked for: a variant's, or a scheme file's own name
+                    table["scheme"] = name.rpartition("/")[2]  # the label asked for: a variant's, or the scheme's
                 results.append(result)
     finally:
         pool.close()

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from sim.cli import compose, guard
-from sim.compare import compare
+from sim.compare import compare, scheme_configs
 from sim.engine import run
 from sim.core.types import ConfigError
 
@@ -109,3 +109,37 @@ def test_resume_true_where_no_compare_started_is_refused_before_anything_runs(tm
     with pytest.raises(ConfigError, match="holds no compare to continue"):
         compare(compose("compare", args), args, tmp_path / "new")
     assert not any((tmp_path / "new").iterdir())
+
+
+def test_a_compare_in_parts_measures_each_parts_gains_against_its_own_baseline(tmp_path):
+    # Prepare: two comparisons in one command: fedavg on 600 samples, fedprox on 900 (so their baselines differ)
+    overrides = ["rounds=2", "engine.backend=inprocess", "seeds=1", "report=false",
+                 "+parts.small.schemes=[fedavg]", "+parts.small.overrides=['data.num_samples=600']",
+                 "+parts.large.schemes=[fedprox]", "+parts.large.overrides=['data.num_samples=900']"]
+    # Execute
+    table = compare(compose("compare", overrides), overrides, tmp_path)
+    # Assert: each part's runs carry its label as the scenario, each has its own isolated run, and each gain is
+    # the scheme's accuracy minus its own part's baseline
+    m = pd.read_parquet(tmp_path / "metrics.parquet")
+    assert set(zip(m.scenario, m.scheme)) == {("small", "isolated"), ("small", "fedavg"), ("large", "isolated"),
+                                              ("large", "fedprox")}
+    assert {p.name for p in (tmp_path / "runs").iterdir()} == {"small-isolated", "small-fedavg", "large-isolated",
+                                                              "large-fedprox"}
+    finals = m[(m.metric == "accuracy") & (m.institution != "global") & m.selected.astype(bool)]
+    own = finals.groupby(["scenario", "scheme"]).value.mean()
+    rows = table.set_index(["scenario", "scheme"])
+    for part, scheme in (("small", "fedavg"), ("large", "fedprox")):
+        assert rows.loc[(part, scheme), "mean_gain"] == pytest.approx((own[part, scheme] - own[part, "isolated"]) * 100)
+    assert own["small", "isolated"] != own["large", "isolated"]
+
+
+@pytest.mark.parametrize("extra, key, words", [
+    (["+parts.x.typo=1"], "parts.x", "unknown key(s) typo; a part takes schemes, overrides and variants"),
+    (["+parts.x.overrides=rounds"], "parts.x.overrides", "expected a list of overrides"),
+    (["+parts.y.schemes=[isolated]"], "parts.y.schemes", "holds only isolated"),
+])
+def test_a_bad_part_is_one_line_naming_it(extra, key, words):
+    overrides = ["+parts.x.schemes=[fedavg]", *extra]
+    with pytest.raises(ConfigError) as err:
+        scheme_configs(compose("compare", overrides), overrides)
+    assert err.value.key == key and words in str(err.value) and "\n" not in str(err.value)
