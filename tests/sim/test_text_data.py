@@ -399,6 +399,18 @@ def test_subpackage_accepts_personal_schemes_and_kind_any(corpus_dir, overrides)
     assert spec.scheme_name == overrides[0].split("=")[1]
 
 
+def test_the_shipped_foundation_experiment_passes_the_compares_pre_run_check(corpus_dir):
+    from sim.compare import _check
+
+    # Prepare
+    overrides = ["+experiment=foundation_docstrings", f"data.cache_dir={corpus_dir[0]}"]
+    cfg = compose("config", overrides)
+    # Execute: every scheme and variant of the compare through load_spec (a refused one raises)
+    _check(cfg, overrides)
+    # Assert: it runs on task=subpackage, so only schemes scored on each institution's own model
+    assert cfg.data.task == "subpackage" and "fedavg" not in cfg.schemes and "pooled" not in cfg.schemes
+
+
 def test_data_docstrings_brings_its_own_scenario_unless_one_is_named():
     # Execute: the data group alone, then with a scenario named on the command line
     picked = compose("config", ["data=docstrings", "model=minilm"])
