@@ -69,6 +69,7 @@ def _check_groups(spec: RunSpec) -> None:
     schema.check_data_types(spec.data)
     check_data(spec.data, spec.scenario, spec.model)
     spread_warning(spec)  # only now: a table that is refused gets its one line alone
+    _check_shared_head(spec, scheme)  # after the data's own keys: a scenario of other institutions is the first fix
     if spec.select == "best_val" and not (spec.data.get("val_fraction") or 0) > 0:
         raise ConfigError("results.select", "best_val chooses each institution's round on its validation split, and "
                           "data.val_fraction is 0: set data.val_fraction (e.g. 0.15) or results.select=last")
@@ -118,6 +119,23 @@ def _check_dp_sgd(spec: RunSpec, scheme: Any) -> None:
         raise ConfigError(key, "DP-SGD is not supported for text/transformer models; use a numeric model (model=mlp)")
     if spec.training.precision != "fp32":
         raise ConfigError("training.precision", "DP-SGD computes per-sample gradients in fp32; set it to fp32")
+
+
+def _check_shared_head(spec: RunSpec, scheme: Any) -> None:
+    """Refuse a scheme that scores every institution on one shared model when each has a label space of its own
+    (data=docstrings, task=subpackage): one head over all of them answers a question the task does not pose."""
+    from agents.schemes.base import personal, personal_schemes
+    from agents.wrappers.base import core
+    from sim.core.data.docstrings import own_label_spaces
+
+    if not own_label_spaces(spec.data) or personal(core(scheme)):
+        return
+    allowed = personal_schemes()
+    name = core(scheme).name
+    how = " adapting nothing before scoring" if name in allowed else ""  # finetune/reptile with 0 steps: FedAvg
+    raise ConfigError("scheme", f"data.task=subpackage gives each institution its own label space, and scheme={name}"
+                      f"{how} trains one shared head over all of them; use {', '.join(allowed[:-1])} or "
+                      f"{allowed[-1]}, or data.task=kind for one shared task")
 
 
 def _check_dp_model(spec: RunSpec, model: torch.nn.Module) -> None:

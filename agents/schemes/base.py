@@ -217,6 +217,26 @@ def checked(scheme: Any, specs: Sequence[InstitutionSpec]) -> None:
         scheme.check(specs)
 
 
+def personal(scheme: Any) -> bool:
+    """Whether each institution is scored on a model of its own (its own model, its own head, or the merged model
+    adapted to its data first), not on the one shared model: what tasks whose label spaces differ per institution
+    need. Asks the plan, so a wrapper (which passes the plan on) answers as the scheme it wraps."""
+    plan = scheme.plan(1)
+    return plan.evaluate == "personal" or bool((plan.client or PLAIN).adapts)
+
+
+def personal_schemes() -> list[str]:
+    """Registered schemes that are :func:`personal` with their default settings (for messages)."""
+    names = []
+    for name, cls in SCHEMES.items():
+        try:
+            if personal(cls()):
+                names.append(name)
+        except ConfigError:  # needs settings of its own (dp_fedavg's noise): a FedAvg, not personal
+            continue
+    return names
+
+
 def cost_of(scheme: Any, ctx: RoundContext, updates: Sequence[Update]) -> Cost:
     """What the round cost beyond the plain exchange (nothing for most schemes)."""
     return scheme.cost(ctx, updates) if isinstance(scheme, Costs) else Cost()

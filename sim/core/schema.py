@@ -303,7 +303,8 @@ DATA = {
     "text": {**_COMMON, **_PARTITION, **_TEXT, "path": Field("str", null=True), "text_column": Field("str"),
              "label_column": Field("str"), "institution_column": Field("str", null=True),
              "split_column": Field("str", null=True)},
-    "docstrings": {**_COMMON, **_PARTITION, **_TEXT, "task": Field("str", choices=("subpackage", "discipline")),
+    "docstrings": {**_COMMON, **_PARTITION, **_TEXT,
+                   "task": Field("str", choices=("subpackage", "discipline", "kind")),
                    "min_class_rows": Field("int", 1), "cache_dir": Field("str")},
 }
 """Per dataset (the yaml files of conf/data/): every key sim.core.data's DEFAULTS know, typed."""

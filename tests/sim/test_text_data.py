@@ -188,6 +188,60 @@ def test_discipline_task_shares_one_label_space_over_any_institutions(corpus_dir
                for s, t in zip(fed.shards, again.shards))
 
 
+KINDS = ["class", "function", "method", "module"]
+
+
+def kinds_held(pool, df) -> list[dict]:
+    """Per institution: its rows' (package, kind) from the corpus, looked up by text (texts are unique)."""
+    by_text = df.set_index("text")[["package", "kind"]]
+    return [by_text.loc[pool.x[np.concatenate([tr, te])]] for tr, te in pool.parts]
+
+
+def test_kind_task_gives_every_package_its_own_docstrings_in_one_shared_label_space(corpus_dir):
+    # Prepare: every row of every package, no cap
+    _, df, _ = corpus_dir
+    scenario = package_scenario()
+    # Execute
+    pool = docstrings.build(docs(corpus_dir, task="kind", max_rows_per_institution=None), scenario, seed=0)
+    # Assert: four labels, the same ids for everybody (label i is KINDS[i] in every institution), each package's
+    # docstrings at the institution named like it, all of them: the corpus's own sizes and mix
+    assert pool.num_classes == 4 and docstrings.labels(df, {"task": "kind"})[1] == KINDS
+    for spec, (tr, te), held in zip(scenario.institutions, pool.parts, kinds_held(pool, df)):
+        assert (held["package"] == spec.name).all()
+        assert [KINDS[i] for i in pool.y[np.concatenate([tr, te])]] == list(held["kind"])
+        natural = df.loc[df["package"] == spec.name, "kind"].value_counts().sort_index()
+        assert held["kind"].value_counts().sort_index().equals(natural)
+    sizes = [len(tr) + len(te) for tr, te in pool.parts]
+    assert min(sizes) == 550 and max(sizes) == 7091  # scikit-image and sympy: the imbalance between them stays
+
+
+def test_kind_task_caps_each_package_keeping_its_mix_in_train_and_test(corpus_dir):
+    # Prepare: the shipped cap of 400 rows; scikit-image has 27 classes to 433 functions
+    _, df, _ = corpus_dir
+    scenario = package_scenario()
+    data = docs(corpus_dir, task="kind")
+    # Execute
+    pool = docstrings.build(data, scenario, seed=1)
+    # Assert: 400 rows each; each kind within one row of its natural share of 400 (largest remainder), and of its
+    # share of the 80 test rows, so the within-package skew survives the cap and every kind is scored
+    for spec, (tr, te) in zip(scenario.institutions, pool.parts):
+        natural = df.loc[df["package"] == spec.name, "kind"].value_counts().reindex(KINDS).to_numpy()
+        share = natural / natural.sum()
+        kept, tested = np.bincount(pool.y[np.concatenate([tr, te])], minlength=4), np.bincount(pool.y[te], minlength=4)
+        assert (len(tr), len(te)) == (320, 80)
+        assert np.abs(kept - share * 400).max() < 1
+        assert np.abs(tested - kept / 400 * 80).max() < 1 and tested.min() >= 1
+
+
+def test_kind_task_spreads_over_any_institutions_with_iid(corpus_dir):
+    # Execute: the default scenario's kind of names, rows spread by iid
+    data = docs(corpus_dir, task="kind", partition="iid")
+    check_data(data, sites("a", "b", "c"))
+    pool = docstrings.build(data, sites("a", "b", "c"), seed=0, smoke=True)
+    # Assert: the same four labels everywhere
+    assert pool.num_classes == 4 and all(set(pool.y[tr]) == {0, 1, 2, 3} for tr, _ in pool.parts)
+
+
 # --- data=text ----------------------------------------------------------------------------------
 
 WORDS = {"bio": "protein cell gene enzyme", "astro": "galaxy star orbit redshift"}
@@ -304,6 +358,65 @@ def test_docstrings_subpackage_needs_institutions_named_after_packages(corpus_di
     with pytest.raises(ConfigError, match=r"^scenario.institutions\[1\].name: 'lab' of scenario=\w+ is no package.*"
                                           r"use scenario=docstrings"):
         check_data(docs(corpus_dir), sites("scipy", "lab"))
+
+
+def test_docstrings_kind_over_packages_needs_institutions_named_after_packages(corpus_dir):
+    with pytest.raises(ConfigError, match=r"^scenario.institutions\[1\].name: 'lab' of scenario=\w+ is no package; "
+                                          r"task=kind with partition=natural needs .*use scenario=docstrings.*"
+                                          r"or spread the rows over any institutions with data.partition=iid"):
+        check_data(docs(corpus_dir, task="kind"), sites("scipy", "lab"))
+
+
+def test_docstrings_kind_refuses_a_cap_that_leaves_a_kind_out_of_a_test_split(corpus_dir):
+    # Prepare: 30 rows of scikit-image keep 1 of its 27 classes (27/550 of 30), and its share of 6 test rows is 0.2
+    data = docs(corpus_dir, task="kind", max_rows_per_institution=30)
+    # Execute / Assert: one line naming the institution, the kind and the fix; the shipped cap of 400 passes
+    with pytest.raises(ConfigError, match=r"^data.max_rows_per_institution: capped at 30 rows, institution "
+                                          r"'scikit-image' keeps 1 of its 27 'class' docstrings and none in its test "
+                                          r"split, so it is never scored on that kind; raise "
+                                          r"data.max_rows_per_institution \(or null for all rows\)$"):
+        check_data(data, package_scenario(["scikit-image"]))
+    check_data(docs(corpus_dir, task="kind"), package_scenario(["scikit-image"]))
+
+
+SUBPACKAGE_SCHEMES = [("fedavg", []), ("pooled", []), ("fedprox", ["aggregator=median"]),
+                      ("finetune", ["scheme.finetune_steps=0"])]
+
+
+@pytest.mark.parametrize("scheme, extra", SUBPACKAGE_SCHEMES)
+def test_subpackage_refuses_schemes_that_score_one_shared_head(corpus_dir, scheme, extra):
+    # Prepare: eight disjoint label spaces; a scheme scored on one shared model (wrapped, or fine-tuning 0 steps)
+    cfg = compose("config", ["data=docstrings", "model=minilm", f"scheme={scheme}", *extra,
+                             f"data.cache_dir={corpus_dir[0]}"])
+    how = " adapting nothing before scoring" if scheme == "finetune" else ""
+    # Execute / Assert: one line naming the scheme and the ones that run
+    with pytest.raises(ConfigError, match=rf"^scheme: data.task=subpackage gives each institution its own label "
+                                          rf"space, and scheme={scheme}{how} trains one shared head over all of them; "
+                                          r"use ditto, fedper, finetune, isolated or reptile, or data.task=kind for "
+                                          r"one shared task$"):
+        load_spec(cfg)
+
+
+@pytest.mark.parametrize("overrides", [["scheme=isolated"], ["scheme=fedper"], ["scheme=ditto"], ["scheme=finetune"],
+                                       ["scheme=fedavg", "data.task=kind"], ["scheme=pooled", "data.task=kind"]])
+def test_subpackage_accepts_personal_schemes_and_kind_any(corpus_dir, overrides):
+    # Execute: the whole pre-run check, reading the session's corpus
+    spec = load_spec(compose("config", ["data=docstrings", "model=minilm", *overrides,
+                                        f"data.cache_dir={corpus_dir[0]}"]))
+    # Assert
+    assert spec.scheme_name == overrides[0].split("=")[1]
+
+
+def test_the_shipped_foundation_experiment_passes_the_compares_pre_run_check(corpus_dir):
+    from sim.compare import _check
+
+    # Prepare
+    overrides = ["+experiment=foundation_docstrings", f"data.cache_dir={corpus_dir[0]}"]
+    cfg = compose("config", overrides)
+    # Execute: every scheme and variant of the compare through load_spec (a refused one raises)
+    _check(cfg, overrides)
+    # Assert: it runs on task=subpackage, so only schemes scored on each institution's own model
+    assert cfg.data.task == "subpackage" and "fedavg" not in cfg.schemes and "pooled" not in cfg.schemes
 
 
 def test_data_docstrings_brings_its_own_scenario_unless_one_is_named():

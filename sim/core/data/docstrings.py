@@ -11,10 +11,11 @@ sorted walk, and not at all when two packages share it (about 21,000 rows).
 The corpus is built once (well under a minute) into a Parquet file under
 ``data.cache_dir`` named by a digest of the package versions and BUILDER_VERSION; the
 sha256 of its rows sits in the file's metadata and is checked on every read, and a
-damaged file is rebuilt. Two tasks (``data.task``): ``subpackage`` (each institution
-labels its own package's docstrings by subpackage; natural partition only) and
-``discipline`` (one label space, the package's discipline; rows spread by iid, dirichlet
-or quantity).
+damaged file is rebuilt. Three tasks (``data.task``): ``subpackage`` (each institution
+labels its own package's docstrings by subpackage; natural partition only), ``discipline``
+(one label space, the package's discipline; rows spread by iid, dirichlet or quantity) and
+``kind`` (one label space, whether a docstring is a class's, a function's, a method's or a
+module's; natural, so each package keeps its own mix and size, or spread like discipline).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ DEFAULTS = {
     "min_class_rows": 30,
     "cache_dir": "~/.cache/collabsim",
 }
-TASKS = ("subpackage", "discipline")
+TASKS = ("subpackage", "discipline", "kind")
+NATURAL = ("subpackage", "kind")  # tasks whose rows may go to the institution named like their package
 PACKAGES = (  # (distribution = institution, import name, pinned version, discipline)
     ("scipy", "scipy", "1.17.1", "scientific computing"),
     ("statsmodels", "statsmodels", "0.15.0", "statistics"),
@@ -201,8 +203,8 @@ def corpus(cache_dir: str | os.PathLike = DEFAULTS["cache_dir"], packages: Seque
 
 def labels(df: pd.DataFrame, data: Mapping) -> tuple[np.ndarray, list[str]]:
     """Each row's label id and the label names (sorted) under data.task."""
-    if data["task"] == "discipline":
-        names = df["discipline"].to_numpy(dtype=object)
+    if data["task"] in ("discipline", "kind"):  # one label space: the column of that name
+        names = df[data["task"]].to_numpy(dtype=object)
     else:
         modules = {dist: module for dist, module, _, _ in PACKAGES}
         names = np.array([f"{modules.get(p, p)}.{s}" for p, s in zip(df["package"], df["subpackage"])], dtype=object)
@@ -213,11 +215,16 @@ def labels(df: pd.DataFrame, data: Mapping) -> tuple[np.ndarray, list[str]]:
     return ids.astype(np.int64), [str(c) for c in classes]
 
 
+def own_label_spaces(data: Mapping) -> bool:
+    """Whether ``data`` gives each institution a label space of its own (data=docstrings under task=subpackage)."""
+    return data.get("name") == "docstrings" and data.get("task", DEFAULTS["task"]) == "subpackage"
+
+
 def _check_keys(data: Mapping, scenario: Scenario) -> None:
     """task, partition and min_class_rows make sense together and with the scenario."""
     task, part = data["task"], data["partition"]
     if task not in TASKS:
-        raise ConfigError("data.task", f"unknown task {task!r}; choose subpackage or discipline")
+        raise ConfigError("data.task", f"unknown task {task!r}; choose subpackage, discipline or kind")
     if task == "subpackage" and part != "natural":
         raise ConfigError("data.partition", "task=subpackage gives each package's docstrings to the institution "
                           "named like it, so the partition must be natural (or use data.task=discipline)")
@@ -227,37 +234,69 @@ def _check_keys(data: Mapping, scenario: Scenario) -> None:
     m = data["min_class_rows"]
     if not isinstance(m, int) or isinstance(m, bool) or m < 1:
         raise ConfigError("data.min_class_rows", f"must be a whole number >= 1, got {m!r}")
-    if task == "subpackage":
+    if part == "natural":  # subpackage or kind: each package's rows go to the institution named like it
         known = [dist for dist, _, _, _ in PACKAGES]
+        which = "task=subpackage" if task == "subpackage" else "task=kind with partition=natural"
+        other = "" if task == "subpackage" else ", or spread the rows over any institutions with data.partition=iid, " \
+                                                "dirichlet or quantity"
         for spec in scenario.institutions:
             if spec.name not in known:
                 raise ConfigError(f"scenario.institutions[{spec.index}].name", f"'{spec.name}' of scenario={scenario.name} "
-                                  f"is no package; task=subpackage needs institutions named {', '.join(known)}: use "
-                                  "scenario=docstrings (data=docstrings picks it unless a scenario is named)")
+                                  f"is no package; {which} needs institutions named {', '.join(known)}: use "
+                                  f"scenario=docstrings (data=docstrings picks it unless a scenario is named){other}")
 
 
 def _pool(data: Mapping, scenario: Scenario, seed: int, smoke: bool) -> Pool:
     """The corpus split among the institutions (texts, not yet token ids)."""
     df = corpus(data["cache_dir"])
-    if data["task"] == "subpackage":  # label ids over the scenario's packages only: no class nobody holds
+    own = data["partition"] == "natural"  # subpackage or kind (the checked keys allow nothing else)
+    if own:  # label ids over the scenario's packages only: no class nobody holds
         df = df[df["package"].isin(scenario.names)].reset_index(drop=True)
     y, classes = labels(df, data)
-    if data["task"] == "subpackage":
+    limit = text.row_limit(data, smoke)
+    if own:
         shards = natural(df["package"].to_numpy(), scenario.names)
-        hint = ("data.min_class_rows", "lower data.min_class_rows so fewer subpackages merge into one class")
+        hint = ("data.min_class_rows", "lower data.min_class_rows so fewer subpackages merge into one class") \
+            if data["task"] == "subpackage" else ("data.max_rows_per_institution", "raise it (or null for all rows)")
     else:
         shards = partition(y, len(classes), data, scenario, stream(seed, PARTITION))
         hint = ("data.partition", "use partition=iid or a larger data.dirichlet_alpha")
-    parts = text.finish(shards, y, None, data, scenario, seed, text.row_limit(data, smoke), classes, hint)
+    # kind over packages: one shared label space, so every institution's test split holds each of its kinds
+    stratify = own and data["task"] == "kind"
+    parts = text.finish(shards, y, None, data, scenario, seed, limit, classes, hint, stratify=stratify)
+    if stratify:
+        _check_every_class(shards, parts, y, classes, scenario, limit)
     return text.compact(df["text"].to_numpy(dtype=object), y, parts, len(classes))
+
+
+def _check_every_class(shards: Sequence[np.ndarray], parts: Sequence[tuple[np.ndarray, np.ndarray]], y: np.ndarray,
+                       classes: Sequence[str], scenario: Scenario, limit: int | None) -> None:
+    """Each class an institution holds in the corpus keeps rows in its train and its test split, else ConfigError
+    naming the institution and the class: a cap so small that a kind drops out of a split would score (or train)
+    that institution on fewer kinds than its peers, and the shared label space would no longer be shared."""
+    for spec, idx, (train, test) in zip(scenario.institutions, shards, parts):
+        for c in np.unique(y[idx]):
+            kept = int(np.sum(y[train] == c)), int(np.sum(y[test] == c))
+            if min(kept) > 0:
+                continue
+            split, missing, fix = ("test", "never scored on", "raise") if kept[1] == 0 else \
+                ("train", "never trained on", "lower")
+            name, total = classes[c], int(np.sum(y[idx] == c))
+            if limit is not None and limit < len(idx):
+                raise ConfigError("data.max_rows_per_institution", f"capped at {limit} rows, institution "
+                                  f"'{spec.name}' keeps {sum(kept)} of its {total} {name!r} docstrings and none in its "
+                                  f"{split} split, so it is {missing} that kind; raise "
+                                  "data.max_rows_per_institution (or null for all rows)")
+            raise ConfigError("data.test_fraction", f"institution '{spec.name}' has {total} {name!r} docstrings and "
+                              f"none in its {split} split; {fix} data.test_fraction")
 
 
 def check(data: Mapping, scenario: Scenario) -> None:
     """Validate the keys, the installed versions and (reading the cached corpus) every institution's rows."""
-    _check_keys(data, scenario)  # first: task=subpackage with another scenario's institutions names scenario=docstrings
+    _check_keys(data, scenario)  # first: a natural task with another scenario's institutions names scenario=docstrings
     text.check_common(data, scenario)
     check_versions()
-    if data["task"] == "discipline":
+    if data["partition"] != "natural":
         check_partition(data, scenario, len(corpus(data["cache_dir"])))
         return
     pool = _pool(data, scenario, seed=0, smoke=False)  # natural: sizes and classes do not depend on the seed

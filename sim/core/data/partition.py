@@ -95,6 +95,20 @@ def split_train_test(
     return np.sort(idx[k:]), np.sort(idx[:k])
 
 
+def split_stratified(
+    idx: np.ndarray, labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) split that keeps the label mix: test holds round(fraction*n), each label its share (largest
+    remainder), so a label's test rows depend on the counts alone, never on the draw."""
+    idx = np.asarray(idx, np.int64)
+    if len(idx) == 0:
+        return idx, idx
+    groups, counts = np.unique(labels[idx], return_counts=True)
+    take = apportion(counts / counts.sum(), num_test(len(idx), test_fraction))
+    test = np.sort(np.concatenate([rng.choice(idx[labels[idx] == g], t, replace=False) for g, t in zip(groups, take)]))
+    return np.setdiff1d(idx, test), test
+
+
 def label_mix(alpha: float | None, pool_mix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Target label proportions: Dirichlet(alpha) over the classes, or the pool's own mix when alpha is None."""
     if alpha is None:

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from sim.core.data.partition import (
-    PARTITION, ROWS, Pool, apportion, check_partition, check_sizes, natural, partition, smallest_workable, stream,
+    PARTITION, ROWS, SPLIT, Pool, apportion, check_partition, check_sizes, natural, partition, smallest_workable,
+    split_stratified, stream,
 )
 from sim.core.data.table import _is_test, _labels, _path, check_named, read, split_rows
 from sim.core.types import ConfigError, Scenario
@@ -121,9 +122,10 @@ def cap(idx: np.ndarray, strata: np.ndarray, limit: int | None, rng: np.random.G
 
 def finish(shards: Sequence[np.ndarray], y: np.ndarray, is_test: np.ndarray | None, data: Mapping,
            scenario: Scenario, seed: int, limit: int | None, classes: Sequence[Any], hint: tuple[str, str],
-           ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Cap each institution's rows, split train/test; warn of those left with a single class (``hint`` = key, how to
-    give them more): they run, and the run's summary and report say their accuracy is over one class."""
+           stratify: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cap each institution's rows, split train/test (``stratify``: each label keeps its share of the test split);
+    warn of those left with a single class (``hint`` = key, how to give them more): they run, and the run's summary
+    and report say their accuracy is over one class."""
     strata = y * 2 + is_test if is_test is not None else y  # with a split column, keep its train/test mix too
     parts, single = [], []
     for spec, idx in zip(scenario.institutions, shards):
@@ -131,7 +133,10 @@ def finish(shards: Sequence[np.ndarray], y: np.ndarray, is_test: np.ndarray | No
         held = np.unique(y[idx])
         if len(held) == 1:
             single.append(f"'{spec.name}' only {classes[int(held[0])]!r}")
-        parts.append(split_rows(idx, is_test, data["test_fraction"], seed, spec.index))
+        if stratify and is_test is None:
+            parts.append(split_stratified(idx, y, data["test_fraction"], stream(seed, SPLIT, spec.index)))
+        else:
+            parts.append(split_rows(idx, is_test, data["test_fraction"], seed, spec.index))
     shown = ", ".join(single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
     if single and len(single) == len(parts):  # each institution its own class: alone, every one is trivially right
         raise ConfigError(hint[0], f"every institution would hold a single class ({shown}), so each is 100% right "
