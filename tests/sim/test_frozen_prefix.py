@@ -91,5 +91,5 @@ def test_a_batch_is_cut_to_its_longest_text():
                                            (0, "model.lora.layers")])
 def test_adapter_layers_beyond_the_model_are_refused_before_anything_runs(layers, words):
     with pytest.raises(ConfigError) as err:
-        load_spec(compose("config", ["data=docstrings", "model=minilm", f"model.lora.layers={layers}"]))
+        load_spec(compose("config", ["data=docstrings", "data.task=kind", "model=minilm", f"model.lora.layers={layers}"]))
     assert err.value.key == "model.lora.layers" and words in str(err.value) and "\n" not in str(err.value)
