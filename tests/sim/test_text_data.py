@@ -386,7 +386,7 @@ SUBPACKAGE_SCHEMES = [("fedavg", []), ("pooled", []), ("fedprox", ["aggregator=m
 @pytest.mark.parametrize("scheme, extra", SUBPACKAGE_SCHEMES)
 def test_subpackage_refuses_schemes_that_score_one_shared_head(corpus_dir, scheme, extra):
     # Prepare: eight disjoint label spaces; a scheme scored on one shared model (wrapped, or fine-tuning 0 steps)
-    cfg = compose("config", ["data=docstrings", "model=minilm", f"scheme={scheme}", *extra,
+    cfg = compose("config", ["data=docstrings", "data.task=subpackage", "model=minilm", f"scheme={scheme}", *extra,
                              f"data.cache_dir={corpus_dir[0]}"])
     how = " adapting nothing before scoring" if scheme == "finetune" else ""
     # Execute / Assert: one line naming the scheme and the ones that run
@@ -397,8 +397,9 @@ def test_subpackage_refuses_schemes_that_score_one_shared_head(corpus_dir, schem
         load_spec(cfg)
 
 
-@pytest.mark.parametrize("overrides", [["scheme=isolated"], ["scheme=fedper"], ["scheme=ditto"], ["scheme=finetune"],
-                                       ["scheme=fedavg", "data.task=kind"], ["scheme=pooled", "data.task=kind"]])
+@pytest.mark.parametrize("overrides", [["scheme=isolated", "data.task=subpackage"], ["scheme=fedper", "data.task=subpackage"],
+                                       ["scheme=ditto", "data.task=subpackage"], ["scheme=finetune", "data.task=subpackage"],
+                                       ["scheme=fedavg"], ["scheme=pooled"]])
 def test_subpackage_accepts_personal_schemes_and_kind_any(corpus_dir, overrides):
     # Execute: the whole pre-run check, reading the session's corpus
     spec = load_spec(compose("config", ["data=docstrings", "model=minilm", *overrides,
