@@ -39,6 +39,7 @@ def test_stored_lower_layers_give_the_whole_models_logits_and_gradients(top2):
     # Prepare: adapters in the top 2 of MiniLM's 6 layers; the batch mixes lengths and repeats a text
     x, y = ids(), torch.tensor([0, 1, 2, 3, 0])
     top2.eval()  # dropout off: the stored states are computed without it
+    before = len(top2.prefix.store)
     # Execute: logits and LoRA gradients with the stored states (twice: computed, then replayed), then without
     cached = [top2(x) for _ in range(2)]
     torch.nn.functional.cross_entropy(top2(x), y).backward()
@@ -53,7 +54,7 @@ def test_stored_lower_layers_give_the_whole_models_logits_and_gradients(top2):
         top2.prefix = prefix
         top2.zero_grad()
     # Assert: the boundary sits under the first adapted layer, each distinct text is stored once, numbers agree
-    assert prefix.boundary == 4 and len(prefix.store) == 4
+    assert prefix.boundary == 4 and len(prefix.store) - before == 4
     for logits in cached:
         assert torch.allclose(logits, whole, atol=1e-5)
     assert grads.keys() == whole_grads.keys() and any("lora" in n for n in grads)
@@ -70,7 +71,7 @@ def test_scoring_under_inference_mode_fills_a_store_that_training_can_use(tmp_pa
     model.train()
     torch.nn.functional.cross_entropy(model(x), torch.from_numpy(y)).backward()
     # Assert: the stored states served both, and the adapters got gradients
-    assert len(model.prefix.store) == 4
+    assert all(x[i, : int((x[i] != model.pad_id).sum())].numpy().tobytes() in model.prefix.store for i in range(5))
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
@@ -93,3 +94,18 @@ def test_adapter_layers_beyond_the_model_are_refused_before_anything_runs(layers
     with pytest.raises(ConfigError) as err:
         load_spec(compose("config", ["data=docstrings", "data.task=kind", "model=minilm", f"model.lora.layers={layers}"]))
     assert err.value.key == "model.lora.layers" and words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_models_built_anew_share_the_stored_states_only_when_their_frozen_layers_are_the_same():
+    # Execute: two MiniLMs as two runs build them (other heads), one with a deeper bottom, two random tiny BERTs
+    from sim.core.models.foundation import tiny_transformer
+
+    a, b = minilm((32,), 4, lora={"layers": 1}), minilm((32,), 9, lora={"layers": 1})
+    deeper = minilm((32,), 4, lora={"layers": 2})
+    torch.manual_seed(1)
+    tiny1 = tiny_transformer((32,), 4, adapter="frozen")
+    torch.manual_seed(2)
+    tiny2 = tiny_transformer((32,), 4, adapter="frozen")
+    # Assert: the same pretrained bottom shares one store; a different bottom never does
+    assert a.prefix.store is b.prefix.store
+    assert deeper.prefix.store is not a.prefix.store and tiny1.prefix.store is not tiny2.prefix.store

@@ -3,8 +3,9 @@
 With LoRA adapters in the top k layers only (``model.lora.layers=k``) or a frozen base
 (``adapter=frozen``), the embeddings and every layer below the first one that trains compute
 the same hidden states for the same text in every epoch, round and scoring. :class:`FrozenPrefix`
-computes them once per distinct text (keyed by its token ids, so institutions that share a
-host or a text share the work), keeps them on the model's device, and replays them into the
+computes them once per distinct text (keyed by its token ids) and per process (models whose
+frozen layers are the same to the bit share them, so the institutions a host carries and the
+later runs of a compare reuse them), keeps them on the model's device, and replays them into the
 model: its embeddings' output is replaced by the stored states and only the layers from the
 boundary up run. The model's own forward still builds the attention mask, pools and classifies,
 so the logits are those of the full model (a test checks 1e-5).
@@ -21,6 +22,7 @@ Architectures the prefix knows: an ``embeddings`` module followed by an ``encode
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Iterator
 
 import torch
@@ -51,12 +53,45 @@ def _find(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return None
 
 
+LIMIT_BYTES = 1 << 30
+"""Most bytes of stored states a process keeps (oldest dropped first): about 43,000 texts of 16 tokens on MiniLM."""
+_STORES: dict[str, dict[bytes, torch.Tensor]] = {}
+
+
+def _fingerprint(embeddings: nn.Module, layers: list[nn.Module]) -> str:
+    """A digest of the frozen bottom's weights: models built anew for every run share stored states only when their
+    frozen layers are the same to the bit (the same pretrained weights; a randomly initialised model never)."""
+    h = hashlib.blake2b(digest_size=16)
+    for module in (embeddings, *layers):
+        for name, value in module.state_dict().items():
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(str(len(layers)).encode())
+    return h.hexdigest()
+
+
+def _shared(fingerprint: str) -> dict[bytes, torch.Tensor]:
+    """The process's store for this frozen bottom: runs after the first (other seeds' schemes, other rounds) reuse it."""
+    return _STORES.setdefault(fingerprint, {})
+
+
+def _evict() -> None:
+    """Drop the oldest stored states until the process holds at most :data:`LIMIT_BYTES`."""
+    sizes = {f: sum(t.numel() * t.element_size() for t in store.values()) for f, store in _STORES.items()}
+    total = sum(sizes.values())
+    for store in _STORES.values():
+        while total > LIMIT_BYTES and store:
+            first = next(iter(store))
+            total -= store[first].numel() * store[first].element_size()
+            del store[first]
+
+
 class FrozenPrefix:
     """The stored outputs of a model's frozen bottom: ``hidden(ids)``, then ``with replay(hidden): model(ids)``."""
 
     def __init__(self, embeddings: nn.Module, encoder: nn.Module, boundary: int, pad_id: int) -> None:
         self.embeddings, self.encoder, self.boundary, self.pad_id = embeddings, encoder, boundary, int(pad_id)
-        self.store: dict[bytes, torch.Tensor] = {}
+        self.store = _shared(_fingerprint(embeddings, list(encoder.layer)[:boundary]))
 
     @classmethod
     def of(cls, model: nn.Module, pad_id: int) -> FrozenPrefix | None:
@@ -82,7 +117,8 @@ class FrozenPrefix:
         if rows:
             states = self._compute(model, ids[rows], mask[rows])
             for j, i in enumerate(rows):
-                self.store[keys[i]] = states[j, : lengths[i]]
+                self.store[keys[i]] = states[j, : lengths[i]].clone()  # its own memory, not a view of the batch
+            _evict()
         like = self.store[keys[0]]
         out = like.new_zeros((len(keys), ids.shape[1], like.shape[-1]))
         for i, k in enumerate(keys):
