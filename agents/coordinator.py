@@ -24,6 +24,35 @@ from sim.core.train import evaluate, local_train, lr_scale, scheduled
 from sim.core.types import GLOBAL, IDLE_ROWS, InstitutionSpec, RoundContext, State, TrainingSpec, Update, state_nbytes
 
 
+def backdoor_of(specs: Sequence[InstitutionSpec]) -> tuple | None:
+    """(trigger features, trigger value, target label) of the first data-poisoning institution's backdoor, or None."""
+    return next(((s.trigger_features, s.trigger_value, s.target_label) for s in specs
+                 if s.behaviour == "data_poisoning"), None)
+
+
+def score_global(model: Any, state: State, global_test: tuple[np.ndarray, np.ndarray],
+                 global_val: tuple[np.ndarray, np.ndarray] | None, backdoor: tuple | None, precision: str,
+                 ) -> dict[str, float]:
+    """The global model's scores: accuracy and loss on the global test set (and validation set), and the success of a
+    planted backdoor (BadNets' attack success rate on the global test rows not of the target class, triggered; NaN when
+    there are none). The coordinator runs it, or a host with a GPU (the same numbers, on its device)."""
+    set_state(model, state)
+    acc, loss = evaluate(model, *global_test, precision=precision)
+    out = {"accuracy": acc, "loss": loss}
+    if global_val is not None and len(global_val[1]):
+        out["val_accuracy"], out["val_loss"] = evaluate(model, *global_val, precision=precision)
+    if backdoor is not None:
+        features, value, target = backdoor
+        x, y = global_test
+        victims = np.asarray(y) != target
+        out["backdoor_success"] = float("nan")
+        if victims.any():
+            triggered = corruption.add_trigger(np.asarray(x)[victims], features, value)
+            out["backdoor_success"], _ = evaluate(
+                model, triggered, np.full(int(victims.sum()), target, dtype=np.asarray(y).dtype), precision=precision)
+    return out
+
+
 class Coordinator:
     """The consortium's server: global model, scheme, and who sent what."""
 
@@ -61,8 +90,7 @@ class Coordinator:
         if isinstance(self.scheme, Central):  # pooled data: the scheme trains here
             self.scheme.bind(self._train_central)
         # A backdoor planted by a data-poisoning institution (the first one's trigger): scored on the global test set.
-        self.backdoor = next(((s.trigger_features, s.trigger_value, s.target_label) for s in specs
-                              if s.behaviour == "data_poisoning"), None)
+        self.backdoor = backdoor_of(specs)
         self.deadline = deadline  # per-round slowdowns and engine.round_deadline_s (sim/core/stragglers.py)
         if isinstance(self.scheme, Books):  # compute sharing: it plans who trains whose data
             self.scheme.attach(tuple(specs), row_bytes=_row_bytes(global_test))
@@ -147,27 +175,8 @@ class Coordinator:
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and loss of the global model on the global test set (and the global validation set)."""
-        set_state(self.model, self.state)
-        acc, loss = evaluate(self.model, *self.global_test, precision=self.training.precision)
-        out = {"accuracy": acc, "loss": loss}
-        if self.global_val is not None and len(self.global_val[1]):
-            out["val_accuracy"], out["val_loss"] = evaluate(self.model, *self.global_val, precision=self.training.precision)
-        if self.backdoor is not None:
-            out["backdoor_success"] = self._backdoor_success()
-        return out
-
-    def _backdoor_success(self) -> float:
-        """Share of the global test rows not of the target class that the global model labels as the target once
-        triggered (BadNets' attack success rate, :func:`sim.core.data.corruption.backdoor_success`); NaN when none are."""
-        features, value, target = self.backdoor
-        x, y = self.global_test
-        victims = np.asarray(y) != target
-        if not victims.any():
-            return float("nan")
-        triggered = corruption.add_trigger(np.asarray(x)[victims], features, value)
-        success, _ = evaluate(self.model, triggered, np.full(int(victims.sum()), target, dtype=np.asarray(y).dtype),
-                              precision=self.training.precision)
-        return success
+        return score_global(self.model, self.state, self.global_test, self.global_val, self.backdoor,
+                            self.training.precision)
 
     def close(self) -> None:
         """End what outlives a round (a Ray Train job) so its resources are free for the next run."""

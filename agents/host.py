@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from agents.coordinator import score_global
 from agents.institution import Institution, client_of
 from sim.core import stragglers
 from sim.core.batched import batchable, evaluate_many, scorable, train_many
@@ -63,6 +64,10 @@ class Host:
     def device(self) -> str:
         """Where this host trains: 'cpu' or 'cuda:N'."""
         return str(next(self.model.parameters()).device)
+
+    def score_global(self, state: State, backdoor: tuple | None) -> dict[str, float]:
+        """The global model's scores as the coordinator gives them, computed on this host's device (its GPU)."""
+        return score_global(self.model, state, self.global_test, self.global_val, backdoor, self.training.precision)
 
     def train(self, ctx: RoundContext, global_state: State | None) -> tuple[list[Update], dict[str, dict[str, np.ndarray]]]:
         """Local step of each hosted institution in this round's cohort: their updates, and what they now carry.

@@ -18,7 +18,7 @@ import logging
 from typing import Any, Protocol
 
 from agents.runtime import ray_train
-from agents.coordinator import Coordinator
+from agents.coordinator import Coordinator, backdoor_of
 from agents.host import Host
 from agents.runtime.placement import Layout
 from agents.runtime.warm import ActorError, ActorPool, WarmHost
@@ -137,6 +137,9 @@ class RayBackend:
             # this run's new actors or its Ray Train workers need.
             self.pool.end_idle()
         self.members = [{by_index[i].name for i in h.indices} for h in layout.hosts]
+        # The global model is scored where there is a GPU: the coordinator reserves none, a GPU host scores it faster.
+        self.scorer = next((j for j, h in enumerate(layout.hosts) if h.gpus > 0), None)
+        self.backdoor = backdoor_of(specs)
         self.carried: dict[str, dict] = {}  # name -> persistent state as of the last round (changed ones only)
         loaded += [self._load(j) for j in range(len(self.hosts))]
         self.pids = self._get(loaded, "the actors did not start", START_TIMEOUT_S)[1:]
@@ -177,7 +180,10 @@ class RayBackend:
     def _score(self, plan: LocalPlan, only: frozenset[str] | None) -> tuple[Any, dict[int, Any]]:
         """Ask the coordinator and the hosts (those with someone in ``only``) to score the current global model."""
         state = self.coordinator.current_state.remote()
-        glob = self.coordinator.evaluate.remote()
+        if self.scorer is None:
+            glob = self.coordinator.evaluate.remote()
+        else:  # the current global model, scored on the GPU host's device
+            glob = self.hosts[self.scorer].score_global.remote(state, self.backdoor)
         return glob, {j: h.evaluate.remote(plan, state, only) for j, h in enumerate(self.hosts)
                       if only is None or self.members[j] & only}
 

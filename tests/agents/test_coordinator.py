@@ -47,3 +47,19 @@ def test_lost_members_are_booked_with_their_status(small_cfg):
     status = {r["institution"]: (r["status"], r["participated"], r["bytes_down"] > 0) for r in rows}
     assert status["rural_clinic"] == ("crashed", False, True) and status["credit_union"] == ("timeout", False, True)
     assert status["city_hospital"] == ("ok", True, True)
+
+
+def test_a_host_scores_the_global_model_exactly_as_the_coordinator_does(small_cfg):
+    # Prepare: one round trained and merged, with a data-poisoning institution so the backdoor is scored too
+    spec = load_spec(small_cfg("+scenario.institutions.0.behaviour=data_poisoning"))
+    fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=True)
+    backend = fresh(spec, fed)
+    ctx = backend.begin_round(1, 0.0)
+    updates, _ = backend.host.train(ctx, backend.state)
+    backend.coordinator.merge(ctx, {}, updates)
+    # Execute: the coordinator's scores, and a host's (what a GPU host computes in its place on Ray)
+    own = backend.coordinator.evaluate()
+    hosted = backend.host.score_global(backend.coordinator.current_state(), backend.coordinator.backdoor)
+    # Assert: the same numbers, backdoor included
+    assert backend.coordinator.backdoor is not None and "backdoor_success" in own
+    assert hosted == own
