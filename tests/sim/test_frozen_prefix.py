@@ -109,3 +109,15 @@ def test_models_built_anew_share_the_stored_states_only_when_their_frozen_layers
     # Assert: the same pretrained bottom shares one store; a different bottom never does
     assert a.prefix.store is b.prefix.store
     assert deeper.prefix.store is not a.prefix.store and tiny1.prefix.store is not tiny2.prefix.store
+
+
+def test_the_simulated_clock_counts_every_layer_whatever_the_process_stored_before():
+    # Prepare: two models of one frozen bottom; the first probe stores the probe's states for both
+    from sim.core.models import model_flops
+
+    a, b = minilm((16,), 4, lora={"layers": 1}), minilm((16,), 4, lora={"layers": 1})
+    # Execute
+    first, second = model_flops(a, (16,)), model_flops(b, (16,))
+    whole = model_flops(minilm((16,), 4), (16,))  # LoRA in every layer: nothing stored
+    # Assert: the same count, the whole model's forward (LoRA's own small products aside)
+    assert first == second and abs(first - whole) / whole < 0.01

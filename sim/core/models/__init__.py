@@ -127,7 +127,8 @@ def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     A Linear counts ``in_features`` per output value, so one applied to every token of a
     transformer counts once per token (attention's own products are left out). Models
     that take token ids say so with ``input_dtype = torch.int64``; they are probed with
-    ids free of padding (``pad_id + 1``) so no position is masked.
+    ids free of padding (``pad_id + 1``) so no position is masked. Every layer counts, also where a text model
+    stores its frozen layers' outputs (whether the probe's are stored already depends on what the process ran before).
     """
     total = 0
 
@@ -148,12 +149,17 @@ def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     if not (dtype.is_floating_point or dtype.is_complex):
         probe += int(getattr(model, "pad_id", -1)) + 1  # any id but the pad id
     was_training = model.training
+    prefix = getattr(model, "prefix", None)  # stored frozen-layer states (a text model): count every layer, always
     try:
         model.eval()  # no BatchNorm statistics updated, no dropout
+        if prefix is not None:
+            model.prefix = None
         with torch.no_grad():
             model(probe)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+        if prefix is not None:
+            model.prefix = prefix
     return int(total)
