@@ -131,7 +131,8 @@ class Host:
         if (chosen and global_state and self.vectorise and plan.evaluate != "personal"
                 and not client_of(plan).adapts and scorable(self.model, self.training.precision)):
             return self._evaluate_together(chosen, global_state)
-        return [(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test, self.global_val))
+        seen: dict[str, dict[str, float]] = {}  # identical personal models are scored on the global sets once
+        return [(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test, self.global_val, seen))
                 for i in chosen]
 
     def _evaluate_together(self, chosen: Sequence[Institution], global_state: State) -> list[tuple[str, dict[str, float]]]:

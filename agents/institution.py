@@ -25,6 +25,8 @@ gradient (data, nothing) is never bent.
 
 from __future__ import annotations
 
+import hashlib
+
 import time
 from typing import Mapping
 
@@ -44,6 +46,15 @@ from sim.core.types import InstitutionSpec, LocalPlan, RoundContext, Shard, Stat
 def client_of(plan: LocalPlan) -> Client:
     """The client half a plan asks for (FedAvg's when it names none)."""
     return plan.client if plan.client is not None else PLAIN
+
+
+def digest(state: State) -> str:
+    """A digest of a model state's names and bytes: equal digests, the same model."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(state[name]).tobytes())
+    return h.hexdigest()
 
 
 class Institution:
@@ -196,10 +207,14 @@ class Institution:
 
     def evaluate(self, model: torch.nn.Module, plan: LocalPlan, global_state: State | None,
                  global_test: tuple[np.ndarray, np.ndarray] | None,
-                 global_val: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
-        """Score the model this institution ends up with on its own test and validation splits (if personal, the global ones too)."""
+                 global_val: tuple[np.ndarray, np.ndarray] | None = None,
+                 seen: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+        """Score the model this institution ends up with on its own test and validation splits (if personal, the global
+        ones too). ``seen``: global scores already computed this round by digest of the model's state, so identical
+        models (every institution's starting model, say) are scored on the global sets once."""
         client, personal = client_of(plan), plan.evaluate == "personal"
-        set_state(model, client.scored(self, plan, global_state))
+        scored = client.scored(self, plan, global_state)
+        set_state(model, scored)
         client.adapt(self, model)  # fine-tuning schemes adapt the lent model first; what the institution carries stays
         acc, loss = evaluate(model, self.shard.x_test, self.shard.y_test, precision=self.training.precision)
         out = {"accuracy": acc, "loss": loss}
@@ -209,8 +224,15 @@ class Institution:
         if personal and global_test is not None and (plan.upload == "nothing" or not client.whole):
             # No complete merged model (nothing shared, or no shared head): the "global" row is
             # the mean of the institutions' own models.
-            out["global_accuracy"], out["global_loss"] = evaluate(model, *global_test, precision=self.training.precision)
+            key = None if client.adapts or seen is None else digest(scored)
+            if key is not None and key in seen:
+                return out | seen[key]
+            glob = {}
+            glob["global_accuracy"], glob["global_loss"] = evaluate(model, *global_test, precision=self.training.precision)
             if global_val is not None and len(global_val[1]):
-                out["global_val_accuracy"], out["global_val_loss"] = evaluate(model, *global_val,
-                                                                              precision=self.training.precision)
+                glob["global_val_accuracy"], glob["global_val_loss"] = evaluate(model, *global_val,
+                                                                                precision=self.training.precision)
+            if key is not None:
+                seen[key] = glob
+            out |= glob
         return out

@@ -63,3 +63,23 @@ def test_a_host_scores_the_global_model_exactly_as_the_coordinator_does(small_cf
     # Assert: the same numbers, backdoor included
     assert backend.coordinator.backdoor is not None and "backdoor_success" in own
     assert hosted == own
+
+
+def test_identical_personal_models_are_scored_on_the_global_sets_once_with_the_same_numbers(small_cfg, monkeypatch):
+    # Prepare: isolated training, round 0: every institution's own model is the same starting model
+    import agents.institution as institution
+
+    spec = load_spec(small_cfg("scheme=isolated"))
+    fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=True)
+    backend = fresh(spec, fed)
+    ctx = backend.begin_round(1, 0.0)
+    calls, real = [], institution.evaluate
+    monkeypatch.setattr(institution, "evaluate", lambda model, x, y, **kw: calls.append(len(y)) or real(model, x, y, **kw))
+    # Execute: scored with the memo (as hosts score), then each institution alone
+    together = backend.host.evaluate(ctx.plan, backend.state)
+    on_global = calls.count(len(fed.y_test))
+    alone = [(i.spec.name, i.evaluate(backend.host.model, ctx.plan, backend.state, backend.host.global_test,
+                                      backend.host.global_val)) for i in backend.host.institutions]
+    # Assert: the global test set scored once, not once per institution; every number the same
+    assert len(backend.host.institutions) > 1 and on_global == 1
+    assert together == alone
