@@ -305,7 +305,8 @@ DATA = {
              "split_column": Field("str", null=True)},
     "docstrings": {**_COMMON, **_PARTITION, **_TEXT,
                    "task": Field("str", choices=("subpackage", "discipline", "kind")),
-                   "min_class_rows": Field("int", 1), "cache_dir": Field("str")},
+                   "min_class_rows": Field("int", 1), "cache_dir": Field("str"),
+                   "size_exponent": Field("float", 0.0, 1.0, null=True)},
 }
 """Per dataset (the yaml files of conf/data/): every key sim.core.data's DEFAULTS know, typed."""
 

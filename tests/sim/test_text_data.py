@@ -147,11 +147,11 @@ def test_subpackage_task_tokenises_once_into_int64_shards_with_per_institution_l
     monkeypatch.setattr(foundation, "load_tokenizer", lambda model: counting)
     scenario = package_scenario()
     # Execute
-    fed = build_federation(docs(corpus_dir), scenario, seed=0, model=MINILM)
+    fed = build_federation(docs(corpus_dir, task="subpackage"), scenario, seed=0, model=MINILM)
     # Assert: one tokenizer call for every row any institution holds, int64 ids (max_length,)
     assert calls == [sum(s.num_train + len(s.y_val) + len(s.y_test) for s in fed.shards)]
     assert fed.input_shape == (32,)
-    _, classes = docstrings.labels(docstrings.corpus(corpus_dir[0]), docs(corpus_dir))
+    _, classes = docstrings.labels(docstrings.corpus(corpus_dir[0]), docs(corpus_dir, task="subpackage"))
     assert fed.num_classes == len(classes) > 8 * 2
     held = []
     for spec, shard in zip(scenario.institutions, fed.shards):
@@ -345,9 +345,9 @@ def test_a_text_institution_of_one_class_is_warned_about_and_too_few_rows_refuse
 
 @pytest.mark.parametrize("change, key, message", [
     ({"task": "authors"}, "data.task", "unknown task 'authors'"),
-    ({"partition": "iid"}, "data.partition", "partition must be natural"),
+    ({"task": "subpackage", "partition": "iid"}, "data.partition", "partition must be natural"),
     ({"task": "discipline"}, "data.partition", "gives each institution one class"),
-    ({"min_class_rows": 100_000}, "data.min_class_rows", "every institution would hold a single class"),
+    ({"task": "subpackage", "min_class_rows": 100_000}, "data.min_class_rows", "every institution would hold a single class"),
 ])
 def test_docstrings_bad_task_and_partition(corpus_dir, change, key, message):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*{re.escape(message)}"):
@@ -409,15 +409,19 @@ def test_subpackage_accepts_personal_schemes_and_kind_any(corpus_dir, overrides)
 
 
 def test_the_shipped_foundation_experiment_passes_the_compares_pre_run_check(corpus_dir):
-    from sim.compare import _check
+    from sim.compare import _check, scheme_configs
 
     # Prepare
     overrides = ["+experiment=foundation_docstrings", f"data.cache_dir={corpus_dir[0]}"]
-    cfg = compose("config", overrides)
-    # Execute: every scheme and variant of the compare through load_spec (a refused one raises)
+    cfg = compose("compare", overrides)
+    # Execute: every scheme of both parts through load_spec (a refused one raises)
     _check(cfg, overrides)
-    # Assert: it runs on task=subpackage, so only schemes scored on each institution's own model
-    assert cfg.data.task == "subpackage" and "fedavg" not in cfg.schemes and "pooled" not in cfg.schemes
+    runs = scheme_configs(cfg, overrides)
+    # Assert: the shared task with every kind of scheme, the multi-task part with personal ones only
+    tasks = {key: (sub.data.task, sub.scenario.name) for key, sub in runs.items()}
+    assert tasks["shared_task/fedavg"] == ("kind", "shared_task") and tasks["shared_task/pooled"][0] == "kind"
+    assert tasks["multi_task/fedper"] == ("subpackage", "multi_task") and "multi_task/fedavg" not in runs
+    assert cfg.seeds >= 5
 
 
 def test_data_docstrings_brings_its_own_scenario_unless_one_is_named():
@@ -428,3 +432,16 @@ def test_data_docstrings_brings_its_own_scenario_unless_one_is_named():
     assert picked.scenario.name == "docstrings" and named.scenario.name == "default"
     with pytest.raises(ConfigError, match=r"'city_hospital' of scenario=default is no package.*use scenario=docstrings"):
         load_spec(named)
+
+
+def test_a_size_exponent_keeps_the_order_of_the_packages_sizes_under_the_cap(corpus_dir):
+    # Prepare: sizes in proportion to the square root of each package's rows, the largest at 280
+    data = docs(corpus_dir, task="kind", max_rows_per_institution=280, size_exponent=0.5)
+    # Execute
+    fed = build_federation(data, package_scenario(), seed=0, model=MINILM)
+    # Assert: scikit-image (550 rows) keeps 78, sympy (7,091) 280, and the order of sizes is the corpus's
+    sizes = {s.name: s.num_train + len(s.y_val) + len(s.y_test) for s in fed.shards}
+    corpus = docstrings.corpus(corpus_dir[0])["package"].value_counts()
+    assert sizes["scikit-image"] == 78 and sizes["sympy"] == 280
+    assert sorted(sizes, key=sizes.get) == sorted(sizes, key=lambda p: corpus[p])
+    assert docstrings.sized([550, 7091], 280, None) == 280  # null: one cap for all, as before

@@ -46,13 +46,14 @@ log = logging.getLogger(__name__)
 
 DEFAULTS = {
     "name": "docstrings",
-    "task": "subpackage",
+    "task": "kind",
     "partition": "natural",
     "test_fraction": 0.2,
     "dirichlet_alpha": 0.5,
     "quantity_exponent": 1.5,
     "max_length": 32,
     "max_rows_per_institution": 400,
+    "size_exponent": None,
     "min_class_rows": 30,
     "cache_dir": "~/.cache/collabsim",
 }
@@ -256,6 +257,7 @@ def _pool(data: Mapping, scenario: Scenario, seed: int, smoke: bool) -> Pool:
     limit = text.row_limit(data, smoke)
     if own:
         shards = natural(df["package"].to_numpy(), scenario.names)
+        limit = sized([len(s) for s in shards], limit, data.get("size_exponent"))
         hint = ("data.min_class_rows", "lower data.min_class_rows so fewer subpackages merge into one class") \
             if data["task"] == "subpackage" else ("data.max_rows_per_institution", "raise it (or null for all rows)")
     else:
@@ -269,12 +271,23 @@ def _pool(data: Mapping, scenario: Scenario, seed: int, smoke: bool) -> Pool:
     return text.compact(df["text"].to_numpy(dtype=object), y, parts, len(classes))
 
 
+def sized(rows: Sequence[int], limit: int | None, exponent: float | None) -> int | list[int] | None:
+    """Each institution's cap: ``limit`` alone (exponent None: every institution above it keeps ``limit``, so sizes
+    even out), or ``limit * (rows / most rows) ** exponent``, which keeps the corpus's order of sizes (1: its
+    proportions; 0.5: compressed, so the smallest still has enough rows to learn from)."""
+    if exponent is None or limit is None or not rows:
+        return limit
+    top = max(rows)
+    return [min(n, max(1, round(limit * (n / top) ** float(exponent)))) for n in rows]
+
+
 def _check_every_class(shards: Sequence[np.ndarray], parts: Sequence[tuple[np.ndarray, np.ndarray]], y: np.ndarray,
-                       classes: Sequence[str], scenario: Scenario, limit: int | None) -> None:
+                       classes: Sequence[str], scenario: Scenario, limit: int | list[int] | None) -> None:
     """Each class an institution holds in the corpus keeps rows in its train and its test split, else ConfigError
     naming the institution and the class: a cap so small that a kind drops out of a split would score (or train)
     that institution on fewer kinds than its peers, and the shared label space would no longer be shared."""
-    for spec, idx, (train, test) in zip(scenario.institutions, shards, parts):
+    limits = limit if isinstance(limit, list) else [limit] * len(shards)
+    for spec, idx, (train, test), limit in zip(scenario.institutions, shards, parts, limits):
         for c in np.unique(y[idx]):
             kept = int(np.sum(y[train] == c)), int(np.sum(y[test] == c))
             if min(kept) > 0:

@@ -121,15 +121,16 @@ def cap(idx: np.ndarray, strata: np.ndarray, limit: int | None, rng: np.random.G
 
 
 def finish(shards: Sequence[np.ndarray], y: np.ndarray, is_test: np.ndarray | None, data: Mapping,
-           scenario: Scenario, seed: int, limit: int | None, classes: Sequence[Any], hint: tuple[str, str],
+           scenario: Scenario, seed: int, limit: int | Sequence[int] | None, classes: Sequence[Any], hint: tuple[str, str],
            stratify: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """Cap each institution's rows, split train/test (``stratify``: each label keeps its share of the test split);
     warn of those left with a single class (``hint`` = key, how to give them more): they run, and the run's summary
     and report say their accuracy is over one class."""
     strata = y * 2 + is_test if is_test is not None else y  # with a split column, keep its train/test mix too
     parts, single = [], []
-    for spec, idx in zip(scenario.institutions, shards):
-        idx = cap(np.asarray(idx, np.int64), strata, limit, stream(seed, ROWS, spec.index))
+    limits = limit if isinstance(limit, (list, tuple)) else [limit] * len(shards)  # one cap, or one each
+    for spec, idx, most in zip(scenario.institutions, shards, limits):
+        idx = cap(np.asarray(idx, np.int64), strata, most, stream(seed, ROWS, spec.index))
         held = np.unique(y[idx])
         if len(held) == 1:
             single.append(f"'{spec.name}' only {classes[int(held[0])]!r}")
