@@ -197,7 +197,7 @@ def _table(rows: int, seed: int) -> pd.DataFrame:
                          "site": np.where(np.arange(rows) % 2, "x", "y"), "label": np.arange(rows) % 3})
 
 
-DAMAGE = ["header_only", "nan", "inf", "one_class", "one_class_site", "text", "missing_label_column",
+DAMAGE = ["header_only", "nan", "inf", "one_class", "one_class_every_site", "text", "missing_label_column",
           "missing_feature_column", "text_listed"]
 
 
@@ -212,8 +212,8 @@ def test_random_damaged_tables_are_one_line(damage, rows, seed, where, fmt, tmp_
         df.loc[where, "a"] = np.nan if damage == "nan" else -np.inf
     elif damage == "one_class":
         df["label"] = "only"
-    elif damage == "one_class_site":
-        df.loc[df.site == "x", "label"] = 0
+    elif damage == "one_class_every_site":  # one site of one class runs (with a warning); every site so is refused
+        df["label"] = np.where(df.site == "x", 0, 1)
     elif damage in ("text", "text_listed"):
         df["b"] = df["b"].astype(str)  # numbers written as text (as a CSV reader may see them), one of them not a number
         df.loc[where, "b"] = "n/a?"
