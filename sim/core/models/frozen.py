@@ -91,7 +91,14 @@ class FrozenPrefix:
 
     def __init__(self, embeddings: nn.Module, encoder: nn.Module, boundary: int, pad_id: int) -> None:
         self.embeddings, self.encoder, self.boundary, self.pad_id = embeddings, encoder, boundary, int(pad_id)
-        self.store = _shared(_fingerprint(embeddings, list(encoder.layer)[:boundary]))
+        self.fingerprint = _fingerprint(embeddings, list(encoder.layer)[:boundary])
+
+    @property
+    def store(self) -> dict[bytes, torch.Tensor]:
+        """The process's stored states for this frozen bottom on the device the model is on now (a host may move its
+        model to a GPU after building it; a coordinator in the same process keeps its own on the CPU)."""
+        device = next(self.embeddings.parameters()).device
+        return _shared(f"{self.fingerprint}@{device}")
 
     @classmethod
     def of(cls, model: nn.Module, pad_id: int) -> FrozenPrefix | None:
@@ -113,16 +120,18 @@ class FrozenPrefix:
         first: dict[bytes, int] = {}
         for i, k in enumerate(keys):
             first.setdefault(k, i)
-        rows = [i for k, i in first.items() if k not in self.store]
+        store = self.store
+        rows = [i for k, i in first.items() if k not in store]
         if rows:
             states = self._compute(model, ids[rows], mask[rows])
             for j, i in enumerate(rows):
-                self.store[keys[i]] = states[j, : lengths[i]].clone()  # its own memory, not a view of the batch
-            _evict()
-        like = self.store[keys[0]]
+                store[keys[i]] = states[j, : lengths[i]].clone()  # its own memory, not a view of the batch
+        like = store[keys[0]]
         out = like.new_zeros((len(keys), ids.shape[1], like.shape[-1]))
         for i, k in enumerate(keys):
-            out[i, : lengths[i]] = self.store[k]
+            out[i, : lengths[i]] = store[k]
+        if rows:
+            _evict()  # after the batch is assembled: its own states are never dropped before use
         return out
 
     def _compute(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
