@@ -39,20 +39,25 @@ def invented_institutions(config: Mapping[str, Any]) -> str | None:
 
 
 def single_class(institutions: pd.DataFrame) -> str | None:
-    """The sentence for institutions whose training data hold one class only, else None.
+    """The sentence for institutions whose training data hold one class only (in every run, or in some), else None.
 
     Such an institution is legitimate (a specialised clinic; LEAF-style populations) but its
-    accuracy is over one class: alone it can reach 100% by always answering that class."""
+    accuracy is over one class: alone it can reach 100% by always answering that class. Which
+    institutions do depends on the seed where label mixes are drawn, so each is named with how
+    many of its runs."""
     if "classes" not in institutions or institutions.empty:
         return None
-    one = institutions.drop_duplicates("institution")
-    one = one[one["classes"].fillna(2) == 1]
-    if one.empty:
+    keys = ["institution", "seed"] if "seed" in institutions else ["institution"]
+    runs = institutions.dropna(subset=["classes"]).drop_duplicates(keys)  # the schemes of a seed share its data
+    per = runs.assign(one=runs["classes"] == 1).groupby("institution", sort=False)["one"].agg(["sum", "size"])
+    per = per[per["sum"] > 0]
+    if per.empty:
         return None
-    names = sorted(one["institution"].astype(str))
-    verb = "holds" if len(names) == 1 else "hold"
-    return (f"{_names(names)} {verb} a single class in {'its' if len(names) == 1 else 'their'} training data: "
-            f"{'its' if len(names) == 1 else 'their'} accuracy is over one class only, so training alone can score "
+    what = "seeds" if "seed" in institutions else "runs"
+    named = [name if k == n else f"{name} (in {k} of {n} {what})" for name, (k, n) in per.iterrows()]
+    one = len(named) == 1
+    return (f"{_names(named)} {'holds' if one else 'hold'} a single class in {'its' if one else 'their'} training "
+            f"data: {'its' if one else 'their'} accuracy there is over one class only, so training alone can score "
             "100% by always answering it")
 
 

@@ -156,8 +156,8 @@ def test_an_institution_of_one_class_runs_and_every_summary_says_so(sites, caplo
     classes = result.institutions.set_index("institution")["classes"]
     assert classes["mono"] == 1 and (classes.drop("mono") == 2).all()
     assert [c for c in result.caveats() if "single class" in c] == [
-        "mono holds a single class in its training data: its accuracy is over one class only, so training alone can "
-        "score 100% by always answering it"]
+        "mono holds a single class in its training data: its accuracy there is over one class only, so training alone "
+        "can score 100% by always answering it"]
     assert "mono holds a single class in its training data" in page
 
 
