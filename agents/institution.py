@@ -26,7 +26,6 @@ gradient (data, nothing) is never bent.
 from __future__ import annotations
 
 import hashlib
-
 import time
 from typing import Mapping
 

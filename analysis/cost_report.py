@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.findings import _names
 from analysis.page import OWN_TEST, fmt, image, table
+from sim.core.types import spoken
 
 NO_COST_MODEL = ("No money, energy or time to target: these runs carry no cost model (their config.yaml has no costs "
                  "group, or their ledger no sim_compute_seconds; they were made by an older collabsim). Rerun them to "
@@ -183,11 +183,11 @@ def cost_findings(money: pd.DataFrame, per_inst: pd.DataFrame, goal: pd.DataFram
     if there.empty:
         text = f"no scheme reaches the target of {target} mean accuracy at its selected round"
     else:
-        text = (f"{_names(list(every['scheme']))} {'reaches' if len(every) == 1 else 'reach'} the target of {target} "
+        text = (f"{spoken(list(every['scheme']))} {'reaches' if len(every) == 1 else 'reach'} the target of {target} "
                 "mean accuracy in every seed" if len(every) else
                 f"no scheme reaches the target of {target} mean accuracy in every seed")
         if len(some):  # counted by seed, beside the scheme's mean accuracy: a few seeds never read as the scheme
-            text += "; " + _names([f"{r.scheme} in {r.reached} of {r.runs} seeds (mean accuracy "
+            text += "; " + spoken([f"{r.scheme} in {r.reached} of {r.runs} seeds (mean accuracy "
                                    f"{fmt(r.mean_accuracy, 'pct')})" for r in some.itertuples()]) + " only"
         pool = every if len(every) else there
         cheap = pool.loc[pool["cost_to_target"].idxmin()]
@@ -201,7 +201,7 @@ def cost_findings(money: pd.DataFrame, per_inst: pd.DataFrame, goal: pd.DataFram
             text += (f", and {f['scheme']} the soonest, after {seconds_text(f['time_to_target'])} seconds for "
                      f"{money_text(f['cost_to_target'])} {currency}")
         if never:
-            text += f"; {_names(never)} never {'reaches' if len(never) == 1 else 'reach'} it in these runs"
+            text += f"; {spoken(never)} never {'reaches' if len(never) == 1 else 'reach'} it in these runs"
     out = [("Time and money to target", text + ".")]
     best = money.dropna(subset=["mean_accuracy"])
     if len(best):

@@ -11,18 +11,11 @@ import pandas as pd
 from analysis.certainty import significance, sureness, tally
 from analysis.metrics import BASELINE, MIN_SEEDS, POOLED, is_federated
 from analysis.page import TOO_FEW_SEEDS, fmt, interval_text
+from sim.core.types import spoken
 
 
 VARIES = "differs by seed"
 """The behaviour column of an institution whose behaviour the seed draws (a share of a generated population)."""
-
-
-def _names(items: list[str], limit: int = 4) -> str:
-    """'a', 'a and b', 'a, b and c', or the first few and how many more."""
-    items = list(items)
-    if len(items) > limit:
-        items = items[: limit - 1] + [f"{len(items) - limit + 1} more"]
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _config_name(config: dict, key: str) -> str | None:
@@ -56,7 +49,7 @@ def describe_scenario(institutions: pd.DataFrame, configs: list[dict], schemes: 
         return ["The runs record no institutions (institutions.parquet is missing)."]
     counts = inst["discipline"].value_counts(sort=False)
     out = [f"{len(inst)} institutions from {len(counts)} discipline{'s' if len(counts) != 1 else ''} take part: "
-           + _names([f"{d} ({n})" for d, n in counts.items()], limit=8) + "."]
+           + spoken([f"{d} ({n})" for d, n in counts.items()], limit=8) + "."]
     share = inst.set_index("institution")["share"].dropna()
     if len(share) > 1 and share.max() > 1.5 * share.min():
         top = share.sort_values(ascending=False)
@@ -67,20 +60,20 @@ def describe_scenario(institutions: pd.DataFrame, configs: list[dict], schemes: 
         out.append(f"Data is spread about evenly: each holds about {fmt(share.mean(), 'pct')} of it.")
     skewed = inst[inst["label_skew"].notna()]
     if len(skewed):
-        out.append(f"{len(skewed)} hold a lopsided mix of labels ({_names(list(skewed['institution']))}; Dirichlet α "
+        out.append(f"{len(skewed)} hold a lopsided mix of labels ({spoken(list(skewed['institution']))}; Dirichlet α "
                    f"{skewed['label_skew'].min():.2g} to {skewed['label_skew'].max():.2g}, smaller is more lopsided).")
     else:
         out.append("Every institution sees the same mix of labels.")
     shifted = inst[inst["feature_skew"].fillna(0) > 0]
     if len(shifted):
-        out.append(f"{len(shifted)} see shifted inputs ({_names(list(shifted['institution']))}).")
+        out.append(f"{len(shifted)} see shifted inputs ({spoken(list(shifted['institution']))}).")
     gpus = inst["gpus"].fillna(0)
     gpu_text = "none has a GPU" if (gpus == 0).all() else f"{int((gpus > 0).sum())} use GPUs"
     out.append(f"Compute ranges from {inst['cpus'].min():.2g} to {inst['cpus'].max():.2g} CPUs per institution; {gpu_text}.")
     odd = inst[inst["behaviour"].fillna("honest") != "honest"]
     fixed, drawn = odd[odd["behaviour"] != VARIES], odd[odd["behaviour"] == VARIES]
     if len(fixed):
-        out.append("Not every partner behaves: " + _names([f"{r.institution} is {r.behaviour}" for r in fixed.itertuples()]) + ".")
+        out.append("Not every partner behaves: " + spoken([f"{r.institution} is {r.behaviour}" for r in fixed.itertuples()]) + ".")
     if len(drawn):
         out.append(f"Which institutions misbehave is drawn anew for each seed (scenario.behaviours): {len(drawn)} of "
                    f"{len(inst)} do so in some seed, so their behaviour reads '{VARIES}'.")
@@ -89,8 +82,8 @@ def describe_scenario(institutions: pd.DataFrame, configs: list[dict], schemes: 
              f"model {_config_name(config, 'model')}" if _config_name(config, "model") else None,
              f"data {_config_name(config, 'data')}" if _config_name(config, "data") else None]
     setup = [s for s in setup if s]
-    seed_text = f"seed{'s' if len(seeds) != 1 else ''} {_names([str(s) for s in seeds], limit=6)}"
-    out.append(f"Schemes compared: {_names(schemes, limit=8)}; {seed_text}" + (f"; {', '.join(setup)}." if setup else "."))
+    seed_text = f"seed{'s' if len(seeds) != 1 else ''} {spoken([str(s) for s in seeds], limit=6)}"
+    out.append(f"Schemes compared: {spoken(schemes, limit=8)}; {seed_text}" + (f"; {', '.join(setup)}." if setup else "."))
     return out
 
 
@@ -219,7 +212,7 @@ def _losers(gains: pd.DataFrame) -> list[tuple[str, str]]:
             continue
         each = [f"{r['institution']} ({fmt(r['gain'], 'pts')} points, "
                 f"{_interval_said(r['gain_low'], r['gain_high'], r.get('gain_note'))})" for _, r in w.iterrows()]
-        parts.append(f"under {scheme}, {counted}: {_names(each)}")
+        parts.append(f"under {scheme}, {counted}: {spoken(each)}")
     return [("Who loses by joining", "; ".join(parts) + ".")]
 
 
@@ -328,7 +321,7 @@ def damage_findings(damage: pd.DataFrame) -> list[tuple[str, str]]:
                 f"{count_phrase(len(held), len(rated), 'scheme', 'keep', 'keeps')} at least {KEEP:.0%} of the honest "
                 f"institutions' accuracy")
         if len(held):
-            text += f" ({_names(list(held['scheme']))})"
+            text += f" ({spoken(list(held['scheme']))})"
         text += f"; {worst['scheme']} keeps the least, {fmt(worst['kept'], 'pct')} ({fmt(worst['damage'], 'pts')} points)"
         out.append(("Damage by misbehaving partners", text + "."))
     else:

@@ -22,6 +22,7 @@ from analysis.page import behaviour_guide, gain_matrix, image, interval_note, in
 from analysis.runs import Results, load_results
 from sim.core.caveats import caveats
 from sim.core.results import write_table, write_text
+from sim.core.types import spoken
 
 INSTITUTION_COLUMNS = ["institution", "discipline", "share", "train_samples", "test_samples", "label_skew",
                        "feature_skew", "cpus", "gpus", "behaviour"]
@@ -197,7 +198,7 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
     with_interval = bool((joined["seeds"] >= m.MIN_SEEDS).any())  # too few seeds everywhere: no column, one note
     shown = [c for c in SUMMARY_COLUMNS if c in summary and (c != "mean_gain_interval" or with_interval)]
     seeds = joined["seeds"] if with_interval else []
-    ref_note = (f"{words._names(sorted(refs))} (reference) {'has' if len(refs) == 1 else 'have'} every institution "
+    ref_note = (f"{spoken(sorted(refs))} (reference) {'has' if len(refs) == 1 else 'have'} every institution "
                 "honest: the yardstick the damage by misbehaving partners is measured against, not a scheme to choose, "
                 "so never ranked in the findings." if refs else "")
     out += section(f"summary{tag}", "Summary by scheme" + suffix,

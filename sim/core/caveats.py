@@ -12,14 +12,9 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+from sim.core.types import spoken
+
 __all__ = ["caveats", "invented_institutions", "single_class", "unmoved"]
-
-
-def _names(items: list[str], limit: int = 4) -> str:
-    """'a', 'a and b', 'a, b and c', or the first few and how many more."""
-    if len(items) > limit:
-        items = items[: limit - 1] + [f"{len(items) - limit + 1} more"]
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def invented_institutions(config: Mapping[str, Any]) -> str | None:
@@ -56,7 +51,7 @@ def single_class(institutions: pd.DataFrame) -> str | None:
     what = "seeds" if "seed" in institutions else "runs"
     named = [name if k == n else f"{name} (in {k} of {n} {what})" for name, (k, n) in per.iterrows()]
     one = len(named) == 1
-    return (f"{_names(named)} {'holds' if one else 'hold'} a single class in {'its' if one else 'their'} training "
+    return (f"{spoken(named)} {'holds' if one else 'hold'} a single class in {'its' if one else 'their'} training "
             f"data: {'its' if one else 'their'} accuracy there is over one class only, so training alone can score "
             "100% by always answering it")
 
@@ -72,7 +67,7 @@ def unmoved(metrics: pd.DataFrame) -> str | None:
     if not runs.any():
         return None
     schemes = metrics[metrics["run_id"].isin(runs[runs].index)]["scheme"].dropna().unique()
-    what = f"{int(runs.sum())} of {len(runs)} runs ({_names(sorted(map(str, schemes)))})" if len(runs) > 1 else "the run"
+    what = f"{int(runs.sum())} of {len(runs)} runs ({spoken(sorted(map(str, schemes)))})" if len(runs) > 1 else "the run"
     return (f"in {what} no model ever moved: every round scores exactly as the starting model, so nobody's update "
             "was merged (none arrived, or all were discarded); its accuracies are those of the untrained model")
 

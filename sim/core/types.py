@@ -60,6 +60,14 @@ def listing(items: Any, limit: int = 4) -> str:
     return head if len(items) <= limit else f"{head} and {len(items) - limit} more"
 
 
+def spoken(items: Any, limit: int = 4) -> str:
+    """Items as a sentence names them: 'a', 'a and b', 'a, b and c', or the first few and how many more."""
+    items = [str(i) for i in items]
+    if len(items) > limit:
+        items = items[: limit - 1] + [f"{len(items) - limit + 1} more"]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 class RunFailed(RuntimeError):
     """A run stopped before its last round (a lost coordinator, an unrecoverable host); ``resume`` continues it."""
 

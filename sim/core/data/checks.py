@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from sim.core.types import ConfigError, shown
+from sim.core.types import ConfigError, listing, shown
 
 log = logging.getLogger("collabsim")
 ROLES = ("label_column", "institution_column", "discipline_column", "split_column")
@@ -31,11 +31,6 @@ def _where(df: pd.DataFrame, data: Mapping, rows: np.ndarray) -> str:
     site = f"institution '{df[inst].iloc[i]}', " if inst is not None and inst in df.columns else ""
     count = int(np.count_nonzero(rows))
     return f" ({site}first at data row {i + 1}{f'; {count} rows in all' if count > 1 else ''})"
-
-
-def _shown(v: object) -> str:
-    """A cell's value as a user wrote it (numpy scalars as plain numbers)."""
-    return shown(v)
 
 
 def _mixed(values: pd.Series) -> bool:
@@ -60,7 +55,7 @@ def feature_columns(df: pd.DataFrame, data: Mapping, path: Path) -> list[str]:
         elif _mixed(df[c]):
             bad = pd.to_numeric(df[c], errors="coerce").isna() & df[c].notna()
             raise ConfigError("data.feature_columns", f"column '{c}' of {path.name} mixes numbers and text, e.g. "
-                              f"{_shown(df[c][bad].iloc[0])}{_where(df, data, bad.to_numpy())}; fix the value or list "
+                              f"{shown(df[c][bad].iloc[0])}{_where(df, data, bad.to_numpy())}; fix the value or list "
                               "the inputs in data.feature_columns")
     if not columns:
         raise ConfigError("data.feature_columns", f"{path.name} has no numeric columns besides "
@@ -74,7 +69,7 @@ def check_features(df: pd.DataFrame, data: Mapping, path: Path, columns: list[st
         values = df[col]
         if not pd.api.types.is_numeric_dtype(values):
             bad = pd.to_numeric(values, errors="coerce").isna() & values.notna()
-            example = f", e.g. {_shown(values[bad].iloc[0])}{_where(df, data, bad.to_numpy())}" if bad.any() else ""
+            example = f", e.g. {shown(values[bad].iloc[0])}{_where(df, data, bad.to_numpy())}" if bad.any() else ""
             raise ConfigError("data.feature_columns", f"column '{col}' of {path.name} is not numeric "
                               f"({values.dtype}{example}); encode it as numbers or leave it out of data.feature_columns")
         missing = values.isna().to_numpy()
@@ -87,7 +82,7 @@ def check_features(df: pd.DataFrame, data: Mapping, path: Path, columns: list[st
                               f"{_where(df, data, infinite)}; replace or drop them")
         if len(values) > 1 and values.nunique() == 1:
             log.warning("data: column '%s' of %s is constant (%s): it carries no information", col, path.name,
-                        _shown(values.iloc[0]))
+                        shown(values.iloc[0]))
 
 
 def check_labels(df: pd.DataFrame, data: Mapping, path: Path) -> None:
@@ -101,7 +96,7 @@ def check_labels(df: pd.DataFrame, data: Mapping, path: Path) -> None:
     text = labels.astype(str)
     if text.nunique() < 2:
         raise ConfigError("data.label_column", f"column '{column}' of {path.name} holds one class only "
-                          f"({_shown(labels.iloc[0])}); a classifier needs at least two: check data.label_column")
+                          f"({shown(labels.iloc[0])}); a classifier needs at least two: check data.label_column")
     inst = data.get("institution_column")
     if data.get("partition") == "natural" and inst is not None:
         per_site = text.groupby(df[inst].astype(str), sort=False).nunique()
@@ -111,10 +106,10 @@ def check_labels(df: pd.DataFrame, data: Mapping, path: Path) -> None:
                               f"{path.name}, so each is 100% right alone by always answering it; check "
                               "data.label_column and data.institution_column")
         if single:  # legitimate (a specialised clinic, LEAF-style populations): run, and say what it means
-            shown = ", ".join(f"'{s}'" for s in single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
             log.warning("warning: data.label_column: %d institution%s hold%s one class only in column '%s' of %s (%s): "
                         "%s accuracy is over one class, and the run's summary and report say so", len(single),
-                        "s" if len(single) != 1 else "", "s" if len(single) == 1 else "", column, path.name, shown,
+                        "s" if len(single) != 1 else "", "s" if len(single) == 1 else "", column, path.name,
+                        listing((f"'{s}'" for s in single), 5),
                         "its" if len(single) == 1 else "their")
 
 

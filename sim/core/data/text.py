@@ -28,7 +28,7 @@ from sim.core.data.partition import (
     split_stratified, stream,
 )
 from sim.core.data.table import _is_test, _labels, _path, check_named, read, split_rows
-from sim.core.types import ConfigError, Scenario
+from sim.core.types import ConfigError, Scenario, listing
 
 log = logging.getLogger("collabsim")
 
@@ -138,7 +138,7 @@ def finish(shards: Sequence[np.ndarray], y: np.ndarray, is_test: np.ndarray | No
             parts.append(split_stratified(idx, y, data["test_fraction"], stream(seed, SPLIT, spec.index)))
         else:
             parts.append(split_rows(idx, is_test, data["test_fraction"], seed, spec.index))
-    shown = ", ".join(single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
+    shown = listing(single, 5)
     if single and len(single) == len(parts):  # each institution its own class: alone, every one is trivially right
         raise ConfigError(hint[0], f"every institution would hold a single class ({shown}), so each is 100% right "
                           f"alone by always answering it; {hint[1]}")

@@ -56,6 +56,8 @@ def _find(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 LIMIT_BYTES = 1 << 30
 """Most bytes of stored states a process keeps (oldest dropped first): about 43,000 texts of 16 tokens on MiniLM."""
 _STORES: dict[str, dict[bytes, torch.Tensor]] = {}
+_HELD = [0]
+"""Bytes of stored states in this process (kept as it changes, so storing a batch never walks every store)."""
 
 
 def _fingerprint(embeddings: nn.Module, layers: list[nn.Module]) -> str:
@@ -75,15 +77,15 @@ def _shared(fingerprint: str) -> dict[bytes, torch.Tensor]:
     return _STORES.setdefault(fingerprint, {})
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _evict() -> None:
     """Drop the oldest stored states until the process holds at most :data:`LIMIT_BYTES`."""
-    sizes = {f: sum(t.numel() * t.element_size() for t in store.values()) for f, store in _STORES.items()}
-    total = sum(sizes.values())
     for store in _STORES.values():
-        while total > LIMIT_BYTES and store:
-            first = next(iter(store))
-            total -= store[first].numel() * store[first].element_size()
-            del store[first]
+        while _HELD[0] > LIMIT_BYTES and store:
+            _HELD[0] -= _nbytes(store.pop(next(iter(store))))
 
 
 class FrozenPrefix:
@@ -126,6 +128,7 @@ class FrozenPrefix:
             states = self._compute(model, ids[rows], mask[rows])
             for j, i in enumerate(rows):
                 store[keys[i]] = states[j, : lengths[i]].clone()  # its own memory, not a view of the batch
+                _HELD[0] += _nbytes(store[keys[i]])
         like = store[keys[0]]
         out = like.new_zeros((len(keys), ids.shape[1], like.shape[-1]))
         for i, k in enumerate(keys):
