@@ -445,3 +445,5 @@ def test_a_size_exponent_keeps_the_order_of_the_packages_sizes_under_the_cap(cor
     assert sizes["scikit-image"] == 78 and sizes["sympy"] == 280
     assert sorted(sizes, key=sizes.get) == sorted(sizes, key=lambda p: corpus[p])
     assert docstrings.sized([550, 7091], 280, None) == 280  # null: one cap for all, as before
+    smoke = build_federation(data, package_scenario(), seed=0, smoke=True, model=MINILM)
+    assert {s.num_train + len(s.y_val) + len(s.y_test) for s in smoke.shards} == {60}  # smoke: a ceiling, not scaled

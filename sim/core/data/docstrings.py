@@ -257,7 +257,9 @@ def _pool(data: Mapping, scenario: Scenario, seed: int, smoke: bool) -> Pool:
     limit = text.row_limit(data, smoke)
     if own:
         shards = natural(df["package"].to_numpy(), scenario.names)
-        limit = sized([len(s) for s in shards], limit, data.get("size_exponent"))
+        each = sized([len(s) for s in shards], data["max_rows_per_institution"], data.get("size_exponent"))
+        if isinstance(each, list):  # sized caps; the smoke cap is a ceiling on them, not what they scale
+            limit = [min(n, text.SMOKE_ROWS) for n in each] if smoke else each
         hint = ("data.min_class_rows", "lower data.min_class_rows so fewer subpackages merge into one class") \
             if data["task"] == "subpackage" else ("data.max_rows_per_institution", "raise it (or null for all rows)")
     else:
