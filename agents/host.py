@@ -18,10 +18,10 @@ import torch
 from agents.coordinator import score_global
 from agents.institution import Institution, client_of
 from sim.core import stragglers
-from sim.core.batched import batchable, evaluate_many, scorable, train_many
+from sim.core.batched import ScoringRows, batchable, scorable, train_many
 from sim.core.train import deterministic_cuda, scheduled
 from sim.core.models import build_model, check_state_keys, set_state
-from sim.core.types import InstitutionSpec, LocalPlan, RoundContext, Shard, State, TrainingSpec, Update
+from sim.core.types import InstitutionSpec, LocalPlan, RoundContext, Scores, Shard, State, TrainingSpec, Update
 
 
 class Host:
@@ -56,6 +56,7 @@ class Host:
         self.global_test, self.global_val = global_test, global_val
         self.training = training
         self.vectorise = vectorise  # plain local steps and scoring of many small institutions run as one batched computation
+        self._rows: ScoringRows | None = None  # every hosted test and validation row as one tensor, once scored together
 
     def ready(self) -> int:
         """The host's process id, once it is up (what the chaos tests signal)."""
@@ -124,25 +125,43 @@ class Host:
             i.restore(saved.get(i.spec.name, {}))
         return os.getpid()
 
-    def evaluate(self, plan: LocalPlan, global_state: State | None,
-                 only: frozenset[str] | None = None) -> list[tuple[str, dict[str, float]]]:
+    def evaluate(self, plan: LocalPlan, global_state: State | None, only: frozenset[str] | None = None) -> Scores:
         """Each hosted institution's (or only those named in ``only``) test scores for the model it ends the round with."""
-        chosen = self.institutions if only is None else [i for i, n in zip(self.institutions, self.names) if n in only]
+        if only is None:
+            picked = None
+            chosen = self.institutions
+        else:
+            picked = np.array([k for k, n in enumerate(self.names) if n in only], dtype=np.int64)
+            chosen = [self.institutions[k] for k in picked]
         if (chosen and global_state and self.vectorise and plan.evaluate != "personal"
                 and not client_of(plan).adapts and scorable(self.model, self.training.precision)):
-            return self._evaluate_together(chosen, global_state)
+            return self._evaluate_together(picked, global_state)
         seen: dict[str, dict[str, float]] = {}  # identical personal models are scored on the global sets once
-        return [(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test, self.global_val, seen))
-                for i in chosen]
+        return Scores.of([(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test, self.global_val,
+                                                   seen)) for i in chosen])
 
-    def _evaluate_together(self, chosen: Sequence[Institution], global_state: State) -> list[tuple[str, dict[str, float]]]:
-        """Everybody scores the merged model on its own test (and validation) split: one batched pass (sim.core.batched)."""
+    def _evaluate_together(self, picked: np.ndarray | None, global_state: State) -> Scores:
+        """Everybody scores the merged model on its own test (and validation) split: one pass over all their rows,
+        kept as one tensor from the first round on (sim.core.batched.ScoringRows)."""
         set_state(self.model, global_state)
-        sets = [(i.shard.x_test, i.shard.y_test) for i in chosen]
-        vals = [k for k, i in enumerate(chosen) if i.shard.y_val is not None and len(i.shard.y_val)]
-        sets += [(chosen[k].shard.x_val, chosen[k].shard.y_val) for k in vals]
-        scored = evaluate_many(self.model, sets)
-        out = [{"accuracy": acc, "loss": loss} for acc, loss in scored[: len(chosen)]]
-        for k, (acc, loss) in zip(vals, scored[len(chosen):]):
-            out[k] |= {"val_accuracy": acc, "val_loss": loss}
-        return [(i.spec.name, row) for i, row in zip(chosen, out)]
+        n = len(self.institutions)
+        if self._rows is None:
+            first = next(self.model.parameters())
+            sets = [(i.shard.x_test, i.shard.y_test) for i in self.institutions]
+            sets += [(i.shard.x_val, i.shard.y_val) if i.shard.y_val is not None else (i.shard.x_test[:0], i.shard.y_test[:0])
+                     for i in self.institutions]
+            self._rows = ScoringRows(sets, first.device, first.dtype)
+        acc, loss, right, total = self._rows.score(self.model, None if picked is None else np.concatenate([picked, picked + n]))
+        k = len(acc) // 2
+        names = tuple(self.names) if picked is None else tuple(self.names[j] for j in picked)
+        sizes = (self._rows.sizes if picked is None else self._rows.sizes[np.concatenate([picked, picked + n])]).astype(float)
+        has_val = sizes[k:] > 0
+        columns = {"accuracy": acc[:k], "loss": loss[:k], "val_accuracy": acc[k:], "val_loss": loss[k:]}
+        has = {} if has_val.all() else {"val_accuracy": has_val, "val_loss": has_val}
+        if not has_val.any():
+            del columns["val_accuracy"], columns["val_loss"]
+            has = {}
+        # The sums behind the means: the union of everybody's sets (the global test set) is scored from them exactly.
+        columns |= {f"{part}_{what}": values[sl] for part, sl in (("test", slice(None, k)), ("val", slice(k, None)))
+                    for what, values in (("right", right), ("rows", sizes), ("loss_sum", total))}
+        return Scores(names, columns, has)

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,7 @@ from sim.core.data import build_federation
 from sim.core.models import build_model, model_flops
 from sim.core.results import frame, select_rounds, write_table, write_text
 from sim.core.stragglers import round_seconds
-from sim.core.types import GLOBAL, IDLE_ROWS, Federation, InstitutionSpec, RunFailed, Shard, Snapshot
+from sim.core.types import GLOBAL, IDLE_ROWS, Federation, InstitutionSpec, RunFailed, Scores, Shard, Snapshot
 
 log = logging.getLogger("collabsim")
 SCORES = ("accuracy", "loss", "val_accuracy", "val_loss", "backdoor_success")
@@ -84,7 +84,7 @@ def run(
     mark = _status_writer(out, spec)
     mark("running", progress.rounds_done)
     keys = {"run_id": spec.run_id, "scheme": spec.scheme_name, "scenario": spec.scenario.name, "seed": spec.seed}
-    discipline = {s.name: s.discipline for s in specs} | {GLOBAL: GLOBAL}
+    record = _Recorder(keys, specs, progress)
     progress.names = pd.array([s.name for s in specs], dtype="string")  # who a round did not pick comes by position
     runner, wall0, summary = None, time.perf_counter(), {}
     beat = Heartbeat(f"[{spec.scheme_name}]").start()  # a step over 10 s says so (loading the model, scoring, ...)
@@ -99,7 +99,7 @@ def run(
             ctx = runner.begin_round(r, progress.sim_time)
             if r == 1:
                 beat.phase("scoring the starting model (round 0)")
-                progress.add("metrics", _scores(keys, 0, runner.evaluate(ctx.plan), discipline))
+                record.scores(0, runner.evaluate(ctx.plan), check=False)
             beat.phase(f"training and merging round {r}/{spec.rounds}")
             # 5. Local steps fan out; the coordinator merges what arrived, in scenario order.
             # Scored every engine.eval_every rounds and in the last; eval_scope=cohort scores only who trained this
@@ -113,24 +113,14 @@ def run(
             idle, idle_epsilon = next((row.pop(IDLE_ROWS) for row in rows if IDLE_ROWS in row), ((), None))
             progress.sim_time = end if end is not None else (
                 progress.sim_time + round_seconds(rows, spec.engine.round_deadline_s))
-            losses = []
-            for row in rows:
-                loss = row.pop("train_loss", math.nan)
-                if row["participated"] and not math.isnan(loss):
-                    losses.append(keys | {"round": r, "institution": row["institution"],
-                                          "discipline": discipline[row["institution"]], "metric": "train_loss",
-                                          "value": loss})
-            progress.add("metrics", losses)
+            losses = record.losses(r, rows)
             progress.add("ledger", [keys | {"round": r, "epsilon": math.nan, "staleness": math.nan} | row
                                     | {"sim_time": progress.sim_time} for row in rows])
             progress.add_idle(keys, r, progress.sim_time, np.asarray(idle, dtype=np.int64),
                               math.nan if idle_epsilon is None else idle_epsilon)
             # 7. Score the models everybody ends the round with (every engine.eval_every rounds, and the last).
             if score:
-                scores = _scores(keys, r, runner.evaluate(ctx.plan, only), discipline)
-                _check_finite(r, losses + scores)
-                progress.add("metrics", scores)
-                summary = _progress(scores) | {"round": r}
+                summary = record.scores(r, runner.evaluate(ctx.plan, only), losses) | {"round": r}
             progress.rounds_done = r
             # 8. Every checkpoint_every rounds, save all that persists (before the progress line, so a
             #    line on screen means its round is safe).
@@ -264,37 +254,72 @@ class Diverged(RunFailed):
     """A metric turned NaN or infinite: the run stops, since more rounds cannot mend it."""
 
 
-def _check_finite(r: int, rows: list[dict]) -> None:
-    """Stop the run (status failed) at the first NaN or infinite score or training loss, naming round and institution."""
-    bad = next((row for row in rows if not math.isfinite(row["value"]) and row["metric"] != "backdoor_success"), None)
-    if bad is not None:
-        raise Diverged(f"round {r}: the {bad['metric']} of institution '{bad['institution']}' is {bad['value']}; "
-                       "the model diverged: lower training.lr or check the data for extreme values")
+METRIC_NAMES = (*SCORES, "train_loss")
+"""Every metric a run records, in the order a round's rows list them (an institution's scores, then training loss)."""
 
 
-def _scores(keys: dict, r: int, evaluated, discipline: dict[str, str]) -> list[dict]:
-    """Metric rows for one round's evaluation."""
-    glob, per_institution = evaluated
-    rows = []
-    if any("global_accuracy" in m for _, m in per_institution):
-        # No merged model (e.g. isolated): the global row averages the institutions' own models.
-        glob = {metric: float(np.mean([m[f"global_{metric}"] for _, m in per_institution]))
-                for metric in SCORES if all(f"global_{metric}" in m for _, m in per_institution)}
-    for name, m in [(GLOBAL, glob), *per_institution]:
-        for metric in SCORES:
-            if metric in m:
-                rows.append(keys | {"round": r, "institution": name, "discipline": discipline[name],
-                                    "metric": metric, "value": float(m[metric])})
-    return rows
+class _Recorder:
+    """Keeps a round's scores and training losses as metric rows in arrays (Progress.add_scores), and reads the
+    progress line's numbers and the divergence check off the same arrays."""
 
+    def __init__(self, keys: dict, specs: Sequence[InstitutionSpec], progress: Progress):
+        self.keys, self.progress = keys, progress
+        self.position = {s.name: k + 1 for k, s in enumerate(specs)}  # 0 is the global row
+        progress.labels = pd.array([GLOBAL, *(s.name for s in specs)], dtype="string")
+        progress.disciplines = pd.array([GLOBAL, *(s.discipline for s in specs)], dtype="string")
+        progress.metric_names = METRIC_NAMES
 
-def _progress(scores: list[dict]) -> dict[str, float]:
-    """The numbers a progress line and a Tune report show."""
-    acc = {row["institution"]: row["value"] for row in scores if row["metric"] == "accuracy"}
-    loss = {row["institution"]: row["value"] for row in scores if row["metric"] == "loss"}
-    inst = [v for k, v in acc.items() if k != GLOBAL]
-    return {"global_accuracy": acc[GLOBAL], "global_loss": loss[GLOBAL],
-            "mean_accuracy": float(np.mean(inst)), "worst_accuracy": float(np.min(inst))}
+    def scores(self, r: int, evaluated: tuple[Mapping[str, float], Scores], losses: tuple | None = None,
+               check: bool = True) -> dict[str, float]:
+        """Record one round's evaluation (the global row first, then each institution in scenario order, each metric
+        in ``SCORES`` order); with ``check``, stop on a score (or a training loss in ``losses``) that is not finite;
+        return the numbers a progress line shows."""
+        glob, each = evaluated
+        if "global_accuracy" in each.columns and each.present("global_accuracy").all():
+            # No merged model (e.g. isolated): the global row averages the institutions' own models.
+            glob = {metric: float(np.mean(each.columns[f"global_{metric}"])) for metric in SCORES
+                    if f"global_{metric}" in each.columns and each.present(f"global_{metric}").all()}
+        codes = [k for k, m in enumerate(SCORES) if m in glob or m in each.columns]
+        n = len(each.names)
+        values = np.empty((n + 1, len(codes)))
+        present = np.empty((n + 1, len(codes)), dtype=bool)
+        for c, k in enumerate(codes):
+            metric = SCORES[k]
+            values[0, c], present[0, c] = glob.get(metric, np.nan), metric in glob
+            values[1:, c] = each.columns.get(metric, np.nan)
+            present[1:, c] = each.present(metric)
+        who, col = np.nonzero(present)  # row-major: institution by institution, metrics in order
+        positions = np.array([0, *map(self.position.__getitem__, each.names)], dtype=np.int64)
+        which, value = np.array(codes, dtype=np.int8)[col], values[who, col]
+        if check:
+            if losses is not None:
+                self.check(r, *losses)
+            self.check(r, positions[who], which, value)
+        self.progress.add_scores(self.keys, r, positions[who], which, value)
+        acc = values[:, codes.index(SCORES.index("accuracy"))]
+        return {"global_accuracy": float(acc[0]), "global_loss": float(values[0, codes.index(SCORES.index("loss"))]),
+                "mean_accuracy": float(np.mean(acc[1:])), "worst_accuracy": float(np.min(acc[1:]))}
+
+    def losses(self, r: int, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Record the ``train_loss`` of the participants that report one (taken out of their ledger rows); returns
+        them as (who, which, values) for the divergence check."""
+        named = [(row["institution"], loss) for row in rows
+                 if not math.isnan(loss := row.pop("train_loss", math.nan)) and row["participated"]]
+        who = np.array([self.position[n] for n, _ in named], dtype=np.int64)
+        which = np.full(len(named), METRIC_NAMES.index("train_loss"), dtype=np.int8)
+        values = np.array([v for _, v in named], dtype=np.float64)
+        self.progress.add_scores(self.keys, r, who, which, values)
+        return who, which, values
+
+    def check(self, r: int, who: np.ndarray, which: np.ndarray, values: np.ndarray) -> None:
+        """Stop the run (status failed) at the first NaN or infinite score or training loss, naming round and
+        institution (``who`` indexes the run's labels, ``which`` METRIC_NAMES)."""
+        bad = ~np.isfinite(values) & (which != METRIC_NAMES.index("backdoor_success"))
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise Diverged(f"round {r}: the {METRIC_NAMES[int(which[k])]} of institution "
+                           f"'{self.progress.labels[int(who[k])]}' is {values[k]}; "
+                           "the model diverged: lower training.lr or check the data for extreme values")
 
 
 def _institution_row(keys: dict, s: InstitutionSpec, shard: Shard) -> dict:

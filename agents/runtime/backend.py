@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+import numpy as np
+
 from agents.runtime import ray_train
 from agents.coordinator import Coordinator, backdoor_of
 from agents.host import Host
@@ -25,7 +27,8 @@ from agents.runtime.warm import ActorError, ActorPool, WarmHost
 from sim.core import faults
 from sim.core.config import RunSpec
 from sim.core.stragglers import Deadline
-from sim.core.types import ConfigError, Federation, InstitutionSpec, LocalPlan, RoundContext, RunFailed, Snapshot
+from sim.core.types import (ConfigError, Federation, InstitutionSpec, LocalPlan, RoundContext, RunFailed, Scores,
+                            Snapshot)
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0  # a new actor imports torch and builds its model: slow on a busy machine, so not the round deadline
@@ -42,9 +45,8 @@ class Backend(Protocol):
         """Local steps of the cohort, then the merge; returns ledger rows. ``score``: the engine will call
         ``evaluate(ctx.plan, only)`` next, so a backend may start scoring as soon as the merge is done."""
 
-    def evaluate(self, plan: LocalPlan, only: frozenset[str] | None = None
-                 ) -> tuple[dict[str, float], list[tuple[str, dict[str, float]]]]:
-        """Global-test scores and each institution's (or only those in ``only``) test scores."""
+    def evaluate(self, plan: LocalPlan, only: frozenset[str] | None = None) -> tuple[dict[str, float], Scores]:
+        """Global-test scores and each institution's (or only those in ``only``) test scores, in scenario order."""
 
     def save(self) -> Snapshot:
         """Everything that persists between rounds, for a checkpoint."""
@@ -54,6 +56,13 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release actors."""
+
+
+def pools_global(specs: tuple[InstitutionSpec, ...], fed: Federation) -> bool:
+    """Whether the global test set's scores may be pooled from the institutions' own (:meth:`Scores.union`): every
+    institution of the scenario takes part (the global sets are the union of all their splits) and no backdoor is
+    scored (that needs triggered rows the hosts do not hold)."""
+    return len(specs) == len(fed.shards) and backdoor_of(specs) is None
 
 
 def _kwargs(spec: RunSpec, fed: Federation, flops: int) -> tuple[dict, dict]:
@@ -79,6 +88,7 @@ class InProcessBackend:
         self.coordinator = Coordinator(specs, **coord)
         self.host = Host(specs, [fed.shards[s.index] for s in specs], initial=self.coordinator.current_state(), **common)
         self.state = None
+        self.whole = pools_global(specs, fed)
 
     def begin_round(self, round: int, sim_time: float) -> RoundContext:
         ctx, self.state = self.coordinator.begin_round(round, sim_time)
@@ -91,7 +101,9 @@ class InProcessBackend:
 
     def evaluate(self, plan: LocalPlan, only: frozenset[str] | None = None):
         state = self.coordinator.current_state()  # the current global state
-        return self.coordinator.evaluate(), self.host.evaluate(plan, state, only)
+        each = self.host.evaluate(plan, state, only)
+        glob = each.union() if self.whole and only is None else None
+        return (self.coordinator.evaluate() if glob is None else glob), each
 
     def save(self) -> Snapshot:
         return Snapshot(*self.coordinator.snapshot(), self.host.persistent())
@@ -140,6 +152,7 @@ class RayBackend:
         # The global model is scored where there is a GPU: the coordinator reserves none, a GPU host scores it faster.
         self.scorer = next((j for j, h in enumerate(layout.hosts) if h.gpus > 0), None)
         self.backdoor = backdoor_of(specs)
+        self.whole, self.pooled = pools_global(specs, fed), False
         self.carried: dict[str, dict] = {}  # name -> persistent state as of the last round (changed ones only)
         loaded += [self._load(j) for j in range(len(self.hosts))]
         self.pids = self._get(loaded, "the actors did not start", START_TIMEOUT_S)[1:]
@@ -180,7 +193,9 @@ class RayBackend:
     def _score(self, plan: LocalPlan, only: frozenset[str] | None) -> tuple[Any, dict[int, Any]]:
         """Ask the coordinator and the hosts (those with someone in ``only``) to score the current global model."""
         state = self.coordinator.current_state.remote()
-        if self.scorer is None:
+        if self.pooled and only is None:
+            glob = None  # pooled from the hosts' scores (evaluate), as the last scoring was
+        elif self.scorer is None:
             glob = self.coordinator.evaluate.remote()
         else:  # the current global model, scored on the GPU host's device
             glob = self.hosts[self.scorer].score_global.remote(state, self.backdoor)
@@ -197,8 +212,17 @@ class RayBackend:
             self._restart(j, [refs[j]])
             state = self.coordinator.current_state.remote()
             scores[j] = self._get(self.hosts[j].evaluate.remote(plan, state, only), "scoring on a restarted host failed")
-        rows = sorted((row for rows in scores.values() for row in rows), key=lambda row: self.order[row[0]])
-        return self._get(glob, "the coordinator could not score"), rows  # scenario order: means do not depend on hosts
+        every = Scores.concat([scores[j] for j in sorted(scores)])
+        rows = every.take(np.argsort([self.order[n] for n in every.names], kind="stable"))  # scenario order
+        pooled = rows.union() if self.whole and only is None else None
+        if only is None:
+            self.pooled = pooled is not None  # the next scoring of everybody asks the coordinator only if this one had to
+        if pooled is not None:
+            return pooled, rows
+        if glob is None:
+            glob = self.coordinator.evaluate.remote() if self.scorer is None else \
+                self.hosts[self.scorer].score_global.remote(self.coordinator.current_state.remote(), self.backdoor)
+        return self._get(glob, "the coordinator could not score"), rows
 
     def save(self) -> Snapshot:
         state, scheme = self._get(self.coordinator.snapshot.remote(), "the coordinator could not be checkpointed")

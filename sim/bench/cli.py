@@ -79,7 +79,8 @@ def _f(x: Any, width: int = 8, digits: int = 1) -> str:
 
 def table(results: dict[str, Any]) -> str:
     """The compact text table: seconds, MiB, ratios (collabsim / plain), accuracies."""
-    head = (f"{'workload':<11}|{'plain: total':>13}{'loop':>8}{'s/round':>9}{'RSS MiB':>9} |"
+    width = max([11, *(len(n) for n, r in results.items() if r["kind"] == "fedavg")])
+    head = (f"{'workload':<{width}}|{'plain: total':>13}{'loop':>8}{'s/round':>9}{'RSS MiB':>9} |"
             f"{'collabsim: total':>17}{'start-up':>9}{'loop':>8}{'s/round':>9}{'RSS MiB':>9} |"
             f"{'x total':>8}{'x loop':>8} |{'acc plain':>10}{'collab':>7}")
     lines = [head, "-" * len(head)] if any(r["kind"] == "fedavg" for r in results.values()) else []
@@ -87,7 +88,7 @@ def table(results: dict[str, Any]) -> str:
         if r["kind"] != "fedavg":
             continue
         p, c, x = r["plain"], r["collabsim"], r["ratios"]
-        lines.append(f"{name:<11}|{_f(p['total_s'], 13)}{_f(p['loop_s'])}{_f(p['round_s'], 9, 3)}"
+        lines.append(f"{name:<{width}}|{_f(p['total_s'], 13)}{_f(p['loop_s'])}{_f(p['round_s'], 9, 3)}"
                      f"{_f(p['peak_rss_mib'], 9, 0)} |{_f(c['total_s'], 17)}{_f(c['startup_s'], 9)}{_f(c['loop_s'])}"
                      f"{_f(c['round_s'], 9, 3)}{_f(c['peak_rss_mib'], 9, 0)} |{_f(x['total'], 8, 2)}"
                      f"{_f(x['loop'], 8, 2)} |{_f(p['accuracy'], 10, 3)}{_f(c['accuracy'], 7, 3)}")
@@ -118,6 +119,40 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _get(results: dict[str, Any], name: str, *path: str) -> float:
+    """results[name][path...], NaN when that workload did not run (or failed)."""
+    node: Any = results.get(name, {})
+    for key in path:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    return float(node) if isinstance(node, (int, float)) else math.nan
+
+
+TARGETS: list[tuple[str, Callable[[dict[str, Any]], float], float, str]] = [
+    # (what, its value from the results, the most it may be, unit)
+    ("S (unequal shards) round loop on Ray / plain", lambda r: _get(r, "S", "ratios", "loop"), 0.35, "x"),
+    ("S round loop in-process / plain", lambda r: _get(r, "S-inprocess", "ratios", "loop"), 0.25, "x"),
+    ("s/round at 10,000 / at 1,000 (default settings: everybody scored)",
+     lambda r: _get(r, "scale-10000-all", "collabsim", "round_s") / _get(r, "scale-1000-all", "collabsim", "round_s"),
+     1.2, "x"),
+    ("10,000 (default settings): peak RSS of the process tree",
+     lambda r: _get(r, "scale-10000-all", "collabsim", "peak_rss_mib") / 1024, 4.0, "GiB"),
+    ("10,000 (default settings): driver RSS growth per 10 rounds",
+     lambda r: _get(r, "scale-10000-all", "collabsim", "driver_growth_mib_per_10_rounds"), 10.0, "MiB"),
+    ("P with a local cluster already up: total / plain", lambda r: _get(r, "P-cluster", "ratios", "total"), 1.5, "x"),
+]
+"""The performance issues' targets the benchmark checks (2 idle cores; ratios against the plain loop of the same run)."""
+
+
+def targets(results: dict[str, Any]) -> str:
+    """One line per target whose workloads ran: the measured value, the limit, and whether it is met."""
+    lines = []
+    for what, value, limit, unit in TARGETS:
+        v = value(results)
+        if not math.isnan(v):
+            lines.append(f"target: {what}: {v:.2f} {unit} (at most {limit:g}) - {'met' if v <= limit else 'NOT met'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table (and write JSON); returns what the JSON holds."""
     args = parse(argv)
@@ -134,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "bench_seconds": time.perf_counter() - t0},
               "results": results}
     print(table(results), flush=True)
+    if goals := targets(results):
+        print(goals, flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1, default=float)

@@ -77,6 +77,17 @@ class CommandRun:
     rounds: int = 0
     round_lines: int = 0  # progress lines seen, over every run the command made
     tail: list[str] = field(default_factory=list)
+    driver_mib_at: dict[int, float] = field(default_factory=dict)  # round -> the command's own RSS when its line came
+
+    def driver_growth(self) -> dict[str, float]:
+        """The command process's own RSS (MiB) at the first third of its rounds and at its second-last round, and the
+        growth between them per 10 rounds: whether the driver's memory grows with rounds."""
+        rounds = sorted(r for r in self.driver_mib_at if r < max(self.driver_mib_at, default=0))
+        if len(rounds) < 3:
+            return {"driver_mib": math.nan, "driver_growth_mib_per_10_rounds": math.nan}
+        a, b = rounds[len(rounds) // 3], rounds[-1]
+        growth = (self.driver_mib_at[b] - self.driver_mib_at[a]) / (b - a) * 10
+        return {"driver_mib": self.driver_mib_at[b], "driver_growth_mib_per_10_rounds": growth}
 
     def timeline(self) -> dict[str, float]:
         """Start-up, round-loop and per-round seconds read from the progress lines (see :func:`timeline`)."""
@@ -105,6 +116,16 @@ def timeline(round_at: dict[int, float], total_s: float) -> dict[str, float]:
             "teardown_s": total_s - round_at[last]}
 
 
+def _rss_mib(pid: int) -> float:
+    """One process's resident set (MiB), NaN without psutil or once it is gone."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except Exception:  # noqa: BLE001 - no psutil, or the process ended
+        return math.nan
+
+
 def run_command(argv: list[str], *, label: str = "", timeout_s: float = 3600.0) -> CommandRun:
     """Run ``argv`` (a python -m command) with output piped, stamping each progress line as it arrives."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
@@ -121,9 +142,10 @@ def run_command(argv: list[str], *, label: str = "", timeout_s: float = 3600.0) 
                 if m := ROUND_LINE.search(line):
                     r, out.rounds = int(m.group(1)), int(m.group(2))
                     if r == 1:  # a command running several simulations: keep the last one's timeline
-                        out.round_at = {}
+                        out.round_at, out.driver_mib_at = {}, {}
                     out.round_at[r] = now
                     out.round_lines += 1
+                    out.driver_mib_at[r] = _rss_mib(proc.pid)
                     if label and (r in (1, out.rounds) or r % 10 == 0):
                         print(f"  {label}: round {r}/{out.rounds} at {now:.1f}s", file=sys.stderr, flush=True)
             out.returncode = proc.wait()

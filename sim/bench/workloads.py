@@ -26,12 +26,15 @@ SYNTHETIC_11 = ["data=synthetic", "data.alpha=1", "data.beta=1", "model=logreg",
 SAMPLES_PER_INSTITUTION = 20  # synthetic pool size per institution: the smallest power-law share still gets >= 4 train, 2 test
 
 
-def population(n: int, cohort: int, rounds: int) -> list[str]:
-    """Overrides for a generated Synthetic(1,1) population of ``n`` with a cohort of ``cohort`` per round."""
-    # A large population scores its cohort each round and everybody in the last (engine.eval_scope=cohort),
-    # as the plain loop, which scores the global model only, would otherwise do far less work per round.
+def population(n: int, cohort: int, rounds: int, scope: str = "cohort") -> list[str]:
+    """Overrides for a generated Synthetic(1,1) population of ``n`` with a cohort of ``cohort`` per round.
+
+    Synthetic(1,1) shards follow a power law (a few institutions hold hundreds of rows, most a handful) and many
+    small ones hold a single class, as real federated populations do. ``scope="cohort"`` scores the round's cohort
+    each round and everybody in the last (closest to the plain loop, which scores the global model only);
+    ``scope="all"`` is the default setting, everybody every round."""
     return [*SYNTHETIC_11, f"scenario.num_institutions={n}", f"data.num_samples={SAMPLES_PER_INSTITUTION * n}",
-            f"scheme.cohort_fraction={cohort / n:g}", f"rounds={rounds}", "engine.eval_scope=cohort"]
+            f"scheme.cohort_fraction={cohort / n:g}", f"rounds={rounds}", f"engine.eval_scope={scope}"]
 
 
 PLAIN_PROTOCOL = ["training.schedule=constant", "data.val_fraction=0", "results.select=last"]
@@ -50,12 +53,15 @@ def _fedavg_workloads(quick: bool, scale_rounds: int | None) -> dict[str, list[s
         one_epoch = ["training.local_epochs=1"]
         return {"P": ["data=digits", "model=mlp", "scheme=fedavg", "scenario.num_institutions=20", "rounds=3", *one_epoch],
                 "S": [*population(50, 5, 3), *one_epoch],
-                **{f"scale-{n}": [*population(n, 10, scale_rounds or 3), *one_epoch] for n in (100, 300)}}
+                **{f"scale-{n}": [*population(n, 10, scale_rounds or 3), *one_epoch] for n in (100, 300)},
+                **{f"scale-{n}-all": [*population(n, 10, 4, "all"), *one_epoch] for n in (100, 300)}}
     p = ["data=digits", "model=mlp", "scheme=fedavg", "scheme.cohort_fraction=1.0", "scenario.num_institutions=20",
          "rounds=30"]
     s = population(1000, 50, 50)
     return {"P": p, "P-inprocess": [*p, "engine.backend=inprocess"], "S": s, "S-inprocess": [*s, "engine.backend=inprocess"],
-            **{f"scale-{n}": population(n, 100, scale_rounds or 5) for n in (1000, 10000)}}
+            **{f"scale-{n}": population(n, 100, scale_rounds or 5) for n in (1000, 10000)},
+            # The default settings (everybody scored every round), 30 rounds: what a round costs as the population grows.
+            **{f"scale-{n}-all": population(n, 100, 30, "all") for n in (1000, 10000)}}
 
 
 def say(message: str) -> None:
@@ -92,7 +98,7 @@ def collab_fedavg(overrides: list[str], label: str) -> dict[str, float]:
                        f"python -m sim {' '.join(overrides)}")
         metrics, ledger = pd.read_parquet(Path(tmp) / "metrics.parquet"), pd.read_parquet(Path(tmp) / "ledger.parquet")
     acc = metrics[(metrics["institution"] == "global") & (metrics["metric"] == "accuracy")]
-    return {"total_s": run.total_s, **run.timeline(), "peak_rss_mib": run.peak_rss_mib,
+    return {"total_s": run.total_s, **run.timeline(), "peak_rss_mib": run.peak_rss_mib, **run.driver_growth(),
             "accuracy": float(acc.loc[acc["round"].idxmax(), "value"]), "rounds": run.rounds,
             "local_compute_s": float(ledger["compute_seconds"].sum())}
 

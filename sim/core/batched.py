@@ -25,8 +25,8 @@ valid samples only), and an institution whose steps are done takes no update and
 momentum. Results match ``local_train`` to float32 rounding, not bit for bit: batched and
 unbatched matmuls sum in different orders. They are bit for bit the same whichever other
 institutions share the computation (matrix products of fixed shape per institution), so a
-host's mix never changes a result. :func:`evaluate_many` scores many test sets with the
-same batched forward pass.
+host's mix never changes a result. :class:`ScoringRows` scores many test sets in a few
+forward passes over all their rows.
 """
 
 from __future__ import annotations
@@ -381,8 +381,7 @@ def _train_chunk(
     return results  # type: ignore[return-value]
 
 
-EVAL_BLOCK = 64  # rows per block when many institutions' test sets are scored at once (fixed: see evaluate_many)
-EVAL_BLOCKS = 512  # blocks per forward pass: bounds the memory of one pass
+EVAL_ROWS = 8192  # rows per forward pass when many institutions' sets are scored at once: bounds one pass's memory
 
 
 def scorable(model: nn.Module, precision: str) -> bool:
@@ -392,53 +391,60 @@ def scorable(model: nn.Module, precision: str) -> bool:
             and not list(model.buffers()) and precision == "fp32")
 
 
-def evaluate_many(model: nn.Module, sets: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[float, float]]:
-    """(accuracy, mean cross-entropy) of ``model`` on each of ``sets``, as ``sim.core.train.evaluate`` gives them, at once.
+class ScoringRows:
+    """Many institutions' scoring sets (test, validation) as one tensor, built once and scored in few passes.
 
-    Every set is cut into blocks of ``EVAL_BLOCK`` rows (its last block padded and masked)
-    and all blocks go through one batched forward pass (``_stacked_forward`` with the
-    model's weights repeated per block), so a host scores hundreds of small test sets with
-    a few calls instead of one per institution. A block is a matrix product of fixed shape,
-    so a set's numbers do not depend on which other sets were scored with it; the loss is
-    summed per set in float64 (``sim.core.train.evaluate`` sums float32 chunks: equal to float
-    rounding). Call only when :func:`scorable` is True; an empty set scores NaN.
+    A host scores the same sets every round: their rows are concatenated once (a subset is a gather of
+    row ranges), and scoring everyone is a forward pass over all rows in chunks of :data:`EVAL_ROWS`,
+    whatever the number of institutions, followed by sums per set (``numpy.bincount``, in row order,
+    in float64). A linear stack computes each row on its own (a matrix product's row does not depend
+    on the other rows: checked against the one-set-at-a-time pass in ``tests/sim/test_batched.py``),
+    so a set's numbers do not depend on which other sets are scored with it.
     """
+
+    def __init__(self, sets: Sequence[tuple[np.ndarray, np.ndarray]], device: torch.device, dtype: torch.dtype):
+        self.sizes = np.array([len(y) for _, y in sets], dtype=np.int64)
+        self.offsets = np.cumsum(self.sizes) - self.sizes
+        busy = [s for s in sets if len(s[1])]
+        self.x = torch.cat([_as_tensor(x, device, dtype) for x, _ in busy]) if busy else None
+        self.y = torch.cat([_as_tensor(y, device, None) for _, y in busy]) if busy else None
+        self.owner = np.repeat(np.arange(len(sets), dtype=np.int64), self.sizes)
+
+    def score(self, model: nn.Module, picked: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(accuracy, mean cross-entropy, right answers, summed cross-entropy) arrays of ``model`` on each set (only
+        those at positions ``picked``, in that order); NaN accuracy and loss for an empty set. The sums (float64) let a
+        caller pool sets exactly: the union's accuracy is the summed right answers over the summed sizes."""
+        sizes = self.sizes if picked is None else self.sizes[picked]
+        k = len(sizes)
+        acc, loss = np.full(k, np.nan), np.full(k, np.nan)
+        if self.x is None or not sizes.sum():
+            return acc, loss, np.zeros(k), np.zeros(k)
+        if picked is None:
+            x, y, owner = self.x, self.y, self.owner
+        else:  # the picked sets' row ranges, in the picked order
+            starts = np.repeat(self.offsets[picked] - (np.cumsum(sizes) - sizes), sizes)
+            rows = torch.from_numpy(starts + np.arange(int(sizes.sum()), dtype=np.int64)).to(self.x.device)
+            x, y, owner = self.x[rows], self.y[rows], np.repeat(np.arange(k, dtype=np.int64), sizes)
+        ce, hit = [], []
+        with torch.inference_mode():
+            for lo in range(0, len(y), EVAL_ROWS):
+                logits = model(x[lo : lo + EVAL_ROWS])
+                yb = y[lo : lo + EVAL_ROWS]
+                ce.append(F.cross_entropy(logits, yb, reduction="none"))
+                hit.append(logits.argmax(dim=1) == yb)
+        ce_np = torch.cat(ce).double().cpu().numpy()
+        right = np.bincount(owner, weights=torch.cat(hit).cpu().numpy(), minlength=k)
+        total = np.bincount(owner, weights=ce_np, minlength=k)
+        busy = sizes > 0
+        acc[busy], loss[busy] = right[busy] / sizes[busy], total[busy] / sizes[busy]
+        return acc, loss, right, total
+
+
+def evaluate_many(model: nn.Module, sets: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[float, float]]:
+    """(accuracy, mean cross-entropy) of ``model`` on each of ``sets``, as ``sim.core.train.evaluate`` gives them, at once
+    (:class:`ScoringRows`; a host keeps one and scores it every round). Call only when :func:`scorable` is True; an
+    empty set scores NaN."""
     first = next(model.parameters())
-    device, dtype = first.device, first.dtype
-    sizes = [len(y) for _, y in sets]
-    out: list[tuple[float, float]] = [(math.nan, math.nan)] * len(sets)
-    busy = [k for k, n in enumerate(sizes) if n]
-    if not busy:
-        return out
-    x_all = torch.cat([_as_tensor(sets[k][0], device, dtype) for k in busy])
-    if type(model[0]) is nn.Flatten:
-        x_all = x_all.flatten(1)
-    y_all = torch.cat([_as_tensor(sets[k][1], device, None) for k in busy])
-    n = np.array([sizes[k] for k in busy], dtype=np.int64)
-    offsets = np.cumsum(n) - n
-    blocks = -(-n // EVAL_BLOCK)
-    owner = np.repeat(np.arange(len(busy)), blocks)  # each block's set
-    # Row r of a set's block b is row b * EVAL_BLOCK + r of the set; past its end it repeats the set's first row, masked.
-    at = (np.arange(len(owner)) - np.repeat(np.cumsum(blocks) - blocks, blocks))[:, None] * EVAL_BLOCK + np.arange(EVAL_BLOCK)
-    valid = at < n[owner][:, None]
-    index_t = torch.from_numpy(offsets[owner][:, None] + np.where(valid, at, 0)).to(device)
-    valid_t = torch.from_numpy(valid).to(device)
-    owner_t = torch.from_numpy(owner).to(device)
-    weights = {k: p.detach() for k, p in model.named_parameters()}
-    loss_sum = torch.zeros(len(busy), dtype=torch.float64, device=device)
-    correct = torch.zeros(len(busy), dtype=torch.int64, device=device)
-    with torch.no_grad():
-        for lo in range(0, len(index_t), EVAL_BLOCKS):
-            idx, ok, who = index_t[lo : lo + EVAL_BLOCKS], valid_t[lo : lo + EVAL_BLOCKS], owner_t[lo : lo + EVAL_BLOCKS]
-            nb = len(idx)
-            stacked = {k: w.expand(nb, *w.shape) for k, w in weights.items()}
-            logits = _stacked_forward(model, stacked, x_all[idx])  # (nb, EVAL_BLOCK, classes)
-            yb = y_all[idx]
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none").view(yb.shape)
-            rows = who.unsqueeze(1).expand_as(yb)[ok]
-            loss_sum.index_add_(0, rows, ce[ok].double())
-            correct.index_add_(0, rows, (logits.argmax(-1) == yb)[ok].long())
-    right, total = correct.cpu().tolist(), loss_sum.cpu().tolist()
-    for j, k in enumerate(busy):
-        out[k] = (right[j] / sizes[k], total[j] / sizes[k])
-    return out
+    acc, loss, _, _ = ScoringRows(sets, first.device, first.dtype).score(model)
+    return [(float(a), float(b)) for a, b in zip(acc, loss)]

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from sim.core.results import frame, idle_blocks, write_atomic, write_text
+from sim.core.results import metric_blocks, frame, idle_blocks, write_atomic, write_text
 from sim.core.types import ConfigError, Snapshot, listing
 
 FORMAT = 3  # bump when the layout changes; older checkpoints are then refused, not misread
@@ -45,6 +45,7 @@ DIR = "checkpoints"
 
 
 PENDING_ROWS = 20_000  # rows held as dicts before they are framed into a table: bounds the driver's memory
+PENDING_BLOCK_ROWS = 2_000_000  # metric rows held as arrays (17 bytes each) before they become a table
 
 
 @dataclass
@@ -70,12 +71,32 @@ class Progress:
     pending: dict[str, list[dict]] = field(default_factory=lambda: {"metrics": [], "ledger": []})
     names: pd.api.extensions.ExtensionArray | None = None  # every institution's name in scenario order (set by the engine)
     idle: list[tuple[dict, int, float, np.ndarray, float]] = field(default_factory=list)  # (keys, round, sim_time, packed mask, epsilon)
+    # Metric rows kept as arrays (add_scores): (keys, round, who, which, values) with who indexing labels (the global
+    # row, then every institution in scenario order) and disciplines, which indexing metric_names (set by the engine).
+    blocks: list[tuple[dict, int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    block_rows: int = 0
+    labels: pd.api.extensions.ExtensionArray | None = None
+    disciplines: pd.api.extensions.ExtensionArray | None = None
+    metric_names: tuple[str, ...] = ()
 
     def add(self, kind: str, rows: list[dict]) -> None:
         """Append one batch of ``kind`` rows ("metrics" or "ledger")."""
+        if kind == "metrics" and self.blocks and rows:
+            self.flush("metrics")  # rows kept as arrays came first
         self.pending[kind].extend(rows)
         if len(self.pending[kind]) >= PENDING_ROWS:
             self.flush(kind)
+
+    def add_scores(self, keys: dict, round: int, who: np.ndarray, which: np.ndarray, values: np.ndarray) -> None:
+        """Append metric rows kept as arrays (:func:`sim.core.results.metric_blocks`): ``who`` indexes :attr:`labels`,
+        ``which`` :attr:`metric_names`; they become rows, after any dict rows before them, when a table is asked for."""
+        if len(who):
+            if self.pending["metrics"]:
+                self.flush("metrics")
+            self.blocks.append((keys, round, who, which, values))
+            self.block_rows += len(who)
+            if self.block_rows >= PENDING_BLOCK_ROWS:
+                self.flush("metrics")
 
     def add_idle(self, keys: dict, round: int, sim_time: float, positions: np.ndarray, epsilon: float) -> None:
         """Note the ledger rows of a round's institutions that were not picked: ``positions`` in :attr:`names`,
@@ -91,6 +112,9 @@ class Progress:
             if self.pending[k]:
                 getattr(self, k).append(frame(k, self.pending[k]))
             self.pending[k] = []
+            if k == "metrics" and self.blocks:
+                self.metrics.append(metric_blocks(self.blocks, self.labels, self.disciplines, self.metric_names))
+                self.blocks, self.block_rows = [], 0
 
     def table(self, kind: str) -> pd.DataFrame:
         """All rows of ``kind`` so far, in the schema's columns and dtypes, in round order (within a round: rows as

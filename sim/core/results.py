@@ -150,6 +150,31 @@ def idle_blocks(blocks: Sequence[tuple[Mapping, int, float, np.ndarray, float]],
     return pd.DataFrame(columns, columns=list(LEDGER_COLUMNS))  # every column already has the schema's dtype
 
 
+def metric_blocks(blocks: Sequence[tuple[Mapping, int, np.ndarray, np.ndarray, np.ndarray]],
+                  labels: pd.api.extensions.ExtensionArray, disciplines: pd.api.extensions.ExtensionArray,
+                  metrics: Sequence[str]) -> pd.DataFrame:
+    """Metric rows kept as arrays, built as one table: ``(keys, round, who, which, values)`` each, ``who`` indexing
+    ``labels``/``disciplines`` (pandas string arrays: the global row and the institutions), ``which`` indexing
+    ``metrics``. A round of 10,000 institutions' scores is three small arrays, where dict rows cost more than the
+    scoring; the table is built once, when asked for (a checkpoint, the end of the run)."""
+    keys = blocks[0][0]
+    if any(block[0] != keys for block in blocks[1:]):  # rows of several runs: one table per run's blocks
+        return pd.concat([metric_blocks([b], labels, disciplines, metrics) for b in blocks], ignore_index=True)
+    counts = [len(block[2]) for block in blocks]
+    n = sum(counts)
+    who = np.concatenate([block[2] for block in blocks]).astype(np.int64, copy=False)
+    which = np.concatenate([block[3] for block in blocks]).astype(np.int64, copy=False)
+    every = np.zeros(n, dtype=np.int64)
+    columns = {k: pd.array([v], dtype=METRICS_COLUMNS[k]).take(every) if METRICS_COLUMNS[k] == "string"
+               else np.full(n, v, dtype=METRICS_COLUMNS[k]) for k, v in keys.items()}
+    columns |= {"round": np.repeat(np.array([block[1] for block in blocks], dtype=np.int64), counts),
+                "institution": labels.take(who), "discipline": disciplines.take(who),
+                "metric": pd.array(list(metrics), dtype="string").take(which),
+                "value": np.concatenate([block[4] for block in blocks]).astype(np.float64, copy=False),
+                "selected": np.zeros(n, dtype=bool)}
+    return pd.DataFrame(columns, columns=list(METRICS_COLUMNS))
+
+
 def select_rounds(metrics: pd.DataFrame, rule: str) -> pd.Series:
     """The ``selected`` column for one run's metrics: True on the rows of the round ``rule`` picks per institution.
 

@@ -248,3 +248,78 @@ class Snapshot:
     global_state: State  # the coordinator's global model
     scheme: Mapping[str, np.ndarray]  # the scheme's own state (e.g. the data pool under ``pooled``)
     institutions: Mapping[str, Mapping[str, np.ndarray]]  # name -> persistent state, only those that changed
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Many institutions' scores of one round as columns: what a host returns and the engine records.
+
+    At 10,000 institutions a dict per institution costs more than the scoring itself, so scores travel as one float
+    array per metric, aligned with ``names``; an institution that has no value of a metric (no validation split, say)
+    is False in ``has[metric]`` (a metric every institution has needs no entry there). A score that is NaN because the
+    model diverged is present and NaN, so the engine still stops on it.
+    """
+
+    names: tuple[str, ...]
+    columns: Mapping[str, np.ndarray]  # metric -> float64 values, one per name
+    has: Mapping[str, np.ndarray] = field(default_factory=dict)  # metric -> bool mask; absent = everybody has it
+
+    @classmethod
+    def of(cls, rows: "list[tuple[str, Mapping[str, float]]]") -> "Scores":
+        """From ``(name, {metric: value})`` pairs (an institution scored on its own)."""
+        names = tuple(n for n, _ in rows)
+        metrics = list(dict.fromkeys(k for _, m in rows for k in m))
+        columns, has = {}, {}
+        for k in metrics:
+            present = np.array([k in m for _, m in rows], dtype=bool)
+            columns[k] = np.array([m.get(k, np.nan) for _, m in rows], dtype=np.float64)
+            if not present.all():
+                has[k] = present
+        return cls(names, columns, has)
+
+    def present(self, metric: str) -> np.ndarray:
+        """Bool mask of the institutions that have ``metric``."""
+        if metric not in self.columns:
+            return np.zeros(len(self.names), dtype=bool)
+        mask = self.has.get(metric)
+        return np.ones(len(self.names), dtype=bool) if mask is None else mask
+
+    def take(self, order: np.ndarray) -> "Scores":
+        """These scores with institutions in ``order`` (positions into ``names``)."""
+        return Scores(tuple(self.names[i] for i in order), {k: v[order] for k, v in self.columns.items()},
+                      {k: v[order] for k, v in self.has.items()})
+
+    @staticmethod
+    def concat(parts: "list[Scores]") -> "Scores":
+        """One table of several hosts' scores, in the parts' order."""
+        if len(parts) == 1:
+            return parts[0]
+        metrics = list(dict.fromkeys(k for p in parts for k in p.columns))
+        n = [len(p.names) for p in parts]
+        columns = {k: np.concatenate([p.columns[k] if k in p.columns else np.full(m, np.nan)
+                                      for p, m in zip(parts, n)]) for k in metrics}
+        has = {k: mask for k in metrics if not (mask := np.concatenate([p.present(k) for p in parts])).all()}
+        return Scores(tuple(x for p in parts for x in p.names), columns, has)
+
+    def union(self) -> dict[str, float] | None:
+        """The scores of the union of these institutions' test (and validation) sets, pooled from the sums scoring left
+        (``test_right``, ``test_rows``, ``test_loss_sum``, and ``val_`` ones; see :class:`agents.host.Host`): with
+        everybody scored with one model, the global test set's scores without a second pass over its rows. Accuracy
+        is what scoring the union gives, exactly; the loss is summed in float64 (equal to float rounding). None when
+        someone's sums are missing (scored on their own, a personal model)."""
+        out = {}
+        for part, prefix in (("test", ""), ("val", "val_")):
+            need = [f"{part}_right", f"{part}_rows", f"{part}_loss_sum"]
+            if any(k not in self.columns or k in self.has for k in need):
+                return None
+            rows = float(self.columns[f"{part}_rows"].sum())
+            if rows:
+                out[f"{prefix}accuracy"] = float(self.columns[f"{part}_right"].sum()) / rows
+                out[f"{prefix}loss"] = float(self.columns[f"{part}_loss_sum"].sum()) / rows
+        return out if "accuracy" in out else None
+
+    def rows(self) -> list[tuple[str, dict[str, float]]]:
+        """``(name, {metric: value})`` pairs, each with the metrics that institution has."""
+        masks = {k: self.present(k) for k in self.columns}
+        return [(name, {k: float(v[i]) for k, v in self.columns.items() if masks[k][i]})
+                for i, name in enumerate(self.names)]

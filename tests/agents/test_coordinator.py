@@ -3,6 +3,7 @@
 import random
 
 import numpy as np
+import pytest
 
 from agents.runtime.backend import InProcessBackend
 from sim.checks import load_spec
@@ -76,10 +77,34 @@ def test_identical_personal_models_are_scored_on_the_global_sets_once_with_the_s
     calls, real = [], institution.evaluate
     monkeypatch.setattr(institution, "evaluate", lambda model, x, y, **kw: calls.append(len(y)) or real(model, x, y, **kw))
     # Execute: scored with the memo (as hosts score), then each institution alone
-    together = backend.host.evaluate(ctx.plan, backend.state)
+    together = backend.host.evaluate(ctx.plan, backend.state).rows()
     on_global = calls.count(len(fed.y_test))
     alone = [(i.spec.name, i.evaluate(backend.host.model, ctx.plan, backend.state, backend.host.global_test,
                                       backend.host.global_val)) for i in backend.host.institutions]
     # Assert: the global test set scored once, not once per institution; every number the same
     assert len(backend.host.institutions) > 1 and on_global == 1
     assert together == alone
+
+
+def test_the_global_row_is_pooled_from_everybodys_scores_as_the_coordinator_would_score_it(small_cfg):
+    # Prepare: one merged round of FedAvg in-process; the hosts score everybody with the merged model
+    from agents.runtime.backend import pools_global
+
+    spec = load_spec(small_cfg())
+    fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=True)
+    backend = fresh(spec, fed)
+    ctx = backend.begin_round(1, 0.0)
+    updates, _ = backend.host.train(ctx, backend.state)
+    backend.coordinator.merge(ctx, {}, updates)
+    # Execute: the global row as the engine gets it (pooled), and the coordinator's own pass over the global sets
+    pooled, each = backend.evaluate(ctx.plan)
+    own = backend.coordinator.evaluate()
+    # Assert: accuracies exactly the coordinator's; losses to float rounding (summed in float64, not float32 chunks)
+    assert pools_global(tuple(spec.scenario.institutions), fed) and len(each.names) == len(fed.shards)
+    assert set(pooled) == set(own) == {"accuracy", "loss", "val_accuracy", "val_loss"}
+    for metric in own:
+        assert pooled[metric] == (own[metric] if "accuracy" in metric else pytest.approx(own[metric], rel=1e-6))
+    # ... and a coalition's global row (the global sets hold non-members' rows too) is the coordinator's own
+    members = tuple(spec.scenario.institutions[:2])
+    part = InProcessBackend(spec.restrict(tuple(s.name for s in members)), members, fed, flops=1000)
+    assert part.evaluate(part.begin_round(1, 0.0).plan)[0] == part.coordinator.evaluate()

@@ -211,12 +211,12 @@ def test_an_institution_trains_the_same_whoever_shares_its_batch(cfg) -> None:
 
 
 def test_evaluate_many_scores_like_evaluate_and_independently_of_the_other_sets() -> None:
-    from sim.core.batched import EVAL_BLOCK, evaluate_many, scorable
+    from sim.core.batched import EVAL_ROWS, evaluate_many, scorable
     from sim.core.train import evaluate
 
-    # Prepare: sets below, at and above a block, and an empty one
+    # Prepare: small sets, an empty one, and one that spans two forward passes
     model = build_model(MLP, (10,), 3, seed=0)
-    sets = shards((5, EVAL_BLOCK, 0, 3 * EVAL_BLOCK + 7, 1))
+    sets = shards((5, 64, 0, EVAL_ROWS + 7, 1))
     # Execute
     together = evaluate_many(model, sets)
     alone = [evaluate_many(model, [s])[0] for s in sets]
@@ -229,3 +229,34 @@ def test_evaluate_many_scores_like_evaluate_and_independently_of_the_other_sets(
             assert together[k] == alone[k]  # bit for bit: a set's numbers do not depend on the others
             acc, loss = evaluate(model, x, y)
             assert together[k][0] == acc and together[k][1] == pytest.approx(loss, rel=1e-6)
+
+
+def test_scoring_rows_score_any_subset_in_its_order_and_pool_the_union_exactly() -> None:
+    import torch
+
+    from sim.core.batched import ScoringRows
+    from sim.core.train import evaluate
+    from sim.core.types import Scores
+
+    # Prepare: one host's sets scored once for everybody
+    model = build_model(MLP, (10,), 3, seed=0)
+    sets = shards((9, 0, 40, 3, 17))
+    rows = ScoringRows(sets, torch.device("cpu"), torch.float32)
+    acc, loss, right, total = rows.score(model)
+    # Execute: a subset in another order, and the union pooled from the sums
+    picked = np.array([4, 0, 2])
+    sub = rows.score(model, picked)
+    names = tuple(f"i{k}" for k in range(len(sets)))
+    sizes = np.array([len(y) for _, y in sets], dtype=float)
+    zero = np.zeros(len(sets))
+    pooled = Scores(names, {"test_right": right, "test_rows": sizes, "test_loss_sum": total,
+                            "val_right": zero, "val_rows": zero, "val_loss_sum": zero}).union()
+    # Assert: a subset's numbers are everybody's, bit for bit; the union's accuracy is scoring the union's
+    for j, k in enumerate(picked):
+        assert (sub[0][j], sub[1][j]) == (acc[k], loss[k])
+    x = np.concatenate([x for x, _ in sets])
+    y = np.concatenate([y for _, y in sets])
+    union_acc, union_loss = evaluate(model, x, y)
+    assert pooled["accuracy"] == union_acc and pooled["loss"] == pytest.approx(union_loss, rel=1e-6)
+    assert set(pooled) == {"accuracy", "loss"}  # no validation rows: no validation scores
+    assert Scores(names, {"accuracy": acc}).union() is None  # no sums (scored on their own): nothing pooled

@@ -65,3 +65,29 @@ def test_quick_run_prints_and_writes_positive_numbers(tmp_path):
     # Same data, initial weights, cohorts and minibatch order: the plain loop must land on collabsim's model.
     # 0.02 allows a few of the ~360 test digits to flip on float rounding in the averaging order, no more.
     assert abs(p["plain"]["accuracy"] - p["collabsim"]["accuracy"]) <= 0.02
+
+
+def test_targets_read_the_ratios_and_say_which_are_met():
+    from sim.bench.cli import targets
+
+    # Prepare: S's loop at 0.30x plain on Ray, 0.30x in-process; the 10,000 round at 1.1x the 1,000 one
+    results = {"S": {"ratios": {"loop": 0.30}}, "S-inprocess": {"ratios": {"loop": 0.30}},
+               "scale-1000-all": {"collabsim": {"round_s": 0.050}},
+               "scale-10000-all": {"collabsim": {"round_s": 0.055, "peak_rss_mib": 2048.0}}}
+    # Execute
+    lines = targets(results).splitlines()
+    # Assert: a line per target whose workloads ran, each saying met or not; the others are left out
+    assert any("Ray / plain: 0.30 x (at most 0.35) - met" in line for line in lines)
+    assert any("in-process / plain: 0.30 x (at most 0.25) - NOT met" in line for line in lines)
+    assert any("1.10 x (at most 1.2) - met" in line for line in lines)
+    assert any("2.00 GiB (at most 4) - met" in line for line in lines)
+    assert not any("cluster" in line or "growth" in line for line in lines)
+
+
+def test_driver_growth_is_read_between_the_first_third_and_the_second_last_round():
+    from sim.bench.measure import CommandRun
+
+    run = CommandRun(argv=[], total_s=1.0, returncode=0, peak_rss_mib=1.0,
+                     driver_mib_at={r: 100.0 + r for r in range(1, 32)})  # 1 MiB more each round; the last is left out
+    growth = run.driver_growth()
+    assert growth["driver_mib"] == 130.0 and growth["driver_growth_mib_per_10_rounds"] == pytest.approx(10.0)
