@@ -236,8 +236,19 @@ def class_group_rows(group: str) -> list[tuple[str, str, list[Key]]]:
         rows = []
         for k, f in class_fields(group, target).items():
             default = cfg[k] if k in cfg else signature_default(target, k)
-            rows.append(Key(f"{group}.{k}", f.kind, f.describe(), shown(default), comments.get(k, "")))
+            rows.append(Key(f"{group}.{k}", f.kind, f.describe(), shown(default),
+                            comments.get(k) or group_comments(group).get(k, "")))
         out.append((path.stem, _first_comment(path), rows))
+    return out
+
+
+def group_comments(group: str) -> dict[str, str]:
+    """``key -> comment`` over every option of a group, for keys an option inherits without restating them
+    (FedProx's ``server_optimizer`` is FedAvg's: FedAvg's yaml, then the others', say what it means)."""
+    out: dict[str, str] = {}
+    for path in sorted(options(group), key=lambda p: (p.stem != "fedavg", p.stem)):
+        for k, v in yaml_comments(path).items():
+            out.setdefault(k, v)
     return out
 
 
@@ -353,7 +364,7 @@ def schemes_page() -> str:
         first = inspect.getdoc(cls) or ""
         out.append(f"| [`{name}`](#{name}) | `{cls.__module__}.{cls.__qualname__}` | {cell(first.splitlines()[0] if first else '')} |")
         fields = class_fields("scheme", cfg["_target_"])
-        comments = yaml_comments(path)
+        comments = group_comments("scheme") | yaml_comments(path)
         rows = [Key(f"scheme.{k}", f.kind, f.describe(), shown(cfg[k] if k in cfg else signature_default(cfg["_target_"], k)),
                     comments.get(k, "")) for k, f in fields.items()]
         sections += [f"## `{name}`", "", f"`{cls.__module__}.{cls.__qualname__}` — `conf/scheme/{name}.yaml`", "",
