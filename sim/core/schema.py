@@ -245,14 +245,14 @@ SCENARIO = {
     "behaviours": Field("group", null=True),  # generated populations: behaviour -> share of the institutions (sim.core.scenario)
 }
 INSTITUTION = {
-    "name": Field("str"),
-    "discipline": Field("str", null=True),
+    "name": Field("str"),  # its name: the results' institution column; rows are kept in this order
+    "discipline": Field("str", null=True),  # its discipline (null: general); disciplines differ more than institutions within one
     "share": Field("float", 0.0, low_open=True),  # above 1 the shares cannot sum to 1, which is checked next
     "label_skew": Field("float", 0.0, low_open=True, null=True),
     "feature_skew": Field("float", 0.0),
     "cpus": Field("float", 0.0),
     "gpus": Field("float", 0.0),
-    "behaviour": Field("str", choices=BEHAVIOURS),
+    "behaviour": Field("str", choices=BEHAVIOURS),  # honest, or a simulated misbehaviour (agents/behaviours.py, sim/core/data/corruption.py)
     "bandwidth_mbps": Field("float", 0.0, low_open=True),
     "latency_s": Field("float", 0.0),
     "speed": Field("float", 0.0, low_open=True),

@@ -57,7 +57,7 @@ def matrix() -> dict[tuple[str, ...], object]:
 
 
 def test_every_pair_is_accepted_or_refused_in_one_line_naming_both(matrix) -> None:
-    # Assert: the expected shape of the matrix (what wraps what, README "Wrappers")
+    # Assert: the expected shape of the matrix (what wraps what, docs/explanation/schemes-and-wrappers.md, "Wrappers")
     accepted = {k for k, v in matrix.items() if not isinstance(v, ConfigError)}
     assert ("fedprox", "aggregator=krum") in accepted and ("fedadam", "privacy=client_dp") in accepted
     assert ("scaffold", "compression=topk") in accepted and ("compute_share", "secagg=masked") in accepted
