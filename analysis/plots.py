@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from matplotlib import figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator, PercentFormatter
@@ -34,6 +34,13 @@ LINESTYLES = ["-", (0, (6, 2)), "-.", (0, (1, 1.5)), (0, (8, 2, 2, 2)), (0, (3, 
 MARKERS = ["^", "D", "v", "P", "X", "<", ">", "h", "*"]
 WORSE = "#c0392b"
 DODGE = 4.0  # points between neighbouring schemes at one round: equal curves stay side by side
+
+
+class Figure(figure.Figure):
+    """A matplotlib Figure that Jupyter shows as a PNG by itself (``_repr_png_``), with no pyplot and no backend."""
+
+    def _repr_png_(self) -> bytes:
+        return png_bytes(self)
 
 
 class SchemeStyle(NamedTuple):

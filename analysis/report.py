@@ -176,9 +176,7 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
     mt = results.metrics[results.metrics["scenario"] == scenario]
     configs = [c for c in results.configs.values() if _config_scenario(c) in (scenario, None)]
     schemes = m.scheme_order(mt["scheme"].dropna())
-    order = {name: i for i, name in enumerate(dict.fromkeys(pick["institutions"]["institution"]))}
-    gains = pick["gains"].assign(_at=lambda d: d["institution"].map(order)).sort_values("_at", kind="stable")
-    gains = m.order_rows(gains.drop(columns="_at"))  # schemes in reading order, institutions in scenario order
+    gains = ordered_gains(pick["gains"], pick["institutions"])
     refs = words.references(summary)
     described = words.describe_scenario(pick["institutions"], configs, schemes, sorted(mt["seed"].unique()))
     items = "".join(f"<li><strong>{html.escape(topic)}:</strong> {html.escape(text)}</li>"
@@ -240,6 +238,13 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                              "institution on its own test split, the figure gains are measured on. Schemes are drawn a "
                              "few points apart at each round so that equal curves stay visible."))
     return out
+
+
+def ordered_gains(gains: pd.DataFrame, institutions: pd.DataFrame) -> pd.DataFrame:
+    """The gains table with schemes in reading order and institutions in the scenario's order (as the report shows it)."""
+    order = {name: i for i, name in enumerate(dict.fromkeys(institutions["institution"]))}
+    gains = gains.assign(_at=lambda d: d["institution"].map(order)).sort_values("_at", kind="stable")
+    return m.order_rows(gains.drop(columns="_at"))
 
 
 def _money(pick: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

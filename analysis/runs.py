@@ -49,7 +49,8 @@ def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if not path.is_dir():
-            raise RunDirError(f"{raw}: no such directory")
+            raise RunDirError(f"{raw}: no such directory; give a run, compare or sweep directory (the path its command "
+                              "printed last)")
         if (path / "metrics.parquet").is_file():
             found.append(path)
             continue

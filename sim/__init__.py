@@ -1,4 +1,8 @@
-"""collabsim's engine: config validation, scenarios, data, models, the round loop, results, sweeps."""
+"""collabsim's engine: config validation, scenarios, data, models, the round loop, results, sweeps.
+
+From Python: ``from sim import api`` (:mod:`sim.api`): ``api.compare(["fedavg"], rounds=5)``, ``api.run(...)``.
+(Not re-exported here: ``sim.compare`` and ``sim.sweep`` are the commands' modules.)
+"""
 
 import warnings
 

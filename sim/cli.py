@@ -182,18 +182,38 @@ def guard(config_name: str, argv: list[str], check: Callable[..., None], *, with
               file=sys.stderr)
     if any(a.split("=")[0] in PASSTHROUGH for a in argv):
         return
-    combo: list[str] = []
     try:
         for combo in _combinations(overrides):
-            cfg = compose(config_name, combo)
-            if with_overrides:
-                check(cfg, combo)
-            else:
-                check(cfg)
+            checked(config_name, combo, check, with_overrides=with_overrides)
     except ConfigError as e:
-        fail(str(e) + _user_file(e.key, combo))
-    except Exception as e:  # noqa: BLE001 - any composition error becomes one line
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - a malformed override becomes one line
         fail(explain(e))
+
+
+def checked(config_name: str, overrides: list[str], check: Callable[..., None], *,
+            with_overrides: bool = False) -> DictConfig:
+    """Compose ``config_name`` with ``overrides`` and run ``check`` on it; return the config.
+
+    Raises ConfigError whose text is the very line the command prints after ``error:`` (the guard runs this for
+    each combination of a sweep; the Python API, :mod:`sim.api`, raises it as it is).
+    """
+    try:
+        cfg = compose(config_name, overrides)
+        if with_overrides:
+            check(cfg, overrides)
+        else:
+            check(cfg)
+    except ConfigError as e:
+        where = _user_file(e.key, overrides)
+        if not where:
+            raise
+        raise ConfigError(e.key, e.problem + where) from None
+    except Exception as e:  # noqa: BLE001 - any composition error becomes one line
+        line = explain(e)
+        key, sep, problem = line.partition(": ")
+        raise (ConfigError(key, problem) if sep else ConfigError("config", line)) from None
+    return cfg
 
 
 def _user_file(key: str, overrides: list[str]) -> str:

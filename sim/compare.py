@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import pandas as pd
@@ -17,6 +18,7 @@ from sim.cli import compose, fail, group_options, launch, swept_values, without_
 from sim.checks import load_spec
 from sim.core import rundir
 from sim.core.caveats import caveats
+from sim.core.config import RunSpec
 from sim.core.results import write_csv, write_table, write_text
 from sim.core.types import ConfigError, listing
 
@@ -123,10 +125,12 @@ def seed_list(cfg: DictConfig) -> list[int]:
     return [int(cfg.seed) + k for k in range(n)]
 
 
-def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFrame:
+def compare(cfg: DictConfig, overrides: list[str], out_dir: Path,
+            on_round: Callable[[str, int, int, dict[str, float]], None] | None = None) -> pd.DataFrame:
     """Run every scheme on every seed, write the combined tables and summary.csv into ``out_dir``, return the summary.
 
     One pool of warm actors serves every run: processes start once per command, not per scheme or seed.
+    ``on_round(label, seed, round, summary)`` is called after each scored round of each run (a progress bar).
     """
     from agents.runtime.warm import ActorPool
     from analysis.metrics import summary
@@ -155,7 +159,8 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path) -> pd.DataFram
                 log.info("run %d/%d: %s, seed %d", len(results) + 1, len(configs) * len(seeds), name, seed)
                 if resume and (where / "status.json").is_file():
                     sub.resume = str(where)  # done: its tables; stopped: from its last checkpoint
-                result = run(sub, where, pool=pool)
+                hook = {} if on_round is None else {"on_round": functools.partial(on_round, name, seed)}
+                result = run(sub, where, pool=pool, **hook)
                 for table in (result.metrics, result.ledger, result.institutions):
                     table["scheme"] = name.rpartition("/")[2]  # the label asked for: a variant's, or the scheme's
                 results.append(result)
@@ -197,17 +202,23 @@ def main(cfg: DictConfig) -> None:
     for caveat in table.attrs.get("caveats", []):  # the warnings that change what the numbers mean, under the numbers
         print(f"note: {caveat}")
     print(f"summary: {out / 'summary.csv'}")
-    if cfg.report:
-        from analysis.report import build_report
-
-        print(f"report: {build_report([out], out)}")
+    if (path := write_report(cfg, out)) is not None:
+        print(f"report: {path}")
 
 
-def _check(cfg: DictConfig, overrides: list[str]) -> None:
-    """Validate every scheme's run config before anything starts."""
+def write_report(cfg: DictConfig, out_dir: Path) -> Path | None:
+    """The compare's report.html in ``out_dir`` when ``cfg.report`` (the default); None otherwise."""
+    if not cfg.report:
+        return None
+    from analysis.report import build_report
+
+    return build_report([out_dir], out_dir)
+
+
+def check(cfg: DictConfig, overrides: list[str]) -> dict[str, RunSpec]:
+    """Validate every scheme's run config before anything starts; return each run's spec by its label."""
     seed_list(cfg)
-    for sub in scheme_configs(cfg, overrides).values():
-        load_spec(sub)
+    return {name: load_spec(sub) for name, sub in scheme_configs(cfg, overrides).items()}
 
 
 if __name__ == "__main__":
@@ -215,4 +226,4 @@ if __name__ == "__main__":
         start = "" if seeds[:1] in ([], ["0"]) else f"seed={seeds[0]} "
         fail(f"compare runs replications itself: use {start}seeds={len(seeds)} (seeds seed, seed+1, ...) "
              "instead of -m seed=...")
-    launch(main, "compare", _check, with_overrides=True)
+    launch(main, "compare", check, with_overrides=True)

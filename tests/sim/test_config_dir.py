@@ -113,10 +113,10 @@ def test_a_user_file_named_like_a_built_in_one_is_reported_hidden(user_conf, cap
 
 
 def test_compare_composes_each_scheme_from_the_user_folder(user_conf):
-    from sim.compare import _check, scheme_configs
+    from sim.compare import check, scheme_configs
 
     argv = ["--config-dir", str(user_conf), "scenario=mysites", "schemes=[isolated,strongprox]"]
-    guard("compare", argv, _check, with_overrides=True)
+    guard("compare", argv, check, with_overrides=True)
     cfg = compose("compare", argv[2:])
     configs = scheme_configs(cfg, argv[2:])
     assert configs["strongprox"].scheme.mu == 0.5

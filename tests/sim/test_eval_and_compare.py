@@ -57,10 +57,10 @@ def test_compare_runs_every_scheme_on_every_seed_and_labels_variants(tmp_path):
 def test_a_compare_never_takes_one_run_for_every_scheme(resume, named, capsys, tmp_path) -> None:
     # The reported command: python -m sim.compare resume=<one run's dir> hydra.run.dir=NEW once wrote a summary in
     # which all four "schemes" were the same FedProx run; it is refused in one line before anything runs
-    from sim.compare import _check
+    from sim.compare import check
 
     with pytest.raises(SystemExit) as exit_:
-        guard("compare", [f"resume={resume}", f"hydra.run.dir={tmp_path / 'new'}"], _check, with_overrides=True)
+        guard("compare", [f"resume={resume}", f"hydra.run.dir={tmp_path / 'new'}"], check, with_overrides=True)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: resume: ") and named in err
     assert not (tmp_path / "new").exists()

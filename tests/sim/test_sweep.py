@@ -434,6 +434,37 @@ def test_analysis_reads_a_sweep_directory_like_a_run(resumed):
         assert list(getattr(results, kind).columns) == list(SCHEMAS[kind])
 
 
+@pytest.mark.slow
+def test_the_python_api_loads_a_sweep_directory(resumed):
+    from matplotlib.figure import Figure
+
+    from sim import api
+
+    found = api.load(resumed.dir)
+    assert isinstance(found, api.SweepResult)
+    pd.testing.assert_frame_equal(found.trials, resumed.trials)
+    assert list(found.summary["scheme"]) == ["isolated", "pooled"] and found.metrics["run_id"].nunique() == 4
+    assert isinstance(found.plot_rounds(), Figure)
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("nosuch", ["sweep=nosuch"]),                                                   # no such sweep file
+    ({"space": {"scheme": {"grid": ["fedavg", "fedxx"]}}}, None),                   # a bad value in a sweep of one's own
+])
+def test_the_python_api_refuses_a_bad_sweep_with_the_commands_line(name, argv, tmp_path, capsys):
+    from sim import api
+
+    with pytest.raises(api.ConfigError) as err:
+        api.sweep(name, out=tmp_path / "sweep", smoke=True)
+    if argv is not None:  # the command's line, word for word
+        with pytest.raises(SystemExit):
+            guard("sweep_main", argv, _check_with, with_overrides=True)
+        assert str(err.value) == capsys.readouterr().err.strip().removeprefix("error: ")
+    else:
+        assert str(err.value).startswith("sweep.space.scheme: unknown option 'fedxx'"), str(err.value)
+    assert not (tmp_path / "sweep").exists()  # refused before Ray started or anything was written
+
+
 # ---- Hydra multirun ------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -409,13 +409,13 @@ def test_subpackage_accepts_personal_schemes_and_kind_any(corpus_dir, overrides)
 
 
 def test_the_shipped_foundation_experiment_passes_the_compares_pre_run_check(corpus_dir):
-    from sim.compare import _check, scheme_configs
+    from sim.compare import check, scheme_configs
 
     # Prepare
     overrides = ["+experiment=foundation_docstrings", f"data.cache_dir={corpus_dir[0]}"]
     cfg = compose("compare", overrides)
     # Execute: every scheme of both parts through load_spec (a refused one raises)
-    _check(cfg, overrides)
+    check(cfg, overrides)
     runs = scheme_configs(cfg, overrides)
     # Assert: the shared task with every kind of scheme, the multi-task part with personal ones only
     tasks = {key: (sub.data.task, sub.scenario.name) for key, sub in runs.items()}
