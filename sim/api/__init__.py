@@ -2,7 +2,7 @@
 
 Each function does what its command does, through the command's own code: the same
 composition and defaults (Hydra, ``conf/``), the same pre-run checks, the same run
-directories and tables. Bad input raises :class:`ConfigError` whose message is the very
+directories and tables. Bad input raises `ConfigError` whose message is the very
 line the command prints after ``error:``, naming the key and the fix.
 
 Example:
@@ -52,7 +52,7 @@ def compose(*overrides: str, experiment: str | None = None, config_dir: ConfigDi
             ``data__alpha=0.1`` or ``data={"alpha": 0.1}`` (nested keys), ``engine__backend="inprocess"``.
 
     Returns:
-        The composed, checked :class:`Config`; ``config.command`` is the equivalent command line.
+        The composed, checked `Config`; ``config.command`` is the equivalent command line.
 
     Raises:
         ConfigError: an unknown key or option, a value of the wrong type or range, a scenario
@@ -71,7 +71,7 @@ def run(config: Config | DictConfig | Mapping[str, Any] | None = None, *, out: s
     """Run one simulation, as ``python -m sim`` with the same overrides: the same run directory and tables.
 
     Args:
-        config: A :class:`Config` from :func:`compose`; a dict, read as :func:`compose`'s keywords
+        config: A `Config` from `compose`; a dict, read as `compose`'s keywords
             (``{"rounds": 5, "data": {"alpha": 0.1}}``: the command line's defaults for the rest);
             an OmegaConf config used as it is (``api.load(d).config``, a saved run's); None: the defaults.
         out: The run directory (``hydra.run.dir``); by default ``outputs/DATE/TIME`` as the command's.
@@ -81,7 +81,7 @@ def run(config: Config | DictConfig | Mapping[str, Any] | None = None, *, out: s
             ``collabsim.log`` gets INFO whatever this is.
 
     Returns:
-        The :class:`Run` read from its directory.
+        The `Run` read from its directory.
 
     Raises:
         ConfigError: bad input, before anything starts (the command's one line).
@@ -127,10 +127,10 @@ def compare(schemes: str | Iterable[str] | None = None, *overrides: str, seeds: 
         resume: Continue the compare in ``out`` without redoing finished runs (``resume=true``).
         progress: Show a progress bar over every run's rounds.
         log_level: Log lines shown (``"INFO"``: the command's lines).
-        **keys: Config keys for every run, as for :func:`compose` (``rounds=10``, ``report=False``, ...).
+        **keys: Config keys for every run, as for `compose` (``rounds=10``, ``report=False``, ...).
 
     Returns:
-        The :class:`Comparison`: ``summary``, ``gains`` (with intervals), plots and ``report()``.
+        The `Comparison`: ``summary``, ``gains`` (with intervals), plots and ``report()``.
 
     Raises:
         ConfigError: bad input, before any run starts (the command's one line).
@@ -177,10 +177,10 @@ def sweep(name: str | Mapping[str, Any] | None = None, *overrides: str, config_d
         out: The sweep's directory (``hydra.run.dir``); by default ``outputs/sweeps/DATE/TIME``.
         resume: Continue the interrupted sweep in ``out`` (``resume=true``).
         log_level: Log lines shown; Tune's trials print one line each as they finish.
-        **keys: Config keys, as for :func:`compose`: ``rounds=5``, ``smoke=True``, ``sweep__max_concurrent=2``.
+        **keys: Config keys, as for `compose`: ``rounds=5``, ``smoke=True``, ``sweep__max_concurrent=2``.
 
     Returns:
-        The :class:`SweepResult`: ``trials``, ``summary`` (per configuration), every trial's tables.
+        The `SweepResult`: ``trials``, ``summary`` (per configuration), every trial's tables.
 
     Raises:
         ConfigError: bad input, before Ray starts (the command's one line).
@@ -228,7 +228,7 @@ def sweep(name: str | Mapping[str, Any] | None = None, *overrides: str, config_d
 # ---- helpers -------------------------------------------------------------------------------------
 
 def _as_config(config: Config | DictConfig | Mapping[str, Any] | None) -> Config:
-    """A run's Config from what :func:`run` takes."""
+    """A run's Config from what `run` takes."""
     if config is None:
         return compose()
     if isinstance(config, Config):

@@ -2,9 +2,9 @@
 
 Keyword arguments are written as the overrides a user would type (``rounds=5`` -> ``rounds=5``,
 ``data__alpha=0.1`` and ``data={"alpha": 0.1}`` -> ``data.alpha=0.1``, ``scheme="fedprox"`` ->
-``scheme=fedprox``), then composed and checked by :func:`sim.cli.checked`, the very function the
+``scheme=fedprox``), then composed and checked by `sim.cli.checked`, the very function the
 commands' guard runs. So a config from Python has the command line's defaults, its validation and
-its one-line errors, and :attr:`Config.command` is the command that runs the same thing.
+its one-line errors, and `Config.command` is the command that runs the same thing.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ NOT_STRINGS = {"true", "false", "null", "nan", "inf", "none"}
 class Config:
     """A composed and checked configuration: what a command with the same overrides would run.
 
-    Made by :func:`sim.compose`; pass it to :func:`sim.run`. It reads like the composed
+    Made by `sim.compose`; pass it to `sim.run`. It reads like the composed
     config (``config.rounds``, ``config["data"]["alpha"]``) and cannot be changed in place:
-    compose another one instead, so that :attr:`command` stays true.
+    compose another one instead, so that `command` stays true.
 
     Attributes:
         tree: The composed configuration (a read-only OmegaConf ``DictConfig``), with every default filled in.
@@ -136,7 +136,7 @@ def search_path(config_dir: str | Path | Iterable[str | Path] | None) -> tuple[s
 
 @contextlib.contextmanager
 def searching(entries: tuple[str, ...]) -> Iterator[None]:
-    """Make the commands' code search ``entries`` after conf/ for the duration (:data:`sim.cli.SEARCH_PATH`)."""
+    """Make the commands' code search ``entries`` after conf/ for the duration (`sim.cli.SEARCH_PATH`)."""
     before = list(cli.SEARCH_PATH)
     cli.use_search_path(entries)
     try:

@@ -1,7 +1,7 @@
 """Results objects: a run, a comparison or a sweep read from its directory, with its tables, plots and report.
 
 Every object reads its run directory the way ``python -m analysis report`` does
-(:func:`analysis.runs.load_results`, :func:`analysis.report.analyse`), so its tables are
+(`analysis.runs.load_results`, `analysis.report.analyse`), so its tables are
 the report's tables, column for column (the results schema: ``sim/core/results.py``), and
 its plots are the report's figures.
 """
@@ -34,14 +34,14 @@ class Results:
 
     @functools.cached_property
     def _runs(self):
-        """The runs' tables and configs (:class:`analysis.runs.Results`), read once."""
+        """The runs' tables and configs (`analysis.runs.Results`), read once."""
         from analysis.runs import load_results
 
         return load_results([self.path])
 
     @functools.cached_property
     def _tables(self) -> dict[str, pd.DataFrame]:
-        """Every table of the report (:func:`analysis.report.analyse`), computed once; its warnings are Python warnings."""
+        """Every table of the report (`analysis.report.analyse`), computed once; its warnings are Python warnings."""
         from analysis.report import analyse
 
         return analyse(self._runs)
@@ -92,7 +92,7 @@ class Results:
 
     @functools.cached_property
     def config(self) -> DictConfig:
-        """The resolved config the directory's command ran with (its ``config.yaml``); pass it to :func:`sim.run`."""
+        """The resolved config the directory's command ran with (its ``config.yaml``); pass it to `sim.run`."""
         path = self.path / "config.yaml"
         return OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
 
@@ -207,7 +207,7 @@ class SweepResult(Results):
 
     @property
     def schemes(self) -> pd.DataFrame:
-        """The report's summary by scheme (and swept values), as :attr:`Results.summary` is for a comparison."""
+        """The report's summary by scheme (and swept values), as `Results.summary` is for a comparison."""
         return self._tables["summary"]
 
 
@@ -215,11 +215,11 @@ def load(path: str | Path) -> Run | Comparison | SweepResult:
     """Read a finished run, compare or sweep directory back into its results object.
 
     Args:
-        path: The directory a command or :func:`sim.run`, :func:`sim.compare` or :func:`sim.sweep` wrote.
+        path: The directory a command or `sim.run`, `sim.compare` or `sim.sweep` wrote.
 
     Returns:
-        A :class:`SweepResult` for a sweep directory, a :class:`Comparison` for a compare's (or a
-        folder of run directories, like Hydra's multirun), a :class:`Run` for a run's.
+        A `SweepResult` for a sweep directory, a `Comparison` for a compare's (or a
+        folder of run directories, like Hydra's multirun), a `Run` for a run's.
 
     Raises:
         ConfigError: the path is no directory, holds no results, or its run did not finish (the
