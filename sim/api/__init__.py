@@ -89,6 +89,7 @@ def run(config: Config | DictConfig | Mapping[str, Any] | None = None, *, out: s
     """
     from sim import engine
     from sim.checks import load_spec
+    from sim.engine import Diverged
 
     config = _as_config(config)
     level = level_of(log_level)
@@ -98,7 +99,7 @@ def run(config: Config | DictConfig | Mapping[str, Any] | None = None, *, out: s
         with logging_to(level, where / LOG_FILE), Bar(spec.rounds, spec.scheme_name, progress) as bar:
             try:
                 engine.run(config.tree, where, on_round=bar.round)
-            except engine.Diverged:
+            except Diverged:  # resuming would diverge again: its message says what to change
                 raise
             except RunFailed as e:
                 raise RunFailed(f"{e}; continue with: api.run(api.compose(resume={str(where)!r})) "
@@ -136,6 +137,7 @@ def compare(schemes: str | Iterable[str] | None = None, *overrides: str, seeds: 
         ConfigError: bad input, before any run starts (the command's one line).
     """
     from sim import compare as command
+    from sim.engine import Diverged
 
     args = overrides_of(overrides, {}, experiment)
     if schemes is not None:
@@ -154,11 +156,16 @@ def compare(schemes: str | Iterable[str] | None = None, *overrides: str, seeds: 
         config = compose_as("compare", args, search_path(config_dir), lambda c, o: specs.update(command.check(c, o)),
                             with_overrides=True)
     level, seed_count = level_of(log_level), len(command.seed_list(config.tree))
-    where = Path(out) if out is not None else _out(None, "compare")
+    where = _out(out, "compare")
     total = seed_count * sum(s.rounds for s in specs.values())
     with searching(config.config_dir), logging_to(level, where / LOG_FILE), \
-            Bar(total, f"{len(specs)} runs x {seed_count} seeds", progress) as bar:
-        command.compare(config.tree, list(config.overrides), where, on_round=bar.round)
+            Bar(total, f"{len(specs)} schemes x {seed_count} seeds", progress) as bar:
+        try:
+            command.compare(config.tree, list(config.overrides), where, on_round=bar.round)
+        except Diverged:  # resuming would diverge again: its message says what to change
+            raise
+        except RunFailed as e:  # the runs that finished are kept: the same call with resume=True does only the rest
+            raise RunFailed(f"{e}; continue with the same call plus resume=True, out={str(where)!r}") from e
         command.write_report(config.tree, where)
         return _noted(Comparison(where))
 
@@ -206,7 +213,7 @@ def sweep(name: str | Mapping[str, Any] | None = None, *overrides: str, config_d
     try:
         with logging_to(logging.ERROR):  # what the check warns of, the sweep warns of again as it runs
             config = compose_as("sweep_main", args, tuple(dirs), command.check, with_overrides=True)
-        where = Path(out) if out is not None else _out(None, "sweep_main")
+        where = _out(out, "sweep_main")
         with searching(config.config_dir), logging_to(level_of(log_level), where / LOG_FILE):
             try:
                 trials, _ = command.sweep(config.tree, list(config.overrides), where)

@@ -161,9 +161,9 @@ def test_the_example_notebook_runs_and_shows_the_gains_and_two_plots(notebook):
     nb, _ = notebook
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    # One progress bar over the 3 runs x 3 seeds, not a log line per round
+    # One progress bar over the 3 schemes x 3 seeds, not a log line per round
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "3 runs x 3 seeds" in printed and "round 1/3" not in printed, printed[-2000:]
+    assert "3 schemes x 3 seeds" in printed and "round 1/3" not in printed, printed[-2000:]
     shown = [o for o in outputs if o.output_type == "execute_result"]
     assert any("gain_low" in o.data.get("text/html", "") for o in shown)  # the gains table, intervals included
     assert sum("image/png" in o.data for o in shown) == 2  # plot_gains(), plot_rounds(): Figures shown as PNGs
