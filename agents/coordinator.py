@@ -15,13 +15,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from agents.schemes.base import Books, Central, cost_of
+from agents.schemes.base import Books, Central, Distils, cost_of
 from agents.wrappers import build
 from sim.core import clock, faults, stragglers
 from sim.core.data import corruption
-from sim.core.models import build_model, get_state, set_state
+from sim.core.models import build_model, fits, get_state, model_flops, set_state
 from sim.core.train import evaluate, local_train, lr_scale, scheduled
-from sim.core.types import GLOBAL, IDLE_ROWS, InstitutionSpec, RoundContext, State, TrainingSpec, Update, state_nbytes
+from sim.core.types import GLOBAL, IDLE_ROWS, RUN_ARCH, ConfigError, InstitutionSpec, RoundContext, State, TrainingSpec, Update, state_nbytes
 
 
 def backdoor_of(specs: Sequence[InstitutionSpec]) -> tuple | None:
@@ -35,7 +35,11 @@ def score_global(model: Any, state: State, global_test: tuple[np.ndarray, np.nda
                  ) -> dict[str, float]:
     """The global model's scores: accuracy and loss on the global test set (and validation set), and the success of a
     planted backdoor (BadNets' attack success rate on the global test rows not of the target class, triggered; NaN when
-    there are none). The coordinator runs it, or a host with a GPU (the same numbers, on its device)."""
+    there are none). The coordinator runs it, or a host with a GPU (the same numbers, on its device). Nothing when the
+    global state is not one model of the run's architecture (FedDF's one per architecture, FedMD's consensus scores):
+    the engine then reports the mean of the institutions' own models on the global sets, as for isolated training."""
+    if not fits(model, state):
+        return {}
     set_state(model, state)
     acc, loss = evaluate(model, *global_test, precision=precision)
     out = {"accuracy": acc, "loss": loss}
@@ -71,6 +75,8 @@ class Coordinator:
         global_val: tuple[np.ndarray, np.ndarray] | None = None,
         threads: int = 1,
         deadline: stragglers.Deadline | None = None,
+        models: Mapping[str, Mapping[str, Any]] | None = None,
+        public: np.ndarray | None = None,
     ):
         torch.set_num_threads(threads)
         self.specs = {s.name: s for s in specs}
@@ -94,6 +100,18 @@ class Coordinator:
         self.deadline = deadline  # per-round slowdowns and engine.round_deadline_s (sim/core/stragglers.py)
         if isinstance(self.scheme, Books):  # compute sharing: it plans who trains whose data
             self.scheme.attach(tuple(specs), row_bytes=_row_bytes(global_test))
+        # Institutions of their own architecture: their compute is charged at their own model's multiply-adds
+        configs = {RUN_ARCH: model, **(models or {})}
+        builder = lambda arch: build_model(configs[arch], shape[0], shape[1], seed=seed)  # noqa: E731
+        own = {arch: model_flops(builder(arch), shape[0]) for arch in sorted({s.arch for s in specs} - {RUN_ARCH})}
+        self.flops_of = {s.name: own.get(s.arch, flops_per_sample) for s in specs}
+        if isinstance(self.scheme, Distils):  # knowledge distillation: the public set and a model per architecture
+            if public is None:
+                raise ConfigError("data.public", f"scheme {self.scheme.name} distils on an unlabeled public set; set "
+                                  "data.public={source: heldout, rows: N}")
+            start = self.scheme.attach_public(public, builder, {s.name: s.arch for s in specs}, self.state)
+            if start is not None:
+                self.state = {k: np.asarray(v) for k, v in start.items()}
 
     def current_state(self) -> State:
         """The global state now (before round 1: also every institution's starting personal model)."""
@@ -201,7 +219,7 @@ class Coordinator:
 
     def _ledger_row(self, spec: InstitutionSpec, u: Update, work_done: float = 1.0) -> dict[str, Any]:
         """Ledger entry of one update that arrived (``spec`` at this round's speed; ``work_done`` of its planned work)."""
-        compute = clock.compute_seconds(spec, u.samples_processed, self.flops)
+        compute = clock.compute_seconds(spec, u.samples_processed, self.flops_of.get(spec.name, self.flops))
         return {
             "institution": u.institution, "participated": True, "bytes_up": u.bytes_up, "bytes_down": u.bytes_down,
             "compute_seconds": u.compute_seconds, "samples": u.num_samples, "train_loss": u.train_loss,

@@ -20,8 +20,8 @@ from agents.institution import Institution, client_of
 from sim.core import stragglers
 from sim.core.batched import ScoringRows, batchable, scorable, train_many
 from sim.core.train import deterministic_cuda, scheduled
-from sim.core.models import build_model, check_state_keys, set_state
-from sim.core.types import InstitutionSpec, LocalPlan, RoundContext, Scores, Shard, State, TrainingSpec, Update
+from sim.core.models import build_model, check_state_keys, fits, get_state, set_state
+from sim.core.types import RUN_ARCH, InstitutionSpec, LocalPlan, RoundContext, Scores, Shard, State, TrainingSpec, Update
 
 
 class Host:
@@ -41,17 +41,28 @@ class Host:
         global_val: tuple[np.ndarray, np.ndarray] | None = None,
         threads: int = 1,
         vectorise: bool = True,
+        models: Mapping[str, Mapping[str, Any]] | None = None,
+        public: np.ndarray | None = None,
     ):
         # A fixed thread count makes float reductions identical whatever the placement.
         torch.set_num_threads(threads)
         input_shape, num_classes = shape
         self.model = build_model(model, input_shape, num_classes, seed=seed)
+        # One working model per architecture its institutions train (scenario rows' own ``model``), each lent in turn
+        self.models = {RUN_ARCH: self.model} | {arch: build_model((models or {})[arch], input_shape, num_classes, seed=seed)
+                                                for arch in sorted({s.arch for s in specs} - {RUN_ARCH})}
         if any(s.gpus > 0 for s in specs) and torch.cuda.is_available():
             deterministic_cuda()  # CPU kernels on a fixed thread count repeat already
-            self.model = self.model.to("cuda")
+            self.models = {arch: m.to("cuda") for arch, m in self.models.items()}
+            self.model = self.models[RUN_ARCH]
+        # Every institution starts from its architecture's seeded weights (the run's: the coordinator's starting state)
+        starts = {arch: initial if arch == RUN_ARCH and fits(self.model, initial) else get_state(m)
+                  for arch, m in self.models.items()}
         self.institutions = [
-            Institution(s, shard, training=training, seed=seed, initial=initial) for s, shard in zip(specs, shards)
+            Institution(s, shard, training=training, seed=seed, initial=starts[s.arch]) for s, shard in zip(specs, shards)
         ]
+        for i in self.institutions:
+            i.public = public
         self.names = [i.spec.name for i in self.institutions]  # a round picks by name: one pass, no attribute lookups
         self.global_test, self.global_val = global_test, global_val
         self.training = training
@@ -79,32 +90,37 @@ class Host:
         cohort = set(ctx.cohort)
         trained = [i for i, name in zip(self.institutions, self.names) if name in cohort]
         client = client_of(ctx.plan)
-        if (trained and self.vectorise and client.batchable and ctx.plan.upload in ("weights", "nothing")
-                and batchable(self.model, self.training)):
+        if trained and self.vectorise and client.batchable and ctx.plan.upload in ("weights", "nothing"):
             # Free-riders skip the step: they answer on their own, the others train together; scenario order kept.
             # DP-SGD institutions clip per sample: the vectorised step cannot, so they train on their own too.
-            together = [i for i in trained if not i.free_rides(ctx.plan) and not i.spec.private]
-            done = dict(zip((i.spec.name for i in together), self._train_together(together, ctx, global_state))) \
-                if together else {}
-            updates = [done.get(i.spec.name) or i.train(self.model, ctx, global_state) for i in trained]
+            # Institutions of one architecture train together (one vectorised step per architecture).
+            done = {}
+            for arch, model in self.models.items():
+                together = [i for i in trained if i.spec.arch == arch and not i.free_rides(ctx.plan)
+                            and not i.spec.private]
+                if together and batchable(model, self.training):
+                    done |= dict(zip((i.spec.name for i in together),
+                                     self._train_together(model, together, ctx, global_state)))
+            updates = [done.get(i.spec.name) or i.train(self.models[i.spec.arch], ctx, global_state) for i in trained]
         else:
-            updates = [i.train(self.model, ctx, global_state) for i in trained]
+            updates = [i.train(self.models[i.spec.arch], ctx, global_state) for i in trained]
         for step in ctx.plan.send:  # the wrappers' client halves, in order: what leaves this process (compressed, masked)
             updates = [step(i, ctx, global_state, u) for i, u in zip(trained, updates)]
         return updates, self.persistent(trained)
 
-    def _train_together(self, trained: Sequence[Institution], ctx: RoundContext,
+    def _train_together(self, model: torch.nn.Module, trained: Sequence[Institution], ctx: RoundContext,
                         global_state: State | None) -> list[Update]:
-        """One vectorised local step for all of ``trained`` (sim.core.batched); compute time is shared out by samples."""
+        """One vectorised local step for all of ``trained`` (sim.core.batched), who all train ``model``'s
+        architecture; compute time is shared out by samples."""
         plan, client = ctx.plan, client_of(ctx.plan)
-        starts = [client.start(i, plan, global_state) for i in trained]
-        own = self.model.state_dict()
+        starts = [client.start(i, plan, client.received(i, global_state)) for i in trained]
+        own = model.state_dict()
         for i, start in zip(trained, starts):  # what set_state would refuse, the vectorised step refuses too
             check_state_keys(own, start, i.spec.name)
         caps = [stragglers.cap(ctx, i.spec.name) for i in trained]  # partial stragglers stop early
         mu = client.pull()  # a proximal pull towards each start (FedProx), batched with the steps
         t0 = time.perf_counter()
-        results = train_many(self.model, starts, [i.tensors(self.model) for i in trained],
+        results = train_many(model, starts, [i.tensors(model) for i in trained],
                              [(i.seed, i.spec.index, ctx.round) for i in trained],
                              training=scheduled(self.training, ctx.round), mu=mu,
                              anchors=starts if mu > 0 else None, max_steps=caps)
@@ -134,11 +150,12 @@ class Host:
             picked = np.array([k for k, n in enumerate(self.names) if n in only], dtype=np.int64)
             chosen = [self.institutions[k] for k in picked]
         if (chosen and global_state and self.vectorise and plan.evaluate != "personal"
-                and not client_of(plan).adapts and scorable(self.model, self.training.precision)):
+                and not client_of(plan).adapts and scorable(self.model, self.training.precision)
+                and all(i.spec.arch == RUN_ARCH for i in chosen)):
             return self._evaluate_together(picked, global_state)
         seen: dict[str, dict[str, float]] = {}  # identical personal models are scored on the global sets once
-        return Scores.of([(i.spec.name, i.evaluate(self.model, plan, global_state, self.global_test, self.global_val,
-                                                   seen)) for i in chosen])
+        return Scores.of([(i.spec.name, i.evaluate(self.models[i.spec.arch], plan, global_state, self.global_test,
+                                                   self.global_val, seen)) for i in chosen])
 
     def _evaluate_together(self, picked: np.ndarray | None, global_state: State) -> Scores:
         """Everybody scores the merged model on its own test (and validation) split: one pass over all their rows,

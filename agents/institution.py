@@ -70,6 +70,7 @@ class Institution:
         self.uploaded_data = False
         self.dp_steps = 0  # DP-SGD steps taken so far: what its epsilon composes
         self.changed = False  # whether anything above moved away from its starting value
+        self.public: np.ndarray | None = None  # data.public's inputs (no labels), for schemes that distil on them
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # its training shard in torch, made once
 
     def free_rides(self, plan: LocalPlan) -> bool:
@@ -79,6 +80,7 @@ class Institution:
     def train(self, model: torch.nn.Module, ctx: RoundContext, global_state: State | None) -> Update:
         """Run this round's local step on ``model`` and return what crosses to the coordinator."""
         plan, shard, client = ctx.plan, self.shard, client_of(ctx.plan)
+        global_state = client.received(self, global_state)
         start = client.start(self, plan, global_state)
         kept = client.kept(global_state) if global_state else ()
         if self.free_rides(plan):
@@ -170,6 +172,7 @@ class Institution:
         upload); ``steps`` are the minibatches a partial straggler trained (None: its full local step).
         """
         n, client = self.shard.num_train, client_of(plan)
+        global_state = client.received(self, global_state)
         start = client.start(self, plan, global_state)  # before a personal start is overwritten: an adversary bends from it
         if plan.start == "personal":
             self.personal, self.changed = state, True
@@ -212,6 +215,7 @@ class Institution:
         ones too). ``seen``: global scores already computed this round by digest of the model's state, so identical
         models (every institution's starting model, say) are scored on the global sets once."""
         client, personal = client_of(plan), plan.evaluate == "personal"
+        global_state = client.received(self, global_state)
         scored = client.scored(self, plan, global_state)
         set_state(model, scored)
         client.adapt(self, model)  # fine-tuning schemes adapt the lent model first; what the institution carries stays

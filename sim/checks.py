@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from sim.core import schema
 from sim.core.config import RunSpec, parse_spec, spread_warning
-from sim.core.types import ConfigError
+from sim.core.types import ConfigError, spoken
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +64,7 @@ def _check_groups(spec: RunSpec) -> None:
     if getattr(scheme, "asynchronous", False) and spec.engine.round_deadline_s is not None:
         raise ConfigError("engine.round_deadline_s", f"{spec.scheme_name} is asynchronous: no round waits for its "
                           "slowest member, so there is no deadline to miss; set engine.round_deadline_s=null")
+    _check_models(spec, scheme)
     _check_dp_sgd(spec, scheme)
     _check_budget(spec, scheme)
     schema.check_data_types(spec.data)
@@ -87,7 +88,54 @@ def _check_groups(spec: RunSpec) -> None:
         with torch.device("meta"):
             probe = build_model(spec.model, (1, 8, 8) if spec.model.get("_target_", "").endswith("cnn") else (4,), 2, seed=0)
         _check_dp_model(spec, probe)
+    for name, cfg in spec.models.items():  # institutions' own architectures: the same checks as the run's model
+        _check_model(spec, f"scenario.institutions[{next(s.index for s in spec.scenario.institutions if s.model == name)}]"
+                     f".model", cfg)
     _check_resources(spec)
+
+
+def _check_models(spec: RunSpec, scheme: Any) -> None:
+    """A scheme that averages weights needs one architecture: refuse institutions that declare their own (naming
+    them); a scheme that distils needs data.public."""
+    from agents.schemes.base import Distils
+    from agents.wrappers.base import core
+
+    taking = [s for s in spec.scenario.institutions if spec.only is None or s.name in spec.only]
+    own = [s for s in taking if s.model is not None]
+    name = core(scheme).name
+    if own and not getattr(core(scheme), "mixed_models", False):
+        from agents.schemes import SCHEMES
+
+        mixed = [n for n, cls in SCHEMES.items() if getattr(cls, "mixed_models", False)]
+        raise ConfigError(f"scenario.institutions[{own[0].index}].model", f"scheme={name} averages model weights, so "
+                          f"every institution must train the run's model; {spoken(f'{s.name} ({s.model})' for s in own)} "
+                          f"declare{'s' if len(own) == 1 else ''} another: use {spoken(mixed)}, or remove their model")
+    if isinstance(core(scheme), Distils) and spec.data.get("public") is None:
+        raise ConfigError("data.public", f"scheme={name} distils on an unlabeled public set; set "
+                          "data.public={source: heldout, rows: N} (rows no institution trains or tests on)")
+
+
+def _check_model(spec: RunSpec, key: str, cfg: Any) -> None:
+    """An institution's own model: its keys, and that it takes the data's inputs (a transformer needs text)."""
+    import torch
+
+    from sim.core.data import TEXT
+    from sim.core.models import build_model
+
+    target = schema.check_value(f"{key}._target_", cfg.get("_target_"), schema.Field("str"))
+    schema.check_by_signature("model", cfg, _factory("model", target), schema.Field("int", 1, schema.MAX_WIDTH))
+    if target.startswith("sim.core.models.foundation."):
+        from sim.core.models.foundation import check_config
+
+        if spec.data.get("name") not in TEXT:
+            raise ConfigError(key, f"{target} takes token ids, not data={spec.data.get('name')}; use a numeric model")
+        check_config(cfg)
+    else:
+        if spec.data.get("name") in TEXT:
+            raise ConfigError(key, f"{target} takes numbers, not the token ids of data={spec.data.get('name')}; use a "
+                              "text model (tiny_transformer, minilm)")
+        with torch.device("meta"):
+            build_model(cfg, (1, 8, 8) if target.endswith("cnn") else (4,), 2, seed=0)
 
 
 def _check_budget(spec: RunSpec, scheme: Any) -> None:

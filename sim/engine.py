@@ -36,6 +36,9 @@ log = logging.getLogger("collabsim")
 SCORES = ("accuracy", "loss", "val_accuracy", "val_loss", "backdoor_success")
 """Metrics of a scored round: on the test split, then on the validation split (what model selection sees); with a
 data-poisoning institution, the global model's attack success rate on the triggered global test set."""
+OWN_SCORES = ("global_accuracy", "global_loss")
+"""Kept for each institution too when institutions train architectures of their own (scenario rows' ``model``): its
+model's scores on the global test set, where 'each institution alone' and 'each with the consortium' compare."""
 
 
 @dataclass
@@ -254,7 +257,7 @@ class Diverged(RunFailed):
     """A metric turned NaN or infinite: the run stops, since more rounds cannot mend it."""
 
 
-METRIC_NAMES = (*SCORES, "train_loss")
+METRIC_NAMES = (*SCORES, "train_loss", *OWN_SCORES)
 """Every metric a run records, in the order a round's rows list them (an institution's scores, then training loss)."""
 
 
@@ -265,6 +268,8 @@ class _Recorder:
     def __init__(self, keys: dict, specs: Sequence[InstitutionSpec], progress: Progress):
         self.keys, self.progress = keys, progress
         self.position = {s.name: k + 1 for k, s in enumerate(specs)}  # 0 is the global row
+        # architectures of their own: each institution's model on the global sets is kept too (OWN_SCORES)
+        self.own = OWN_SCORES if any(s.model is not None for s in specs) else ()
         progress.labels = pd.array([GLOBAL, *(s.name for s in specs)], dtype="string")
         progress.disciplines = pd.array([GLOBAL, *(s.discipline for s in specs)], dtype="string")
         progress.metric_names = METRIC_NAMES
@@ -279,13 +284,14 @@ class _Recorder:
             # No merged model (e.g. isolated): the global row averages the institutions' own models.
             glob = {metric: float(np.mean(each.columns[f"global_{metric}"])) for metric in SCORES
                     if f"global_{metric}" in each.columns and each.present(f"global_{metric}").all()}
-        codes = [k for k, m in enumerate(SCORES) if m in glob or m in each.columns]
+        metrics = [m for m in SCORES if m in glob or m in each.columns] + [m for m in self.own if m in each.columns]
+        codes = [METRIC_NAMES.index(m) for m in metrics]
         n = len(each.names)
         values = np.empty((n + 1, len(codes)))
         present = np.empty((n + 1, len(codes)), dtype=bool)
-        for c, k in enumerate(codes):
-            metric = SCORES[k]
-            values[0, c], present[0, c] = glob.get(metric, np.nan), metric in glob
+        for c, metric in enumerate(metrics):
+            values[0, c], present[0, c] = glob.get(metric, np.nan) if metric in SCORES else np.nan, metric in SCORES \
+                and metric in glob
             values[1:, c] = each.columns.get(metric, np.nan)
             present[1:, c] = each.present(metric)
         who, col = np.nonzero(present)  # row-major: institution by institution, metrics in order
@@ -296,8 +302,8 @@ class _Recorder:
                 self.check(r, *losses)
             self.check(r, positions[who], which, value)
         self.progress.add_scores(self.keys, r, positions[who], which, value)
-        acc = values[:, codes.index(SCORES.index("accuracy"))]
-        return {"global_accuracy": float(acc[0]), "global_loss": float(values[0, codes.index(SCORES.index("loss"))]),
+        acc = values[:, metrics.index("accuracy")]
+        return {"global_accuracy": float(acc[0]), "global_loss": float(values[0, metrics.index("loss")]),
                 "mean_accuracy": float(np.mean(acc[1:])), "worst_accuracy": float(np.min(acc[1:]))}
 
     def losses(self, r: int, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

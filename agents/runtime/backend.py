@@ -71,6 +71,7 @@ def _kwargs(spec: RunSpec, fed: Federation, flops: int) -> tuple[dict, dict]:
         model=spec.model, shape=(fed.input_shape, fed.num_classes), training=spec.training, seed=spec.seed,
         global_test=(fed.x_test, fed.y_test), threads=spec.engine.threads_per_institution,
         global_val=None if fed.y_val is None else (fed.x_val, fed.y_val),
+        models=dict(spec.models), public=fed.x_public,  # institutions' own architectures; data.public's inputs
     )
     hosts = dict(common, vectorise=spec.engine.vectorise)
     sizes = {sh.name: sh.num_train for sh in fed.shards}
@@ -130,7 +131,7 @@ class RayBackend:
         common, coord = _kwargs(spec, fed, flops)
         coord["data_parallel"] = ray_train.in_trial(layout.workers, spec.scheme)  # pooled on Ray Train, or None
         # Ship big arrays once through the object store; actors (and restarted ones) read them zero-copy.
-        for key in ("global_test", "global_val"):
+        for key in ("global_test", "global_val", "public"):
             common[key] = coord[key] = ray.put(common[key])
         self.coordinator_cpus = layout.coordinator_cpus
         started = self.pool.started

@@ -83,6 +83,11 @@ class Client:
     whole: ClassVar[bool] = True  # every key of the model is sent and merged (FedPer keeps its head home)
     local_sgd: ClassVar[bool] = True  # the step is local SGD (FedSGD sends one full-shard gradient instead)
 
+    def received(self, inst: Institution, global_state: State | None) -> State | None:
+        """What of the global state this institution receives (and so starts from, and is booked for); FedAvg: all of
+        it. FedDF, whose global state holds one model per architecture, gives each institution its own architecture's."""
+        return global_state
+
     def pull(self) -> float:
         """Weight of a proximal pull towards the start state (FedProx's mu); 0: none."""
         return 0.0
@@ -143,6 +148,7 @@ class Scheme:
     name: ClassVar[str] = "base"
     stragglers: str = "drop"  # past engine.round_deadline_s: drop (wait for nobody late) | partial (take work done so far)
     books_idle: ClassVar[bool] = False  # True when Books.book may change the rows of institutions not in the cohort
+    mixed_models: ClassVar[bool] = False  # True when institutions may train different architectures (no weight averaging)
 
     def select(self, ctx: RoundContext) -> tuple[str, ...]:
         """Pick this round's cohort out of ``ctx.cohort`` (all institutions), in scenario order."""
@@ -209,6 +215,17 @@ class Central(Protocol):
 
     def bind(self, trainer: Trainer) -> None:
         """Receive the coordinator's central trainer."""
+
+
+@runtime_checkable
+class Distils(Protocol):
+    """A scheme that works through an unlabeled public set (knowledge distillation: feddf, fedmd)."""
+
+    def attach_public(self, x_public: np.ndarray, build: Callable[[str], torch.nn.Module],
+                      archs: Mapping[str, str], state: State) -> State | None:
+        """Meet the public set's inputs, a builder of each architecture's model (seeded like the institutions'),
+        each institution's architecture (name -> arch) and the coordinator's starting state, before round 1; return
+        the global state to start from instead (None keeps it)."""
 
 
 def checked(scheme: Any, specs: Sequence[InstitutionSpec]) -> None:

@@ -17,6 +17,8 @@ from sim.core.types import LocalPlan, RoundContext, State, Update
 class Isolated(Scheme):
     """Each institution keeps and scores its own personal model; the global state never changes."""
 
+    mixed_models = True  # nothing is averaged: each institution may train an architecture of its own
+
     def __init__(self, *, cohort_fraction: float = 1.0):
         self.cohort_fraction = check_range("cohort_fraction", cohort_fraction, 0.0, 1.0, low_open=True)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 SMOKE = ["smoke=true", "engine.backend=inprocess"]
 EXPERIMENTS = ["async", "cheaters", "digits_label_skew", "slow_hardware", "small_sites", "stragglers", "trust",
-               "foundation_docstrings"]
+               "foundation_docstrings", "heterogeneous_models"]
 SCHEMES = ["isolated", "pooled", "fedavg", "fedprox", "fedsgd", "fedavgm", "fedadam", "fedyogi", "scaffold", "qffl",
            "ditto", "fedper", "finetune", "reptile", "dp_fedavg", "fedasync", "fedbuff"]
 TEN = ["scenario.num_institutions=10", "+experiment=cheaters"]
@@ -56,6 +56,9 @@ def runs() -> dict[str, list[str]]:
     out["ditto_cheaters"] = ["scheme=ditto", "+experiment=cheaters"]
     out["novec_fedprox"] = ["scheme=fedprox", "engine.vectorise=false"]
     out["logreg_fedprox"] = ["scheme=fedprox", "model=logreg", "scenario.num_institutions=30"]
+    for s in ["feddf", "fedmd"]:  # distillation needs a public set; and institutions of two architectures
+        out[f"scheme_{s}"] = [f"scheme={s}", "data.public={source: heldout, rows: 300}"]
+        out[f"mixed_{s}"] = [f"scheme={s}", "scenario=mixed_models", "data=digits", "data.public={source: heldout, rows: 200}"]
     return out
 
 

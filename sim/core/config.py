@@ -23,7 +23,7 @@ from sim.core import legacy, schema
 from sim.core.scenario import build_scenario, from_sites, uses_sites
 from sim.core.schema import CLUSTER, ENGINE, GPU_POLICIES, PLACEMENTS, RESULTS, TOP, TRAINING, check_group
 from sim.core.stragglers import StragglerSpec, load as load_stragglers
-from sim.core.types import ConfigError, Scenario, TrainingSpec, defaults, listing
+from sim.core.types import CONFIG, ConfigError, Scenario, TrainingSpec, defaults, listing
 
 log = logging.getLogger("collabsim")
 
@@ -76,6 +76,9 @@ class RunSpec:
     select: str = "best_val"  # results.select: which round's model each institution is reported with (sim.core.results)
     # The features that wrap the scheme (agents/wrappers): group -> its config, only those that wrap something
     wrappers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Architectures institutions declare of their own (scenario rows' ``model``): name -> model config; the run's
+    # ``model`` is not among them (institutions without one, or with one that equals it, train that)
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     config: Mapping[str, Any] = field(default_factory=dict, compare=False)  # the validated config, as written to config.yaml
 
     @property
@@ -116,6 +119,11 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
     # Where a run was resumed from, whether it may replace an earlier run's files and what its compute is priced at
     # are not what it is: none of them changes a number it computes.
     hashed = {k: v for k, v in c.items() if k not in ("resume", "overwrite", "costs")}
+    if isinstance(hashed.get("data"), Mapping) and "public" in hashed["data"] and hashed["data"]["public"] is None:
+        # no public set (the default) is what every run had before the key existed: the same config, the same run id
+        hashed["data"] = {k: v for k, v in hashed["data"].items() if k != "public"}
+    model = legacy.model(_group(c, "model"))
+    scenario, models = own_models(scenario, model)
     spec = RunSpec(
         seed=seed,
         rounds=rounds,
@@ -124,7 +132,8 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
         scheme_name=scheme_name,
         scheme=scheme_cfg,
         wrappers=wrappers,
-        model=legacy.model(_group(c, "model")),
+        model=model,
+        models=models,
         data=_group(c, "data"),
         training=replace(_training(c.get("training") or {}), rounds=rounds),
         engine=engine,
@@ -139,6 +148,28 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
     )
     check_address(spec.cluster.get("address"))  # cheap, so before the groups are built
     return spec
+
+
+def own_models(scenario: Scenario, model: Mapping[str, Any]) -> tuple[Scenario, dict[str, dict[str, Any]]]:
+    """The scenario with each institution's own ``model`` resolved (conf/model/<name>.yaml), and those models by name.
+
+    An institution whose model equals the run's ``model`` trains the run's architecture: its ``model`` is cleared, so
+    only institutions that really differ count as heterogeneous (and are named when a scheme refuses them)."""
+    folder = CONFIG.parent / "model"
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
+    models: dict[str, dict[str, Any]] = {}
+    specs = []
+    for s in scenario.institutions:
+        if s.model is not None and s.model not in models:
+            if s.model not in known:
+                raise ConfigError(f"scenario.institutions[{s.index}].model", f"unknown model {s.model!r} for "
+                                  f"'{s.name}'; choose one of {', '.join(known)} (conf/model/), or remove it for the "
+                                  "run's model")
+            models[s.model] = OmegaConf.to_container(OmegaConf.load(folder / f"{s.model}.yaml"), resolve=True)
+        same = s.model is not None and dict(models[s.model]) == dict(model)
+        specs.append(replace(s, model=None) if same else s)
+    used = {s.model for s in specs if s.model is not None}
+    return replace(scenario, institutions=tuple(specs)), {k: v for k, v in models.items() if k in used}
 
 
 def _resumed(run_dir: str, schemes: Mapping[str, str]) -> RunSpec:

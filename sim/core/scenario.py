@@ -197,6 +197,7 @@ def _institution(i: int, row: Any, faults: dict[str, float], settings: Mapping[s
         bandwidth_mbps=number("bandwidth_mbps", 100.0),
         latency_s=number("latency_s", 0.05),
         **{k: number(k, v) for k, v in faults.items()},
+        model=row.get("model"),
     )
     return _behaving(spec, behaviour, {**settings, **{k: row[k] for k in BEHAVIOUR_SETTINGS if k in row}}, key)
 

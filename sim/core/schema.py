@@ -258,6 +258,7 @@ INSTITUTION = {
     "speed": Field("float", 0.0, low_open=True),
     "availability": PROBABILITY,
     "failure_rate": PROBABILITY,
+    "model": Field("str", null=True),  # its own architecture: a conf/model/<name>.yaml (null: the run's model)
 }
 BEHAVIOUR_SETTINGS = {
     "behaviour_noise": Field("float", 0.0),  # free_rider: std of the Gaussian noise on the model it sends back
@@ -291,7 +292,8 @@ _PARTITION = {"dirichlet_alpha": Field("float", 0.0, low_open=True), "quantity_e
 _TEXT = {"max_length": Field("int", 2, 512), "max_rows_per_institution": Field("int", 1, null=True)}
 _COMMON = {"name": Field("str", choices=DATASETS), "partition": Field("str", choices=PARTITIONS),
            "test_fraction": Field("float", 0.0, 1.0, low_open=True, high_open=True),
-           "val_fraction": Field("float", 0.0, 1.0, high_open=True)}
+           "val_fraction": Field("float", 0.0, 1.0, high_open=True),
+           "public": Field("group", null=True)}  # unlabeled public set for distillation (sim.core.data.public)
 DATA = {
     "synthetic": {**_COMMON, "num_samples": Field("int", 1, MAX_SAMPLES), "dim": Field("int", 1, MAX_WIDTH),
                   "num_classes": Field("int", 2, MAX_WIDTH), "alpha": Field("float", 0.0), "beta": Field("float", 0.0),

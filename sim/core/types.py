@@ -68,6 +68,10 @@ def spoken(items: Any, limit: int = 4) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+RUN_ARCH = "model"
+"""Architecture key of institutions that declare no model of their own: they train the run's ``model``."""
+
+
 class RunFailed(RuntimeError):
     """A run stopped before its last round (a lost coordinator, an unrecoverable host); ``resume`` continues it."""
 
@@ -93,6 +97,12 @@ class InstitutionSpec:
     dp_noise_multiplier: float = 0.0  # sample-level DP-SGD in its local step (sim.core.dp_sgd): noise std / clip norm; 0 = off
     dp_clip_norm: float = 0.0  # DP-SGD: L2 bound on each sample's gradient
     dp_delta: float = 1e-5  # DP-SGD: the delta its epsilon is reported for
+    model: str | None = None  # its own architecture (a conf/model/<name>.yaml); None = the run's model
+
+    @property
+    def arch(self) -> str:
+        """The architecture it trains, as states and hosts key it: its own model's name, or ``model`` (the run's)."""
+        return self.model or RUN_ARCH
 
     @property
     def private(self) -> bool:
@@ -147,6 +157,7 @@ class Federation:
     num_classes: int
     x_val: np.ndarray | None = None  # global validation set: the union of the institutions' validation splits
     y_val: np.ndarray | None = None
+    x_public: np.ndarray | None = None  # data.public: unlabeled rows no institution trains, validates or tests on
 
 
 CONFIG = Path(__file__).resolve().parents[2] / "conf" / "config.yaml"

@@ -33,7 +33,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from sim.core.data import corruption, digits, docstrings, synthetic, table, text
+from sim.core.data import corruption, digits, docstrings, public, synthetic, table, text
 from sim.core.data.partition import FEATURE_SKEW, MIN_TRAIN, PARTITIONS, VALIDATION, Pool, check_sizes, num_test, stream
 from sim.core.types import ConfigError, Federation, Scenario, Shard, listing
 
@@ -48,7 +48,7 @@ DATASETS: dict[str, Callable[..., Pool]] = {
 
 _MODULES = {"synthetic": synthetic, "digits": digits, "table": table, "text": text, "docstrings": docstrings}
 TEXT = ("text", "docstrings")  # datasets whose samples are texts, tokenised once by build_federation
-COMMON = {"val_fraction": 0.15}
+COMMON = {"val_fraction": 0.15, "public": None}
 """Keys every dataset takes (handled here, not by the builders)."""
 
 
@@ -106,6 +106,7 @@ def check_data(data: Mapping, scenario: Scenario, model: Mapping | None = None) 
     vf = cfg["val_fraction"]
     if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 <= vf < 1:
         raise ConfigError("data.val_fraction", f"must be at least 0 and below 1, got {vf!r}")
+    public.settings(cfg)
     _MODULES[cfg["name"]].check(cfg, scenario)
 
 
@@ -124,8 +125,11 @@ def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: boo
         pool = pool._replace(x=text.tokenize(pool.x, model, cfg["max_length"]))
     check_sizes(scenario.names, [len(tr) for tr, _ in pool.parts], [len(te) for _, te in pool.parts],
                 "scenario.institutions", "raise its share or give the dataset more samples")
+    shared, pool_parts = None, pool.parts
+    if (wanted := public.settings(cfg)) is not None:  # before validation rows: those stay each institution's own
+        shared, pool_parts = public.carve(pool.parts, wanted[1], int(seed), scenario)
     parts = [(*hold_out(train, cfg["val_fraction"], seed, spec.index, spec.name), test)
-             for spec, (train, test) in zip(scenario.institutions, pool.parts)]
+             for spec, (train, test) in zip(scenario.institutions, pool_parts)]
     _check_behaviours(scenario.institutions, pool.x.shape[1:], int(pool.num_classes), is_text)
     shards = []
     for spec, (train, val, test) in zip(scenario.institutions, parts):
@@ -149,6 +153,8 @@ def build_federation(data: Mapping, scenario: Scenario, seed: int, *, smoke: boo
         num_classes=int(pool.num_classes),
         x_val=np.concatenate([s.x_val for s in shards]),
         y_val=np.concatenate([s.y_val for s in shards]),
+        # inputs only, as the pool holds them (no institution's feature shift); their labels go nowhere
+        x_public=None if shared is None else pool.x[shared].astype(np.int64 if is_text else np.float32, copy=False),
     )
 
 

@@ -32,6 +32,7 @@ PARTITIONS = ("iid", "dirichlet", "quantity", "natural")
 SMOKE, PARTITION, SPLIT, FEATURE_SKEW, DISCIPLINE, INSTITUTION, SAMPLES = range(7)
 ROWS = 7  # the text datasets' per-institution row caps (sim.core.data.text.cap)
 VALIDATION = 8  # which training rows an institution holds out for validation (sim.core.data.build_federation)
+PUBLIC = 9  # which training rows go to the unlabeled public set instead (sim.core.data.public)
 
 MIN_TRAIN, MIN_TEST = 4, 2  # below this an institution can neither train nor be scored
 SMOKE_SAMPLES = 600  # samples kept under smoke=True (more if the smallest share needs them)

@@ -22,7 +22,7 @@ from torch import nn
 from sim.core.models.nets import cnn, logreg, mlp
 from sim.core.types import ConfigError, State
 
-__all__ = ["build_model", "cnn", "get_state", "logreg", "mlp", "model_flops", "set_state"]
+__all__ = ["build_model", "cnn", "fits", "get_state", "logreg", "mlp", "model_flops", "set_state"]
 
 _HYDRA_KEYS = {"_target_", "_convert_", "_recursive_", "_partial_", "_args_"}
 
@@ -96,6 +96,12 @@ def check_state_keys(own: Mapping[str, Any], state: State, whose: str = "") -> N
     unknown = [k for k in state if k not in own]
     if unknown:
         raise KeyError(f"state has keys the model does not: {unknown[:5]}" + (f" ({whose})" if whose else ""))
+
+
+def fits(model: nn.Module, state: State) -> bool:
+    """Whether ``state`` names only keys of ``model``'s state_dict (it is a state of this architecture)."""
+    own = model.state_dict()
+    return all(k in own for k in state)
 
 
 def set_state(model: nn.Module, state: State) -> None:

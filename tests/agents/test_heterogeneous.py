@@ -1,0 +1,131 @@
+"""Institutions of different architectures (scenario rows' ``model``) and the distillation schemes feddf and fedmd.
+
+End-to-end runs use the in-process backend on digits shrunk by ``smoke=true`` (600 images), two
+rounds of one local epoch and few distillation steps; each scheme's run is made once per module
+and compared exactly where two runs must agree (the same seed gives bit-identical numbers).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from sim.checks import load_spec
+from sim.cli import compose
+from sim.core import data
+from sim.core.data import public
+from sim.core.types import ConfigError
+from sim.engine import run
+
+ROWS = 60  # public rows: 60 x 10 classes x 4 bytes = 2,400 bytes of scores per institution and round
+BASE = ["data=digits", "scenario=mixed_models", "smoke=true", "rounds=2", "training.local_epochs=1",
+        "engine.backend=inprocess", f"data.public={{source: heldout, rows: {ROWS}}}", "results.select=last"]
+FAST = {"feddf": ["scheme.distill_steps=10"], "fedmd": ["scheme.digest_steps=5"], "isolated": []}
+MIXED = ("rural_clinic", "astro_institute", "credit_union")  # the scenario's logistic-regression institutions
+
+
+def config(scheme: str, *extra: str):
+    """A shrunken run of ``scheme`` on the mixed scenario."""
+    return compose("config", [*BASE, f"scheme={scheme}", *FAST.get(scheme, []), *extra])
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """One run per scheme (made on first use)."""
+    made = {}
+
+    def get(scheme: str):
+        if scheme not in made:
+            made[scheme] = run(config(scheme))
+        return made[scheme]
+
+    return get
+
+
+@pytest.mark.parametrize("scheme", ["fedavg", "fedprox", "scaffold", "ditto"])
+def test_weight_averaging_schemes_refuse_mixed_architectures_naming_them(scheme):
+    with pytest.raises(ConfigError) as e:
+        load_spec(config(scheme))
+    line = str(e.value)
+    assert "\n" not in line and f"scheme={scheme} averages model weights" in line
+    assert all(name in line for name in MIXED) and "city_hospital" not in line
+
+
+def test_distillation_needs_a_public_set_and_models_must_exist():
+    with pytest.raises(ConfigError, match="^data.public: scheme=feddf distils"):
+        load_spec(config("feddf", "data.public=null"))
+    with pytest.raises(ConfigError, match=r"institutions\[1\].model: unknown model 'resnet'"):
+        load_spec(config("isolated", "scenario.institutions.1.model=resnet"))
+
+
+def test_an_institution_naming_the_runs_own_model_is_not_heterogeneous():
+    spec = load_spec(config("fedavg", "model=logreg", "scenario=default", "+scenario.institutions.1.model=logreg"))
+    assert spec.models == {} and all(s.model is None for s in spec.scenario.institutions)
+
+
+def test_public_rows_come_out_of_training_rows_only():
+    spec = load_spec(config("isolated"))
+    plain = data.build_federation({**spec.data, "public": None}, spec.scenario, 0, smoke=True)
+    fed = data.build_federation(spec.data, spec.scenario, 0, smoke=True)
+    assert len(fed.x_public) == ROWS and plain.x_public is None
+    trained = lambda f: sum(s.num_train + len(s.y_val) for s in f.shards)  # noqa: E731
+    assert trained(plain) - trained(fed) == ROWS
+    pd.testing.assert_series_equal(pd.Series(plain.y_test), pd.Series(fed.y_test))  # test splits do not move
+
+
+def test_feddf_keeps_one_model_per_architecture_and_books_each_its_own(runs):
+    ledger = runs("feddf").ledger
+    rows = ledger[(ledger.institution != "global") & ledger.participated]
+    per = rows.groupby("institution").bytes_up.first()
+    mlp, logreg = (64 * 64 + 64 + 64 * 10 + 10) * 4, (64 * 10 + 10) * 4  # conf/model/mlp.yaml (hidden 64), logreg
+    assert {per[n] for n in MIXED} == {logreg} and set(per.drop(list(MIXED))) == {mlp}
+    assert (rows.bytes_down == rows.bytes_up).all()  # its architecture's distilled model comes back
+    scores = runs("feddf").metrics
+    assert {"global_accuracy", "global_loss"} <= set(scores[scores.institution == "city_hospital"].metric)
+
+
+def test_fedmd_sends_only_scores_on_the_public_set(runs):
+    ledger = runs("fedmd").ledger
+    rows = ledger[ledger.institution != "global"]
+    scores = ROWS * 10 * 4  # public rows x classes x float32
+    assert (rows.bytes_up == scores).all()
+    assert (rows[rows["round"] == 1].bytes_down == 0).all() and (rows[rows["round"] == 2].bytes_down == scores).all()
+    assert rows.participated.all() and len(rows) == 2 * 6
+
+
+def test_public_labels_are_never_used(runs, monkeypatch):
+    real = data.DATASETS["digits"]
+
+    def relabelled(cfg, scenario, seed, smoke):  # every public row gets another label
+        pool = real(cfg, scenario, seed, smoke)
+        rows, _ = public.carve(pool.parts, ROWS, seed, scenario)
+        y = pool.y.copy()
+        y[rows] = (y[rows] + 1) % 10
+        return pool._replace(y=y)
+
+    monkeypatch.setitem(data.DATASETS, "digits", relabelled)
+    pd.testing.assert_frame_equal(run(config("fedmd")).metrics, runs("fedmd").metrics)
+
+
+def test_feddf_is_deterministic(runs):
+    again = run(config("feddf"))
+    pd.testing.assert_frame_equal(again.metrics, runs("feddf").metrics)
+    pd.testing.assert_frame_equal(again.ledger.drop(columns=["compute_seconds"]),
+                                  runs("feddf").ledger.drop(columns=["compute_seconds"]))
+
+
+def test_isolated_trains_each_architecture_in_the_vectorised_step():
+    one = run(config("isolated"))
+    plain = run(config("isolated", "engine.vectorise=false"))
+    a = one.metrics.set_index(["round", "institution", "metric"]).value
+    b = plain.metrics.set_index(["round", "institution", "metric"]).value
+    assert (a - b).abs().max() < 1e-4  # the vectorised step matches the plain one to float rounding
+
+
+def test_fedmd_resumes_with_its_consensus(runs, tmp_path):
+    from stopping import Stop, stop_after
+
+    with pytest.raises(Stop):
+        run(config("fedmd", "checkpoint_every=1"), tmp_path / "cut", on_round=stop_after(1))
+    resumed = run(compose("config", [f"resume={tmp_path / 'cut'}"]))
+    pd.testing.assert_frame_equal(resumed.metrics.drop(columns="run_id"), runs("fedmd").metrics.drop(columns="run_id"))
