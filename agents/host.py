@@ -2,8 +2,9 @@
 
 ``Host`` is plain Python so the in-process backend and the tests use it directly;
 :mod:`agents.runtime.backend` wraps it as the Ray actor ``InstitutionHost`` with the resources
-its placement asks for. A host owns one working torch model and lends it to each of
-its institutions in turn, so memory stays flat however many it carries.
+its placement asks for. A host owns one working torch model per architecture its institutions
+train (the run's ``model``, and any a scenario row declares of its own) and lends it to each of
+them in turn, so memory stays flat however many it carries.
 """
 
 from __future__ import annotations

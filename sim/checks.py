@@ -109,7 +109,7 @@ def _check_models(spec: RunSpec, scheme: Any) -> None:
         mixed = [n for n, cls in SCHEMES.items() if getattr(cls, "mixed_models", False)]
         raise ConfigError(f"scenario.institutions[{own[0].index}].model", f"scheme={name} averages model weights, so "
                           f"every institution must train the run's model; {spoken(f'{s.name} ({s.model})' for s in own)} "
-                          f"declare{'s' if len(own) == 1 else ''} another: use {spoken(mixed)}, or remove their model")
+                          f"declare{'s' if len(own) == 1 else ''} another: use {', '.join(mixed[:-1])} or {mixed[-1]}, or remove their model")
     if isinstance(core(scheme), Distils) and spec.data.get("public") is None:
         raise ConfigError("data.public", f"scheme={name} distils on an unlabeled public set; set "
                           "data.public={source: heldout, rows: N} (rows no institution trains or tests on)")

@@ -238,6 +238,8 @@ def personal(scheme: Any) -> bool:
     """Whether each institution is scored on a model of its own (its own model, its own head, or the merged model
     adapted to its data first), not on the one shared model: what tasks whose label spaces differ per institution
     need. Asks the plan, so a wrapper (which passes the plan on) answers as the scheme it wraps."""
+    if isinstance(scheme, Distils):  # distillation needs one label space: the public set's scores are compared
+        return False
     plan = scheme.plan(1)
     return plan.evaluate == "personal" or bool((plan.client or PLAIN).adapts)
 

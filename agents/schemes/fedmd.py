@@ -31,11 +31,13 @@ import numpy as np
 from agents.schemes.base import Client, Scheme, Work, check_range, register, sample_cohort
 from agents.schemes.feddf import check_count
 from sim.core.distill import LOSSES, distil, logits
-from sim.core.types import ConfigError, LocalPlan, RoundContext, State, TrainingSpec, Update
+from sim.core.types import ConfigError, InstitutionSpec, LocalPlan, RoundContext, State, TrainingSpec, Update, spoken
 
 if TYPE_CHECKING:
     import torch
 
+WEIGHT_BEHAVIOURS = ("free_rider", "sign_flip", "scaled")
+"""Behaviours (agents/behaviours.py) that act on the weights an institution sends."""
 DIGEST_STREAM = 0xD16E57
 """Fourth element of the RNG key of an institution's digest step: (seed, institution, round, stream)."""
 
@@ -57,6 +59,14 @@ class FedMD(Scheme):
             raise ConfigError("scheme.loss", f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
         self.loss = loss
         self.consensus: np.ndarray | None = None  # the mean scores of the last round's cohort; None before any
+
+    def check(self, specs: Sequence[InstitutionSpec]) -> None:
+        """Behaviours that bend or withhold weights have no meaning when only scores cross: refuse them."""
+        bent = [s for s in specs if s.behaviour in WEIGHT_BEHAVIOURS]
+        if bent:
+            raise ConfigError(f"scenario.institutions[{bent[0].index}].behaviour", f"fedmd sends scores, not weights, "
+                              f"and {spoken(f'{s.name} ({s.behaviour})' for s in bent)} bend or withhold weights; use "
+                              "honest, noisy_labels or data_poisoning with fedmd")
 
     def attach_public(self, x_public: np.ndarray, build: Any, archs: Any, state: State) -> None:
         """Nothing to keep at the coordinator: institutions score and digest the public set themselves."""

@@ -56,6 +56,8 @@ def test_distillation_needs_a_public_set_and_models_must_exist():
         load_spec(config("feddf", "data.public=null"))
     with pytest.raises(ConfigError, match=r"institutions\[1\].model: unknown model 'resnet'"):
         load_spec(config("isolated", "scenario.institutions.1.model=resnet"))
+    with pytest.raises(ConfigError, match=r"institutions\[0\].behaviour: fedmd sends scores, not weights"):
+        load_spec(config("fedmd", "+scenario.institutions.0.behaviour=sign_flip"))
 
 
 def test_an_institution_naming_the_runs_own_model_is_not_heterogeneous():
