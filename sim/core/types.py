@@ -97,7 +97,7 @@ class InstitutionSpec:
     dp_noise_multiplier: float = 0.0  # sample-level DP-SGD in its local step (sim.core.dp_sgd): noise std / clip norm; 0 = off
     dp_clip_norm: float = 0.0  # DP-SGD: L2 bound on each sample's gradient
     dp_delta: float = 1e-5  # DP-SGD: the delta its epsilon is reported for
-    model: str | None = None  # its own architecture (a conf/model/<name>.yaml); None = the run's model
+    model: str | None = None  # its own architecture (a conf/model/<name>.yaml, e.g. logreg); null = the run's model
 
     @property
     def arch(self) -> str:
