@@ -75,8 +75,11 @@ def coalition_values(
     wanted = coalitions_needed(players, exact_max, permutations, seed)
     values: dict[frozenset, float] = {}
     t0 = time.perf_counter()
-    for members, (value, untrained) in map_tasks(_value, spec, [sorted(c) for c in wanted], cpus=cpus_per_coalition,
-                                                 cluster=spec.cluster):
+    if spec.data.get("views"):  # a few coalitions of views, each seconds of small bottoms: in this process, no Ray
+        done = ((sorted(c), _value(spec, sorted(c))) for c in wanted)
+    else:
+        done = map_tasks(_value, spec, [sorted(c) for c in wanted], cpus=cpus_per_coalition, cluster=spec.cluster)
+    for members, (value, untrained) in done:
         values[frozenset(members)], values[frozenset()] = value, untrained
         log.info("coalition %d/%d done (%d members)  %.0fs", len(values) - 1, len(wanted), len(members),
                  time.perf_counter() - t0)

@@ -116,6 +116,7 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
     # Where a run was resumed from, whether it may replace an earlier run's files and what its compute is priced at
     # are not what it is: none of them changes a number it computes.
     hashed = {k: v for k, v in c.items() if k not in ("resume", "overwrite", "costs")}
+    hashed = _without_unset_views(hashed)
     spec = RunSpec(
         seed=seed,
         rounds=rounds,
@@ -139,6 +140,16 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
     )
     check_address(spec.cluster.get("address"))  # cheap, so before the groups are built
     return spec
+
+
+def _without_unset_views(c: dict[str, Any]) -> dict[str, Any]:
+    """The config less the view keys of data (sim.core.data.views) when no views are set: runs of one feature space
+    keep the ids (config hashes) they had before views existed."""
+    data = c.get("data")
+    if not isinstance(data, Mapping) or data.get("views"):
+        return c
+    unset = {"views": None, "label_holder": None, "overlap": 1.0, "entity_column": None}
+    return {**c, "data": {k: v for k, v in data.items() if not (k in unset and v == unset[k])}}
 
 
 def _resumed(run_dir: str, schemes: Mapping[str, str]) -> RunSpec:
