@@ -26,6 +26,7 @@ import numpy as np
 
 from sim.checks import load_spec
 
+from sim.core import rundir
 from sim.core.config import RunSpec, saved_config
 from sim.core.types import GLOBAL, ConfigError
 
@@ -35,7 +36,8 @@ log = logging.getLogger("collabsim")
 def load_run_spec(run_dir: Path) -> RunSpec:
     """The validated spec of the run whose resolved config.yaml lies in ``run_dir``."""
     cfg = saved_config(run_dir, "run_dir", "pass a run directory written by python -m sim")
-    if "schemes" in cfg:
+    if "schemes" in cfg and (rundir.read_marker(run_dir, rundir.COMPARE_MARKER) or (Path(run_dir) / "runs").is_dir()):
+        # (an experiment's runs carry its schemes key too, and are single runs)
         raise ConfigError("run_dir", f"{run_dir} is a compare directory; pass one of its runs/<scheme> folders")
     return load_spec(cfg)
 

@@ -75,11 +75,16 @@ def run_views(spec: RunSpec, out: Path | None) -> Any:
     metrics, ledger, sim_time, wall0 = _scores(keys, 0, untrained, split, y, holder, discipline), [], 0.0, time.perf_counter()
     try:
         for r in range(1, spec.rounds + 1):
-            # 4. One epoch of per-batch exchanges (none without the label holder: nobody has labels).
-            loss, batches = model.epoch(split["train"], y[split["train"]], r) if model else (math.nan, 0)
+            # 4. training.local_epochs epochs of per-batch exchanges (none without the label holder: no labels).
+            epochs = spec.training.local_epochs if model else 0
+            loss, batches = math.nan, 0
+            for e in range(epochs):
+                loss, b = model.epoch(split["train"], y[split["train"]], r, e)
+                batches += b
             score = r % spec.engine.eval_every == 0 or r == spec.rounds
             scored = len(split["val"]) + len(split["test"]) if score and model else 0
-            moved = epoch_bytes(blocks, holder, len(split["train"]), arch.embedding_dim) if model else {}
+            moved = {p: (up * epochs, down * epochs) for p, (up, down) in
+                     epoch_bytes(blocks, holder, len(split["train"]), arch.embedding_dim).items()} if model else {}
             # 5. The ledger: what each institution sent and received, its compute and simulated time.
             round_rows = []
             for p in parties:
@@ -87,12 +92,12 @@ def run_views(spec: RunSpec, out: Path | None) -> Any:
                 if p in moved and p != holder:
                     up += FLOAT * arch.embedding_dim * scored
                 first = (0, 0)
-                if r == 1 and crossing:  # the alignment and (pooled) the raw views, once
-                    first = alignment.bytes_of(p)
+                if r == 1 and crossing and p != holder:  # the alignment and (pooled) the raw views, once, on the
+                    first = alignment.bytes_of(p)                    # partner's row (the hub's row books none)
                     if spec.scheme_name == "pooled" and p != holder and p in members:
                         first = (first[0] + FLOAT * x[p].size, first[1])
                 work = model.flops.get(p, 0) if model else 0
-                processed = len(split["train"]) if p in moved else 0
+                processed = len(split["train"]) * epochs if p in moved else 0
                 compute = compute_seconds(specs[p], processed, work) + (
                     compute_seconds(specs[p], scored, work) / 3 if scored and p in moved else 0.0)
                 transfer = batches * transfer_seconds(specs[p], up // max(batches, 1), down // max(batches, 1)) \

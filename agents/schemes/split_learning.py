@@ -137,13 +137,16 @@ class SplitModel:
             e = e + self.scheme.embedding_noise * torch.randn(e.shape, generator=noise)
         return e
 
-    def epoch(self, rows: np.ndarray, y: np.ndarray, round: int) -> tuple[float, int]:
-        """One pass over the training ``rows`` (labels ``y``) in a seeded order; (mean loss, batches)."""
+    def epoch(self, rows: np.ndarray, y: np.ndarray, round: int, again: int = 0) -> tuple[float, int]:
+        """One pass over the training ``rows`` (labels ``y``) in a seeded order, the ``again``-th of ``round`` (its
+        order and noise drawn from (seed, round, again); learning rate by round); (mean loss, batches)."""
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = self.training.lr * lr_scale(self.training.schedule, round, self.training)
-        order = np.random.default_rng([self.seed, round, 0x5B]).permutation(len(rows))
-        noise = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, round, NOISE_STREAM]).integers(2**62)))
+        extra = [again, 2] if again else []  # the first pass of a round keeps its key (2: never a scoring key)
+        order = np.random.default_rng([self.seed, round, 0x5B, *extra]).permutation(len(rows))
+        noise = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, round, NOISE_STREAM, *extra])
+                                                  .integers(2**62)))
         labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
         losses, size = [], self.training.batch_size
         for start in range(0, len(order), size):

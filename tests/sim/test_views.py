@@ -35,7 +35,7 @@ def table(tmp_path_factory) -> str:
 def cfg(table: str, *overrides: str):
     """A vertical run config on the tiny table, in this process."""
     return compose("config", ["data=table", f"data.path={table}", PARTIES, VIEWS, "data.label_holder=hospital",
-                              "data.entity_column=pid", "scheme=split_learning", "rounds=8", "training.lr=0.01",
+                              "data.entity_column=pid", "scheme=split_learning", "rounds=8", "training.local_epochs=1", "training.lr=0.01",
                               "training.optimizer=adamw", "training.schedule=constant", "engine.backend=inprocess",
                               "checkpoint_every=0", *overrides])
 
@@ -130,7 +130,8 @@ def test_bytes_per_epoch_are_embeddings_up_and_gradients_down(runs) -> None:
     up, down = epoch_bytes([Block("bank", ("bank",))], "hospital", train, 16)["bank"]
     assert (int(led.loc[(2, "bank"), "bytes_up"]), int(led.loc[(2, "bank"), "bytes_down"])) == \
         (up + FLOAT * 16 * (val + test), down) == (4 * 16 * (train + val + test), 4 * 16 * train)
-    assert led.loc[(2, "hospital"), "bytes_up"] == 0  # the label holder is the hub: its own embeddings never cross
+    # the label holder is the hub (as the coordinator is): what it exchanges is booked once, on its partners' rows
+    assert led.loc[[(1, "hospital"), (2, "hospital")], ["bytes_up", "bytes_down"]].to_numpy().sum() == 0
     # Assert: round 1 adds the private set intersection (32-byte points both ways, positions down)
     psi = bytes_of_alignment({"hospital": 600, "bank": 600}, "hospital", 600)["bank"]
     assert int(led.loc[(1, "bank"), "bytes_up"]) == up + FLOAT * 16 * (val + test) + psi[0]
@@ -143,3 +144,23 @@ def test_code_structure_counts_what_the_source_holds() -> None:
     assert (row["args"], row["defaults"], row["kwonly"], row["varargs"], row["varkw"], row["decorators"]) == \
         (2, 2, 1, 1, 1, 1)
     assert (row["raises"], row["yields"], row["returns"], row["nesting"], row["lines"]) == (1, 1, 1, 2, 6)
+
+
+def test_the_summary_says_the_parties_without_labels_get_nothing_alone(runs) -> None:
+    from sim.core.caveats import caveats
+
+    said = caveats([runs["split_learning"].config])
+    assert any(s.startswith("bank holds a view of the same entities but no labels") for s in said), said
+
+
+def test_coalitions_of_views_value_each_view_and_labels(table, tmp_path) -> None:
+    from sim.contribution import coalition_values
+    from sim.engine import run
+
+    # Prepare: a run directory of split learning on the tiny table, two epochs a round
+    run(cfg(table, "training.local_epochs=2", "rounds=4"), tmp_path / "run")
+    # Execute: every coalition of the two views, in this process
+    values, players = coalition_values(tmp_path / "run")
+    full, hospital, bank, empty = (values[frozenset(c)] for c in (players, {"hospital"}, {"bank"}, ()))
+    # Assert: without the label holder nobody trains (the untrained model's score); each view adds to the other
+    assert bank == empty and full > hospital + 0.05 and hospital > empty
