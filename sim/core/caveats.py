@@ -24,7 +24,8 @@ def invented_institutions(config: Mapping[str, Any]) -> str | None:
     a partition other than natural) is dealt out to the scenario's own list of institutions: the
     gains are then those of invented partners, not of the sites in the file."""
     data, scenario = config.get("data") or {}, config.get("scenario") or {}
-    if not isinstance(data, Mapping) or data.get("name") not in ("table", "text") or data.get("partition") == "natural":
+    if not isinstance(data, Mapping) or data.get("name") not in ("table", "text") or data.get("partition") == "natural" \
+            or data.get("views"):  # views: every institution holds columns of the same rows, none is dealt rows
         return None
     if not isinstance(scenario, Mapping) or scenario.get("from_data") != "auto":
         return None  # a scenario the user chose (its own file, or from_data=false): the spread is what was asked for
