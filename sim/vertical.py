@@ -61,8 +61,9 @@ def run_views(spec: RunSpec, out: Path | None) -> Any:
     split = _split(len(y), spec.data["test_fraction"], spec.data.get("val_fraction", 0.0), spec.seed)
     num_classes = len(views.classes)
     plain = SplitLearning(embedding_dim=arch.embedding_dim, top_hidden=arch.top_hidden)  # no noise: round 0 alike
-    untrained = SplitModel(layout("split_learning" if len(parties) > 1 else "isolated", parties, holder, parties), x,
-                           holder, num_classes, hidden=_hidden(spec), scheme=plain, training=spec.training, seed=spec.seed)
+    everyone = layout("split_learning" if len(parties) > 1 else "isolated", parties, holder, parties)
+    untrained = SplitModel(everyone, x, holder, num_classes, hidden=_hidden(spec), scheme=plain, training=spec.training,
+                           seed=spec.seed)
     model = SplitModel(blocks, x, holder, num_classes, hidden=_hidden(spec), scheme=arch, training=spec.training,
                        seed=spec.seed) if blocks else None
     crossing = spec.scheme_name != "isolated" and len({p for b in blocks for p in b.views}) > 1
@@ -72,7 +73,8 @@ def run_views(spec: RunSpec, out: Path | None) -> Any:
     _open(out, spec)
     mark = _status_writer(out, spec)
     mark("running", 0)
-    metrics, ledger, sim_time, wall0 = _scores(keys, 0, untrained, split, y, holder, discipline), [], 0.0, time.perf_counter()
+    metrics, ledger, sim_time = _scores(keys, 0, untrained, split, y, holder, discipline), [], 0.0
+    wall0 = time.perf_counter()
     try:
         for r in range(1, spec.rounds + 1):
             # 4. training.local_epochs epochs of per-batch exchanges (none without the label holder: no labels).
@@ -104,12 +106,13 @@ def run_views(spec: RunSpec, out: Path | None) -> Any:
                     if up or down else 0.0
                 transfer += transfer_seconds(specs[p], *first)
                 total = compute + transfer
+                took_part = p in moved or first != (0, 0)
                 round_rows.append(keys | {
-                    "round": r, "institution": p, "participated": p in moved or first != (0, 0), "bytes_up": up + first[0],
+                    "round": r, "institution": p, "participated": took_part, "bytes_up": up + first[0],
                     "bytes_down": down + first[1], "compute_seconds": 0.0, "simulated_seconds": total,
                     "sim_compute_seconds": compute, "trained_by": p, "data_bytes": 0, "compute_given_seconds": 0.0,
                     "compute_taken_seconds": 0.0, "solo_seconds": total, "samples": processed,
-                    "epsilon": math.nan, "staleness": math.nan, "status": "ok" if p in moved or first != (0, 0) else "idle",
+                    "epsilon": math.nan, "staleness": math.nan, "status": "ok" if took_part else "idle",
                     "work_done": 1.0 if p in moved else 0.0})
             # Per batch the label holder waits for the slowest party, then runs the top: the round is the slowest row.
             sim_time += max(row["simulated_seconds"] for row in round_rows)
@@ -148,7 +151,8 @@ def _split(n: int, test_fraction: float, val_fraction: float, seed: int) -> dict
     order = stream(seed, SPLIT, 0).permutation(n)
     test = num_test(n, test_fraction)
     val = num_test(n - test, val_fraction) if val_fraction > 0 else 0
-    parts = {"test": np.sort(order[:test]), "val": np.sort(order[test:test + val]), "train": np.sort(order[test + val:])}
+    parts = {"test": np.sort(order[:test]), "val": np.sort(order[test:test + val]),
+             "train": np.sort(order[test + val:])}
     if min(len(parts["test"]), len(parts["train"])) < 2:
         raise ConfigError("data.views", f"the institutions hold {n} entities in common, too few to train and test on; "
                           "raise data.overlap or give the views more entities")

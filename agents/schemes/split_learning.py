@@ -153,7 +153,8 @@ class SplitModel:
             batch = order[start:start + size]
             sent = {b.party: self._embed(b.party, rows[batch], noise) for b in self.blocks}
             # What crosses: each party's embeddings as float32 arrays, the label holder's gradients back.
-            crossed = {p: torch.from_numpy(e.detach().numpy().astype(np.float32)).requires_grad_() for p, e in sent.items()}
+            crossed = {p: torch.from_numpy(e.detach().numpy().astype(np.float32)).requires_grad_()
+                       for p, e in sent.items()}
             loss = nn.functional.cross_entropy(self.top(torch.cat([crossed[b.party] for b in self.blocks], dim=1)),
                                                labels[batch])
             for opt in self.optimizers.values():
@@ -169,7 +170,8 @@ class SplitModel:
     @torch.no_grad()
     def score(self, rows: np.ndarray, y: np.ndarray, round: int) -> tuple[float, float]:
         """(accuracy, mean loss) on ``rows``; the embeddings sent for it carry the same noise as in training."""
-        noise = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, round, NOISE_STREAM, 1]).integers(2**62)))
+        key = np.random.default_rng([self.seed, round, NOISE_STREAM, 1]).integers(2**62)
+        noise = torch.Generator().manual_seed(int(key))
         logits = self.top(torch.cat([self._embed(b.party, rows, noise) for b in self.blocks], dim=1))
         labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
         return float((logits.argmax(1) == labels).float().mean()), float(nn.functional.cross_entropy(logits, labels))

@@ -16,7 +16,8 @@ from sim.cli import compose
 from sim.core.data.code_structure import features
 from sim.core.types import GLOBAL, ConfigError
 
-PARTIES = "scenario.institutions=[{name:hospital,discipline:medicine,share:0.5},{name:bank,discipline:finance,share:0.5}]"
+PARTIES = ("scenario.institutions=[{name:hospital,discipline:medicine,share:0.5},"
+           "{name:bank,discipline:finance,share:0.5}]")
 VIEWS = "data.views={hospital:[a1,a2],bank:[b1,b2]}"
 
 
@@ -35,7 +36,8 @@ def table(tmp_path_factory) -> str:
 def cfg(table: str, *overrides: str):
     """A vertical run config on the tiny table, in this process."""
     return compose("config", ["data=table", f"data.path={table}", PARTIES, VIEWS, "data.label_holder=hospital",
-                              "data.entity_column=pid", "scheme=split_learning", "rounds=8", "training.local_epochs=1", "training.lr=0.01",
+                              "data.entity_column=pid", "scheme=split_learning", "rounds=8", "training.local_epochs=1",
+                              "training.lr=0.01",
                               "training.optimizer=adamw", "training.schedule=constant", "engine.backend=inprocess",
                               "checkpoint_every=0", *overrides])
 
@@ -138,8 +140,8 @@ def test_bytes_per_epoch_are_embeddings_up_and_gradients_down(runs) -> None:
 
 
 def test_code_structure_counts_what_the_source_holds() -> None:
-    src = "@cache\ndef f(a, b=1, *rest, c=2, **kw) -> int:\n    if a:\n        for x in rest:\n            raise ValueError\n" \
-          "    yield b\n    return g(a)\n"
+    src = ("@cache\ndef f(a, b=1, *rest, c=2, **kw) -> int:\n    if a:\n        for x in rest:\n"
+           "            raise ValueError\n    yield b\n    return g(a)\n")
     row = features(ast.parse(src).body[0])
     assert (row["args"], row["defaults"], row["kwonly"], row["varargs"], row["varkw"], row["decorators"]) == \
         (2, 2, 1, 1, 1, 1)

@@ -53,7 +53,8 @@ def features(node: ast.AST) -> dict[str, float]:
         row.update(args=len(a.posonlyargs) + len(a.args), posonly=len(a.posonlyargs), kwonly=len(a.kwonlyargs),
                    varargs=float(a.vararg is not None), varkw=float(a.kwarg is not None),
                    defaults=len(a.defaults) + sum(d is not None for d in a.kw_defaults),
-                   annotated=sum(x.annotation is not None for x in every), returns_annotated=float(node.returns is not None),
+                   annotated=sum(x.annotation is not None for x in every),
+                   returns_annotated=float(node.returns is not None),
                    is_async=float(isinstance(node, ast.AsyncFunctionDef)))
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         row["decorators"] = len(node.decorator_list)
@@ -66,8 +67,10 @@ def features(node: ast.AST) -> dict[str, float]:
                branches=count(ast.If, ast.IfExp), loops=count(ast.For, ast.AsyncFor, ast.While), tries=count(ast.Try),
                withs=count(ast.With, ast.AsyncWith), assigns=count(ast.Assign, ast.AugAssign, ast.AnnAssign),
                nesting=_nesting(node),  # defs below the node (a class's methods), the node itself not counted
-               defs=count(ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef) - float(not isinstance(node, ast.Module)),
-               lambdas=count(ast.Lambda), comprehensions=count(ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp),
+               defs=count(ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+               - float(not isinstance(node, ast.Module)),
+               lambdas=count(ast.Lambda),
+               comprehensions=count(ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp),
                imports=count(ast.Import, ast.ImportFrom), asserts=count(ast.Assert))
     if isinstance(node, ast.Module):
         row["lines"] = max((getattr(n, "end_lineno", 0) or 0) for n in node.body) if node.body else 0
