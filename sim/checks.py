@@ -10,6 +10,7 @@ line naming the key, before any actor starts.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -65,6 +66,7 @@ def _check_groups(spec: RunSpec) -> None:
         raise ConfigError("engine.round_deadline_s", f"{spec.scheme_name} is asynchronous: no round waits for its "
                           "slowest member, so there is no deadline to miss; set engine.round_deadline_s=null")
     _check_models(spec, scheme)
+    _check_views(spec, scheme)
     _check_dp_sgd(spec, scheme)
     _check_budget(spec, scheme)
     schema.check_data_types(spec.data)
@@ -136,6 +138,34 @@ def _check_model(spec: RunSpec, key: str, cfg: Any) -> None:
                               "text model (tiny_transformer, minilm)")
         with torch.device("meta"):
             build_model(cfg, (1, 8, 8) if target.endswith("cnn") else (4,), 2, seed=0)
+
+
+def _check_views(spec: RunSpec, scheme: Any) -> None:
+    """Views of the same entities (data.views) run isolated, split_learning or pooled, unwrapped, with MLP bottoms;
+    split_learning needs views."""
+    from agents.schemes.split_learning import VERTICAL
+    from agents.wrappers.base import layers
+    from sim.core.data.views import uses_views
+
+    wrapped = layers(scheme)
+    if wrapped and (uses_views(spec.data) or spec.scheme_name == "split_learning"):
+        fix = "mean" if wrapped[-1].group == "aggregator" else "none"
+        raise wrapped[-1].refuse("views exchange embeddings per batch, not models to merge (noise on them: "
+                                 "scheme.embedding_noise)", f"set {wrapped[-1].group}={fix}")
+    if not uses_views(spec.data):
+        if spec.scheme_name == "split_learning":
+            raise ConfigError("data.views", "split_learning trains a bottom model on each institution's view of the same "
+                              "entities: set data.views={institution: [columns], ...} (data=table) or {institution: "
+                              "text | code} (data=docstrings) and data.label_holder")
+        return
+    if spec.scheme_name not in VERTICAL:
+        raise ConfigError("scheme", f"{spec.scheme_name} trains one model over one feature space; with data.views "
+                          f"(institutions holding different columns of the same entities) use {', '.join(VERTICAL)}")
+    if spec.model.get("_target_") != "sim.core.models.mlp":
+        raise ConfigError("model", "views train an MLP bottom model on each view (tf-idf for text): use model=mlp")
+    if importlib.util.find_spec("cryptography") is None:
+        raise ConfigError("data.views", "aligning the institutions' entities (private set intersection over Curve25519) "
+                          "needs the cryptography package: pip install -c constraints.txt -e '.[vertical]'")
 
 
 def _check_budget(spec: RunSpec, scheme: Any) -> None:

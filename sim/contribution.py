@@ -26,6 +26,7 @@ import numpy as np
 
 from sim.checks import load_spec
 
+from sim.core import rundir
 from sim.core.config import RunSpec, saved_config
 from sim.core.types import GLOBAL, ConfigError
 
@@ -35,7 +36,8 @@ log = logging.getLogger("collabsim")
 def load_run_spec(run_dir: Path) -> RunSpec:
     """The validated spec of the run whose resolved config.yaml lies in ``run_dir``."""
     cfg = saved_config(run_dir, "run_dir", "pass a run directory written by python -m sim")
-    if "schemes" in cfg:
+    if "schemes" in cfg and (rundir.read_marker(run_dir, rundir.COMPARE_MARKER) or (Path(run_dir) / "runs").is_dir()):
+        # (an experiment's runs carry its schemes key too, and are single runs)
         raise ConfigError("run_dir", f"{run_dir} is a compare directory; pass one of its runs/<scheme> folders")
     return load_spec(cfg)
 
@@ -75,8 +77,11 @@ def coalition_values(
     wanted = coalitions_needed(players, exact_max, permutations, seed)
     values: dict[frozenset, float] = {}
     t0 = time.perf_counter()
-    for members, (value, untrained) in map_tasks(_value, spec, [sorted(c) for c in wanted], cpus=cpus_per_coalition,
-                                                 cluster=spec.cluster):
+    if spec.data.get("views"):  # a few coalitions of views, each seconds of small bottoms: in this process, no Ray
+        done = ((sorted(c), _value(spec, sorted(c))) for c in wanted)
+    else:
+        done = map_tasks(_value, spec, [sorted(c) for c in wanted], cpus=cpus_per_coalition, cluster=spec.cluster)
+    for members, (value, untrained) in done:
         values[frozenset(members)], values[frozenset()] = value, untrained
         log.info("coalition %d/%d done (%d members)  %.0fs", len(values) - 1, len(wanted), len(members),
                  time.perf_counter() - t0)

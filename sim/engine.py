@@ -77,6 +77,11 @@ def run(
     if spec.resume and checkpoint.read_status(out).get("state") == "complete":
         log.info("[%s] %s is complete; nothing to resume", spec.scheme_name, out)
         return _read_run(spec.run_id, out, spec.config)
+    if spec.data.get("views"):  # institutions hold different views of the same entities: per-batch exchange (a
+        # stopped one starts again: its epochs take seconds)
+        from sim.vertical import run_views
+
+        return run_views(spec, out)
     # 2. Data: every institution's shard and the global test set (the same whatever the coalition); built before the
     #    run directory is written, so a refusal of the data (a poisoner's target label, say) leaves nothing behind.
     with Heartbeat(f"[{spec.scheme_name}]") as beat:  # a step over 10 s says so (tokenising, a corpus, ...)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 SMOKE = ["smoke=true", "engine.backend=inprocess"]
 EXPERIMENTS = ["async", "cheaters", "digits_label_skew", "slow_hardware", "small_sites", "stragglers", "trust",
-               "foundation_docstrings", "heterogeneous_models"]
+               "foundation_docstrings", "heterogeneous_models", "multimodal_views"]
 SCHEMES = ["isolated", "pooled", "fedavg", "fedprox", "fedsgd", "fedavgm", "fedadam", "fedyogi", "scaffold", "qffl",
            "ditto", "fedper", "finetune", "reptile", "dp_fedavg", "fedasync", "fedbuff"]
 TEN = ["scenario.num_institutions=10", "+experiment=cheaters"]
@@ -32,6 +32,7 @@ def runs() -> dict[str, list[str]]:
     """Name -> overrides of every single run the capture makes."""
     out = {f"scheme_{s}": [f"scheme={s}"] for s in SCHEMES}
     out["scheme_compute_share"] = ["+experiment=slow_hardware", "scheme=compute_share"]
+    out["scheme_split_learning"] = ["+experiment=multimodal_views", "scheme=split_learning"]  # it needs views
     for rule in ["median", "trimmed_mean", "krum", "multi_krum", "norm_clip"]:
         extra = ["aggregator.krum_m=3"] if rule == "multi_krum" else []
         out[f"merge_{rule}"] = [*TEN, "scheme=fedavg", f"aggregator={rule}", *extra]

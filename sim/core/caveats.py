@@ -14,7 +14,7 @@ import pandas as pd
 
 from sim.core.types import spoken
 
-__all__ = ["caveats", "invented_institutions", "single_class", "unmoved"]
+__all__ = ["caveats", "invented_institutions", "single_class", "unmoved", "without_labels"]
 
 
 def invented_institutions(config: Mapping[str, Any]) -> str | None:
@@ -24,7 +24,8 @@ def invented_institutions(config: Mapping[str, Any]) -> str | None:
     a partition other than natural) is dealt out to the scenario's own list of institutions: the
     gains are then those of invented partners, not of the sites in the file."""
     data, scenario = config.get("data") or {}, config.get("scenario") or {}
-    if not isinstance(data, Mapping) or data.get("name") not in ("table", "text") or data.get("partition") == "natural":
+    if not isinstance(data, Mapping) or data.get("name") not in ("table", "text") or data.get("partition") == "natural" \
+            or data.get("views"):  # views: every institution holds columns of the same rows, none is dealt rows
         return None
     if not isinstance(scenario, Mapping) or scenario.get("from_data") != "auto":
         return None  # a scenario the user chose (its own file, or from_data=false): the spread is what was asked for
@@ -72,10 +73,26 @@ def unmoved(metrics: pd.DataFrame) -> str | None:
             "was merged (none arrived, or all were discarded); its accuracies are those of the untrained model")
 
 
+def without_labels(config: Mapping[str, Any]) -> str | None:
+    """The sentence for views of the same entities (``data.views``), else None: only the label holder has a model and
+    a score; the other institutions, alone, have no labels and so nothing to train, and their worth is their view's."""
+    data = config.get("data") or {}
+    if not isinstance(data, Mapping) or not data.get("views"):
+        return None
+    others = [str(p) for p in data["views"] if p != data.get("label_holder")]
+    if not others:
+        return None
+    one = len(others) == 1
+    return (f"{spoken(others)} {'holds' if one else 'hold'} a view of the same entities but no labels: alone "
+            f"{'it has' if one else 'they have'} nothing to train, so only {data.get('label_holder')} is scored and "
+            "gains; what each view is worth: python -m sim.contribution RUN_DIR (Shapley and leave-one-out over views)")
+
+
 def caveats(configs: Iterable[Mapping[str, Any]], institutions: pd.DataFrame | None = None,
             metrics: pd.DataFrame | None = None) -> list[str]:
     """Every caveat of these runs, once each, in a fixed order (the runs of one compare usually share them)."""
     out = [invented_institutions(c) for c in configs if isinstance(c, Mapping)]
+    out += [without_labels(c) for c in configs if isinstance(c, Mapping)]
     if institutions is not None:
         out.append(single_class(institutions))
     if metrics is not None:

@@ -124,6 +124,7 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
         hashed["data"] = {k: v for k, v in hashed["data"].items() if k != "public"}
     model = legacy.model(_group(c, "model"))
     scenario, models = own_models(scenario, model)
+    hashed = _without_unset_views(hashed)
     spec = RunSpec(
         seed=seed,
         rounds=rounds,
@@ -170,6 +171,16 @@ def own_models(scenario: Scenario, model: Mapping[str, Any]) -> tuple[Scenario, 
         specs.append(replace(s, model=None) if same else s)
     used = {s.model for s in specs if s.model is not None}
     return replace(scenario, institutions=tuple(specs)), {k: v for k, v in models.items() if k in used}
+
+
+def _without_unset_views(c: dict[str, Any]) -> dict[str, Any]:
+    """The config less the view keys of data (sim.core.data.views) when no views are set: runs of one feature space
+    keep the ids (config hashes) they had before views existed."""
+    data = c.get("data")
+    if not isinstance(data, Mapping) or data.get("views"):
+        return c
+    unset = {"views": None, "label_holder": None, "overlap": 1.0, "entity_column": None}
+    return {**c, "data": {k: v for k, v in data.items() if not (k in unset and v == unset[k])}}
 
 
 def _resumed(run_dir: str, schemes: Mapping[str, str]) -> RunSpec:

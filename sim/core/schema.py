@@ -294,6 +294,8 @@ _COMMON = {"name": Field("str", choices=DATASETS), "partition": Field("str", cho
            "test_fraction": Field("float", 0.0, 1.0, low_open=True, high_open=True),
            "val_fraction": Field("float", 0.0, 1.0, high_open=True),
            "public": Field("group", null=True)}  # unlabeled public set for distillation (sim.core.data.public)
+_VIEWS = {"views": Field("group", null=True), "label_holder": Field("str", null=True),  # sim.core.data.views
+          "overlap": Field("float", 0.0, 1.0, low_open=True)}
 DATA = {
     "synthetic": {**_COMMON, "num_samples": Field("int", 1, MAX_SAMPLES), "dim": Field("int", 1, MAX_WIDTH),
                   "num_classes": Field("int", 2, MAX_WIDTH), "alpha": Field("float", 0.0), "beta": Field("float", 0.0),
@@ -301,14 +303,15 @@ DATA = {
     "digits": {**_COMMON, **_PARTITION},
     "table": {**_COMMON, **_PARTITION, "path": Field("str", null=True), "label_column": Field("str"),
               "institution_column": Field("str", null=True), "discipline_column": Field("str", null=True),
-              "split_column": Field("str", null=True), "feature_columns": Field("strs", null=True)},
+              "split_column": Field("str", null=True), "feature_columns": Field("strs", null=True),
+              **_VIEWS, "entity_column": Field("str", null=True)},
     "text": {**_COMMON, **_PARTITION, **_TEXT, "path": Field("str", null=True), "text_column": Field("str"),
              "label_column": Field("str"), "institution_column": Field("str", null=True),
              "split_column": Field("str", null=True)},
     "docstrings": {**_COMMON, **_PARTITION, **_TEXT,
                    "task": Field("str", choices=("subpackage", "discipline", "kind")),
                    "min_class_rows": Field("int", 1), "cache_dir": Field("str"),
-                   "size_exponent": Field("float", 0.0, 1.0, null=True)},
+                   "size_exponent": Field("float", 0.0, 1.0, null=True), **_VIEWS},
 }
 """Per dataset (the yaml files of conf/data/): every key sim.core.data's DEFAULTS know, typed."""
 

@@ -33,7 +33,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from sim.core.data import corruption, digits, docstrings, public, synthetic, table, text
+from sim.core.data import corruption, digits, docstrings, public, synthetic, table, text, views
 from sim.core.data.partition import FEATURE_SKEW, MIN_TRAIN, PARTITIONS, VALIDATION, Pool, check_sizes, num_test, stream
 from sim.core.types import ConfigError, Federation, Scenario, Shard, listing
 
@@ -94,7 +94,7 @@ def _check_scenario(scenario: Scenario) -> None:
 def check_data(data: Mapping, scenario: Scenario, model: Mapping | None = None) -> None:
     """Validate the data config against the scenario (and the model, when given); raises ConfigError(key, problem)."""
     cfg = _resolve(data)
-    if model is not None and cfg["name"] in TEXT:
+    if model is not None and cfg["name"] in TEXT and not views.uses_views(cfg):  # views: numeric bottoms (hashed text)
         text.check_model(cfg["name"], model)
     _check_scenario(scenario)
     if cfg["partition"] not in PARTITIONS:
@@ -107,6 +107,9 @@ def check_data(data: Mapping, scenario: Scenario, model: Mapping | None = None) 
     if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0 <= vf < 1:
         raise ConfigError("data.val_fraction", f"must be at least 0 and below 1, got {vf!r}")
     public.settings(cfg)
+    if views.uses_views(cfg):  # different views of the same entities (sim.vertical builds them, not build_federation)
+        views.check(cfg, scenario)
+        return
     _MODULES[cfg["name"]].check(cfg, scenario)
 
 

@@ -56,6 +56,9 @@ DEFAULTS = {
     "size_exponent": None,
     "min_class_rows": 30,
     "cache_dir": "~/.cache/collabsim",
+    "views": None,  # sim.core.data.views: {institution: text | code}, the same objects as text and as code structure
+    "label_holder": None,
+    "overlap": 1.0,
 }
 TASKS = ("subpackage", "discipline", "kind")
 NATURAL = ("subpackage", "kind")  # tasks whose rows may go to the institution named like their package

@@ -40,6 +40,10 @@ DEFAULTS = {
     "test_fraction": 0.2,
     "dirichlet_alpha": 0.5,
     "quantity_exponent": 1.5,
+    "views": None,  # sim.core.data.views: {institution: [columns]} splits the features between institutions
+    "label_holder": None,
+    "overlap": 1.0,
+    "entity_column": None,
 }
 NO_DISCIPLINE = "unspecified"  # discipline of every site when data.discipline_column is null
 _ROLES = ("label_column", "institution_column", "discipline_column", "split_column")
