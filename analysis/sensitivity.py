@@ -164,9 +164,13 @@ def sentence(rows: pd.DataFrame) -> str:
                 f"{widest['ST_high']:.2f}])" + (f"; {negligible}" if negligible else "") + "; raise sweep.num_samples.")
     if drivers.empty:
         return f"{what}{spread}: no lever explains as much as {_pct(SMALL)} of its variance."
+    if len(unsure):  # "depends most on" would rank a resolved lever above levers the design cannot tell
+        told = ", ".join(f"{r['lever']} explains {_pct(r['ST'])} in total (95% interval {_pct(r['ST_low'])} to "
+                         f"{_pct(r['ST_high'])})" for _, r in drivers.iterrows())
+        return (f"{what}{spread}: {_and(unsure['lever'])} cannot be told at this design size (raise sweep.num_samples); "
+                f"of the others, {told}" + (f"; {negligible}" if negligible else "") + ".")
     top = drivers.iloc[0]
-    most = "depends most on" if unsure.empty else "depends, of the levers this design resolves, most on"
-    said = (f"{what}{spread} {most} {top['lever']}: alone it explains {_pct(top['S1'])} of the variance "
+    said = (f"{what}{spread} depends most on {top['lever']}: alone it explains {_pct(top['S1'])} of the variance "
             f"(95% interval {_pct(top['S1_low'])} to {_pct(top['S1_high'])}), with its interactions "
             f"{_pct(top['ST'])} ({_pct(top['ST_low'])} to {_pct(top['ST_high'])})")
     said += "" if top["ST_low"] > 0 else ", though at this design size that cannot be told from no effect"
@@ -174,9 +178,7 @@ def sentence(rows: pd.DataFrame) -> str:
     if len(matter):
         said += "; " + ", ".join(f"{r['lever']} {_pct(r['ST'])} in total" for _, r in matter.iterrows())
     said += f"; {negligible}" if negligible else ""
-    if len(unsure):
-        said += f"; {_and(unsure['lever'])} cannot be told at this design size"
-    elif 1.0 - float(rows["S1"].clip(lower=0).sum()) > 0.2:
+    if 1.0 - float(rows["S1"].clip(lower=0).sum()) > 0.2:
         said += f"; about {_pct(1.0 - float(rows['S1'].clip(lower=0).sum()))} comes from levers acting together"
     return said + "."
 
