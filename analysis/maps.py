@@ -44,11 +44,11 @@ def index_figure(rows: pd.DataFrame, columns: int = 3) -> Figure:
         ax.grid(axis="x", color="#e3e3e3", linewidth=0.8)
         for shift, column, colour, label in ((-0.18, "S1", S1_COLOUR, "first order S1 (alone)"),
                                              (0.18, "ST", ST_COLOUR, "total ST (with interactions)")):
-            value = g[column].to_numpy(dtype=float)
-            err = np.clip(np.vstack([value - g[f"{column}_low"].to_numpy(dtype=float),
-                                     g[f"{column}_high"].to_numpy(dtype=float) - value]), 0, None)
+            # estimates and intervals outside 0 to 1 (a small design's noise) are drawn to the edge, whiskers from the bar
+            value, low, high = (np.clip(g[c].to_numpy(dtype=float), 0, 1.05) for c in (column, f"{column}_low", f"{column}_high"))
+            err = np.clip(np.vstack([value - low, high - value]), 0, None)
             ax.barh(y + shift, np.clip(value, 0, 1), 0.34, color=colour, label=label)
-            ax.errorbar(np.clip(value, 0, 1), y + shift, xerr=err, fmt="none", ecolor="#333333", elinewidth=0.9, capsize=2)
+            ax.errorbar(value, y + shift, xerr=err, fmt="none", ecolor="#333333", elinewidth=0.9, capsize=2)
         ax.set_yticks(y, levers, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, 1.05)
