@@ -1,4 +1,5 @@
-"""Command line: ``python -m analysis report RUN_DIR... [--out DIR]``, ``contribution ...`` and ``stability RUN_DIR...``.
+"""Command line: ``python -m analysis report RUN_DIR... [--out DIR]``, ``contribution ...``, ``stability RUN_DIR...``
+and ``sensitivity SWEEP_DIR``.
 
 Bad input (a missing directory, one without metrics.parquet) ends with one line on
 stderr and exit status 2, as argparse does for bad arguments.
@@ -49,6 +50,14 @@ def stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def sensitivity(args: argparse.Namespace) -> int:
+    """Print the Sobol' indices of a sensitivity sweep's levers per scheme and outcome; write them and the maps."""
+    from analysis.sensitivity import write
+
+    print(write(args.sweep_dir, args.out if args.out is not None else Path(args.sweep_dir) / "sensitivity", args.target))
+    return 0
+
+
 def _accuracy(text: str) -> float:
     """A target accuracy for --target: a fraction in (0, 1]."""
     try:
@@ -79,6 +88,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run, compare or sweep directory")
     s.add_argument("--window", type=int, default=5, help="last rounds considered (default 5)")
     s.set_defaults(func=stability)
+    v = sub.add_parser("sensitivity", help="Sobol' indices of a sensitivity sweep's levers, per scheme and outcome")
+    v.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR", help="a sweep made with search: sobol (sweep=sensitivity)")
+    v.add_argument("--out", type=Path, default=None, help="where the tables and maps go (default: SWEEP_DIR/sensitivity)")
+    v.add_argument("--target", type=_accuracy, default=None, metavar="ACC",
+                   help="accuracy (0-1] money to target is measured at (default: 95%% of what each run ends with)")
+    v.set_defaults(func=sensitivity)
     return p
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis import findings as words
 from analysis import metrics as m
-from analysis import compute, cost_report, costs, plots, trust
+from analysis import compute, cost_report, costs, plots, sensitivity, trust
 from analysis.page import behaviour_guide, gain_matrix, image, interval_note, interval_text, page, section, table
 from analysis.runs import Results, load_results
 from sim.core.caveats import caveats
@@ -109,12 +109,19 @@ def build_report(
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if contribution is not None:
         tables["contribution"] = contribution
+    sensitive, design_runs = "", set()
+    for directory in [d for d in run_dirs if sensitivity.is_design(d)]:  # a sensitivity sweep: indices and maps
+        html_part, tables["sensitivity_indices"], runs = sensitivity.section(Path(directory), target)
+        sensitive, design_runs = sensitive + html_part, design_runs | runs
     export(tables, out_dir / "tables")
-    body = _header(results, contribution is not None, tables) + _warnings(results, notes)
     scenarios = sorted(results.metrics["scenario"].dropna().unique())
+    if design_runs:  # each design point is a scenario: its tables are in tables/, its sections would be hundreds
+        by_scenario = results.metrics.groupby("scenario")["run_id"].agg(lambda r: set(r) <= design_runs)
+        scenarios = [s for s in scenarios if not by_scenario.get(s, False)]
+    body = _header(results, contribution is not None, tables, bool(scenarios)) + _warnings(results, notes) + sensitive
     for k, scenario in enumerate(scenarios):
         body += _scenario(scenario, results, tables, tag=f"-{k + 1}" if k else "", several=len(scenarios) > 1)
-    if not scenarios:
+    if not scenarios and not design_runs:
         body += section("findings", "No results", "<p>None of the given runs is complete, so there is nothing to analyse. "
                         "Wait for them to finish, or pass <code>--include-incomplete</code>.</p>")
     if contribution is not None:
@@ -135,7 +142,7 @@ def export(tables: dict[str, pd.DataFrame], folder: Path) -> None:
         write_text(df.to_csv(index=False), folder / f"{name}.csv")
 
 
-def _header(results: Results, with_contribution: bool, tables: dict[str, pd.DataFrame]) -> str:
+def _header(results: Results, with_contribution: bool, tables: dict[str, pd.DataFrame], per_scenario: bool = True) -> str:
     """Title, what the report covers, and links to its sections."""
     mt = results.metrics
     scenarios = sorted(mt["scenario"].dropna().unique())
@@ -149,6 +156,8 @@ def _header(results: Results, with_contribution: bool, tables: dict[str, pd.Data
     links[-1:-1] = [("privacy", "Privacy")] if tables["privacy"]["epsilon"].notna().any() else []  # before the rounds
     links[-1:-1] = [("damage", "Damage")] if len(tables["damage"]) else []
     links[-1:-1] = [("compute", "Compute balance")] if len(tables["compute_balance"]) else []
+    links = links if per_scenario else []  # only a sensitivity sweep's design points: no per-scenario sections
+    links = ([("sensitivity", "What drives who gains")] if "sensitivity_indices" in tables else []) + links
     links += [("contribution", "Contribution")] if with_contribution else []
     links += [("runs", "Runs")]
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in links)

@@ -93,6 +93,10 @@ INSTITUTION_COLUMNS = {
 }
 
 SCHEMAS = {"metrics": METRICS_COLUMNS, "ledger": LEDGER_COLUMNS, "institutions": INSTITUTION_COLUMNS}
+DESIGN_FILE = "design.json"
+"""A sensitivity sweep's design in its directory (sim/sweep/design.py writes it, analysis/sensitivity.py reads it)."""
+DESIGN_ROW = "design_row"
+"""The trials table's column placing each trial in its design (the order the Sobol' estimators pair rows by)."""
 REQUIRED = {"metrics": (*KEYS, "round", "institution", "metric", "value"), "ledger": (*KEYS, "round", "institution"),
             "institutions": (*KEYS, "institution")}
 """Columns a file must hold to be read as that table (later schema additions may be missing from older runs)."""

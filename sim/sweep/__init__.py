@@ -40,6 +40,7 @@ from sim.core import rundir
 from sim.core.results import write_csv, write_table, write_text
 from sim.sweep.space import (INDEX, VARIANT, SweepSpec, check_points, duration, load_sweep, param_space, trial_overrides,
                               trial_values, variant_label)
+from sim.sweep.design import DESIGN_FILE, record
 from sim.sweep.results import TIMES, collect, finished, progress_line, read_text, replay, summarize
 from sim.core.types import ConfigError
 
@@ -80,6 +81,10 @@ def check(cfg: DictConfig, command_line: list[str]) -> SweepSpec:
                           "(agents.runtime.backend.RayBackend.pins_bundles); use merged")
     _check_trial_cpus(spec, cfg)
     base = base_overrides(spec, command_line)
+    if spec.search == "sobol":
+        levers = {d.key for d in spec.drawn}  # the config's own values of the levers, to read their types
+        check_lever_types(spec, trial_config(base, {k: v for k, v in next(check_points(spec)).items() if k not in levers},
+                                             spec.variants))
     for values in check_points(spec):
         try:
             load_spec(trial_config(base, values, spec.variants))
@@ -89,6 +94,19 @@ def check(cfg: DictConfig, command_line: list[str]) -> SweepSpec:
             key, _, problem = explain(e).partition(": ")
             raise ConfigError(_where(spec, key), problem) from None
     return spec
+
+
+def check_lever_types(spec: SweepSpec, trial: DictConfig) -> None:
+    """Refuse a lever whose range cannot give its key's type: a design draws values inside ranges, so a float range on
+    a whole-number key would compose at both ends (what check_points tries) and fail at a point in between."""
+    for d in spec.drawn:
+        value = OmegaConf.select(trial, d.key, default=None)  # null keys (a deadline, say) take any number
+        if isinstance(value, bool) or (value is not None and not isinstance(value, (int, float))):
+            raise ConfigError(f"sweep.space.{d.key}", f"a lever must be a number, and {d.key} is {value!r} in the "
+                              "run config; cross its values with {grid: [..]} instead")
+        if isinstance(value, int) and d.kind != "randint":
+            raise ConfigError(f"sweep.space.{d.key}", f"{d.key} is a whole number in the run config ({value}) and "
+                              f"{d.kind} draws fractions; use {{randint: [{d.values[0]:g}, {d.values[1]:g}]}}")
 
 
 def _check_trial_cpus(spec: SweepSpec, cfg: DictConfig, cluster_cpus: float | None = None) -> None:
@@ -246,6 +264,10 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
         if overwrite:
             rundir.clear(sweep_dir)
         rundir.write_marker(sweep_dir, rundir.SWEEP_MARKER)
+    if spec.search == "sobol":  # what analysis.sensitivity pairs the design's rows by
+        grids = {d.key: list(d.values) for d in spec.dimensions if d.kind == "grid"}
+        write_text(json.dumps(record(spec.drawn, spec.num_samples, int(cfg.seed), grids, spec.seeds), indent=1),
+                   sweep_dir / DESIGN_FILE)
     # No preloading here: with it, sweep=compare_schemes's first trial started no sooner (14.1 s after launch against
     # 13.7 s), so the idle workers' imports only took CPU from the first trials.
     cpus, gpus = connect(OmegaConf.to_container(cfg.cluster, resolve=True), preload=())

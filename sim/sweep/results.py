@@ -17,6 +17,7 @@ import pandas as pd
 
 from analysis.metrics import MIN_SEEDS  # fewest seeds an interval is shown for
 from sim.core.results import frame
+from sim.sweep.design import DESIGN_FILE, DESIGN_ROW
 from sim.sweep.space import METRICS, VARIANT, SweepSpec, trial_values
 
 TIMES = "trial.json"  # when a trial's run started and finished, next to its tables (kept across a resume)
@@ -109,7 +110,9 @@ def _relabel(spec: SweepSpec, df: pd.DataFrame, row: Mapping) -> pd.DataFrame:
     if VARIANT in row:
         df = df.assign(scheme=row["scheme"])
     keys = [k for k in spec.keys if k.split(".")[0] in SCENARIO_GROUPS]
-    if keys:
+    if DESIGN_ROW in row:  # a design point is a scenario of its own, whichever groups its levers are in
+        df = df.assign(scenario=df["scenario"] + f" (design point {row[DESIGN_ROW]})")
+    elif keys:
         df = df.assign(scenario=df["scenario"] + " (" + ", ".join(f"{k}={row[k]}" for k in keys) + ")")
     return df
 
@@ -214,6 +217,13 @@ def render(spec: SweepSpec, trials: pd.DataFrame, summary: pd.DataFrame, sweep_d
     """What the command prints: counts, the per-configuration summary and the best configurations."""
     counts = trials["status"].value_counts()
     lines = [f"sweep {spec.name}: {len(trials)} trials, " + ", ".join(f"{n} {s}" for s, n in counts.items()), ""]
+    if spec.search == "sobol":  # a row per design point says little: the indices do
+        crossed = " x ".join([d.key for d in spec.dimensions if d.kind == "grid"] + [f"{len(spec.seeds)} seed(s)"])
+        return "\n".join(lines + [
+            f"a Sobol' design of {spec.design_points} points over {len(spec.drawn)} levers ({sweep_dir / DESIGN_FILE}), "
+            f"each run for {crossed}", f"trials: {sweep_dir / 'trials.csv'}",
+            f"what drives each outcome: python -m analysis sensitivity {sweep_dir}",
+            f"the report, with the indices and collaboration maps: python -m analysis report {sweep_dir}"])
     config = [c for c in summary.columns if c in ("scheme", *spec.keys)]
 
     def interval(row, column, fmt):

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from sim.core.types import ConfigError, listing
+from sim.sweep.design import DESIGN_ROW, MIN_BASE, check_base, points, require_salib, sobol_design
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 """Search-space specs: ``{grid: [..]}`` (every value), ``{choice: [..]}`` (sampled), ``{uniform|loguniform|randint: [lo, hi]}``."""
 CATEGORICAL = ("grid", "choice")
-SEARCHES = ("grid", "random", "optuna")
+SEARCHES = ("grid", "random", "optuna", "sobol")
 SCHEDULERS = ("asha",)
 METRICS = ("global_accuracy", "global_loss", "mean_accuracy", "worst_accuracy")
 """What the engine reports each round (sim.engine's on_round summary), so what a sweep can optimise."""
@@ -30,7 +31,7 @@ STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 SMOKE_KEEP = 2  # smoke=true keeps this many values of each categorical dimension, seeds and samples
 INDEX = "__trial_index__"  # Tune's Repeater numbers the repeats of one configuration with this key
 VARIANT = "variant"  # the dimension whose values are sweep.variants: each a named list of overrides
-SAMPLE = "sample"  # random search: the drawn values of one configuration, a grid entry in Tune's param space
+SAMPLE = "sample"  # random or sobol search: the drawn values of one configuration, a grid entry in Tune's param space
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,22 @@ class SweepSpec:
 
     @property
     def drawn(self) -> tuple[Dimension, ...]:
-        """The dimensions random search draws values for (everything but grids)."""
-        return tuple(d for d in self.dimensions if d.kind != "grid") if self.search == "random" else ()
+        """The dimensions random search draws values for, or a Sobol' design's levers (everything but grids)."""
+        return tuple(d for d in self.dimensions if d.kind != "grid") if self.search in ("random", "sobol") else ()
+
+    @property
+    def design_points(self) -> int:
+        """Configurations of the drawn dimensions: num_samples draws, or a Sobol' design's N x (levers + 2) points."""
+        if self.search == "sobol":
+            return points(self.num_samples, len(self.drawn))
+        return self.num_samples
 
     def trial_count(self) -> int:
         """How many trials the sweep runs."""
         if self.search == "optuna":
             return self.samples
         grid = math.prod(len(d.values) for d in self.dimensions if d.kind == "grid")
-        return grid * (self.num_samples if self.drawn else 1) * len(self.seeds)
+        return grid * (self.design_points if self.drawn else 1) * len(self.seeds)
 
 
 def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
@@ -124,8 +132,8 @@ def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
     if search == "grid":
         drawn = next((d for d in dims if d.kind != "grid"), None)
         if drawn is not None:
-            raise ConfigError(f"sweep.space.{drawn.key}", f"{drawn.kind} needs search=random or optuna "
-                              "(grid search lists every value: use {grid: [..]})")
+            raise ConfigError(f"sweep.space.{drawn.key}", f"{drawn.kind} needs search=random or optuna (or sobol, "
+                              "a sensitivity design) (grid search lists every value: use {grid: [..]})")
     seeds = cfg.get("seeds")
     if not isinstance(seeds, (list, tuple)) or not seeds or not all(_whole(s) and s >= 0 for s in seeds):
         raise ConfigError("sweep.seeds", f"expected a non-empty list of whole numbers >= 0, got {seeds!r}")
@@ -160,6 +168,8 @@ def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
     if spec.trial_cpus is not None and spec.trial_cpus <= spec.driver_cpus:
         raise ConfigError("sweep.trial_cpus", f"{spec.trial_cpus:g} leaves nothing for the simulation after "
                           f"sweep.driver_cpus={spec.driver_cpus:g}; raise it")
+    if search == "sobol":
+        _check_levers(spec)
     spec = shrink(spec) if smoke else spec
     trials = spec.trial_count()
     if trials > spec.max_trials:
@@ -168,6 +178,17 @@ def load_sweep(cfg: Mapping[str, Any], *, smoke: bool = False) -> SweepSpec:
                           f"sweep.trial_seconds={spec.trial_seconds:g} each; shrink sweep.space or seeds, or pass "
                           f"sweep.max_trials={trials} to run them all")
     return spec
+
+
+def _check_levers(spec: SweepSpec) -> None:
+    """A Sobol' design samples ranges: a choice has none (grids are crossed with every point), and its base must do."""
+    for d in spec.dimensions:
+        if d.kind == "choice":
+            raise ConfigError(f"sweep.space.{d.key}", "search=sobol samples levers from ranges and a choice has "
+                              "none; give {uniform|loguniform|randint: [lo, hi]}, or {grid: [..]} to run every value "
+                              "at every design point")
+    check_base(spec.num_samples, len(spec.drawn))
+    require_salib()
 
 
 def duration(seconds: float) -> str:
@@ -281,7 +302,8 @@ def shrink(spec: SweepSpec) -> SweepSpec:
     from dataclasses import replace
 
     dims = tuple(replace(d, values=d.values[:SMOKE_KEEP]) if d.categorical else d for d in spec.dimensions)
-    return replace(spec, dimensions=dims, seeds=spec.seeds[:SMOKE_KEEP], num_samples=min(spec.num_samples, SMOKE_KEEP),
+    fewest = MIN_BASE if spec.search == "sobol" else SMOKE_KEEP  # a Sobol' design's smallest base
+    return replace(spec, dimensions=dims, seeds=spec.seeds[:SMOKE_KEEP], num_samples=min(spec.num_samples, fewest),
                    grace_period=1)
 
 
@@ -316,9 +338,12 @@ def param_space(spec: SweepSpec, seed: int = 0) -> dict[str, Any]:
 
 
 def draws(spec: SweepSpec, seed: int) -> list[dict[str, Any]]:
-    """``num_samples`` random configurations of the drawn dimensions, the same for the same seed."""
+    """``num_samples`` random configurations of the drawn dimensions (search=sobol: the points of a Sobol' design,
+    :mod:`sim.sweep.design`), the same for the same seed."""
     import numpy as np
 
+    if spec.search == "sobol":
+        return sobol_design(spec.drawn, spec.num_samples, seed)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(spec.num_samples):
@@ -341,6 +366,8 @@ def trial_values(spec: SweepSpec, config: Mapping[str, Any]) -> dict[str, Any]:
     """The swept values of one trial, and its seed, from Tune's trial config."""
     drawn = config.get(SAMPLE) or {}
     values = {d.key: _plain(drawn[d.key] if d.key in drawn else config[d.key]) for d in spec.dimensions}
+    if DESIGN_ROW in drawn:  # a Sobol' point's place in its design: the analysis pairs rows by it
+        values[DESIGN_ROW] = int(drawn[DESIGN_ROW])
     values["seed"] = int(config["seed"]) if "seed" in config else spec.seeds[int(config.get(INDEX, 0)) % len(spec.seeds)]
     return values
 
@@ -350,6 +377,8 @@ def trial_overrides(values: Mapping[str, Any], variants: Mapping[str, tuple[str,
     a ``variant`` value stands for its overrides (``sweep.variants``)."""
     out: list[str] = []
     for k, v in values.items():
+        if k == DESIGN_ROW:  # where the point sits in its design, not a config key
+            continue
         out += list((variants or {})[v]) if k == VARIANT else [f"{k}={override_value(v)}"]
     return out
 
