@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from sim.core.results import metric_blocks, frame, idle_blocks, write_atomic, write_text
 from sim.core.types import ConfigError, Snapshot, listing
@@ -75,6 +76,7 @@ class Progress:
     # row, then every institution in scenario order) and disciplines, which indexing metric_names (set by the engine).
     blocks: list[tuple[dict, int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     block_rows: int = 0
+    stored: Path | None = None  # the checkpoint folder holding the saved segments' rows (read back by table())
     labels: pd.api.extensions.ExtensionArray | None = None
     disciplines: pd.api.extensions.ExtensionArray | None = None
     metric_names: tuple[str, ...] = ()
@@ -120,11 +122,13 @@ class Progress:
         """All rows of ``kind`` so far, in the schema's columns and dtypes, in round order (within a round: rows as
         they came, then the institutions not picked, in scenario order)."""
         self.flush(kind)
-        parts = list(getattr(self, kind))
-        if kind == "ledger" and self.idle:
+        on_disk = [self.stored / seg for seg in self.segments] if self.stored is not None else []
+        parts = [*(pd.read_parquet(seg / f"{kind}.parquet") for seg in on_disk), *getattr(self, kind)]
+        idle = [*(block for seg in on_disk for block in _load_idle(seg)), *self.idle] if kind == "ledger" else []
+        if idle:
             n = len(self.names)
             parts.append(idle_blocks([(keys, r, t, np.flatnonzero(np.unpackbits(bits, count=n)), eps)
-                                      for keys, r, t, bits, eps in self.idle], self.names))
+                                      for keys, r, t, bits, eps in idle], self.names))
         if not parts:
             return frame(kind, [])
         table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
@@ -178,7 +182,9 @@ def save(run_dir: Path, progress: Progress, snapshot: Snapshot, run_id: str) -> 
     (tmp / "segments.json").write_text(json.dumps(segments) + "\n")
     tmp.rename(final)
     write_text(json.dumps({"round": progress.rounds_done, "dir": final.name}) + "\n", root / "latest.json")
-    progress.segments, progress.saved = segments, (len(progress.metrics), len(progress.ledger), len(progress.idle))
+    # What is saved lives on disk from now on (table() reads it back): the driver's memory does not grow with rounds.
+    progress.segments, progress.stored, progress.saved = segments, root, (0, 0, 0)
+    progress.metrics, progress.ledger, progress.idle = [], [], []
     for old in root.glob("round-*"):  # only the latest is ever read
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -204,11 +210,11 @@ def load(run_dir: Path, run_id: str) -> tuple[Progress, Snapshot] | None:
         coordinator = _load_arrays(where / "coordinator.npz")
         carried = _load_arrays(where / "institutions.npz")
         segments = json.loads((where / "segments.json").read_text())
-        metrics = [pd.read_parquet(root / seg / "metrics.parquet") for seg in segments]
-        ledger = [pd.read_parquet(root / seg / "ledger.parquet") for seg in segments]
-        idle = [block for seg in segments for block in _load_idle(root / seg)]
-        progress = Progress(metrics, ledger, float(meta["sim_time"]), int(meta["round"]), list(segments),
-                            (len(metrics), len(ledger), len(idle)), idle=idle)
+        for seg in segments:  # read back when the run's tables are asked for; checked now (their footers, the masks)
+            for kind in ("metrics", "ledger"):
+                pq.read_metadata(root / seg / f"{kind}.parquet")
+            _load_idle(root / seg)
+        progress = Progress([], [], float(meta["sim_time"]), int(meta["round"]), list(segments), (0, 0, 0), stored=root)
         snapshot = Snapshot(coordinator.get("global", {}), coordinator.get("scheme", {}),
                             {n: carried.get(str(i), {}) for i, n in enumerate(meta["institutions"])})
     except ConfigError:
