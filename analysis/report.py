@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis import findings as words
 from analysis import metrics as m
-from analysis import compute, cost_report, costs, plots, sensitivity, trust
+from analysis import compute, cost_report, costs, drift, plots, sensitivity, trust
 from analysis.page import behaviour_guide, gain_matrix, image, interval_note, interval_text, page, section, table
 from analysis.runs import Results, load_results
 from sim.core.caveats import caveats
@@ -69,6 +69,8 @@ def analyse(results: Results, target: float | None = None) -> dict[str, pd.DataF
         "time_saved": compute.saved_table(lg),
         "institutions": _institutions(results.institutions),
         "runs": results.runs,
+        "drift": drift.drift_table(gains),
+        "tuned": results.tuned.drop(columns=["values_json"], errors="ignore"),
     }
 
 
@@ -189,7 +191,9 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
     refs = words.references(summary)
     described = words.describe_scenario(pick["institutions"], configs, schemes, sorted(mt["seed"].unique()))
     items = "".join(f"<li><strong>{html.escape(topic)}:</strong> {html.escape(text)}</li>"
-                    for topic, text in words.findings(summary, gains, pick["fairness"], pick["costs"])
+                    for topic, text in words.tuning_findings(tables["tuned"], list(results.configs.values()))
+                    + words.findings(summary, gains, pick["fairness"], pick["costs"])
+                    + drift.drift_findings(pick["drift"])
                     + words.privacy_findings(pick["privacy"]) + words.damage_findings(pick["damage"])
                     + cost_report.cost_findings(*_money(pick), refs))
     out = (f'<section id="findings{tag}" class="findings"><h2>Key findings{html.escape(suffix)}</h2>'
@@ -213,6 +217,20 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                    + _note(interval_note(seeds) + " " + ref_note),
                    "One row per scheme; figures are means over seeds; isolated is the baseline every gain is measured "
                    "against. " + words.selection_rule(configs))
+    if len(pick["tuned"]):
+        out += section(f"tuned{tag}", "Tuned settings" + suffix,
+                       table(pick["tuned"], ["scheme", "trials", "chosen_trial", "settings", "val_score",
+                                             "config_val_score", "chosen_on"], extra=TUNED_GUIDE),
+                       "Each scheme's settings after the same budget of Ray Tune trials on the compare's first seed; "
+                       "the validation accuracy chose them, never the test data (tuning.csv has every trial).")
+    if len(pick["drift"]):
+        out += section(f"drift{tag}", "Drift or scenario" + suffix,
+                       table(pick["drift"], ["institution", "corrector", "fedavg_gain", "scenario_gap", "drift_gap",
+                                             "rest_gap"], extra=drift.GUIDE)
+                       + _note("FedAvg gain = scenario − drift − rest, seed by seed, in accuracy points on each "
+                               "institution's own test split; intervals are in tables/drift.csv. " + interval_note(pick["drift"]["seeds"])),
+                       "How much of FedAvg's result is client drift (what a drift-correcting scheme recovers) and how "
+                       "much is the scenario (what pooling all data gives over going alone).")
     if len(gains):
         body = image(plots.png_bytes(plots.gain_plot(gains)), "Gain per institution and scheme",
                      f"Bars: mean gain over seeds; whiskers: 95% interval (with {m.MIN_SEEDS} seeds or more, and only "
@@ -254,6 +272,18 @@ def ordered_gains(gains: pd.DataFrame, institutions: pd.DataFrame) -> pd.DataFra
     order = {name: i for i, name in enumerate(dict.fromkeys(institutions["institution"]))}
     gains = gains.assign(_at=lambda d: d["institution"].map(order)).sort_values("_at", kind="stable")
     return m.order_rows(gains.drop(columns="_at"))
+
+
+TUNED_GUIDE = {
+    "trials": ("Trials", "Ray Tune trials of the scheme's own settings: the same number for every scheme.", "int"),
+    "chosen_trial": ("Chosen trial", "0 = the scheme's config settings; any other, a draw from its search space.", "int"),
+    "settings": ("Chosen settings", "The settings every seed of the compare ran the scheme with.", "text"),
+    "val_score": ("Validation accuracy", "Mean over institutions of validation accuracy at the selected round, with "
+                  "the chosen settings on the tuning seed.", "pct"),
+    "config_val_score": ("At config settings", "The same with the scheme's config settings.", "pct"),
+    "chosen_on": ("Chosen on", "Which data chose the settings: always validation, never test.", "text"),
+}
+"""Column headings of the report's tuned-settings table."""
 
 
 def _money(pick: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
