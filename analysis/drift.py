@@ -12,17 +12,22 @@ training alone splits exactly into three gaps, in accuracy points:
   drift) recovers over FedAvg with the same data: the share of FedAvg's loss due to client drift;
 - **rest**: what federation still leaves below pooling once drift is corrected.
 
+:func:`sections` puts this table in the report, after the settings a tuned compare chose for each scheme (what
+the gaps depend on).
+
 Each gap is a mean over seeds with a 95% interval (:func:`analysis.certainty.bounded_interval`, kept within the
 range a difference of accuracies can take) and is stated as a fact only when its interval excludes zero.
 """
 
 from __future__ import annotations
 
+import html
+
 import pandas as pd
 
 from analysis.certainty import bounded_interval, gain_range, significance
 from analysis.metrics import POOLED
-from analysis.page import fmt, interval_text, short_reason
+from analysis.page import fmt, interval_note, interval_text, section, short_reason, table
 
 FEDAVG = "fedavg"
 CORRECTORS = ("scaffold", "fedsgd")
@@ -115,3 +120,34 @@ GUIDE = {
     "rest_gap": ("Rest", "Pooled minus drift corrector: what federation still leaves once drift is corrected.", "pts"),
 }
 """Column headings and meanings for the report's drift table (analysis.page.table's ``extra``)."""
+
+TUNED_GUIDE = {
+    "trials": ("Trials", "Ray Tune trials of the scheme's own settings: the same number for every scheme.", "int"),
+    "chosen_trial": ("Chosen trial", "0 = the scheme's config settings; any other, a draw from its search space.", "int"),
+    "settings": ("Chosen settings", "The settings every seed of the compare ran the scheme with.", "text"),
+    "val_score": ("Validation accuracy", "Mean over institutions of validation accuracy at the selected round, with "
+                  "the chosen settings on the tuning seed.", "pct"),
+    "config_val_score": ("At config settings", "The same with the scheme's config settings.", "pct"),
+    "chosen_on": ("Chosen on", "Which data chose the settings: always validation, never test.", "text"),
+}
+"""Column headings of the report's tuned-settings table."""
+
+
+def sections(pick: dict[str, pd.DataFrame], tag: str, suffix: str) -> str:
+    """The report's 'Tuned settings' (a tuned compare) and 'Drift or scenario' sections ('' for what the runs lack)."""
+    out = ""
+    if len(pick["tuned"]):
+        out += section(f"tuned{tag}", "Tuned settings" + suffix,
+                       table(pick["tuned"], ["scheme", "trials", "chosen_trial", "settings", "val_score",
+                                             "config_val_score", "chosen_on"], extra=TUNED_GUIDE),
+                       "Each scheme's settings after the same budget of Ray Tune trials on the compare's first seed; "
+                       "the validation accuracy chose them, never the test data (tuning.csv has every trial).")
+    if len(pick["drift"]):
+        note = ("FedAvg gain = scenario − drift − rest, seed by seed, in accuracy points on each institution's own test "
+                "split; intervals are in tables/drift.csv. " + interval_note(pick["drift"]["seeds"]))
+        out += section(f"drift{tag}", "Drift or scenario" + suffix,
+                       table(pick["drift"], ["institution", "corrector", "fedavg_gain", "scenario_gap", "drift_gap",
+                                             "rest_gap"], extra=GUIDE) + f'<p class="note">{html.escape(note.strip())}</p>',
+                       "How much of FedAvg's result is client drift (what a drift-correcting scheme recovers) and how "
+                       "much is the scenario (what pooling all data gives over going alone).")
+    return out

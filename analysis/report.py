@@ -155,6 +155,8 @@ def _header(results: Results, with_contribution: bool, tables: dict[str, pd.Data
            + " · ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in counts) + f" · generated {when}")
     links = [("findings", "Findings"), ("scenario", "Scenario"), ("summary", "Summary"), ("gains", "Who gains"),
              ("fairness", "Fairness"), ("costs", "Costs"), ("rounds", "Over rounds")]
+    links[3:3] = [("tuned", "Tuned settings")] if len(tables["tuned"]) else []  # after the summary
+    links[-1:-1] = [("drift", "Drift or scenario")] if len(tables["drift"]) else []
     links[-1:-1] = [("privacy", "Privacy")] if tables["privacy"]["epsilon"].notna().any() else []  # before the rounds
     links[-1:-1] = [("damage", "Damage")] if len(tables["damage"]) else []
     links[-1:-1] = [("compute", "Compute balance")] if len(tables["compute_balance"]) else []
@@ -217,20 +219,7 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                    + _note(interval_note(seeds) + " " + ref_note),
                    "One row per scheme; figures are means over seeds; isolated is the baseline every gain is measured "
                    "against. " + words.selection_rule(configs))
-    if len(pick["tuned"]):
-        out += section(f"tuned{tag}", "Tuned settings" + suffix,
-                       table(pick["tuned"], ["scheme", "trials", "chosen_trial", "settings", "val_score",
-                                             "config_val_score", "chosen_on"], extra=TUNED_GUIDE),
-                       "Each scheme's settings after the same budget of Ray Tune trials on the compare's first seed; "
-                       "the validation accuracy chose them, never the test data (tuning.csv has every trial).")
-    if len(pick["drift"]):
-        out += section(f"drift{tag}", "Drift or scenario" + suffix,
-                       table(pick["drift"], ["institution", "corrector", "fedavg_gain", "scenario_gap", "drift_gap",
-                                             "rest_gap"], extra=drift.GUIDE)
-                       + _note("FedAvg gain = scenario − drift − rest, seed by seed, in accuracy points on each "
-                               "institution's own test split; intervals are in tables/drift.csv. " + interval_note(pick["drift"]["seeds"])),
-                       "How much of FedAvg's result is client drift (what a drift-correcting scheme recovers) and how "
-                       "much is the scenario (what pooling all data gives over going alone).")
+    out += drift.sections(pick, tag, suffix)  # the settings each scheme was tuned to, and FedAvg's drift or scenario
     if len(gains):
         body = image(plots.png_bytes(plots.gain_plot(gains)), "Gain per institution and scheme",
                      f"Bars: mean gain over seeds; whiskers: 95% interval (with {m.MIN_SEEDS} seeds or more, and only "
@@ -272,18 +261,6 @@ def ordered_gains(gains: pd.DataFrame, institutions: pd.DataFrame) -> pd.DataFra
     order = {name: i for i, name in enumerate(dict.fromkeys(institutions["institution"]))}
     gains = gains.assign(_at=lambda d: d["institution"].map(order)).sort_values("_at", kind="stable")
     return m.order_rows(gains.drop(columns="_at"))
-
-
-TUNED_GUIDE = {
-    "trials": ("Trials", "Ray Tune trials of the scheme's own settings: the same number for every scheme.", "int"),
-    "chosen_trial": ("Chosen trial", "0 = the scheme's config settings; any other, a draw from its search space.", "int"),
-    "settings": ("Chosen settings", "The settings every seed of the compare ran the scheme with.", "text"),
-    "val_score": ("Validation accuracy", "Mean over institutions of validation accuracy at the selected round, with "
-                  "the chosen settings on the tuning seed.", "pct"),
-    "config_val_score": ("At config settings", "The same with the scheme's config settings.", "pct"),
-    "chosen_on": ("Chosen on", "Which data chose the settings: always validation, never test.", "text"),
-}
-"""Column headings of the report's tuned-settings table."""
 
 
 def _money(pick: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -112,14 +112,13 @@ def tuned_configs(overrides: list[str], choices: dict[str, dict]) -> dict[str, D
             for name, values in choices.items()}
 
 
-def tuning_lines(cfg: DictConfig, chosen: pd.DataFrame | None, seed: int) -> list[str]:
+def tuning_lines(chosen: pd.DataFrame | None, seed: int) -> list[str]:
     """What the terminal says about tuning: plainly whether the schemes were tuned, and what was chosen."""
     if chosen is None or chosen.empty:
         return ["tuning: none; every scheme ran at its config settings (tune=N gives each scheme the same budget of N "
                 "Ray Tune trials of its own settings, chosen on validation data)"]
-    n = tuning.tune_count(cfg) if cfg.get("tune") else int(chosen["trials"].max())
-    lines = [f"tuning: each scheme had the same {n} Ray Tune trials of its own settings on seed {seed}, chosen on "
-             "validation accuracy only; test data never chose them (tuning.csv, tuned.csv)"]
+    lines = [f"tuning: each scheme had the same {int(chosen['trials'].max())} Ray Tune trials of its own settings on seed "
+             f"{seed}, chosen on validation accuracy only; test data never chose them (tuning.csv, tuned.csv)"]
     for r in chosen.itertuples():
         kept = " (its config settings)" if r.chosen_trial == 0 else ""
         lines.append(f"  {r.scheme}: {r.settings}{kept}  validation {r.val_score:.3f} against {r.config_val_score:.3f} "
@@ -231,7 +230,7 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path,
     if chosen is not None:  # the settings each scheme ran with, beside its numbers
         table["tuned_settings"] = table["scheme"].map(dict(zip(chosen["scheme"], chosen["settings"])))
     write_csv(table, out_dir / "summary.csv")
-    table.attrs["tuning"] = tuning_lines(cfg, chosen, seeds[0])
+    table.attrs["tuning"] = tuning_lines(chosen, seeds[0])
     table.attrs["caveats"] = caveats([r.config for r in results], institutions, metrics)
     return table
 

@@ -17,6 +17,7 @@ Pure Python up to :func:`tune_trials`, which alone imports Ray Tune.
 from __future__ import annotations
 
 import json
+import sys
 import time
 import zlib
 from dataclasses import replace
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sim.cli import SEARCH_PATH, compose, config_folders, searchpath_override
 from sim.core.types import GLOBAL, ConfigError, listing
-from sim.sweep.space import Dimension, draws, dimensions, load_sweep, override_value
+from sim.sweep.space import Dimension, dimensions, draws, load_sweep, override_value
 
 GROUP = "scheme_search"
 """The folder of conf/ (and of a user's config folders) holding each scheme's search space."""
@@ -171,6 +172,9 @@ def tune_trials(plan: Mapping[str, list[dict[str, Any]]], base: list[str], clust
     entries = [{"scheme": s, "trial": i, "values": v} for s, values in plan.items() for i, v in enumerate(values)]
 
     def trial(config: dict) -> None:
+        from sim.sweep import quiet_when_ending
+
+        sys.unraisablehook = quiet_when_ending  # this process may be ended, idle, by Tune
         c = config["candidate"]
         tune.report(run_trial(trial_overrides(base, c["scheme"], c["values"])))
 

@@ -71,3 +71,29 @@ def test_the_report_says_plainly_whether_schemes_were_tuned():
     assert "the same budget of 8 Ray Tune trials of its own settings on seed 0" in said
     assert "test data never chose them" in said and "fedavg: training.lr=0.1, validation accuracy 90.0%" in said
     assert tuning_findings(pd.DataFrame(), [{"rounds": 20}]) == []  # a run or sweep: no compare, nothing to say
+
+
+def test_the_results_page_names_the_command_the_tuning_the_drift_and_the_gap_closed(tmp_path):
+    from conftest import DEMO_CONFIG, demo_tables, write_run
+
+    from analysis.__main__ import main
+
+    # Prepare: an untuned compare of the default scenario and a "tuned" one (its tuned.csv beside its tables)
+    untuned = write_run(tmp_path / "untuned", *demo_tables(rounds=3), config={**DEMO_CONFIG, "tune": 0})
+    metrics, ledger, institutions = demo_tables(rounds=3)
+    metrics.loc[(metrics["scheme"] == "fedavg") & (metrics["institution"] != "global"), "value"] += 0.01
+    tuned = write_run(tmp_path / "tuned", metrics, ledger, institutions, config={**DEMO_CONFIG, "tune": 4})
+    pd.DataFrame([{"scheme": s, "trials": 4, "chosen_trial": k % 2, "val_score": 0.9, "config_val_score": 0.85,
+                   "diverged": 0, "settings": "training.lr=0.1", "chosen_on": "validation", "values_json": "{}", "seed": 0}
+                  for k, s in enumerate(["isolated", "fedavg", "fedprox", "fedsgd", "pooled"])]).to_csv(tuned / "tuned.csv", index=False)
+    # Execute
+    page = tmp_path / "docs" / "default-scenario.md"
+    assert main(["page", str(tuned), "--command", "python -m sim.compare tune=4", "--untuned", str(untuned),
+                 "--out", str(page)]) == 0
+    text = page.read_text()
+    # Assert: the command, the plain word on tuning, the drift split against FedSGD (no SCAFFOLD here), the gap closed
+    assert "```bash\npython -m sim.compare tune=4\n```" in text
+    assert "the same budget of 4 Ray Tune trials of its own settings on seed 0" in text and "test data never chose them" in text
+    assert "drift = fedsgd − FedAvg" in text and "## Tuning against the config settings" in text
+    row = next(line for line in text.splitlines() if line.startswith("| fedavg |") and "%" in line.split("|")[-2])
+    assert row.split("|")[-2].strip() != "0%"  # fedavg moved 1 point closer to pooled
