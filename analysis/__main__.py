@@ -65,7 +65,7 @@ def page(args: argparse.Namespace) -> int:
 
     for d in [args.run_dir, *([args.untuned] if args.untuned else [])]:
         find_run_dirs([d])  # fail on bad input before any work
-    text = results_page(args.run_dir, args.command, args.untuned, args.title)
+    text = results_page(args.run_dir, args.command, args.untuned, args.title, args.note)
     if args.out is None:
         print(text)
         return 0
@@ -117,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--untuned", type=Path, default=None, metavar="DIR",
                    help="the same compare at config settings: gains before and after tuning, gap to pooled closed")
     g.add_argument("--title", default=None, help="the page's title (default: Results on the <scenario> scenario)")
+    g.add_argument("--note", default=None, help="a paragraph under the command (how long it took, on what machine)")
     g.add_argument("--out", type=Path, default=None, help="write the page here (default: print it)")
     g.set_defaults(func=page)
     return p

@@ -53,7 +53,8 @@ def closing(tuned: pd.DataFrame, untuned: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def results_page(run_dir: Path, command: str, untuned: Path | None = None, title: str | None = None) -> str:
+def results_page(run_dir: Path, command: str, untuned: Path | None = None, title: str | None = None,
+                 note: str | None = None) -> str:
     """The Markdown page of one compare (and, with ``untuned``, the same compare's untuned run beside it)."""
     from analysis.report import analyse
 
@@ -65,6 +66,7 @@ def results_page(run_dir: Path, command: str, untuned: Path | None = None, title
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     out = [f"# {title or f'Results on the {scenario} scenario'}", "",
            f"Generated {when} by `python -m analysis page` from the run of:", "", "```bash", command, "```", ""]
+    out += [note, ""] if note else []
     out += ["## Were the schemes tuned?", ""]
     out += [text for _, text in words.tuning_findings(results.tuned, configs)] + [""]
     if len(results.tuned):

@@ -214,8 +214,9 @@ def _progress(total: int):
             c, r = trial.config["candidate"], trial.last_result or {}
             score = r.get(OBJECTIVE)
             shown = "diverged" if r.get("diverged") else f"validation {score:.3f}" if isinstance(score, float) else "-"
-            print(f"tuning {self.done}/{total}: {c['scheme']} trial {c['trial'] + 1} "
-                  f"({settings_text(c['values']) or 'config settings'})  {shown}", flush=True)
+            own = ", its config settings" if c["trial"] == 0 else ""  # trial numbers as tuned.csv's chosen_trial
+            print(f"tuning {self.done}/{total}: {c['scheme']} trial {c['trial']} ({settings_text(c['values'])}{own})  "
+                  f"{shown}", flush=True)
 
     return Progress()
 
