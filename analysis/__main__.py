@@ -61,16 +61,15 @@ def sensitivity(args: argparse.Namespace) -> int:
 
 def page(args: argparse.Namespace) -> int:
     """Write the Markdown results page of a compare's run directory (for the docs site) and print its path."""
-    from analysis.results_page import results_page
+    from analysis.results_page import results_page, write_page
 
     for d in [args.run_dir, *([args.untuned] if args.untuned else [])]:
         find_run_dirs([d])  # fail on bad input before any work
-    text = results_page(args.run_dir, args.command, args.untuned, args.title, args.note)
+    text = results_page(args.run_dir, args.command, args.untuned, args.note)
     if args.out is None:
         print(text)
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_page(args.out, text, args.title or "Results")
     print(args.out)
     return 0
 
@@ -116,9 +115,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--command", required=True, help="the command that produced RUN_DIR, shown on the page")
     g.add_argument("--untuned", type=Path, default=None, metavar="DIR",
                    help="the same compare at config settings: gains before and after tuning, gap to pooled closed")
-    g.add_argument("--title", default=None, help="the page's title (default: Results on the <scenario> scenario)")
+    g.add_argument("--title", default=None, help="the title of a new page (an existing page keeps its own)")
     g.add_argument("--note", default=None, help="a paragraph under the command (how long it took, on what machine)")
-    g.add_argument("--out", type=Path, default=None, help="write the page here (default: print it)")
+    g.add_argument("--out", type=Path, default=None, help="write the page here, between its '<!-- measured: begin/end -->' markers if it has them (default: print it)")
     g.set_defaults(func=page)
     return p
 

@@ -47,14 +47,15 @@ def closing(tuned: pd.DataFrame, untuned: pd.DataFrame) -> pd.DataFrame:
         u, t = untuned.set_index("scheme").loc[scheme], tuned.set_index("scheme").loc[scheme]
         gap_u, gap_t = (pooled["u"] - u["mean_accuracy"]) * 100, (pooled["t"] - t["mean_accuracy"]) * 100
         closed = (gap_u - gap_t) / gap_u if gap_u > 0 else float("nan")
+        shown = ("—" if pd.isna(closed) else f"{closed:.0%}" if closed >= 0.005 else "none" if closed > -0.005
+                 else f"none ({-closed:.0%} wider)")
         rows.append({"scheme": scheme, "gain_untuned": fmt(u["mean_gain"], "pts"), "gain_tuned": fmt(t["mean_gain"], "pts"),
                      "gap_untuned": fmt(gap_u, "pts_abs"), "gap_tuned": fmt(gap_t, "pts_abs"),
-                     "closed": "—" if pd.isna(closed) else f"{closed:.0%}"})
+                     "closed": shown})
     return pd.DataFrame(rows)
 
 
-def results_page(run_dir: Path, command: str, untuned: Path | None = None, title: str | None = None,
-                 note: str | None = None) -> str:
+def results_page(run_dir: Path, command: str, untuned: Path | None = None, note: str | None = None) -> str:
     """The Markdown page of one compare (and, with ``untuned``, the same compare's untuned run beside it)."""
     from analysis.report import analyse
 
@@ -62,13 +63,11 @@ def results_page(run_dir: Path, command: str, untuned: Path | None = None, title
     tables = analyse(results)
     summary, gains = tables["summary"], m.order_rows(tables["gains"])
     configs = list(results.configs.values())
-    scenario = ", ".join(sorted(results.metrics["scenario"].dropna().unique()))
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    out = [f"# {title or f'Results on the {scenario} scenario'}", "",
-           f"Generated {when} by `python -m analysis page` from the run of:", "", "```bash", command, "```", ""]
+    out = [f"Generated {when} by `python -m analysis page` from the run of:", "", "```bash", command, "```", ""]
     out += [note, ""] if note else []
     out += ["## Were the schemes tuned?", ""]
-    out += [text for _, text in words.tuning_findings(results.tuned, configs)] + [""]
+    out += [text[:1].upper() + text[1:] for _, text in words.tuning_findings(results.tuned, configs)] + [""]
     if len(results.tuned):
         shown = results.tuned.assign(val=lambda d: d["val_score"].map(lambda v: fmt(v, "pct")),
                                      own=lambda d: d["config_val_score"].map(lambda v: fmt(v, "pct")),
@@ -89,7 +88,7 @@ def results_page(run_dir: Path, command: str, untuned: Path | None = None, title
         closed = closing(summary, before)
         if len(closed):
             out += ["## Tuning against the config settings", "",
-                    f"The same compare at every scheme's config settings (`{untuned}`) beside the tuned one: mean gain "
+                    "The same compare at every scheme's config settings beside the tuned one: mean gain "
                     "over training alone, and the gap in mean accuracy to pooled data (each compare's own pooled row), "
                     "with the share of that gap tuning closed.", "",
                     _table(closed, {"scheme": "Scheme", "gain_untuned": "Gain, config settings", "gain_tuned": "Gain, tuned",
@@ -111,3 +110,19 @@ def results_page(run_dir: Path, command: str, untuned: Path | None = None, title
         interval=gains.apply(lambda r: _iv(r["gain_low"], r["gain_high"], r["gain_note"]), axis=1)),
         {"scheme": "Scheme", "institution": "Institution", "gain_text": "Gain", "interval": "95% interval"}), ""]
     return "\n".join(out)
+
+
+BEGIN, END = "<!-- measured: begin -->", "<!-- measured: end -->"
+"""The generated block of a page, as docs/results/make_page.py marks it: the prose around it is the author's."""
+
+
+def write_page(path: Path, body: str, title: str) -> None:
+    """Put ``body`` between the page's measured markers (the prose around them stays), or start the page."""
+    block = f"{BEGIN}\n{body.strip()}\n{END}"
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = f"# {title}\n\n{block}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
