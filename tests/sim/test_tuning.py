@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from sim.cli import compose, use_search_path
-from sim.compare import check, compare
+from sim.compare import check, compare, scheme_configs
 from sim.core.types import ConfigError
 from sim.engine import run
 from sim.sweep import tuning
@@ -57,8 +57,13 @@ def test_a_bad_search_space_is_refused_naming_its_file_and_key(tmp_path, space, 
 
 
 def test_every_shipped_search_space_fits_its_scheme():
-    args = [*TINY, "tune=2", "schemes=[isolated,pooled,fedavg,fedprox,scaffold,fedsgd,fedavgm]"]
-    check(compose("compare", args), args)  # every key exists, both ends of every range pass the run's checks
+    # The default compare's schemes: every key exists and both ends of every range pass the run's checks
+    args = [*TINY, "tune=2"]
+    check(compose("compare", args), args)
+    # The other shipped spaces: every key exists in its scheme's run config
+    args = [*TINY, "tune=2", "schemes=[fedsgd,fedavgm]"]
+    cfg = compose("compare", args)
+    assert set(tuning.check_tuning(cfg, scheme_configs(cfg, args))) == {"isolated", "fedsgd", "fedavgm"}
 
 
 def test_every_scheme_gets_the_same_budget_its_config_settings_first_and_the_same_draws_for_the_same_seed():
