@@ -155,8 +155,8 @@ def _header(results: Results, with_contribution: bool, tables: dict[str, pd.Data
            + " · ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in counts) + f" · generated {when}")
     links = [("findings", "Findings"), ("scenario", "Scenario"), ("summary", "Summary"), ("gains", "Who gains"),
              ("fairness", "Fairness"), ("costs", "Costs"), ("rounds", "Over rounds")]
-    links[3:3] = [("tuned", "Tuned settings")] if len(tables["tuned"]) else []  # after the summary
-    links[-1:-1] = [("drift", "Drift or scenario")] if len(tables["drift"]) else []
+    links[3:3] = ([("tuned", "Tuned settings")] if len(tables["tuned"]) else []) + (  # after the summary, as on the page
+        [("drift", "Drift or scenario")] if len(tables["drift"]) else [])
     links[-1:-1] = [("privacy", "Privacy")] if tables["privacy"]["epsilon"].notna().any() else []  # before the rounds
     links[-1:-1] = [("damage", "Damage")] if len(tables["damage"]) else []
     links[-1:-1] = [("compute", "Compute balance")] if len(tables["compute_balance"]) else []
