@@ -1,5 +1,6 @@
-"""Command line: ``python -m analysis report RUN_DIR... [--out DIR]``, ``contribution ...``, ``stability RUN_DIR...``
-and ``sensitivity SWEEP_DIR``.
+"""Command line: ``python -m analysis report RUN_DIR... [--out DIR]``, ``contribution ...``, ``stability RUN_DIR...``,
+``sensitivity SWEEP_DIR`` and ``page RUN_DIR --command CMD [--untuned DIR] [--out FILE]`` (a Markdown results
+page for the docs site).
 
 Bad input (a missing directory, one without metrics.parquet) ends with one line on
 stderr and exit status 2, as argparse does for bad arguments.
@@ -58,6 +59,21 @@ def sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def page(args: argparse.Namespace) -> int:
+    """Write the Markdown results page of a compare's run directory (for the docs site) and print its path."""
+    from analysis.results_page import results_page, write_page
+
+    for d in [args.run_dir, *([args.untuned] if args.untuned else [])]:
+        find_run_dirs([d])  # fail on bad input before any work
+    text = results_page(args.run_dir, args.command, args.untuned, args.note)
+    if args.out is None:
+        print(text)
+        return 0
+    write_page(args.out, text, args.title or "Results")
+    print(args.out)
+    return 0
+
+
 def _accuracy(text: str) -> float:
     """A target accuracy for --target: a fraction in (0, 1]."""
     try:
@@ -94,6 +110,15 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--target", type=_accuracy, default=None, metavar="ACC",
                    help="accuracy (0-1] money to target is measured at (default: 95%% of what each run ends with)")
     v.set_defaults(func=sensitivity)
+    g = sub.add_parser("page", help="a Markdown results page (docs/results/) from a compare's run directory")
+    g.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the compare's run directory")
+    g.add_argument("--command", required=True, help="the command that produced RUN_DIR, shown on the page")
+    g.add_argument("--untuned", type=Path, default=None, metavar="DIR",
+                   help="the same compare at config settings: gains before and after tuning, gap to pooled closed")
+    g.add_argument("--title", default=None, help="the title of a new page (an existing page keeps its own)")
+    g.add_argument("--note", default=None, help="a paragraph under the command (how long it took, on what machine)")
+    g.add_argument("--out", type=Path, default=None, help="write the page here, between its '<!-- measured: begin/end -->' markers if it has them (default: print it)")
+    g.set_defaults(func=page)
     return p
 
 

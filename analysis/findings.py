@@ -339,3 +339,25 @@ def damage_findings(damage: pd.DataFrame) -> list[tuple[str, str]]:
     if parts:
         out.append(("What misbehaving pays", "; ".join(parts) + "."))
     return out
+
+
+def tuning_findings(tuned: pd.DataFrame, configs: list[dict]) -> list[tuple[str, str]]:
+    """Plainly, whether the schemes were tuned: which settings were chosen, on what, and that test data never chose them.
+
+    ``tuned`` is a tuned compare's tuned.csv; ``configs`` the runs' configs (a compare's records ``tune``). Nothing
+    is said for runs that are no compare (a run, a sweep), where no budget was shared.
+    """
+    if len(tuned):
+        n, seeds = int(tuned["trials"].max()), sorted({int(s) for s in tuned.get("seed", pd.Series(dtype=int)).dropna()})
+        on = f" on seed {spoken([str(s) for s in seeds])}" if seeds else ""
+        chosen = [f"{r.scheme}: {r.settings}" + (" (its config settings)" if r.chosen_trial == 0 else "")
+                  + f", validation accuracy {fmt(r.val_score, 'pct')} against {fmt(r.config_val_score, 'pct')} at its "
+                  "config settings" for r in tuned.itertuples()]
+        return [("Tuned schemes", f"each scheme had the same budget of {n} Ray Tune trials of its own settings{on}, "
+                 "chosen on the institutions' validation accuracy only; test data never chose them. Chosen: "
+                 + "; ".join(chosen) + ".")]
+    if any(isinstance(c, dict) and "tune" in c for c in configs):
+        return [("Tuned schemes", "none: every scheme ran at its config settings (tune=0), so a scheme may lose for "
+                 "want of its own learning rate or epochs; python -m sim.compare tune=N gives each scheme the same "
+                 "budget of N trials of its own settings, chosen on validation data.")]
+    return []

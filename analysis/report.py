@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis import findings as words
 from analysis import metrics as m
-from analysis import compute, cost_report, costs, plots, sensitivity, trust
+from analysis import compute, cost_report, costs, drift, plots, sensitivity, trust
 from analysis.page import behaviour_guide, gain_matrix, image, interval_note, interval_text, page, section, table
 from analysis.runs import Results, load_results
 from sim.core.caveats import caveats
@@ -69,6 +69,8 @@ def analyse(results: Results, target: float | None = None) -> dict[str, pd.DataF
         "time_saved": compute.saved_table(lg),
         "institutions": _institutions(results.institutions),
         "runs": results.runs,
+        "drift": drift.drift_table(gains),
+        "tuned": results.tuned.drop(columns=["values_json"], errors="ignore"),
     }
 
 
@@ -153,6 +155,8 @@ def _header(results: Results, with_contribution: bool, tables: dict[str, pd.Data
            + " · ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in counts) + f" · generated {when}")
     links = [("findings", "Findings"), ("scenario", "Scenario"), ("summary", "Summary"), ("gains", "Who gains"),
              ("fairness", "Fairness"), ("costs", "Costs"), ("rounds", "Over rounds")]
+    links[3:3] = ([("tuned", "Tuned settings")] if len(tables["tuned"]) else []) + (  # after the summary, as on the page
+        [("drift", "Drift or scenario")] if len(tables["drift"]) else [])
     links[-1:-1] = [("privacy", "Privacy")] if tables["privacy"]["epsilon"].notna().any() else []  # before the rounds
     links[-1:-1] = [("damage", "Damage")] if len(tables["damage"]) else []
     links[-1:-1] = [("compute", "Compute balance")] if len(tables["compute_balance"]) else []
@@ -189,7 +193,9 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
     refs = words.references(summary)
     described = words.describe_scenario(pick["institutions"], configs, schemes, sorted(mt["seed"].unique()))
     items = "".join(f"<li><strong>{html.escape(topic)}:</strong> {html.escape(text)}</li>"
-                    for topic, text in words.findings(summary, gains, pick["fairness"], pick["costs"])
+                    for topic, text in words.tuning_findings(tables["tuned"], list(results.configs.values()))
+                    + words.findings(summary, gains, pick["fairness"], pick["costs"])
+                    + drift.drift_findings(pick["drift"])
                     + words.privacy_findings(pick["privacy"]) + words.damage_findings(pick["damage"])
                     + cost_report.cost_findings(*_money(pick), refs))
     out = (f'<section id="findings{tag}" class="findings"><h2>Key findings{html.escape(suffix)}</h2>'
@@ -213,6 +219,7 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                    + _note(interval_note(seeds) + " " + ref_note),
                    "One row per scheme; figures are means over seeds; isolated is the baseline every gain is measured "
                    "against. " + words.selection_rule(configs))
+    out += drift.sections(pick, tag, suffix)  # the settings each scheme was tuned to, and FedAvg's drift or scenario
     if len(gains):
         body = image(plots.png_bytes(plots.gain_plot(gains)), "Gain per institution and scheme",
                      f"Bars: mean gain over seeds; whiskers: 95% interval (with {m.MIN_SEEDS} seeds or more, and only "

@@ -41,6 +41,7 @@ class Results:
     institutions: pd.DataFrame
     configs: dict[str, dict] = field(default_factory=dict)  # directory -> its config.yaml
     runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # directory, state, complete, included, schemes, seed_values
+    tuned: pd.DataFrame = field(default_factory=pd.DataFrame)  # a tuned compare's tuned.csv: each scheme's chosen settings
 
 
 def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
@@ -120,4 +121,10 @@ def load_results(paths: Iterable[Path], *, include_incomplete: bool = False) -> 
     runs["schemes"] = [", ".join(scheme_order(c["scheme"].dropna())) for c in contents]
     runs["seed_values"] = [", ".join(str(v) for v in sorted(c["seed"].dropna().unique())) for c in contents]
     configs = {str(d): read_config(d) for d in taken}
-    return Results(configs=configs, runs=runs, **tables)
+    return Results(configs=configs, runs=runs, tuned=read_tuned(taken), **tables)
+
+
+def read_tuned(dirs: Iterable[Path]) -> pd.DataFrame:
+    """The settings tuned compares chose (their ``tuned.csv``), one row per scheme; empty when none was tuned."""
+    found = [pd.read_csv(p) for d in dirs if (p := Path(d) / "tuned.csv").is_file()]
+    return pd.concat(found, ignore_index=True) if found else pd.DataFrame()

@@ -21,9 +21,11 @@ from sim.core.caveats import caveats
 from sim.core.config import RunSpec
 from sim.core.results import write_csv, write_table, write_text
 from sim.core.types import ConfigError, listing
+from sim.sweep import tuning
 
 log = logging.getLogger("collabsim")
 BASELINE = "isolated"
+TUNED = "tuned.csv"  # tune=N: the settings each scheme was run with, and the validation score that chose them
 
 
 def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfig]:
@@ -37,8 +39,7 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
     ``scenario`` column, so gains are measured within a part. Their keys are ``LABEL/scheme``.
     """
     check_resume(cfg.get("resume"))
-    keep = [o for o in overrides if not o.lstrip("+~").startswith(("schemes=", "report=", "scheme=", "seeds=",
-                                                                      "variants", "resume=", "parts"))]  # the compare's own
+    keep = run_overrides(overrides)
     parts = cfg.get("parts") or {}
     if not parts:
         return _part(cfg.schemes, cfg.get("variants"), keep, "")
@@ -57,6 +58,12 @@ def scheme_configs(cfg: DictConfig, overrides: list[str]) -> dict[str, DictConfi
                      f"parts.{label}.")
         configs |= {f"{label}/{name}": sub for name, sub in runs.items()}
     return configs
+
+
+def run_overrides(overrides: list[str]) -> list[str]:
+    """The command line's overrides that every run gets: all but the compare's own keys."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(("schemes=", "report=", "scheme=", "seeds=", "tune=",
+                                                                   "variants", "resume=", "parts"))]
 
 
 def _part(schemes: Any, variants: Any, keep: list[str], key: str) -> dict[str, DictConfig]:
@@ -81,6 +88,42 @@ def _part(schemes: Any, variants: Any, keep: list[str], key: str) -> dict[str, D
             raise ConfigError(f"{key}variants.{label}", f"expected a list of overrides like scheme=fedavg, got {extra!r}")
         configs[label] = compose("config", keep + list(extra))
     return configs
+
+
+def tune_schemes(cfg: DictConfig, overrides: list[str], configs: dict[str, DictConfig], spaces: dict,
+                 out_dir: Path) -> pd.DataFrame:
+    """tune=N: every scheme's N trials under Ray Tune on the compare's first seed; write tuning.csv (every trial) and
+    tuned.csv (each scheme's choice); return the choices."""
+    n = tuning.tune_count(cfg)
+    plan = {name: tuning.candidates(name, spaces[name], sub, n, int(cfg.seed)) for name, sub in configs.items()}
+    log.info("tuning: %d trials for each of %d schemes on seed %d, chosen on validation accuracy: %s", n, len(plan),
+             int(cfg.seed), tuning.listed(spaces))
+    trials = tuning.tune_trials(plan, run_overrides(overrides), OmegaConf.to_container(cfg.cluster, resolve=True),
+                                out_dir)
+    chosen = tuning.choose(trials)
+    write_csv(tuning.trials_table(trials), out_dir / "tuning.csv")
+    write_csv(chosen.drop(columns="values").assign(seed=int(cfg.seed)), out_dir / TUNED)
+    return chosen
+
+
+def tuned_configs(overrides: list[str], choices: dict[str, dict]) -> dict[str, DictConfig]:
+    """Each scheme's run config with its chosen settings."""
+    return {name: compose("config", tuning.trial_overrides(run_overrides(overrides), name, values))
+            for name, values in choices.items()}
+
+
+def tuning_lines(chosen: pd.DataFrame | None, seed: int) -> list[str]:
+    """What the terminal says about tuning: plainly whether the schemes were tuned, and what was chosen."""
+    if chosen is None or chosen.empty:
+        return ["tuning: none; every scheme ran at its config settings (tune=N gives each scheme the same budget of N "
+                "Ray Tune trials of its own settings, chosen on validation data)"]
+    lines = [f"tuning: each scheme had the same {int(chosen['trials'].max())} Ray Tune trials of its own settings on seed "
+             f"{seed}, chosen on validation accuracy only; test data never chose them (tuning.csv, tuned.csv)"]
+    for r in chosen.itertuples():
+        kept = " (its config settings)" if r.chosen_trial == 0 else ""
+        lines.append(f"  {r.scheme}: {r.settings}{kept}  validation {r.val_score:.3f} against {r.config_val_score:.3f} "
+                     "at its config settings")
+    return lines
 
 
 def check_resume(resume: object) -> None:
@@ -137,7 +180,10 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path,
     from sim.engine import run
 
     configs, seeds = scheme_configs(cfg, overrides), seed_list(cfg)
+    spaces = tuning.check_tuning(cfg, configs)  # tune=N: each scheme's search space, checked before anything starts
     overwrite, resume = bool(cfg.get("overwrite", False)), bool(cfg.get("resume"))
+    if resume and spaces and (out_dir / TUNED).is_file():  # a tuned compare continues with the settings it chose
+        configs = tuned_configs(overrides, tuning.read_choices(out_dir / TUNED))
     plan = {"seeds": seeds, "runs": {name: OmegaConf.to_container(sub, resolve=True) for name, sub in configs.items()}}
     if resume:  # the same compare, continued: its plan as it was written when it started
         check_same(out_dir, plan)
@@ -146,10 +192,16 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path,
     rundir.acquire(out_dir)
     if overwrite and not resume:
         rundir.clear(out_dir)
-    if not resume:
-        rundir.write_marker(out_dir, rundir.COMPARE_MARKER, plan=plan)
-    results, pool = [], ActorPool()
+    results, pool, chosen = [], ActorPool(), None
     try:
+        if spaces and not resume:  # tune=N: the same budget of trials for every scheme, chosen on validation data
+            chosen = tune_schemes(cfg, overrides, configs, spaces, out_dir)
+            configs = tuned_configs(overrides, dict(zip(chosen["scheme"], chosen["values"])))
+            plan["runs"] = {name: OmegaConf.to_container(sub, resolve=True) for name, sub in configs.items()}
+        elif spaces:
+            chosen = pd.read_csv(out_dir / TUNED)
+        if not resume:
+            rundir.write_marker(out_dir, rundir.COMPARE_MARKER, plan=plan)
         for seed in seeds:
             for name, sub in configs.items():
                 sub = sub.copy()
@@ -175,7 +227,10 @@ def compare(cfg: DictConfig, overrides: list[str], out_dir: Path,
     write_table(ledger, out_dir / "ledger.parquet")
     write_table(institutions, out_dir / "institutions.parquet")
     table = summary(metrics, ledger)
+    if chosen is not None:  # the settings each scheme ran with, beside its numbers
+        table["tuned_settings"] = table["scheme"].map(dict(zip(chosen["scheme"], chosen["settings"])))
     write_csv(table, out_dir / "summary.csv")
+    table.attrs["tuning"] = tuning_lines(chosen, seeds[0])
     table.attrs["caveats"] = caveats([r.config for r in results], institutions, metrics)
     return table
 
@@ -198,7 +253,9 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(130) from None
     from analysis.terminal import summary_text
 
-    print(summary_text(table, BASELINE))  # intervals as text, or why there is none: never NaN
+    print(summary_text(table.drop(columns="tuned_settings", errors="ignore"), BASELINE))
+    for line in table.attrs.get("tuning", []):  # plainly: were the schemes tuned, and to what
+        print(line)  # intervals as text, or why there is none: never NaN
     for caveat in table.attrs.get("caveats", []):  # the warnings that change what the numbers mean, under the numbers
         print(f"note: {caveat}")
     print(f"summary: {out / 'summary.csv'}")
@@ -218,7 +275,15 @@ def write_report(cfg: DictConfig, out_dir: Path) -> Path | None:
 def check(cfg: DictConfig, overrides: list[str]) -> dict[str, RunSpec]:
     """Validate every scheme's run config before anything starts; return each run's spec by its label."""
     seed_list(cfg)
-    return {name: load_spec(sub) for name, sub in scheme_configs(cfg, overrides).items()}
+    configs = scheme_configs(cfg, overrides)
+    specs = {name: load_spec(sub) for name, sub in configs.items()}
+    for name, dims in tuning.check_tuning(cfg, configs).items():  # tune=N: both ends of every range must run
+        for values in tuning.edge_points(dims):
+            try:
+                load_spec(compose("config", tuning.trial_overrides(run_overrides(overrides), name, values)))
+            except ConfigError as e:
+                raise ConfigError(f"{tuning.GROUP}/{name}.yaml: {e.key}", e.problem) from None
+    return specs
 
 
 if __name__ == "__main__":

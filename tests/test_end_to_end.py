@@ -23,7 +23,8 @@ def test_compare_prints_and_writes_the_summary_table(tmp_path):
                                    "mean_gain", "mean_gain_low", "mean_gain_high", "mean_gain_note", "worse_off",
                                    "significantly_worse_off", "megabytes", "simulated_duration"]
     assert (table.seeds == 3).all()  # three seeds by default: every gain gets an interval
-    assert set(table.scheme) == {"isolated", "pooled", "fedavg", "fedprox"} and table.scheme.iloc[0] == "isolated"
+    assert set(table.scheme) == {"isolated", "pooled", "fedavg", "fedprox", "scaffold"} and table.scheme.iloc[0] == "isolated"
+    assert "tuning: none; every scheme ran at its config settings" in proc.stdout  # plainly: not tuned
     assert "round 3/3" in proc.stderr + proc.stdout  # one progress line per round
     assert "mean_gain_95%" in proc.stdout and "NaN" not in proc.stdout  # an interval, or why there is none
     assert (out / "metrics.parquet").exists() and (out / "ledger.parquet").exists()

@@ -116,7 +116,7 @@ def compare(schemes: str | Iterable[str] | None = None, *overrides: str, seeds: 
 
     Args:
         schemes: Scheme names; the ``isolated`` baseline is added when missing (default: conf/compare.yaml's
-            isolated, pooled, fedavg, fedprox).
+            isolated, pooled, fedavg, fedprox, scaffold).
         *overrides: Command-line overrides for every run, e.g. ``"scheme.mu=0.1"``.
         seeds: Replications: seeds ``seed`` .. ``seed + seeds - 1`` (default 3; 95% intervals need 3 or more).
         experiment: A file of ``conf/experiment/``, as ``+experiment=NAME``.
@@ -128,7 +128,9 @@ def compare(schemes: str | Iterable[str] | None = None, *overrides: str, seeds: 
         resume: Continue the compare in ``out`` without redoing finished runs (``resume=true``).
         progress: Show a progress bar over every run's rounds.
         log_level: Log lines shown (``"INFO"``: the command's lines).
-        **keys: Config keys for every run, as for `compose` (``rounds=10``, ``report=False``, ...).
+        **keys: Config keys for every run, as for `compose` (``rounds=10``, ``report=False``, ...), and the
+            compare's own ``tune=N``: each scheme first gets the same N Ray Tune trials of its own settings, chosen on
+            validation data (docs/how-to/tune-schemes.md).
 
     Returns:
         The `Comparison`: ``summary``, ``gains`` (with intervals), plots and ``report()``.
