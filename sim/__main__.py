@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 import pandas as pd
@@ -31,10 +32,25 @@ def main(cfg: DictConfig) -> None:
             raise SystemExit(1) from None
         print(f"error: {e}; continue with: python -m sim resume={out}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(run_summary(result.metrics, result.ledger))
+    text = run_summary(result.metrics, result.ledger)
+    print(text)
     for caveat in result.caveats():  # the warnings that change what the numbers mean, where the reader looks
         print(f"note: {caveat}")
     print(f"results: {out}")
+    track(cfg, out, text)
+
+
+def track(cfg: DictConfig, out: str, text: str) -> None:
+    """Log the finished run to the tracking backend (``tracking=``), read back from its run directory."""
+    from sim.tracking import parse, track_run
+
+    tracking = parse(cfg.get("tracking"))
+    try:
+        folder = track_run(tracking, Path(out), text)
+    except ConfigError as e:
+        fail(str(e))
+    if folder is not None:
+        print(f"tracking: {tracking.backend} in {folder}; open with: {tracking.opening(folder)}")
 
 
 def run_summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> str:

@@ -33,7 +33,10 @@ def scheme_names() -> dict[str, str]:
 
 def load_spec(cfg: Any) -> RunSpec:
     """Validate a composed config end to end and freeze it into a RunSpec (raises ConfigError)."""
+    from sim.tracking import parse as parse_tracking
+
     spec = parse_spec(cfg, scheme_names())
+    parse_tracking(cfg.get("tracking") if isinstance(cfg, Mapping) else None)  # a backend that can write: before actors
     _check_groups(spec)
     return spec
 

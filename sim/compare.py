@@ -253,14 +253,30 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(130) from None
     from analysis.terminal import summary_text
 
-    print(summary_text(table.drop(columns="tuned_settings", errors="ignore"), BASELINE))
+    text = summary_text(table.drop(columns="tuned_settings", errors="ignore"), BASELINE)
+    print(text)  # intervals as text, or why there is none: never NaN
     for line in table.attrs.get("tuning", []):  # plainly: were the schemes tuned, and to what
-        print(line)  # intervals as text, or why there is none: never NaN
+        print(line)
     for caveat in table.attrs.get("caveats", []):  # the warnings that change what the numbers mean, under the numbers
         print(f"note: {caveat}")
     print(f"summary: {out / 'summary.csv'}")
-    if (path := write_report(cfg, out)) is not None:
-        print(f"report: {path}")
+    report = write_report(cfg, out)
+    if report is not None:
+        print(f"report: {report}")
+    track(cfg, out, table, text, report)
+
+
+def track(cfg: DictConfig, out: Path, table: pd.DataFrame, text: str, report: Path | None) -> None:
+    """Log the compare (each run, the summary, the report) to the tracking backend (``tracking=``)."""
+    from sim.tracking import parse, track_compare
+
+    tracking = parse(cfg.get("tracking"))
+    try:
+        folder = track_compare(tracking, out, cfg, table, text, report)
+    except ConfigError as e:
+        fail(str(e))
+    if folder is not None:
+        print(f"tracking: {tracking.backend} in {folder}; open with: {tracking.opening(folder)}")
 
 
 def write_report(cfg: DictConfig, out_dir: Path) -> Path | None:

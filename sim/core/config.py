@@ -116,9 +116,9 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
     scheme_name = _scheme_name(c.get("scheme") or {}, schemes)
     scheme_cfg, wrappers = _wrappers(c)
     engine = _engine(c.get("engine") or {})
-    # Where a run was resumed from, whether it may replace an earlier run's files and what its compute is priced at
-    # are not what it is: none of them changes a number it computes.
-    hashed = {k: v for k, v in c.items() if k not in ("resume", "overwrite", "costs")}
+    # Where a run was resumed from, whether it may replace an earlier run's files, what its compute is priced at and
+    # where it is tracked (sim.tracking, the commands' own key) are not what it is: none changes a number it computes.
+    hashed = {k: v for k, v in c.items() if k not in ("resume", "overwrite", "costs", "tracking")}
     if isinstance(hashed.get("data"), Mapping) and "public" in hashed["data"] and hashed["data"]["public"] is None:
         # no public set (the default) is what every run had before the key existed: the same config, the same run id
         hashed["data"] = {k: v for k, v in hashed["data"].items() if k != "public"}

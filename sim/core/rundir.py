@@ -35,6 +35,7 @@ HYDRA_OWN = (".hydra",)  # Hydra writes these (and <job>.log) before our code ru
 # What our commands leave in a directory; removed (only these) when overwrite=true replaces it.
 OURS = ("config.yaml", "status.json", "metrics.parquet", "ledger.parquet", "institutions.parquet", "checkpoints",
         "summary.csv", "trials.csv", "trials.parquet", "runs", "trials", "tune", "report.html", "tables",
+        "mlruns", "tensorboard", "tracking.json",  # tracking's default folders (sim/tracking.py)
         RUN_MARKER, SWEEP_MARKER, COMPARE_MARKER)
 
 

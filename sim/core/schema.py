@@ -172,7 +172,8 @@ PARTITIONS = ("iid", "dirichlet", "quantity", "natural")  # sim.core.data.partit
 WRAPPERS = ("aggregator", "secagg", "privacy", "compression")
 """Groups of the features that wrap a scheme (agents/wrappers), innermost first: the one order they compose in."""
 GROUPS = ("scenario", "scheme", "model", "data", "training", "engine", "cluster", "results", "costs", *WRAPPERS)
-OTHER_ENTRY_POINTS = ("hydra", "sweep", "schemes", "report", "seeds", "variants", "parts", "tune", "sweep_trust")  # keys of Hydra, sim.sweep and sim.compare
+OTHER_ENTRY_POINTS = ("hydra", "sweep", "schemes", "report", "seeds", "variants", "parts", "tune", "sweep_trust",
+                      "tracking")  # keys of Hydra, sim.sweep, sim.compare and the commands' tracking (sim.tracking checks it)
 
 PROBABILITY = Field("float", 0.0, 1.0)
 SCHEDULES = ("constant", "cosine", "step")  # learning rate over rounds (sim.core.train.scheduled)

@@ -41,7 +41,8 @@ from sim.core.results import write_csv, write_table, write_text
 from sim.sweep.space import (INDEX, VARIANT, SweepSpec, check_points, duration, load_sweep, param_space, trial_overrides,
                               trial_values, variant_label)
 from sim.sweep.design import DESIGN_FILE, record
-from sim.sweep.results import TIMES, collect, finished, progress_line, read_text, replay, summarize
+from sim.sweep.results import TIMES, collect, finished, progress_line, read_text, render, replay, summarize
+from sim.tracking import flatten, parse as parse_tracking
 from sim.core.types import ConfigError
 
 log = logging.getLogger("collabsim")
@@ -293,6 +294,10 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
              "sweep.trial_seconds=%g a trial", spec.name, spec.trial_count(), need, max(1, side), cpus,
              duration(math.ceil(spec.trial_count() / max(1, side)) * spec.trial_seconds), spec.trial_seconds)
     trainable = tune.with_resources(make_trainable(spec, base, sweep_dir), resources)
+    from sim.sweep.tracked import callbacks, track_sweep  # Tune's logger callbacks: imported with Ray, not before
+
+    tracking = parse_tracking(cfg.get("tracking"))
+    tracked = callbacks(tracking, sweep_dir, spec.name, describer(spec, base), resume)  # before any trial starts
     if resume:
         log.info("resuming the sweep in %s", sweep_dir)
         try:
@@ -303,7 +308,7 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
                               "in another hydra.run.dir") from None
     else:
         tuner = tune.Tuner(trainable, param_space=param_space(spec, int(cfg.seed)), tune_config=_tune_config(spec, cfg),
-                           run_config=run_config(spec, sweep_dir))
+                           run_config=run_config(spec, sweep_dir, tracked))
     grid = tuner.fit()
     trials, tables = collect(spec, grid, sweep_dir, lambda values: variant_label(values[VARIANT]) if VARIANT in values
                              else load_spec(trial_config(base, values)).scheme_name)
@@ -314,15 +319,30 @@ def sweep(cfg: DictConfig, command_line: list[str], sweep_dir: Path) -> tuple[pd
     write_table(trials, sweep_dir / "trials.parquet")
     write_csv(trials, sweep_dir / "trials.csv")
     write_csv(summary, sweep_dir / "summary.csv")
+    if tracking.on:
+        folder = track_sweep(tracking, sweep_dir, cfg, summary, render(spec, trials, summary, sweep_dir))
+        log.info("tracking: %s", tracking.opening(folder) if folder else "nothing to log")
     return trials, summary
 
 
-def run_config(spec: SweepSpec, sweep_dir: Path):
-    """Tune's run config: where its files go, no retries, and what the console shows (``sweep.tune_verbose``)."""
+def describer(spec: SweepSpec, base: list[str]):
+    """A trial's Tune config -> (its resolved config flattened, its tags), for the tracking callbacks."""
+
+    def describe(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        cfg = trial_config(base, trial_values(spec, config), spec.variants)
+        run = load_spec(cfg)
+        return flatten(cfg), {"run_id": run.run_id, "scheme": run.scheme_name, "seed": str(run.seed)}
+
+    return describe
+
+
+def run_config(spec: SweepSpec, sweep_dir: Path, tracked: list = ()):
+    """Tune's run config: where its files go, no retries, what the console shows (``sweep.tune_verbose``), and the
+    ``tracked`` logger callbacks (sim.sweep.tracked), called before the console's line of a finished trial."""
     from ray import tune
 
     return tune.RunConfig(storage_path=str(sweep_dir), name=TUNE_DIR, verbose=1 if spec.tune_verbose else 0,
-                          callbacks=[] if spec.tune_verbose else [progress(spec)],
+                          callbacks=[*tracked, *([] if spec.tune_verbose else [progress(spec)])],
                           failure_config=tune.FailureConfig(max_failures=0))
 
 

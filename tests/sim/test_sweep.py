@@ -1,7 +1,8 @@
 """Sweeps: the Hydra-to-Tune translation, what each trial reserves, the results table, resume, bad sweep files.
 
 The end-to-end runs are subprocesses on tiny budgets; one sweep is interrupted (its
-process group killed) and resumed, and several tests read what it left behind.
+process group killed) and resumed, and several tests read what it left behind (its trials
+tracked in MLflow through Tune's callback, across the interruption).
 """
 
 import math
@@ -329,7 +330,8 @@ def resumed(tmp_path_factory):
 
     (A trial's tables are written before Tune's callback prints its line: waiting for the tables alone raced the line.)"""
     out = tmp_path_factory.mktemp("sweep") / "sweep"
-    args = [sys.executable, "-m", "sim.sweep", "sweep=compare_schemes", *TINY, f"hydra.run.dir={out}"]
+    args = [sys.executable, "-m", "sim.sweep", "sweep=compare_schemes", *TINY, "tracking=mlflow",
+            f"hydra.run.dir={out}"]
     log = out.parent / "first.log"
     with open(log, "w") as sink:
         first = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -422,6 +424,31 @@ def test_the_trials_table_has_values_final_metrics_and_gain(resumed):
     assert "sweep compare_schemes: 4 trials, 4 complete" in out and "best by global_accuracy (max):" in out
     summary = pd.read_csv(resumed.dir / "summary.csv")
     assert list(summary["scheme"]) == ["isolated", "pooled"] and (summary["seeds"] == 2).all()
+
+
+@pytest.mark.slow
+def test_every_trial_of_the_interrupted_sweep_is_a_finished_mlflow_run_under_the_sweeps_run(resumed):
+    from mlflow.tracking import MlflowClient
+
+    from sim.tracking import allow_file_store
+
+    # Prepare: the sweep's default store, read with MLflow's own client
+    allow_file_store()
+    client = MlflowClient(tracking_uri=(resumed.dir / "mlruns").as_uri())
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (sweep_run,) = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    # Assert: every trial finished under the sweep's run (Tune restored the callback), with every round Tune was told
+    # of; an attempt the kill cut short stays RUNNING, and a trial that finished before the kill but after Tune last
+    # saved its state is replayed from its tables, so it finishes twice, with the same numbers
+    done = [r for r in runs if r.data.tags.get("kind") == "trial" and r.info.status == "FINISHED"]
+    assert {r.data.tags["trial_name"] for r in done} == set(resumed.trials["trial_id"])
+    assert {r.data.tags["mlflow.parentRunId"] for r in done} == {sweep_run.info.run_id}
+    for r in done:
+        metrics = pd.read_parquet(resumed.dir / "trials" / r.data.tags["trial_name"] / "metrics.parquet")
+        ran = metrics[(metrics["institution"] == "global") & (metrics["metric"] == "accuracy") & (metrics["round"] > 0)]
+        history = client.get_metric_history(r.info.run_id, "global_accuracy")
+        assert sorted((m.step, m.value) for m in history) == sorted(zip(ran["round"], ran["value"]))
+    assert {"summary.csv", "trials.csv"} <= {a.path for a in client.list_artifacts(sweep_run.info.run_id)}
 
 
 @pytest.mark.slow
