@@ -96,7 +96,8 @@ def check_writable(folder: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ConfigError("tracking.dir", f"{folder} is not writable ({existing}: {e.strerror or type(e).__name__}); "
+        raise ConfigError("tracking.dir", f"{folder} is not writable (no file can be made in {existing}: "
+                          f"{e.strerror or type(e).__name__}); "
                           "choose a folder you can write to, or leave tracking.dir=null for one inside the run "
                           "directory") from None
 
