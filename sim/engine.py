@@ -241,13 +241,13 @@ def _start_backend(kind: str, spec: RunSpec, specs: tuple[InstitutionSpec, ...],
                    pool: Any = None):
     """The in-process backend, or Ray actors placed per the layout (borrowed from ``pool`` when given)."""
     from agents.runtime.backend import InProcessBackend, RayBackend
-    from agents.runtime.cluster import connect
+    from agents.runtime.cluster import connect, node_cpus
     from agents.runtime.placement import plan_layout
 
     if kind == "inprocess":
         return InProcessBackend(spec, specs, fed, flops)
     cpus, gpus = connect(dict(spec.cluster))
-    layout = plan_layout(spec, specs, cpus, gpus)
+    layout = plan_layout(spec, specs, cpus, gpus, node_cpus())
     for w in layout.warnings:
         log.warning(w)
     log.info("[%s] %d institutions on %d %s host actor(s) + coordinator", spec.scheme_name, len(specs),

@@ -15,6 +15,7 @@ the run with :class:`~sim.core.types.RunFailed`; ``python -m sim resume=RUN_DIR`
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,7 +24,7 @@ from agents.runtime import ray_train
 from agents.coordinator import Coordinator, backdoor_of
 from agents.host import Host
 from agents.runtime.placement import Layout
-from agents.runtime.warm import ActorError, ActorPool, WarmHost
+from agents.runtime.warm import ActorError, ActorPool
 from sim.core import faults
 from sim.core.config import RunSpec
 from sim.core.stragglers import Deadline
@@ -32,6 +33,7 @@ from sim.core.types import (ConfigError, Federation, InstitutionSpec, LocalPlan,
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0  # a new actor imports torch and builds its model: slow on a busy machine, so not the round deadline
+ROOM_CHECK_S = 2.0  # while a replacement host waits to start, how often the cluster's CPUs are checked against the run's
 
 
 class Backend(Protocol):
@@ -177,6 +179,8 @@ class RayBackend:
         for saved in carried.values():
             self.carried.update(saved)
         lost = {}
+        if failures:
+            self._discard([merged])  # failed on the lost host's result, before merging anything
         for j, (status, error) in failures.items():
             names = sorted(self.members[j] & cohort, key=self.order.get)
             log.warning("round %d: %s %s (%s); their updates are lost this round and their host restarts",
@@ -184,7 +188,6 @@ class RayBackend:
             lost |= dict.fromkeys(names, status)
             self._restart(j, list(calls[j]))
         if failures:
-            self._discard([merged])  # failed on the lost host's result, before merging anything
             refs = [c[0] for j, c in calls.items() if j not in failures]
             merged = self.coordinator.merge.remote(ctx, lost, *refs)
         if score:  # ordered after the merge on every actor: scoring starts while the rows travel back
@@ -270,10 +273,25 @@ class RayBackend:
         self.ray.kill(self.hosts[j], no_restart=True)
         self._discard(orphans)
         h = self.layout[j][0]
-        self.hosts[j] = self.pool.ray.remote(WarmHost).options(num_cpus=h.cpus, num_gpus=h.gpus).remote()
-        self._load(j)
-        self.pids[j] = self._get(self.hosts[j].restore.remote(self._carried_by(j)), f"host {j} could not be restarted",
-                                 START_TIMEOUT_S)
+        self.hosts[j] = self.pool.new_host(h.cpus, h.gpus)
+        started = [self._load(j), self.hosts[j].restore.remote(self._carried_by(j))]
+        ready, _ = self.ray.wait(started, num_returns=2, timeout=0.5)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(ready) < 2 and time.monotonic() < deadline:  # a lost node's room may be gone for good: say so soon
+            self._check_room(j, started)
+            ready, _ = self.ray.wait(started, num_returns=2, timeout=ROOM_CHECK_S)
+        self.pids[j] = self._get(started, f"host {j} could not be restarted", START_TIMEOUT_S)[1]
+
+    def _check_room(self, j: int, pending: list) -> None:
+        """Stop the run with one line when the cluster no longer has the CPUs its actors ask for (a node left it)."""
+        need = sum(h.cpus for h, _, _ in self.layout) + self.coordinator_cpus
+        have = float(self.ray.cluster_resources().get("CPU", 0.0))
+        if have + 1e-9 < need:
+            self.broken = True
+            self.ray.kill(self.hosts[j], no_restart=True)
+            self._discard(pending)
+            raise RunFailed(f"host {j} could not be restarted: the cluster now has {have:g} CPUs and this run's actors "
+                            f"ask for {need:g} (a node left it)")
 
     def _discard(self, refs: list) -> None:
         """Collect a lost host's unfinished results (errors by now), so Ray does not report them as unhandled."""

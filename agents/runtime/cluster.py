@@ -5,17 +5,32 @@ default), no dashboard unless asked (``cluster.dashboard=true``), and workers th
 the actors' code as Ray starts them. Joining a cluster gives up within
 ``cluster.connect_timeout_s`` with one line. Inside a Tune trial the run is laid out on
 what its placement group reserved.
+
+The warm local cluster (``python -m sim.cluster up`` / ``down`` / ``status``; :func:`up`,
+:func:`down`, :func:`warm` from Python) is a ``ray start`` head on this machine that outlives
+commands: a command with no ``cluster.address`` joins it when it is up and runs the code it
+was started with, and leaves it running at exit, so ray.init's and shutdown's seconds are paid
+once, not per command (:mod:`agents.runtime.nodes` starts and stops its processes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import secrets
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from agents.runtime import nodes
 
 log = logging.getLogger(__name__)
+say = logging.getLogger("collabsim")  # the commands' own lines: joining the warm cluster, or why not
 LOOPBACK = "127.0.0.1"
 
 
@@ -27,6 +42,13 @@ after it asks for its actors (about 1.5 s of a command's start on 2 cores)."""
 
 STARTED: list[bool] = []
 """Non-empty once :func:`connect` has started a local cluster in this process (which :func:`disconnect` ends)."""
+
+JOINED: list[bool] = []
+"""Non-empty once :func:`connect` has joined the warm local cluster (:func:`disconnect` leaves it running)."""
+
+ROOT = Path(__file__).resolve().parents[2]  # the project whose code the warm cluster's workers import
+OWN_CLUSTER_KEYS = ("num_cpus", "num_gpus", "temp_dir", "dashboard")
+"""cluster keys that only a cluster started by the command itself can honour: given, the warm cluster is not joined."""
 
 
 TOKEN_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -63,6 +85,10 @@ def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tupl
     """
     import ray
 
+    if not ray.is_initialized() and not cluster.get("address") and not os.environ.get("RAY_ADDRESS"):
+        record = joinable(cluster)
+        if record is not None:
+            _join_warm(ray, record)
     if not ray.is_initialized():
         # Ray's token authentication stays on (its default); a local cluster is told to live on the loopback address.
         kwargs: dict[str, Any] = {"address": cluster.get("address"), "include_dashboard": False,
@@ -88,6 +114,7 @@ def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tupl
         else:
             _join(ray, cluster["address"], float(cluster.get("connect_timeout_s") or 30.0),
                   {k: v for k, v in kwargs.items() if v is not None})
+    _one_line_per_lost_node()
     res = _placement_group_resources() or ray.cluster_resources()
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
 
@@ -96,11 +123,175 @@ def disconnect() -> None:
     """End the local cluster :func:`connect` started in this process; a joined cluster, or one started by
     someone else in this process (a test's), is left running. Called as a command ends: Ray's own exit hook does
     the same, after half a second's wait for log lines."""
-    if STARTED:
+    if STARTED or JOINED:  # a joined cluster's driver only disconnects: the cluster runs on
         import ray
 
         ray.shutdown()
         STARTED.clear()
+        JOINED.clear()
+
+
+def node_cpus() -> list[float] | None:
+    """Each live node's CPUs on a cluster of several (None on one node, or inside a Tune trial's placement group)."""
+    import ray
+    from ray.util import get_current_placement_group
+
+    if get_current_placement_group() is not None:
+        return None
+    cpus = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    return cpus if len(cpus) > 1 else None
+
+
+def code_version() -> str:
+    """A digest of the project's Python sources (sim/, agents/): a warm worker runs the code it imported at start-up."""
+    digest = hashlib.sha256()
+    for package in ("agents", "sim"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def up(num_cpus: float | None = None, num_gpus: float | None = None, wait_s: float = 120.0) -> dict[str, Any]:
+    """Start the warm local cluster (``python -m sim.cluster up``) and return its record; one already up is kept.
+
+    A ``ray start`` head on the loopback address, token authentication on (the token file made
+    private first), no dashboard, its workers preloading torch and the actors' code; a first driver
+    connects for a moment so Ray starts a worker per CPU, and this waits (at most ``wait_s``) until
+    they have imported torch, so the next command finds them ready."""
+    current = status()
+    if current["state"] == "up" and current["code"] == "current":
+        return current
+    down()  # a stale record, or a cluster of older code: replaced
+    private_token()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    temp, address = nodes.start_node(head=True, num_cpus=num_cpus, num_gpus=num_gpus, env=env,
+                                     system_config={"preload_python_modules": list(PRELOAD)})
+    cpus = float(num_cpus if num_cpus is not None else os.cpu_count() or 1)
+    nodes.write_record({"address": address, "temp_dir": temp, "nodes": [], "cpus": cpus, "code": code_version(),
+                        "root": str(ROOT), "python": sys.executable, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    # The first driver a raylet sees makes it start a worker per CPU, which no job owns: the next command takes them.
+    subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='auto', _temp_dir={temp!r}, "
+                    "configure_logging=False, log_to_driver=False)"], env=env, capture_output=True, timeout=wait_s)
+    deadline = time.monotonic() + wait_s
+    while nodes.warm_workers(temp) < int(cpus) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return status()
+
+
+def down() -> int:
+    """Stop the warm local cluster and the nodes added to it (by their processes' ids); how many processes ended."""
+    record = nodes.read_record()
+    if record is None:
+        return 0
+    ended = nodes.stop_nodes([*record.get("nodes", []), record["temp_dir"]])
+    nodes.clear_record()
+    return ended
+
+
+def status() -> dict[str, Any]:
+    """What is up: ``state`` (down | up | stale: recorded but its GCS does not answer), address, CPUs, nodes, warm workers."""
+    record = nodes.read_record()
+    if record is None:
+        return {"state": "down"}
+    alive = _answers(record.get("address", ""))
+    extra = [t for t in record.get("nodes", []) if nodes.processes(t)]
+    return {**record, "state": "up" if alive else "stale", "nodes": 1 + len(extra), "node_dirs": extra,
+            "warm_workers": sum(nodes.warm_workers(t) for t in [record["temp_dir"], *extra]),
+            "code": "current" if (record.get("code"), record.get("root"), record.get("python"))
+            == (code_version(), str(ROOT), sys.executable) else "changed"}
+
+
+def add_node(num_cpus: float) -> str:
+    """Join one more ``ray start`` node of ``num_cpus`` CPUs on this machine to the warm cluster; its temp folder.
+
+    Ray 2.60 turns token authentication on by itself for a head that finds a token, not for a node
+    joining one: Ray's token-auth guide has every other node started with ``RAY_AUTH_MODE=token``."""
+    record = nodes.read_record()
+    if record is None:
+        raise RuntimeError("no warm local cluster to add a node to: python -m sim.cluster up first")
+    env = dict(os.environ, RAY_AUTH_MODE="token",
+               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    temp, _ = nodes.start_node(head=False, num_cpus=num_cpus, address=record["address"], env=env)
+    nodes.write_record({**record, "nodes": [*record.get("nodes", []), temp]})
+    return temp
+
+
+@contextlib.contextmanager
+def warm(num_cpus: float | None = None) -> Iterator[dict[str, Any]]:
+    """The warm local cluster for the ``with`` block (e.g. a benchmark's commands); stopped after it if started here."""
+    started = status()["state"] != "up"
+    record = up(num_cpus)
+    try:
+        yield record
+    finally:
+        if started:
+            down()
+
+
+def joinable(cluster: dict[str, Any]) -> dict[str, Any] | None:
+    """The warm cluster's record when a command with this ``cluster`` group should join it, else None (said why)."""
+    record = nodes.read_record()
+    if record is None:
+        return None
+    if not _answers(record.get("address", "")):
+        say.info("the warm local cluster recorded in %s does not answer; starting a cluster of its own",
+                 nodes.record_path())
+        return None
+    own = [k for k in OWN_CLUSTER_KEYS if cluster.get(k)]
+    code = (record.get("code"), record.get("root"), record.get("python")) == (code_version(), str(ROOT), sys.executable)
+    if own or not code:
+        why = (f"cluster.{own[0]}={cluster[own[0]]} asks for a cluster of its own" if own else
+               "its workers run other code than this command's (edited since `up`, or another checkout or Python)")
+        say.info("a warm local cluster is up, but %s: starting one (python -m sim.cluster down && python -m "
+                 "sim.cluster up refreshes it)", why)
+        return None
+    return record
+
+
+def _join_warm(ray: Any, record: dict[str, Any]) -> None:
+    """Join the warm cluster the way Ray joins a local cluster it found (token authentication on); say so in one line."""
+    quiet = logging.getLogger("ray._private.services")  # "Found multiple active Ray instances": other users' clusters
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        ray.init(address="auto", _temp_dir=record["temp_dir"], log_to_driver=True, configure_logging=False)
+    finally:
+        quiet.setLevel(level)
+    JOINED[:] = [True]
+    say.info("joined the warm local Ray cluster at %s (python -m sim.cluster up; it keeps running after this command)",
+             record["address"])
+
+
+def _one_line_per_lost_node() -> None:
+    """Ray hands every driver a lost node's last 20 raylet log lines (a state dump); keep the first, which says what
+    happened, so a node lost mid-run costs the researcher one line, not a screenful (the run's own lines say the rest)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # Ray moved it: its own print is left as it is
+        return
+
+    def shortened(handle):
+        def handle_short(data):
+            lines = data.get("lines") or []
+            if data.get("pid") == "raylet" and lines and (len(lines) > 1 or "\n" in lines[0]):
+                data = {**data, "lines": [lines[0].split("\n", 1)[0]]}
+            handle(data)
+        handle_short.collabsim = True
+        return handle_short
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, shortened(h) if name == "ray_print_logs" and not getattr(h, "collabsim", False)
+                                else h) for name, h in dispatcher.handlers]
+
+
+def _answers(address: str) -> bool:
+    """Whether a GCS listens at ``host:port`` (a quick TCP probe)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _join(ray: Any, address: str, timeout: float, kwargs: dict[str, Any]) -> None:

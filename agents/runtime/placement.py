@@ -61,8 +61,11 @@ def check_requests(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: floa
                               + ("" if gpus > 0 else " or set engine.gpu_policy=warn to run on CPU"))
 
 
-def plan_layout(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, gpus: float) -> Layout:
-    """Decide dedicated or pooled hosts for ``specs`` on a cluster with ``cpus`` CPUs and ``gpus`` GPUs."""
+def plan_layout(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, gpus: float,
+                nodes: list[float] | None = None) -> Layout:
+    """Decide dedicated or pooled hosts for ``specs`` on a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
+
+    ``nodes``: each node's CPUs on a cluster of several; pooled hosts are then sized to what each node holds."""
     warnings: list[str] = []
     asked_gpus = sum(s.gpus for s in specs)
     if asked_gpus > 0 and gpus == 0:
@@ -87,6 +90,10 @@ def plan_layout(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, 
         gpus_of = dict.fromkeys(gpus_of, 0.0)
     mode = spec.placement
     fits = sum(s.cpus for s in specs) + coord <= cpus + EPS and sum(gpus_of.values()) <= gpus + EPS
+    if mode == "dedicated" and not fits and spec.resume:  # resumed on fewer nodes: placement cannot change a number
+        warnings.append(f"the saved placement=dedicated asks for {sum(s.cpus for s in specs) + coord:g} CPUs and the "
+                        f"cluster has {cpus:g}: the resumed run continues on pooled hosts (the same numbers)")
+        mode = "pooled"
     if mode == "auto":
         # One process per institution only while there are cores for them: each process imports torch
         # (~300 MB, seconds to start), and more processes than cores cannot train at the same time anyway.
@@ -109,12 +116,27 @@ def plan_layout(spec: RunSpec, specs: tuple[InstitutionSpec, ...], cpus: float, 
         raise ConfigError("engine.coordinator_cpus", f"the coordinator asks for {coord:g} CPUs, the cluster has {cpus:g}")
     k = spec.engine.pooled_hosts or max(1, math.ceil(free - EPS))
     k = min(k, len(specs))
-    per_host = min(1.0, free / k)
+    sizes = [min(1.0, free / k)] * k
+    if nodes and len(nodes) > 1 and train is None and spec.engine.pooled_hosts is None:
+        sizes = node_sized(nodes, coord)[:len(specs)] or sizes
+        k = len(sizes)
     hosts = []
     for j in range(k):
         members = tuple(s.index for s in specs[j::k])
         g = min(1.0, sum(gpus_of[i] for i in members))
-        hosts.append(HostPlan(members, per_host, g))
+        hosts.append(HostPlan(members, sizes[j], g))
     if sum(h.gpus for h in hosts) > gpus + EPS:
         raise ConfigError("scenario", f"the pooled hosts need {sum(h.gpus for h in hosts):g} GPUs but the cluster has {gpus:g}")
     return Layout("pooled", tuple(hosts), coord, tuple(warnings), train)
+
+
+def node_sized(nodes: list[float], coordinator: float) -> list[float]:
+    """Pooled hosts' CPU requests that pack into nodes of these CPUs, largest first (the order they are started in).
+
+    Equal hosts sized on the cluster's total need not fit any node (three 1-CPU nodes and a 0.25-CPU coordinator
+    left room for no 0.92-CPU host beside it): each node instead gets as many hosts of at most one CPU as its
+    whole CPUs, sharing what it has, the coordinator's share taken from the largest. [] when none fits."""
+    room = sorted(nodes, reverse=True)
+    room[0] -= coordinator
+    sizes = [c / math.ceil(c - EPS) for c in room if c > EPS for _ in range(math.ceil(c - EPS))]
+    return sorted(sizes, reverse=True)

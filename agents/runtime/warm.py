@@ -118,8 +118,16 @@ class ActorPool:
         for k, (req, actor) in enumerate(self.idle_hosts):
             if req == (cpus, gpus):
                 return self.idle_hosts.pop(k)[1]
+        return self.new_host(cpus, gpus)
+
+    def new_host(self, cpus: float, gpus: float):
+        """A new host actor with this request, spread over the cluster's nodes (hosts do the training: a node lost
+        costs fewer of them); inside a placement group (a Tune trial) it stays in the group's bundles."""
+        from ray.util import get_current_placement_group
+
         self.started += 1
-        return self.ray.remote(WarmHost).options(num_cpus=cpus, num_gpus=gpus).remote()
+        spread = {} if get_current_placement_group() is not None else {"scheduling_strategy": "SPREAD"}
+        return self.ray.remote(WarmHost).options(num_cpus=cpus, num_gpus=gpus, **spread).remote()
 
     def coordinator(self, cpus: float):
         """An idle coordinator actor with this request, or a new one."""

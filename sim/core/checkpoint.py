@@ -279,15 +279,25 @@ def _load_arrays(path: Path) -> dict[str, dict[str, np.ndarray]]:
 def resume_overrides(argv: list[str]) -> list[str]:
     """Hydra overrides that make ``resume=DIR`` write into DIR itself (no new output folder, no new .hydra/).
 
-    A resumed run is the saved run: any other override would change it, so it is refused.
+    A resumed run is the saved run: an override may only change how it executes (the keys of
+    :data:`sim.core.config.EXECUTION_KEYS`: placement, the cluster, the backend, ...); any other is refused.
     """
+    from sim.core.config import EXECUTION_KEYS
+
     resume = [a.partition("=")[2] for a in argv if a.startswith("resume=")]
     if not resume or resume[-1] in ("", "null"):
         return []
     if resume[-1].lower() in ("true", "false"):
         raise ConfigError("resume", "give the run directory to continue, e.g. resume=outputs/2025-01-31/12-00-00")
-    others = [a for a in argv if not a.startswith(("resume=", "hydra.", "hydra/", "-"))]
+    others = [a for a in argv if not a.startswith(("resume=", "hydra.", "hydra/", "-")) and not _executes(a, EXECUTION_KEYS)]
     if others:
-        raise ConfigError("resume", f"a resumed run keeps its saved config; drop {listing(map(repr, others))}")
+        raise ConfigError("resume", f"a resumed run keeps its saved config; drop {listing(map(repr, others))} (a resume "
+                          f"may change only how it runs: {', '.join(EXECUTION_KEYS)})")
     path = str(Path(resume[-1]).expanduser().resolve())
     return [f"hydra.run.dir='{path}'" if "'" not in path else f"hydra.run.dir={path}", "hydra.output_subdir=null"]
+
+
+def _executes(override: str, keys: Sequence[str]) -> bool:
+    """Whether ``override`` sets one of ``keys`` (a group such as ``cluster`` with its own keys, ``cluster.address``)."""
+    key = override.partition("=")[0].lstrip("+~")
+    return key in keys or any(key.startswith(k + ".") for k in keys)

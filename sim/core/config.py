@@ -27,8 +27,15 @@ from sim.core.types import CONFIG, ConfigError, Scenario, TrainingSpec, defaults
 
 log = logging.getLogger("collabsim")
 
-__all__ = ["EngineSpec", "GPU_POLICIES", "PLACEMENTS", "RunSpec", "SMOKE_ROUNDS", "parse_spec"]
+__all__ = ["EXECUTION_KEYS", "EngineSpec", "GPU_POLICIES", "PLACEMENTS", "RunSpec", "SMOKE_ROUNDS", "parse_spec"]
 SMOKE_ROUNDS = 3
+
+EXECUTION_KEYS = ("placement", "checkpoint_every", "cluster", "engine.backend", "engine.pooled_hosts",
+                  "engine.max_dedicated", "engine.coordinator_cpus", "engine.round_timeout_s")
+"""Keys that say where and how a run executes, never what it computes (the determinism contract: the same numbers
+on any placement, number of hosts, backend or cluster; RNGs seeded by round, so checkpoints do not move them either).
+A resumed run may change these (``python -m sim resume=DIR placement=pooled``) and keeps every other saved key.
+Not here: engine.vectorise and threads_per_institution (equal only to float rounding), gpu_policy (another device)."""
 
 
 ENGINE_DEFAULTS = defaults("engine")
@@ -103,7 +110,7 @@ def parse_spec(cfg: DictConfig | Mapping[str, Any], schemes: Mapping[str, str]) 
     c = cfg if isinstance(cfg, Mapping) and not isinstance(cfg, DictConfig) else OmegaConf.to_container(cfg, resolve=True)
     c = {k: v for k, v in check_group("", c, TOP, allowed=schema.OTHER_ENTRY_POINTS).items() if k != "hydra"}
     if isinstance(c.get("resume"), str):
-        return _resumed(c["resume"], schemes)
+        return _resumed(c["resume"], schemes, c)
     if not (c.get("resume") is None or isinstance(c["resume"], bool)):
         raise ConfigError("resume", f"expected the run directory to continue, got {c['resume']!r}")
     seed = _int(c, "seed", minimum=0)
@@ -183,14 +190,51 @@ def _without_unset_views(c: dict[str, Any]) -> dict[str, Any]:
     return {**c, "data": {k: v for k, v in data.items() if not (k in unset and v == unset[k])}}
 
 
-def _resumed(run_dir: str, schemes: Mapping[str, str]) -> RunSpec:
-    """The spec of the run saved in ``run_dir`` (its config.yaml), marked as resumed."""
+def _resumed(run_dir: str, schemes: Mapping[str, str], given: Mapping[str, Any]) -> RunSpec:
+    """The spec of the run saved in ``run_dir`` (its config.yaml), marked as resumed, executed as ``given`` says.
+
+    Of ``given`` (the resuming command's composed config) only :data:`EXECUTION_KEYS` that differ from
+    their defaults count; the run id, config.yaml and every number stay the saved run's."""
     saved = saved_config(run_dir, "resume", "give the run directory of the run to continue")
     if isinstance(saved.get("resume"), str):
         raise ConfigError("resume", f"{run_dir}/config.yaml is not the config of a run")
     spec = replace(parse_spec(saved, schemes), resume=str(Path(run_dir).expanduser()))
     _check_unedited(run_dir, spec, saved)
-    return spec
+    return _executed_as(spec, given)
+
+
+def _executed_as(spec: RunSpec, given: Mapping[str, Any]) -> RunSpec:
+    """``spec`` with the execution keys ``given`` sets away from their defaults (:data:`EXECUTION_KEYS`)."""
+    top = defaults_of("")
+    changed: dict[str, Any] = {}
+    for key in ("placement", "checkpoint_every"):
+        if key in given and given[key] != top[key]:
+            changed[key] = check_group("", {key: given[key]}, {key: TOP[key]})[key]
+    local = defaults_of("cluster")
+    cluster = {k: v for k, v in (given.get("cluster") or {}).items() if v != local.get(k)}
+    engine = {k: v for k, v in (given.get("engine") or {}).items()
+              if f"engine.{k}" in EXECUTION_KEYS and v != top["engine"].get(k)}
+    if engine:
+        typed = _engine({**top["engine"], **engine})
+        changed["engine"] = replace(spec.engine, **{k: getattr(typed, k) for k in engine})
+    if cluster:
+        changed["cluster"] = check_group("cluster", {**spec.cluster, **cluster}, CLUSTER)
+        check_address(changed["cluster"].get("address"))
+    if not changed:
+        return spec
+    said = [f"{k}={v}" for k, v in changed.items() if k in ("placement", "checkpoint_every")]
+    said += [f"engine.{k}={v}" for k, v in engine.items()] + [f"cluster.{k}={v}" for k, v in cluster.items()]
+    log.info("resuming %s with %s (how it runs, not what it computes)", spec.run_id, ", ".join(said))
+    return replace(spec, **changed)
+
+
+def defaults_of(group: str) -> dict[str, Any]:
+    """conf/config.yaml's top level (``group=""``), or the default option of a config group (``cluster``: local.yaml)."""
+    import yaml
+
+    path = CONFIG if not group else CONFIG.parent / group / "local.yaml"
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
 
 
 def _check_unedited(run_dir: str, spec: RunSpec, saved: Mapping[str, Any]) -> None:

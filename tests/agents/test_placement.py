@@ -64,3 +64,29 @@ def test_bundles_reserve_coordinator_and_every_host():
     layout = plan_layout(spec, spec.scenario.institutions, cpus=8, gpus=0)
     assert layout.bundles[0] == {"CPU": 0.25}
     assert len(layout.bundles) == 7
+
+
+def test_a_resumed_run_that_no_longer_fits_dedicated_actors_continues_pooled():
+    # Prepare: the default scenario on dedicated actors (1.55 CPUs with the coordinator), and a resume on 1 CPU
+    from dataclasses import replace
+
+    spec = spec_of("placement=dedicated")
+    # Execute / Assert: a fresh run is refused as before; the resumed one is laid out pooled, and says so
+    with pytest.raises(ConfigError, match="dedicated actors ask for 1.55 CPUs but the cluster has 1"):
+        plan_layout(spec, spec.scenario.institutions, cpus=1, gpus=0)
+    layout = plan_layout(replace(spec, resume="/some/run"), spec.scenario.institutions, cpus=1, gpus=0)
+    assert layout.mode == "pooled" and sorted(i for h in layout.hosts for i in h.indices) == list(range(6))
+    assert "continues on pooled hosts" in layout.warnings[0]
+
+
+def test_pooled_hosts_on_several_nodes_are_sized_to_fit_each_node():
+    from agents.runtime.placement import node_sized
+
+    # Prepare: three 1-CPU nodes; equal hosts sized on the 3-CPU total (0.92 each) left no node room for the coordinator
+    spec = spec_of("scenario.num_institutions=30")
+    # Execute
+    layout = plan_layout(spec, spec.scenario.institutions, cpus=3, gpus=0, nodes=[1.0, 1.0, 1.0])
+    # Assert: one host per node, the coordinator's quarter taken from one of them; largest first (started first)
+    assert [h.cpus for h in layout.hosts] == [1.0, 1.0, 0.75] and layout.coordinator_cpus == 0.25
+    assert node_sized([2.0, 1.0], 0.25) == [1.0, 0.875, 0.875]  # a 2-CPU node shares its 1.75 between two hosts
+    assert sorted(i for h in layout.hosts for i in h.indices) == list(range(30))

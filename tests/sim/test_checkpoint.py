@@ -167,5 +167,27 @@ def test_resume_on_the_command_line_writes_into_the_run_directory_and_refuses_ot
     assert resume_overrides([f"resume={tmp_path}"]) == [f"hydra.run.dir='{tmp_path}'", "hydra.output_subdir=null"]
     with pytest.raises(ConfigError, match="keeps its saved config; drop 'rounds=5'"):
         resume_overrides([f"resume={tmp_path}", "rounds=5"])
+    with pytest.raises(ConfigError, match="drop 'engine.vectorise=false'"):  # equal only to float rounding: refused
+        resume_overrides([f"resume={tmp_path}", "placement=pooled", "engine.vectorise=false"])
+    # How it runs may change: placement, the cluster (a group or its keys), the backend, hosts, checkpoints
+    allowed = ["placement=pooled", "cluster=existing", "cluster.address=auto", "engine.backend=inprocess",
+               "engine.pooled_hosts=2", "checkpoint_every=2"]
+    assert resume_overrides([f"resume={tmp_path}", *allowed])[0] == f"hydra.run.dir='{tmp_path}'"
     with pytest.raises(ConfigError, match="run directory"):
         resume_overrides(["resume=true"])
+
+
+def test_a_resume_may_change_how_it_runs_and_gives_the_same_numbers(small_cfg, tmp_path):
+    # Prepare: one actor per institution, stopped after round 1; and the same run uninterrupted
+    cfg = small_cfg("rounds=3", "checkpoint_every=1", "placement=dedicated", *FLAKY)
+    with pytest.raises(Stop):
+        run(cfg, tmp_path, backend="inprocess", on_round=stop_after(1))
+    saved = (tmp_path / "config.yaml").read_text()
+    full = run(cfg, backend="inprocess")
+    # Execute: resumed pooled on two hosts, in this process (engine.backend from the command, not the saved ray)
+    resumed = run(compose("config", [f"resume={tmp_path}", "placement=pooled", "engine.pooled_hosts=2",
+                                     "engine.backend=inprocess"]))
+    # Assert: the same run (id, config.yaml) and the same numbers, bit for bit
+    assert resumed.run_id == full.run_id and (tmp_path / "config.yaml").read_text() == saved
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "metrics.parquet"), full.metrics)
+    assert status(tmp_path)["state"] == "complete"

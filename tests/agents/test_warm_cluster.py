@@ -1,0 +1,51 @@
+"""The warm local cluster: a command joins it, says so in one line, leaves it running and computes the same numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from agents.runtime import cluster, nodes
+from conftest import SMALL
+from sim.engine import run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_a_command_joins_the_warm_cluster_leaves_it_up_and_computes_the_same_numbers(tmp_path, small_cfg, ray_cluster):
+    # Prepare: a home of its own (its token, its cluster record), and the warm cluster started as a user starts it
+    env = {k: v for k, v in os.environ.items() if k not in (*cluster.TOKEN_VARIABLES, "RAY_ADDRESS")}
+    env |= {"HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+
+    def command(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *argv], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+
+    up = command("sim.cluster", "up", "--num-cpus", "2")
+    try:
+        assert up.returncode == 0 and up.stdout.startswith("up: "), up.stdout + up.stderr[-2000:]
+        record = json.loads((tmp_path / "home" / ".ray" / nodes.RECORD).read_text())
+        for private in ("auth_token", nodes.RECORD):  # the token, and where the cluster it opens lives: owner only
+            assert stat.S_IMODE((tmp_path / "home" / ".ray" / private).stat().st_mode) == 0o600
+        # Execute: a plain command, no cluster.address
+        done = command("sim", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
+        after = command("sim.cluster", "status")
+    finally:
+        down = command("sim.cluster", "down")
+    # Assert: it joined (one line), the cluster outlived it, and its numbers equal a run on a cluster of its own
+    said = done.stdout + done.stderr
+    assert done.returncode == 0 and said.count("joined the warm local Ray cluster") == 1, said[-3000:]
+    assert after.stdout.startswith("up: "), after.stdout
+    own = run(small_cfg())  # Ray actors on the test session's own local cluster
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / "metrics.parquet"), own.metrics)
+    # ... and down stopped every process of it, by id, and forgot it
+    assert down.returncode == 0 and down.stdout.startswith("down: stopped"), down.stdout + down.stderr
+    assert not nodes.processes(record["temp_dir"]) and command("sim.cluster", "status").stdout.startswith("down:")
