@@ -264,24 +264,35 @@ def _join_warm(ray: Any, record: dict[str, Any]) -> None:
 
 def _one_line_per_lost_node() -> None:
     """Ray hands every driver a lost node's last 20 raylet log lines (a state dump); keep the first, which says what
-    happened, so a node lost mid-run costs the researcher one line, not a screenful (the run's own lines say the rest)."""
+    happened, so a node lost mid-run costs the researcher a line, not a screenful (the run's own lines say the rest).
+
+    Ray prints them from two threads: raylet error messages through ``ray._private.worker.print_to_stdstream``, log
+    lines through the stdstream dispatcher's ``ray_print_logs`` handler; both are wrapped (private names: if Ray
+    moves them, its own print is left as it is)."""
     try:
+        from ray._private import worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # Ray moved it: its own print is left as it is
+    except ImportError:
         return
-
-    def shortened(handle):
-        def handle_short(data):
-            lines = data.get("lines") or []
-            if data.get("pid") == "raylet" and lines and (len(lines) > 1 or "\n" in lines[0]):
-                data = {**data, "lines": [lines[0].split("\n", 1)[0]]}
-            handle(data)
-        handle_short.collabsim = True
-        return handle_short
-
+    if callable(getattr(worker, "print_to_stdstream", None)):
+        worker.print_to_stdstream = _shortened(worker.print_to_stdstream)
     with dispatcher._lock:
-        dispatcher.handlers = [(name, shortened(h) if name == "ray_print_logs" and not getattr(h, "collabsim", False)
-                                else h) for name, h in dispatcher.handlers]
+        dispatcher.handlers = [(name, _shortened(h) if name == "ray_print_logs" else h) for name, h in dispatcher.handlers]
+
+
+def _shortened(handle: Any) -> Any:
+    """``handle`` (Ray's printer of a batch of lines from a process), printing only the first line of a raylet's."""
+    if getattr(handle, "collabsim", False):
+        return handle
+
+    def handle_short(data, *args, **kwargs):
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and lines and (len(lines) > 1 or "\n" in lines[0]):
+            data = {**data, "lines": [lines[0].split("\n", 1)[0]]}
+        return handle(data, *args, **kwargs)
+
+    handle_short.collabsim = True
+    return handle_short
 
 
 def _answers(address: str) -> bool:
