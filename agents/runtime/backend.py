@@ -33,7 +33,7 @@ from sim.core.types import (ConfigError, Federation, InstitutionSpec, LocalPlan,
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0  # a new actor imports torch and builds its model: slow on a busy machine, so not the round deadline
-ROOM_CHECK_S = 2.0  # while a replacement host waits to start, how often the cluster's CPUs are checked against the run's
+ROOM_CHECK_S = 2.0  # while a replacement host waits to start, how often the cluster's CPUs are checked against the run
 
 
 class Backend(Protocol):

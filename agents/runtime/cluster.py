@@ -189,7 +189,7 @@ def down() -> int:
 
 
 def status() -> dict[str, Any]:
-    """What is up: ``state`` (down | up | stale: recorded but its GCS does not answer), address, CPUs, nodes, warm workers."""
+    """What is up: ``state`` (down | up | stale: recorded, its GCS silent), address, CPUs, nodes, warm workers."""
     record = nodes.read_record()
     if record is None:
         return {"state": "down"}
@@ -249,7 +249,7 @@ def joinable(cluster: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _join_warm(ray: Any, record: dict[str, Any]) -> None:
-    """Join the warm cluster the way Ray joins a local cluster it found (token authentication on); say so in one line."""
+    """Join the warm cluster as Ray joins a local cluster it found (token authentication on); say so in one line."""
     quiet = logging.getLogger("ray._private.services")  # "Found multiple active Ray instances": other users' clusters
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -277,7 +277,8 @@ def _one_line_per_lost_node() -> None:
     if callable(getattr(worker, "print_to_stdstream", None)):
         worker.print_to_stdstream = _shortened(worker.print_to_stdstream)
     with dispatcher._lock:
-        dispatcher.handlers = [(name, _shortened(h) if name == "ray_print_logs" else h) for name, h in dispatcher.handlers]
+        dispatcher.handlers = [(name, _shortened(h) if name == "ray_print_logs" else h)
+                               for name, h in dispatcher.handlers]
 
 
 def _shortened(handle: Any) -> Any:

@@ -125,7 +125,7 @@ def warm_workers(temp_dir: str) -> int:
 
 
 def stop_nodes(temp_dirs: list[str]) -> int:
-    """Stop every process of these nodes by id (raylets first, GCS last), then remove their folders; returns how many."""
+    """Stop every process of these nodes by id (raylets first, GCS last), remove their folders; returns how many."""
     procs = [p for t in temp_dirs for p in processes(t)]
     for stage in (0, 1, 2):
         pids = [pid for pid, args in procs if _stage(args) == stage]

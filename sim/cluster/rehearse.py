@@ -4,7 +4,8 @@
 machine (a head and two nodes, one CPU each unless told otherwise, token authentication on, each its
 own ports and Ray folder), runs a many-institution Synthetic(1,1) population (the benchmark's scale
 workload: 10,000 institutions, a cohort of 100) with its pooled hosts spread over the nodes, and kills
-the last node's raylet once round ``--kill-at`` is done. The same command runs uninterrupted first, on the three nodes. It checks that
+the last node's raylet once round ``--kill-at`` is done. The same command runs uninterrupted first, on
+the three nodes. It checks that
 the interrupted run either finishes on the nodes that remain or stops with the one-line
 ``python -m sim resume=DIR`` command and no unhandled Ray error print; runs that resume command (on
 the two nodes left); and compares the two ``metrics.parquet`` files. Everything it started is stopped at the
@@ -31,12 +32,12 @@ RESUME = re.compile(r"continue with: (python -m sim resume=\S+)")
 ROUND = re.compile(r"\] round (\d+)/(\d+) ")
 NOISE = ("Unhandled error", "Traceback (most recent call last)", "RayActorError", "ActorDiedError", "[state-dump]",
          "- objects errored")
-"""What must not reach the user when a node is lost: Ray's unhandled-error prints, raw tracebacks, a raylet's log dump."""
+"""What must not reach the user when a node is lost: unhandled-error prints, raw tracebacks, a raylet's log dump."""
 
 
 @dataclass
 class Outcome:
-    """What a rehearsal saw: how the interrupted run ended, and whether the resumed numbers equal an uninterrupted run's."""
+    """What a rehearsal saw: how the interrupted run ended, whether the resumed numbers equal an uninterrupted run's."""
 
     ended: str = ""  # "finished" on the remaining nodes, or "stopped" with the resume command
     resume_command: str = ""
@@ -47,7 +48,7 @@ class Outcome:
 
     @property
     def passed(self) -> bool:
-        """The run ended in one of the two allowed ways, said nothing raw, and its numbers equal the uninterrupted run's."""
+        """The run ended in one of the two allowed ways, said nothing raw, its numbers equal the uninterrupted run's."""
         return self.ended in ("finished", "stopped") and not self.noise and bool(self.identical)
 
 
@@ -76,7 +77,7 @@ def rehearse(institutions: int = 10_000, cohort: int = 100, rounds: int = 6, kil
              node_cpus: float = 1.0, workdir: Path | None = None) -> Outcome:
     """The whole rehearsal (see the module docstring); the warm cluster it starts is stopped whatever happens."""
     if cluster.status()["state"] != "down":
-        raise RuntimeError("a warm local cluster is up: python -m sim.cluster down first (the rehearsal starts its own)")
+        raise RuntimeError("a warm local cluster is up: python -m sim.cluster down first (the rehearsal makes its own)")
     work = Path(workdir or tempfile.mkdtemp(prefix="collabsim-rehearse-"))
     overrides = workload(institutions, cohort, rounds)
     command = [sys.executable, "-m", "sim", *overrides]

@@ -289,15 +289,16 @@ def resume_overrides(argv: list[str]) -> list[str]:
         return []
     if resume[-1].lower() in ("true", "false"):
         raise ConfigError("resume", "give the run directory to continue, e.g. resume=outputs/2025-01-31/12-00-00")
-    others = [a for a in argv if not a.startswith(("resume=", "hydra.", "hydra/", "-")) and not _executes(a, EXECUTION_KEYS)]
+    others = [a for a in argv if not a.startswith(("resume=", "hydra.", "hydra/", "-"))
+              and not _executes(a, EXECUTION_KEYS)]
     if others:
-        raise ConfigError("resume", f"a resumed run keeps its saved config; drop {listing(map(repr, others))} (a resume "
-                          f"may change only how it runs: {', '.join(EXECUTION_KEYS)})")
+        raise ConfigError("resume", f"a resumed run keeps its saved config; drop {listing(map(repr, others))} "
+                          f"(a resume may change only how it runs: {', '.join(EXECUTION_KEYS)})")
     path = str(Path(resume[-1]).expanduser().resolve())
     return [f"hydra.run.dir='{path}'" if "'" not in path else f"hydra.run.dir={path}", "hydra.output_subdir=null"]
 
 
 def _executes(override: str, keys: Sequence[str]) -> bool:
-    """Whether ``override`` sets one of ``keys`` (a group such as ``cluster`` with its own keys, ``cluster.address``)."""
+    """Whether ``override`` sets one of ``keys`` (a group such as ``cluster`` and its keys, ``cluster.address``)."""
     key = override.partition("=")[0].lstrip("+~")
     return key in keys or any(key.startswith(k + ".") for k in keys)

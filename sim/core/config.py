@@ -229,7 +229,7 @@ def _executed_as(spec: RunSpec, given: Mapping[str, Any]) -> RunSpec:
 
 
 def defaults_of(group: str) -> dict[str, Any]:
-    """conf/config.yaml's top level (``group=""``), or the default option of a config group (``cluster``: local.yaml)."""
+    """conf/config.yaml's top level (``group=""``), or a config group's default option (``cluster``: local.yaml)."""
     import yaml
 
     path = CONFIG if not group else CONFIG.parent / group / "local.yaml"

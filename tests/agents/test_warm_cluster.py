@@ -49,3 +49,14 @@ def test_a_command_joins_the_warm_cluster_leaves_it_up_and_computes_the_same_num
     # ... and down stopped every process of it, by id, and forgot it
     assert down.returncode == 0 and down.stdout.startswith("down: stopped"), down.stdout + down.stderr
     assert not nodes.processes(record["temp_dir"]) and command("sim.cluster", "status").stdout.startswith("down:")
+
+
+def test_the_rehearsal_runs_a_valid_pooled_population_with_a_checkpoint_every_round():
+    from sim.checks import load_spec
+    from sim.cli import compose
+    from sim.cluster.rehearse import workload
+
+    # The node-failure rehearsal (python -m sim.cluster.rehearse, run by hand: three ray start nodes) stays runnable:
+    # its workload passes the pre-run checks, pooled, checkpointed every round so a resume loses no round
+    spec = load_spec(compose("config", workload(50, 5, 3)))
+    assert (spec.placement, spec.checkpoint_every, len(spec.scenario.institutions)) == ("pooled", 1, 50)
