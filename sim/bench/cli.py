@@ -15,8 +15,8 @@ from typing import Any, Callable
 from sim.bench import pooled
 from sim.bench import workloads as w
 
-SECTIONS = ("P", "S", "scale", "foundation", "compare", "sweep", "pooled")  # --only names; sweep also runs with --sweep
-DEFAULT = ("P", "S", "scale", "foundation", "compare")  # the sweep is optional: it is a packing check, not a speed one
+SECTIONS = ("P", "S", "scale", "cluster", "foundation", "compare", "sweep", "pooled")  # --only names; sweep also with --sweep
+DEFAULT = ("P", "S", "scale", "cluster", "foundation", "compare")  # the sweep is optional: it is a packing check, not a speed one
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -49,6 +49,9 @@ def run_sections(args: argparse.Namespace) -> dict[str, Any]:
     for name, overrides in w.fedavg_workloads(args.quick, args.rounds).items():
         if name.split("-")[0] in args.sections:
             jobs[name] = partial(w.fedavg_pair, name, [*overrides, *args.extra], args.repeats)
+    if "cluster" in args.sections:  # P again, each command joining a local cluster that is already up (python -m sim.cluster)
+        jobs["P-cluster"] = partial(w.with_cluster, "P-cluster", [*w.fedavg_workloads(args.quick, args.rounds)["P"],
+                                                                  *args.extra], args.repeats)
     if "foundation" in args.sections:
         jobs["foundation"] = partial(w.foundation, args.repeats, args.quick)
     if "compare" in args.sections:

@@ -120,6 +120,17 @@ def fedavg_pair(name: str, overrides: list[str], repeats: int) -> dict[str, Any]
     return {"kind": "fedavg", "overrides": overrides, "plain": p, "collabsim": c, "ratios": ratios, "runs": runs}
 
 
+def with_cluster(name: str, overrides: list[str], repeats: int) -> dict[str, Any]:
+    """:func:`fedavg_pair` with a warm local cluster up for the whole pair (``python -m sim.cluster up``, started here
+    and stopped after unless one was up already): each collabsim command joins it instead of starting Ray. Only the
+    first command after ``up`` finds workers that already imported torch (Ray gives each command's job its own)."""
+    from agents.runtime.cluster import warm
+
+    say(f"{name}: starting a local cluster (python -m sim.cluster up)")
+    with warm():
+        return fedavg_pair(name, overrides, repeats)
+
+
 def foundation(repeats: int, quick: bool) -> dict[str, Any]:
     """Samples/s of collabsim's MiniLM+LoRA (adapters in the top 2 of 6 layers) training and scoring against plain
     transformers+peft with the same adapters on the same batches (every layer run every step)."""
