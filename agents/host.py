@@ -65,6 +65,8 @@ class Host:
         for i in self.institutions:
             i.public = public
         self.names = [i.spec.name for i in self.institutions]  # a round picks by name: one pass, no attribute lookups
+        self.index = np.array([i.spec.index for i in self.institutions], dtype=np.int64)  # what scores are keyed by
+        self.one_arch = all(i.spec.arch == RUN_ARCH for i in self.institutions)  # nobody declares a model of their own
         self.global_test, self.global_val = global_test, global_val
         self.training = training
         self.vectorise = vectorise  # plain local steps and scoring of many small institutions run as one batched computation
@@ -152,10 +154,10 @@ class Host:
             chosen = [self.institutions[k] for k in picked]
         if (chosen and global_state and self.vectorise and plan.evaluate != "personal"
                 and not client_of(plan).adapts and scorable(self.model, self.training.precision)
-                and all(i.spec.arch == RUN_ARCH for i in chosen)):
+                and (self.one_arch or all(i.spec.arch == RUN_ARCH for i in chosen))):
             return self._evaluate_together(picked, global_state)
         seen: dict[str, dict[str, float]] = {}  # identical personal models are scored on the global sets once
-        return Scores.of([(i.spec.name, i.evaluate(self.models[i.spec.arch], plan, global_state, self.global_test,
+        return Scores.of([(i.spec.index, i.evaluate(self.models[i.spec.arch], plan, global_state, self.global_test,
                                                    self.global_val, seen)) for i in chosen])
 
     def _evaluate_together(self, picked: np.ndarray | None, global_state: State) -> Scores:
@@ -171,7 +173,7 @@ class Host:
             self._rows = ScoringRows(sets, first.device, first.dtype)
         acc, loss, right, total = self._rows.score(self.model, None if picked is None else np.concatenate([picked, picked + n]))
         k = len(acc) // 2
-        names = tuple(self.names) if picked is None else tuple(self.names[j] for j in picked)
+        index = self.index if picked is None else self.index[picked]
         sizes = (self._rows.sizes if picked is None else self._rows.sizes[np.concatenate([picked, picked + n])]).astype(float)
         has_val = sizes[k:] > 0
         columns = {"accuracy": acc[:k], "loss": loss[:k], "val_accuracy": acc[k:], "val_loss": loss[k:]}
@@ -182,4 +184,4 @@ class Host:
         # The sums behind the means: the union of everybody's sets (the global test set) is scored from them exactly.
         columns |= {f"{part}_{what}": values[sl] for part, sl in (("test", slice(None, k)), ("val", slice(k, None)))
                     for what, values in (("right", right), ("rows", sizes), ("loss_sum", total))}
-        return Scores(names, columns, has)
+        return Scores(index, columns, has)

@@ -272,7 +272,10 @@ class _Recorder:
 
     def __init__(self, keys: dict, specs: Sequence[InstitutionSpec], progress: Progress):
         self.keys, self.progress = keys, progress
-        self.position = {s.name: k + 1 for k, s in enumerate(specs)}  # 0 is the global row
+        # Scenario index -> row in labels (0 is the global row; a coalition holds some of the scenario's institutions).
+        self.position = np.zeros(max((s.index for s in specs), default=0) + 1, dtype=np.int64)
+        self.position[[s.index for s in specs]] = np.arange(1, len(specs) + 1)
+        self.by_name = {s.name: k + 1 for k, s in enumerate(specs)}
         # architectures of their own: each institution's model on the global sets is kept too (OWN_SCORES)
         self.own = OWN_SCORES if any(s.model is not None for s in specs) else ()
         progress.labels = pd.array([GLOBAL, *(s.name for s in specs)], dtype="string")
@@ -291,7 +294,7 @@ class _Recorder:
                     if f"global_{metric}" in each.columns and each.present(f"global_{metric}").all()}
         metrics = [m for m in SCORES if m in glob or m in each.columns] + [m for m in self.own if m in each.columns]
         codes = [METRIC_NAMES.index(m) for m in metrics]
-        n = len(each.names)
+        n = len(each.index)
         values = np.empty((n + 1, len(codes)))
         present = np.empty((n + 1, len(codes)), dtype=bool)
         for c, metric in enumerate(metrics):
@@ -300,7 +303,7 @@ class _Recorder:
             values[1:, c] = each.columns.get(metric, np.nan)
             present[1:, c] = each.present(metric)
         who, col = np.nonzero(present)  # row-major: institution by institution, metrics in order
-        positions = np.array([0, *map(self.position.__getitem__, each.names)], dtype=np.int64)
+        positions = np.concatenate([[0], self.position[each.index]])
         which, value = np.array(codes, dtype=np.int8)[col], values[who, col]
         if check:
             if losses is not None:
@@ -316,7 +319,7 @@ class _Recorder:
         them as (who, which, values) for the divergence check."""
         named = [(row["institution"], loss) for row in rows
                  if not math.isnan(loss := row.pop("train_loss", math.nan)) and row["participated"]]
-        who = np.array([self.position[n] for n, _ in named], dtype=np.int64)
+        who = np.array([self.by_name[n] for n, _ in named], dtype=np.int64)
         which = np.full(len(named), METRIC_NAMES.index("train_loss"), dtype=np.int8)
         values = np.array([v for _, v in named], dtype=np.float64)
         self.progress.add_scores(self.keys, r, who, which, values)

@@ -18,8 +18,6 @@ import logging
 import time
 from typing import Any, Protocol
 
-import numpy as np
-
 from agents.runtime import ray_train
 from agents.coordinator import Coordinator, backdoor_of
 from agents.host import Host
@@ -217,7 +215,7 @@ class RayBackend:
             state = self.coordinator.current_state.remote()
             scores[j] = self._get(self.hosts[j].evaluate.remote(plan, state, only), "scoring on a restarted host failed")
         every = Scores.concat([scores[j] for j in sorted(scores)])
-        rows = every.take(np.argsort([self.order[n] for n in every.names], kind="stable"))  # scenario order
+        rows = every.in_scenario_order()
         pooled = rows.union() if self.whole and only is None else None
         if only is None:
             self.pooled = pooled is not None  # the next scoring of everybody asks the coordinator only if this one had to

@@ -265,20 +265,20 @@ class Snapshot:
 class Scores:
     """Many institutions' scores of one round as columns: what a host returns and the engine records.
 
-    At 10,000 institutions a dict per institution costs more than the scoring itself, so scores travel as one float
-    array per metric, aligned with ``names``; an institution that has no value of a metric (no validation split, say)
-    is False in ``has[metric]`` (a metric every institution has needs no entry there). A score that is NaN because the
-    model diverged is present and NaN, so the engine still stops on it.
+    At 10,000 institutions a dict (or even a name) per institution costs more than the scoring itself, so scores
+    travel as one float array per metric, aligned with ``index`` (the institutions' scenario indices); an institution
+    that has no value of a metric (no validation split, say) is False in ``has[metric]`` (a metric every institution
+    has needs no entry there). A score that is NaN because the model diverged is present and NaN, so the engine still
+    stops on it.
     """
 
-    names: tuple[str, ...]
-    columns: Mapping[str, np.ndarray]  # metric -> float64 values, one per name
+    index: np.ndarray  # int64 scenario indices (InstitutionSpec.index), one per institution
+    columns: Mapping[str, np.ndarray]  # metric -> float64 values, one per institution
     has: Mapping[str, np.ndarray] = field(default_factory=dict)  # metric -> bool mask; absent = everybody has it
 
     @classmethod
-    def of(cls, rows: "list[tuple[str, Mapping[str, float]]]") -> "Scores":
-        """From ``(name, {metric: value})`` pairs (an institution scored on its own)."""
-        names = tuple(n for n, _ in rows)
+    def of(cls, rows: "list[tuple[int, Mapping[str, float]]]") -> "Scores":
+        """From ``(scenario index, {metric: value})`` pairs (institutions scored one at a time)."""
         metrics = list(dict.fromkeys(k for _, m in rows for k in m))
         columns, has = {}, {}
         for k in metrics:
@@ -286,18 +286,19 @@ class Scores:
             columns[k] = np.array([m.get(k, np.nan) for _, m in rows], dtype=np.float64)
             if not present.all():
                 has[k] = present
-        return cls(names, columns, has)
+        return cls(np.array([i for i, _ in rows], dtype=np.int64), columns, has)
 
     def present(self, metric: str) -> np.ndarray:
         """Bool mask of the institutions that have ``metric``."""
         if metric not in self.columns:
-            return np.zeros(len(self.names), dtype=bool)
+            return np.zeros(len(self.index), dtype=bool)
         mask = self.has.get(metric)
-        return np.ones(len(self.names), dtype=bool) if mask is None else mask
+        return np.ones(len(self.index), dtype=bool) if mask is None else mask
 
-    def take(self, order: np.ndarray) -> "Scores":
-        """These scores with institutions in ``order`` (positions into ``names``)."""
-        return Scores(tuple(self.names[i] for i in order), {k: v[order] for k, v in self.columns.items()},
+    def in_scenario_order(self) -> "Scores":
+        """These scores sorted by scenario index."""
+        order = np.argsort(self.index, kind="stable")
+        return Scores(self.index[order], {k: v[order] for k, v in self.columns.items()},
                       {k: v[order] for k, v in self.has.items()})
 
     @staticmethod
@@ -306,11 +307,11 @@ class Scores:
         if len(parts) == 1:
             return parts[0]
         metrics = list(dict.fromkeys(k for p in parts for k in p.columns))
-        n = [len(p.names) for p in parts]
+        n = [len(p.index) for p in parts]
         columns = {k: np.concatenate([p.columns[k] if k in p.columns else np.full(m, np.nan)
                                       for p, m in zip(parts, n)]) for k in metrics}
         has = {k: mask for k in metrics if not (mask := np.concatenate([p.present(k) for p in parts])).all()}
-        return Scores(tuple(x for p in parts for x in p.names), columns, has)
+        return Scores(np.concatenate([p.index for p in parts]), columns, has)
 
     def union(self) -> dict[str, float] | None:
         """The scores of the union of these institutions' test (and validation) sets, pooled from the sums scoring left
@@ -329,8 +330,8 @@ class Scores:
                 out[f"{prefix}loss"] = float(self.columns[f"{part}_loss_sum"].sum()) / rows
         return out if "accuracy" in out else None
 
-    def rows(self) -> list[tuple[str, dict[str, float]]]:
-        """``(name, {metric: value})`` pairs, each with the metrics that institution has."""
+    def rows(self) -> list[tuple[int, dict[str, float]]]:
+        """``(scenario index, {metric: value})`` pairs, each with the metrics that institution has."""
         masks = {k: self.present(k) for k in self.columns}
-        return [(name, {k: float(v[i]) for k, v in self.columns.items() if masks[k][i]})
-                for i, name in enumerate(self.names)]
+        return [(int(index), {k: float(v[i]) for k, v in self.columns.items() if masks[k][i]})
+                for i, index in enumerate(self.index)]

@@ -77,7 +77,8 @@ def test_identical_personal_models_are_scored_on_the_global_sets_once_with_the_s
     calls, real = [], institution.evaluate
     monkeypatch.setattr(institution, "evaluate", lambda model, x, y, **kw: calls.append(len(y)) or real(model, x, y, **kw))
     # Execute: scored with the memo (as hosts score), then each institution alone
-    together = backend.host.evaluate(ctx.plan, backend.state).rows()
+    names = [s.name for s in spec.scenario.institutions]
+    together = [(names[k], row) for k, row in backend.host.evaluate(ctx.plan, backend.state).rows()]
     on_global = calls.count(len(fed.y_test))
     alone = [(i.spec.name, i.evaluate(backend.host.model, ctx.plan, backend.state, backend.host.global_test,
                                       backend.host.global_val)) for i in backend.host.institutions]
@@ -100,7 +101,7 @@ def test_the_global_row_is_pooled_from_everybodys_scores_as_the_coordinator_woul
     pooled, each = backend.evaluate(ctx.plan)
     own = backend.coordinator.evaluate()
     # Assert: accuracies exactly the coordinator's; losses to float rounding (summed in float64, not float32 chunks)
-    assert pools_global(tuple(spec.scenario.institutions), fed) and len(each.names) == len(fed.shards)
+    assert pools_global(tuple(spec.scenario.institutions), fed) and len(each.index) == len(fed.shards)
     assert set(pooled) == set(own) == {"accuracy", "loss", "val_accuracy", "val_loss"}
     for metric in own:
         assert pooled[metric] == (own[metric] if "accuracy" in metric else pytest.approx(own[metric], rel=1e-6))

@@ -246,7 +246,7 @@ def test_scoring_rows_score_any_subset_in_its_order_and_pool_the_union_exactly()
     # Execute: a subset in another order, and the union pooled from the sums
     picked = np.array([4, 0, 2])
     sub = rows.score(model, picked)
-    names = tuple(f"i{k}" for k in range(len(sets)))
+    names = np.arange(len(sets))  # scenario indices
     sizes = np.array([len(y) for _, y in sets], dtype=float)
     zero = np.zeros(len(sets))
     pooled = Scores(names, {"test_right": right, "test_rows": sizes, "test_loss_sum": total,
