@@ -14,6 +14,16 @@ def fresh(spec, fed):
     return InProcessBackend(spec, spec.scenario.institutions, fed, flops=1000)
 
 
+def merged_round(spec):
+    """An in-process backend after one round trained and merged, its data, and the round's context."""
+    fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=True)
+    backend = fresh(spec, fed)
+    ctx = backend.begin_round(1, 0.0)
+    updates, _ = backend.host.train(ctx, backend.state)
+    backend.coordinator.merge(ctx, {}, updates)
+    return backend, fed, ctx
+
+
 def test_merge_does_not_depend_on_the_order_updates_arrive_in(small_cfg):
     # Prepare: one round's updates, then the same updates arriving in other orders and groupings
     spec = load_spec(small_cfg())
@@ -52,12 +62,7 @@ def test_lost_members_are_booked_with_their_status(small_cfg):
 
 def test_a_host_scores_the_global_model_exactly_as_the_coordinator_does(small_cfg):
     # Prepare: one round trained and merged, with a data-poisoning institution so the backdoor is scored too
-    spec = load_spec(small_cfg("+scenario.institutions.0.behaviour=data_poisoning"))
-    fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=True)
-    backend = fresh(spec, fed)
-    ctx = backend.begin_round(1, 0.0)
-    updates, _ = backend.host.train(ctx, backend.state)
-    backend.coordinator.merge(ctx, {}, updates)
+    backend, _, _ = merged_round(load_spec(small_cfg("+scenario.institutions.0.behaviour=data_poisoning")))
     # Execute: the coordinator's scores, and a host's (what a GPU host computes in its place on Ray)
     own = backend.coordinator.evaluate()
     hosted = backend.host.score_global(backend.coordinator.current_state(), backend.coordinator.backdoor)
@@ -92,11 +97,7 @@ def test_the_global_row_is_pooled_from_everybodys_scores_as_the_coordinator_woul
     from agents.runtime.backend import pools_global
 
     spec = load_spec(small_cfg())
-    fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=True)
-    backend = fresh(spec, fed)
-    ctx = backend.begin_round(1, 0.0)
-    updates, _ = backend.host.train(ctx, backend.state)
-    backend.coordinator.merge(ctx, {}, updates)
+    backend, fed, ctx = merged_round(spec)
     # Execute: the global row as the engine gets it (pooled), and the coordinator's own pass over the global sets
     pooled, each = backend.evaluate(ctx.plan)
     own = backend.coordinator.evaluate()
