@@ -277,8 +277,19 @@ def entry_point_rows() -> list[tuple[str, list[Key]]]:
         v = main["sweep"].get(k)
         sweep.append(Key(f"sweep.{k}", type(v).__name__ if v is not None else "any", "",
                          shown(v) if k in main["sweep"] else "—", comments.get(f"sweep.{k}", "")))
+    files = {p.stem: p for p in sorted((CONF / "tracking").glob("*.yaml"))}
+    default = load(files["none"])  # conf/config.yaml's default: tracking=none
+    tracking = []
+    for k in dict.fromkeys(k for f in files.values() for k in load(f)):
+        meaning = next((c for f in files.values() if (c := yaml_comments(f).get(k))), "")
+        if k == "backend":
+            meaning = meaning or f"which tracker logs the command: {', '.join(files)} (set with `tracking=NAME`)"
+        tracking.append(Key(f"tracking.{k}", "str" if k != "dir" else "path", "", shown(default.get(k)) if k in default
+                            else "—", meaning))
     return [("`python -m sim.compare` (`conf/compare.yaml`)", rows),
-            ("`python -m sim.sweep` (`conf/sweep_main.yaml`; a sweep file `conf/sweep/NAME.yaml` sets `sweep.*`)", sweep)]
+            ("`python -m sim.sweep` (`conf/sweep_main.yaml`; a sweep file `conf/sweep/NAME.yaml` sets `sweep.*`)", sweep),
+            ("`tracking=mlflow|tensorboard|none` (every command; `conf/tracking/`, see "
+             "[tracking](../how-to/tracking.md))", tracking)]
 
 
 def table(rows: list[Key], allowed: bool = True) -> list[str]:
