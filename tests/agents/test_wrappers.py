@@ -20,7 +20,9 @@ from sim.engine import run
 
 TINY = ["smoke=true", "rounds=2", "data.num_samples=400", "checkpoint_every=0", "results.select=last",
         "engine.eval_every=2"]
-SCENARIO = {"compute_share": ["+experiment=slow_hardware"]}  # it needs slow institutions to plan for
+PUBLIC = ["data.public={source: heldout, rows: 60}"]  # unlabeled rows the distilling schemes distil on
+SCENARIO = {"compute_share": ["+experiment=slow_hardware"],  # it needs slow institutions to plan for
+            "feddf": PUBLIC, "fedmd": PUBLIC}
 OPTIONS = [(g, o) for g in GROUPS for o in group_options(g) if o not in ("mean", "none")]
 TRIPLES = [("fedprox", ("aggregator=krum", "compression=topk")), ("fedadam", ("privacy=client_dp", "secagg=masked")),
            ("ditto", ("aggregator=median", "compression=int8")), ("dp_fedavg", ("secagg=masked",)),
