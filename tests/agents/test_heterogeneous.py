@@ -131,3 +131,13 @@ def test_fedmd_resumes_with_its_consensus(runs, tmp_path):
         run(config("fedmd", "checkpoint_every=1"), tmp_path / "cut", on_round=stop_after(1))
     resumed = run(compose("config", [f"resume={tmp_path / 'cut'}"]))
     pd.testing.assert_frame_equal(resumed.metrics.drop(columns="run_id"), runs("fedmd").metrics.drop(columns="run_id"))
+
+
+@pytest.mark.parametrize("scheme", ["feddf", "fedmd"])
+def test_distillation_on_ray_hosts_gives_the_in_process_numbers(scheme, runs, ray_cluster):
+    # Execute: the same run with its institutions on two Ray host actors (each with both architectures' models)
+    on_ray = run(config(scheme, "engine.backend=ray", "placement=pooled", "engine.pooled_hosts=2"))
+    # Assert: bit-identical metrics and the same bytes booked, whatever the placement
+    keep = ["round", "institution", "metric", "value"]
+    pd.testing.assert_frame_equal(on_ray.metrics[keep], runs(scheme).metrics[keep], check_exact=True)
+    assert on_ray.ledger[["bytes_up", "bytes_down"]].equals(runs(scheme).ledger[["bytes_up", "bytes_down"]])
