@@ -166,3 +166,30 @@ def test_coalitions_of_views_value_each_view_and_labels(table, tmp_path) -> None
     full, hospital, bank, empty = (values[frozenset(c)] for c in (players, {"hospital"}, {"bank"}, ()))
     # Assert: without the label holder nobody trains (the untrained model's score); each view adds to the other
     assert bank == empty and full > hospital + 0.05 and hospital > empty
+
+
+def test_a_stopped_vertical_run_resumes_to_the_numbers_of_one_run_straight_through(table, tmp_path, monkeypatch) -> None:
+    import agents.schemes.split_learning as split_learning
+    from sim.core import checkpoint
+    from sim.engine import run
+
+    # Prepare: the straight run, then the same run stopped in round 4 (status failed, nothing written but the status)
+    straight = run(cfg(table))
+    real = split_learning.SplitModel.epoch
+
+    def stop_in_round_4(self, rows, y, round, again=0):
+        if round == 4:
+            raise RuntimeError("stopped")
+        return real(self, rows, y, round, again)
+
+    monkeypatch.setattr(split_learning.SplitModel, "epoch", stop_in_round_4)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(cfg(table), tmp_path / "run")
+    assert checkpoint.read_status(tmp_path / "run")["state"] == "failed"
+    monkeypatch.setattr(split_learning.SplitModel, "epoch", real)
+    # Execute: python -m sim resume=DIR's path (a vertical run keeps no checkpoint: it runs again from round 0)
+    resumed = run(compose("config", [f"resume={tmp_path / 'run'}"]))
+    # Assert: the same numbers as straight through, and the run directory complete
+    keep = ["round", "institution", "metric", "value"]
+    pd.testing.assert_frame_equal(resumed.metrics[keep], straight.metrics[keep], check_exact=True)
+    assert checkpoint.read_status(tmp_path / "run")["state"] == "complete"
