@@ -70,8 +70,17 @@ def analyse(results: Results, target: float | None = None) -> dict[str, pd.DataF
         "institutions": _institutions(results.institutions),
         "runs": results.runs,
         "drift": drift.drift_table(gains),
+        # Institutions of architectures of their own: each one's model on the global test set, against its own alone
+        "global_gains": m.gain_summary(m.gain_table(_on_global_test(mt))),
         "tuned": results.tuned.drop(columns=["values_json"], errors="ignore"),
     }
+
+
+def _on_global_test(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Each institution's scores on the global test set (``global_accuracy``/``global_loss`` rows, which runs keep per
+    institution when architectures differ), as if they were its own: the gain machinery then measures them."""
+    own = metrics[(metrics["institution"] != m.GLOBAL) & metrics["metric"].isin(["global_accuracy", "global_loss"])]
+    return own.assign(metric=own["metric"].str.removeprefix("global_"))
 
 
 def _institutions(institutions: pd.DataFrame) -> pd.DataFrame:
@@ -232,6 +241,16 @@ def _scenario(scenario: str, results: Results, tables: dict[str, pd.DataFrame], 
                       "training alone. Changes in loss are in tables/gains.csv. " + interval_note(gains["seeds"]))
         out += section(f"gains{tag}", "Who gains, who loses" + suffix, body,
                        "Each institution's accuracy under a scheme minus its accuracy when training alone.")
+    on_global = ordered_gains(pick["global_gains"], pick["institutions"]) if len(pick["global_gains"]) else []
+    if len(on_global):
+        out += section(f"global-gains{tag}", "Each institution's model on the global test set" + suffix,
+                       gain_matrix(on_global) + _note(
+                           "Each cell: the mean gain in accuracy points over seeds of the model each institution ends "
+                           "with, scored on the global test set (the union of every institution's test split), over "
+                           "its own model trained alone, and the 95% t-interval below it. " + interval_note(
+                               on_global["seeds"])),
+                       "Institutions that train architectures of their own: does the consortium's knowledge reach "
+                       "each one's own model, on data it never held?")
     out += section(f"fairness{tag}", "Fairness of the gains" + suffix, table(pick["fairness"], FAIRNESS_COLUMNS),
                    "Are the gains shared evenly, and do some disciplines end up behind?")
     costs = pick["costs"].assign(mb_up=lambda d: d["bytes_up"] / 1e6, mb_down=lambda d: d["bytes_down"] / 1e6)

@@ -124,13 +124,15 @@ def test_isolated_trains_each_architecture_in_the_vectorised_step():
     assert (a - b).abs().max() < 1e-4  # the vectorised step matches the plain one to float rounding
 
 
-def test_fedmd_resumes_with_its_consensus(runs, tmp_path):
+@pytest.mark.parametrize("scheme", ["fedmd", "feddf"])
+def test_distillation_resumes_with_its_consensus_or_its_models(scheme, runs, tmp_path):
+    # FedMD's state is its consensus scores; FedDF's, one global model per architecture
     from stopping import Stop, stop_after
 
     with pytest.raises(Stop):
-        run(config("fedmd", "checkpoint_every=1"), tmp_path / "cut", on_round=stop_after(1))
+        run(config(scheme, "checkpoint_every=1"), tmp_path / "cut", on_round=stop_after(1))
     resumed = run(compose("config", [f"resume={tmp_path / 'cut'}"]))
-    pd.testing.assert_frame_equal(resumed.metrics.drop(columns="run_id"), runs("fedmd").metrics.drop(columns="run_id"))
+    pd.testing.assert_frame_equal(resumed.metrics.drop(columns="run_id"), runs(scheme).metrics.drop(columns="run_id"))
 
 
 @pytest.mark.parametrize("scheme", ["feddf", "fedmd"])
@@ -141,3 +143,19 @@ def test_distillation_on_ray_hosts_gives_the_in_process_numbers(scheme, runs, ra
     keep = ["round", "institution", "metric", "value"]
     pd.testing.assert_frame_equal(on_ray.metrics[keep], runs(scheme).metrics[keep], check_exact=True)
     assert on_ray.ledger[["bytes_up", "bytes_down"]].equals(runs(scheme).ledger[["bytes_up", "bytes_down"]])
+
+
+def test_the_report_shows_each_institutions_model_on_the_global_test_set_against_its_own_alone(tmp_path):
+    from analysis.report import build_report
+
+    # Prepare: isolated and feddf on the mixed scenario, written as run directories
+    dirs = [tmp_path / scheme for scheme in ("isolated", "feddf")]
+    for d in dirs:
+        run(config(d.name), d)
+    # Execute
+    report = build_report(dirs, tmp_path / "report").read_text()
+    gains = pd.read_csv(tmp_path / "report" / "tables" / "global_gains.csv")
+    # Assert: a section, and a gain on the global test set for every institution under feddf
+    assert 'id="global-gains' in report and "model on the global test set" in report
+    assert sorted(gains["institution"]) == sorted(config("isolated").scenario.institutions[k].name for k in range(6))
+    assert set(gains["scheme"]) == {"feddf"} and gains["gain"].notna().all()
