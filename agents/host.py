@@ -171,10 +171,11 @@ class Host:
             sets += [(i.shard.x_val, i.shard.y_val) if i.shard.y_val is not None else (i.shard.x_test[:0], i.shard.y_test[:0])
                      for i in self.institutions]
             self._rows = ScoringRows(sets, first.device, first.dtype)
-        acc, loss, right, total = self._rows.score(self.model, None if picked is None else np.concatenate([picked, picked + n]))
+        which = None if picked is None else np.concatenate([picked, picked + n])  # their test sets, then their validation
+        acc, loss, right, total = self._rows.score(self.model, which)
         k = len(acc) // 2
         index = self.index if picked is None else self.index[picked]
-        sizes = (self._rows.sizes if picked is None else self._rows.sizes[np.concatenate([picked, picked + n])]).astype(float)
+        sizes = (self._rows.sizes if which is None else self._rows.sizes[which]).astype(float)
         has_val = sizes[k:] > 0
         columns = {"accuracy": acc[:k], "loss": loss[:k], "val_accuracy": acc[k:], "val_loss": loss[k:]}
         has = {} if has_val.all() else {"val_accuracy": has_val, "val_loss": has_val}

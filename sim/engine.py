@@ -298,8 +298,7 @@ class _Recorder:
         values = np.empty((n + 1, len(codes)))
         present = np.empty((n + 1, len(codes)), dtype=bool)
         for c, metric in enumerate(metrics):
-            values[0, c], present[0, c] = glob.get(metric, np.nan) if metric in SCORES else np.nan, metric in SCORES \
-                and metric in glob
+            values[0, c], present[0, c] = glob.get(metric, np.nan), metric in glob  # glob holds SCORES only
             values[1:, c] = each.columns.get(metric, np.nan)
             present[1:, c] = each.present(metric)
         who, col = np.nonzero(present)  # row-major: institution by institution, metrics in order
