@@ -34,10 +34,11 @@ say = logging.getLogger("collabsim")  # the commands' own lines: joining the war
 LOOPBACK = "127.0.0.1"
 
 
-PRELOAD = ("agents.runtime.warm",)
+PRELOAD = ("agents.runtime.preload",)
 """Modules a local cluster's worker processes import as they start (Ray's ``preload_python_modules``): Ray starts a
-worker per CPU at once, so torch and the actors' code are imported while the driver still builds the data, not
-after it asks for its actors (about 1.5 s of a command's start on 2 cores)."""
+worker per CPU at once, so torch, the actors' code and torch's optimiser machinery are loaded while the driver still
+builds the data, not after it asks for its actors (about 1.5 s of a command's start on 2 cores)."""
+
 
 
 STARTED: list[bool] = []
@@ -45,6 +46,10 @@ STARTED: list[bool] = []
 
 JOINED: list[bool] = []
 """Non-empty once :func:`connect` has joined the warm local cluster (:func:`disconnect` leaves it running)."""
+
+IDLE_AT_JOIN: set[int] = set()
+"""Process ids of the warm cluster's idle workers as this command joined it: owned by no job, they outlive it (idle
+workers Ray starts for the command's own job end with it)."""
 
 ROOT = Path(__file__).resolve().parents[2]  # the project whose code the warm cluster's workers import
 OWN_CLUSTER_KEYS = ("num_cpus", "num_gpus", "temp_dir", "dashboard")
@@ -126,6 +131,8 @@ def disconnect() -> None:
     if STARTED or JOINED:  # a joined cluster's driver only disconnects: the cluster runs on
         import ray
 
+        if JOINED:  # this command's actors end with it: warm workers take their place for the next command
+            top_up(IDLE_AT_JOIN)
         ray.shutdown()
         STARTED.clear()
         JOINED.clear()
@@ -142,6 +149,83 @@ def node_cpus() -> list[float] | None:
     return cpus if len(cpus) > 1 else None
 
 
+def top_up(known_idle: set[int] | None = None, spare: int = 1) -> int:
+    """Ask each node of the warm local cluster on this machine for workers owned by no job, so that one per CPU plus
+    ``spare`` (a coordinator's) stand idle with torch and the actors' code imported (:data:`PRELOAD`); returns how
+    many were asked for. ``known_idle``: the pids of workers known to be idle and owned by no job (None: every idle
+    worker counts).
+
+    Ray starts such workers only for the first driver a raylet sees, and ends a command's own workers with it:
+    without this, only the first command after ``up`` would find warm workers. The raylet's PrestartWorkers call
+    (Ray's private API, over its token-authenticated channel) starts them; a raylet starts at most one per CPU at a
+    time and drops the rest of a request, and ends idle workers beyond its ``num_workers_soft_limit`` (one per CPU
+    and a spare on the warm cluster), so asking too many costs nothing. Where the API is missing nothing is asked,
+    and commands start workers as Ray does by itself."""
+    import ray
+
+    try:
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+    except ImportError:
+        return 0
+    asked = 0
+    for node in ray.nodes():
+        folder = _local_folder(node)
+        if not node.get("Alive") or folder is None:  # nodes of this machine only: their workers can be counted
+            continue
+        idle = nodes.idle_workers(folder)
+        want = int(node["Resources"].get("CPU", 0)) + spare - len(idle if known_idle is None else idle & known_idle)
+        if want <= 0:
+            continue
+        channel = init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
+        try:
+            node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
+                node_manager_pb2.PrestartWorkersRequest(language=common_pb2.Language.PYTHON, num_workers=want),
+                timeout=5.0)
+            asked += want
+        except Exception as e:  # noqa: BLE001 - a cold start next time, not a failed command
+            log.debug("could not ask node %s for warm workers: %s", node.get("NodeID"), e)
+        finally:
+            channel.close()
+    return asked
+
+
+def keep_warm(temp_dir: str, count: int, wait_s: float) -> None:
+    """Ask for workers (:func:`top_up`) until ``count`` of the node in ``temp_dir`` have torch loaded, at most ``wait_s``
+    seconds (a raylet starts one per CPU at a time)."""
+    deadline = time.monotonic() + wait_s
+    while nodes.warm_workers(temp_dir) < count and time.monotonic() < deadline:
+        if len(nodes.idle_workers(temp_dir)) < count:
+            top_up()
+        time.sleep(0.2)
+
+
+def settle(wait_s: float = 60.0, quiet_s: float = 0.5) -> bool:
+    """Wait (at most ``wait_s``) until the warm cluster's nodes on this machine hold their warm workers and those have
+    stopped loading (no CPU used for ``quiet_s``): a benchmark times its next baseline on an idle machine. Whether
+    they did."""
+    record = nodes.read_record()
+    if record is None:
+        return False
+    folders = [record["temp_dir"], *record.get("nodes", [])]
+    want = int(record.get("cpus", 1)) + 1
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        before = sum(nodes.busy_seconds(f) for f in folders)
+        time.sleep(quiet_s)
+        if nodes.warm_workers(record["temp_dir"]) >= want and sum(nodes.busy_seconds(f) for f in folders) == before:
+            return True
+    return False
+
+
+def _local_folder(node: dict[str, Any]) -> str | None:
+    """The Ray temp folder of ``node`` when it is one of the warm cluster's nodes on this machine, else None."""
+    record = nodes.read_record() or {}
+    socket_path = str(node.get("ObjectStoreSocketName") or "")
+    return next((t for t in [record.get("temp_dir"), *record.get("nodes", [])]
+                 if t and socket_path.startswith(t.rstrip("/") + "/")), None)
+
+
 def code_version() -> str:
     """A digest of the project's Python sources (sim/, agents/): a warm worker runs the code it imported at start-up."""
     digest = hashlib.sha256()
@@ -156,25 +240,27 @@ def up(num_cpus: float | None = None, num_gpus: float | None = None, wait_s: flo
 
     A ``ray start`` head on the loopback address, token authentication on (the token file made
     private first), no dashboard, its workers preloading torch and the actors' code; a first driver
-    connects for a moment so Ray starts a worker per CPU, and this waits (at most ``wait_s``) until
-    they have imported torch, so the next command finds them ready."""
+    connects for a moment to ask for a worker per CPU and a spare (:func:`top_up`), and this waits (at
+    most ``wait_s``) until they have imported torch, so the next command finds them ready. Each command
+    that joins asks for as many again as it ends, so every command finds them."""
     current = status()
     if current["state"] == "up" and current["code"] == "current":
         return current
     down()  # a stale record, or a cluster of older code: replaced
     private_token()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    temp, address = nodes.start_node(head=True, num_cpus=num_cpus, num_gpus=num_gpus, env=env,
-                                     system_config={"preload_python_modules": list(PRELOAD)})
     cpus = float(num_cpus if num_cpus is not None else os.cpu_count() or 1)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+               COLLABSIM_WARM_CLUSTER="1")  # its workers top it up (agents.runtime.preload)
+    temp, address = nodes.start_node(head=True, num_cpus=num_cpus, num_gpus=num_gpus, env=env,
+                                     system_config={"preload_python_modules": list(PRELOAD),
+                                                    "prestart_worker_first_driver": False,
+                                                    "num_workers_soft_limit": int(cpus) + 1})
     nodes.write_record({"address": address, "temp_dir": temp, "nodes": [], "cpus": cpus, "code": code_version(),
                         "root": str(ROOT), "python": sys.executable, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    # The first driver a raylet sees makes it start a worker per CPU, which no job owns: the next command takes them.
+    # Workers no job owns, one per CPU and a spare, each importing torch and the actors' code: the next command's.
     subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='auto', _temp_dir={temp!r}, "
-                    "configure_logging=False, log_to_driver=False)"], env=env, capture_output=True, timeout=wait_s)
-    deadline = time.monotonic() + wait_s
-    while nodes.warm_workers(temp) < int(cpus) and time.monotonic() < deadline:
-        time.sleep(0.2)
+                    "configure_logging=False, log_to_driver=False); from agents.runtime.cluster import keep_warm; "
+                    f"keep_warm({temp!r}, {int(cpus) + 1}, {wait_s!r})"], env=env, capture_output=True, timeout=wait_s + 30)
     return status()
 
 
@@ -209,7 +295,7 @@ def add_node(num_cpus: float) -> str:
     record = nodes.read_record()
     if record is None:
         raise RuntimeError("no warm local cluster to add a node to: python -m sim.cluster up first")
-    env = dict(os.environ, RAY_AUTH_MODE="token",
+    env = dict(os.environ, RAY_AUTH_MODE="token", COLLABSIM_WARM_CLUSTER="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     temp, _ = nodes.start_node(head=False, num_cpus=num_cpus, address=record["address"], env=env)
     nodes.write_record({**record, "nodes": [*record.get("nodes", []), temp]})
@@ -258,6 +344,9 @@ def _join_warm(ray: Any, record: dict[str, Any]) -> None:
     finally:
         quiet.setLevel(level)
     JOINED[:] = [True]
+    IDLE_AT_JOIN.clear()
+    for folder in [record["temp_dir"], *record.get("nodes", [])]:
+        IDLE_AT_JOIN.update(nodes.idle_workers(folder))
     say.info("joined the warm local Ray cluster at %s (python -m sim.cluster up; it keeps running after this command)",
              record["address"])
 

@@ -124,6 +124,26 @@ def warm_workers(temp_dir: str) -> int:
     return count
 
 
+def busy_seconds(temp_dir: str) -> float:
+    """CPU seconds the node's worker processes have used so far (Linux; 0 where /proc is absent)."""
+    total = 0
+    for pid, args in processes(temp_dir):
+        if args.startswith("ray::") or "default_worker.py" in args:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(") ", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+            except (OSError, IndexError, ValueError):
+                pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def idle_workers(temp_dir: str) -> set[int]:
+    """Process ids of the node's workers that no actor or task holds: idle (``ray::IDLE``) or still starting."""
+    return {pid for pid, args in processes(temp_dir)
+            if args.startswith("ray::IDLE") or ("default_worker.py" in args and _stage(args) == 1)}  # not the raylet
+
+
 def stop_nodes(temp_dirs: list[str]) -> int:
     """Stop every process of these nodes by id (raylets first, GCS last), remove their folders; returns how many."""
     procs = [p for t in temp_dirs for p in processes(t)]

@@ -103,11 +103,15 @@ def collab_fedavg(overrides: list[str], label: str) -> dict[str, float]:
             "local_compute_s": float(ledger["compute_seconds"].sum())}
 
 
-def fedavg_pair(name: str, overrides: list[str], repeats: int) -> dict[str, Any]:
-    """Plain loop and collabsim on one workload, interleaved ``repeats`` times; medians and ratios."""
+def fedavg_pair(name: str, overrides: list[str], repeats: int, settle: Callable[[], Any] | None = None
+                ) -> dict[str, Any]:
+    """Plain loop and collabsim on one workload, interleaved ``repeats`` times; medians and ratios. ``settle`` is called
+    before each plain loop (waiting for background work to end, so the baseline runs on an idle machine)."""
     cfg = compose("config", overrides)
     runs = []
     for k in range(repeats):
+        if settle is not None:
+            settle()
         say(f"{name}: plain loop ({k + 1}/{repeats})")
         p = plain.plain_fedavg(cfg)
         say(f"{name}: plain {p['total_s']:.1f}s; collabsim ({k + 1}/{repeats}): python -m sim {' '.join(overrides)}")
@@ -122,13 +126,14 @@ def fedavg_pair(name: str, overrides: list[str], repeats: int) -> dict[str, Any]
 
 def with_cluster(name: str, overrides: list[str], repeats: int) -> dict[str, Any]:
     """:func:`fedavg_pair` with a warm local cluster up for the whole pair (``python -m sim.cluster up``, started here
-    and stopped after unless one was up already): each collabsim command joins it instead of starting Ray. Only the
-    first command after ``up`` finds workers that already imported torch (Ray gives each command's job its own)."""
-    from agents.runtime.cluster import warm
+    and stopped after unless one was up already): each collabsim command joins it instead of starting Ray and finds
+    workers that already imported torch. Each plain loop waits until the workers a command's end asked for have
+    loaded (:func:`agents.runtime.cluster.settle`), so their start-up is not charged to the baseline."""
+    from agents.runtime.cluster import settle, warm
 
     say(f"{name}: starting a local cluster (python -m sim.cluster up)")
     with warm():
-        return fedavg_pair(name, overrides, repeats)
+        return fedavg_pair(name, overrides, repeats, settle=settle)
 
 
 def foundation(repeats: int, quick: bool) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -35,15 +36,22 @@ def test_a_command_joins_the_warm_cluster_leaves_it_up_and_computes_the_same_num
         record = json.loads((tmp_path / "home" / ".ray" / nodes.RECORD).read_text())
         for private in ("auth_token", nodes.RECORD):  # the token, and where the cluster it opens lives: owner only
             assert stat.S_IMODE((tmp_path / "home" / ".ray" / private).stat().st_mode) == 0o600
+        warm_at_up = nodes.warm_workers(record["temp_dir"])
         # Execute: a plain command, no cluster.address
         done = command("sim", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
         after = command("sim.cluster", "status")
+        deadline = time.monotonic() + 60  # the workers the command's end asked for load torch (seconds)
+        while nodes.warm_workers(record["temp_dir"]) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        warm_after = nodes.warm_workers(record["temp_dir"])
     finally:
         down = command("sim.cluster", "down")
     # Assert: it joined (one line), the cluster outlived it, and its numbers equal a run on a cluster of its own
     said = done.stdout + done.stderr
     assert done.returncode == 0 and said.count("joined the warm local Ray cluster") == 1, said[-3000:]
     assert after.stdout.startswith("up: "), after.stdout
+    # ... and the next command finds warm workers again: one per CPU and the coordinator's spare, as after up
+    assert (warm_at_up, warm_after) == (3, 3)
     own = run(small_cfg())  # Ray actors on the test session's own local cluster
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / "metrics.parquet"), own.metrics)
     # ... and down stopped every process of it, by id, and forgot it
