@@ -130,11 +130,10 @@ def run(
             if score:
                 summary = record.scores(r, runner.evaluate(ctx.plan, only), losses) | {"round": r}
             progress.rounds_done = r
-            # 8. Every checkpoint_every rounds, save all that persists (before the progress line, so a
-            #    line on screen means its round is safe).
+            # 8. Every checkpoint_every rounds, save all that persists: taken now, written while the next rounds run
+            #    (the status file says round r once it is on disk).
             if out is not None and spec.checkpoint_every and r % spec.checkpoint_every == 0 and r < spec.rounds:
-                checkpoint.save(out, progress, runner.save(), spec.run_id)
-                mark("running", r)
+                checkpoint.save(out, progress, runner.save(), spec.run_id, then=lambda r=r: mark("running", r))
             dropped = sum(row["status"] not in ("ok", "idle") for row in rows)
             scored = (f"global acc {summary['global_accuracy']:.3f}  mean institution acc {summary['mean_accuracy']:.3f}"
                       if summary.get("round") == r else "not scored (engine.eval_every)")
@@ -145,6 +144,10 @@ def run(
             if on_round is not None and summary:
                 on_round(r, summary)
     except BaseException as e:
+        try:
+            progress.wait()  # a checkpoint being written lands first (its own failure is what stops the run, if any)
+        except BaseException:  # noqa: BLE001 - the run's error is the one to report
+            pass
         mark("failed", progress.rounds_done, e)
         raise
     finally:

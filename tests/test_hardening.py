@@ -243,8 +243,8 @@ def _garble(path: Path) -> None:
     (lambda c: _garble(c / "round-00001" / "coordinator.npz"), "BadZipFile"),
     (lambda c: (c / "round-00001" / "meta.json").write_text("{not json"), "JSONDecodeError"),
     (lambda c: (c / "latest.json").write_text("[1, 2]"), "TypeError"),
-    (lambda c: (c / "rows-00001" / "metrics.parquet").unlink(), "FileNotFoundError"),
-    (lambda c: _garble(c / "rows-00001" / "ledger.parquet"), "ArrowInvalid"),
+    (lambda c: (c / "rows-00001" / "metrics.arrow").unlink(), "FileNotFoundError"),
+    (lambda c: _garble(c / "rows-00001" / "ledger.arrow"), "ArrowInvalid"),
 ])
 def test_a_damaged_checkpoint_is_one_line(damage, why, stopped):
     damage(stopped / "checkpoints")

@@ -8,8 +8,8 @@ In the run directory:
 - ``checkpoints/latest.json`` points at ``checkpoints/round-KKKKK/``, which holds
   ``meta.json`` (round, simulated clock, run id), ``coordinator.npz`` (global and scheme
   state), ``institutions.npz`` (what each institution carries between rounds) and
-  ``segments.json``, the ``checkpoints/rows-KKKKK/`` folders whose ``metrics.parquet`` and
-  ``ledger.parquet`` hold the results rows so far, and whose ``idle.npz`` / ``idle.json`` hold
+  ``segments.json``, the ``checkpoints/rows-KKKKK/`` folders whose ``metrics.arrow`` and
+  ``ledger.arrow`` (Arrow's file format; ``.parquet`` in older checkpoints, still read) hold the results rows so far, and whose ``idle.npz`` / ``idle.json`` hold
   the rounds' masks of institutions not picked (see :class:`Progress`): each checkpoint writes
   only what was added since the one before, so saving costs the same in round 5 as in round 500.
 
@@ -18,21 +18,23 @@ the pointer is replaced the same way, so a crash at any moment leaves the previo
 checkpoint whole. RNG states need no saving: every draw is seeded from (seed,
 institution, round), so round k+1 draws the same numbers whether or not the run stopped
 after round k. Nothing is pickled: arrays go to npz (read back with
-``allow_pickle=False``), rows to Parquet, the rest to JSON.
+``allow_pickle=False``), rows to Arrow files, the rest to JSON.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sim.core.results import metric_blocks, frame, idle_blocks, write_atomic, write_text
@@ -80,6 +82,7 @@ class Progress:
     labels: pd.api.extensions.ExtensionArray | None = None
     disciplines: pd.api.extensions.ExtensionArray | None = None
     metric_names: tuple[str, ...] = ()
+    writing: Any = field(default=None, repr=False, compare=False)  # the checkpoint being written (save), if any
 
     def add(self, kind: str, rows: list[dict]) -> None:
         """Append one batch of ``kind`` rows ("metrics" or "ledger")."""
@@ -118,12 +121,21 @@ class Progress:
                 self.metrics.append(metric_blocks(self.blocks, self.labels, self.disciplines, self.metric_names))
                 self.blocks, self.block_rows = [], 0
 
+    def wait(self) -> None:
+        """Wait until the checkpoint being written (:func:`save`), if any, is on disk; raise what its writing raised."""
+        job, self.writing = self.writing, None
+        if job is not None:
+            job.join()
+            if job.error is not None:
+                raise job.error
+
     def table(self, kind: str) -> pd.DataFrame:
         """All rows of ``kind`` so far, in the schema's columns and dtypes, in round order (within a round: rows as
         they came, then the institutions not picked, in scenario order)."""
+        self.wait()
         self.flush(kind)
         on_disk = [self.stored / seg for seg in self.segments] if self.stored is not None else []
-        parts = [*(pd.read_parquet(seg / f"{kind}.parquet") for seg in on_disk), *getattr(self, kind)]
+        parts = [*(_read_rows(seg, kind) for seg in on_disk), *getattr(self, kind)]
         idle = [*(block for seg in on_disk for block in _load_idle(seg)), *self.idle] if kind == "ledger" else []
         if idle:
             n = len(self.names)
@@ -153,45 +165,91 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     return status if isinstance(status, dict) else {}
 
 
-def save(run_dir: Path, progress: Progress, snapshot: Snapshot, run_id: str) -> Path:
-    """Write a checkpoint of ``progress`` and ``snapshot`` atomically; return its directory."""
+def save(run_dir: Path, progress: Progress, snapshot: Snapshot, run_id: str,
+         then: Callable[[], None] | None = None) -> Path:
+    """Checkpoint ``progress`` and ``snapshot``: return the directory it will have once written.
+
+    What the checkpoint holds is taken out of ``progress`` (and the snapshot's arrays copied) at
+    once; the writing itself (tables built from the rows, Arrow and npz files, the renames) runs in
+    a thread while the next rounds run, and ``then`` runs there once it is on disk. The previous
+    checkpoint's writing ends first, and :meth:`Progress.wait` (called by :meth:`Progress.table`,
+    and by the engine when a run stops) waits for this one and raises what it raised. The files
+    land as before: a new directory under a temporary name, renamed, then the pointer replaced, so
+    a run killed mid-write resumes from the checkpoint before.
+    """
+    progress.wait()
     root = Path(run_dir) / DIR
     final = root / f"round-{progress.rounds_done:05d}"
-    tmp = root / f".{final.name}.tmp"
-    for stale in (tmp, final):  # leftovers of a crash: never pointed at, safe to replace
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir(parents=True)
     names = sorted(snapshot.institutions)
     meta = {"format": FORMAT, "run_id": run_id, "round": progress.rounds_done, "sim_time": progress.sim_time,
             "institutions": names}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    _save_arrays(tmp / "coordinator.npz", {"global": snapshot.global_state, "scheme": snapshot.scheme})
-    _save_arrays(tmp / "institutions.npz", {str(i): snapshot.institutions[n] for i, n in enumerate(names)})
+    arrays = {"coordinator.npz": _copied({"global": snapshot.global_state, "scheme": snapshot.scheme}),
+              "institutions.npz": _copied({str(i): snapshot.institutions[n] for i, n in enumerate(names)})}
     # Results rows: only what came since the last checkpoint, as a segment of its own beside the older ones.
     segment = f"rows-{progress.rounds_done:05d}"
-    seg_dir = root / segment
-    shutil.rmtree(seg_dir, ignore_errors=True)
-    seg_dir.mkdir(parents=True)
-    progress.flush()
     (m0, l0, i0) = progress.saved
-    for kind, start in (("metrics", m0), ("ledger", l0)):
-        new = getattr(progress, kind)[start:]
-        (pd.concat(new, ignore_index=True) if new else frame(kind, [])).to_parquet(seg_dir / f"{kind}.parquet", index=False)
-    _save_idle(seg_dir, progress.idle[i0:])
-    segments = [*progress.segments, segment]
-    (tmp / "segments.json").write_text(json.dumps(segments) + "\n")
-    tmp.rename(final)
-    write_text(json.dumps({"round": progress.rounds_done, "dir": final.name}) + "\n", root / "latest.json")
+    rows = {"metrics": (progress.metrics[m0:], progress.pending["metrics"], progress.blocks),
+            "ledger": (progress.ledger[l0:], progress.pending["ledger"], [])}
+    tables = (progress.labels, progress.disciplines, progress.metric_names)
+    idle, segments = progress.idle[i0:], [*progress.segments, segment]
     # What is saved lives on disk from now on (table() reads it back): the driver's memory does not grow with rounds.
     progress.segments, progress.stored, progress.saved = segments, root, (0, 0, 0)
     progress.metrics, progress.ledger, progress.idle = [], [], []
-    for old in root.glob("round-*"):  # only the latest is ever read
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    for old in root.glob("rows-*"):  # segments of rounds after the latest checkpoint (a crash) are stale
-        if old.name not in segments:
-            shutil.rmtree(old, ignore_errors=True)
+    progress.pending, progress.blocks, progress.block_rows = {"metrics": [], "ledger": []}, [], 0
+
+    def write() -> None:
+        tmp = root / f".{final.name}.tmp"
+        for stale in (tmp, final):  # leftovers of a crash: never pointed at, safe to replace
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        for name, groups in arrays.items():
+            _save_arrays(tmp / name, groups)
+        seg_dir = root / segment
+        shutil.rmtree(seg_dir, ignore_errors=True)
+        seg_dir.mkdir(parents=True)
+        for kind, (framed, dicts, blocks) in rows.items():
+            new = [*framed, *([frame(kind, dicts)] if dicts else []), *([metric_blocks(blocks, *tables)] if blocks else [])]
+            # Arrow's file format (zstd): about a third of a Parquet file's writing time for a checkpoint's rows (at
+            # 10,000 institutions, 150,000 metric rows in 14 ms against 50 ms), as small, and read back faster.
+            (pd.concat(new, ignore_index=True) if new else frame(kind, [])).to_feather(seg_dir / f"{kind}.arrow",
+                                                                                      compression="zstd")
+        _save_idle(seg_dir, idle)
+        (tmp / "segments.json").write_text(json.dumps(segments) + "\n")
+        tmp.rename(final)
+        write_text(json.dumps({"round": meta["round"], "dir": final.name}) + "\n", root / "latest.json")
+        for old in root.glob("round-*"):  # only the latest is ever read
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        for old in root.glob("rows-*"):  # segments of rounds after the latest checkpoint (a crash) are stale
+            if old.name not in segments:
+                shutil.rmtree(old, ignore_errors=True)
+        if then is not None:
+            then()
+
+    progress.writing = _Writing(write)
+    progress.writing.start()
     return final
+
+
+class _Writing(threading.Thread):
+    """A checkpoint being written; what it raised is kept for :meth:`Progress.wait` to raise in the run's thread."""
+
+    def __init__(self, work: Callable[[], None]):
+        super().__init__(name="collabsim-checkpoint")  # not a daemon: an exiting command lets it finish
+        self.work, self.error = work, None
+
+    def run(self) -> None:
+        try:
+            self.work()
+        except BaseException as e:  # noqa: BLE001 - handed to the run's thread, which stops the run with it
+            self.error = e
+
+
+def _copied(groups: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts of arrays, the arrays copied: the next round may change the originals while a checkpoint is
+    written."""
+    return {k: _copied(v) if isinstance(v, Mapping) else np.array(v, copy=True) for k, v in groups.items()}
 
 
 def load(run_dir: Path, run_id: str) -> tuple[Progress, Snapshot] | None:
@@ -212,7 +270,7 @@ def load(run_dir: Path, run_id: str) -> tuple[Progress, Snapshot] | None:
         segments = json.loads((where / "segments.json").read_text())
         for seg in segments:  # read back when the run's tables are asked for; checked now (their footers, the masks)
             for kind in ("metrics", "ledger"):
-                pq.read_metadata(root / seg / f"{kind}.parquet")
+                _check_rows(root / seg, kind)
             _load_idle(root / seg)
         progress = Progress([], [], float(meta["sim_time"]), int(meta["round"]), list(segments), (0, 0, 0), stored=root)
         snapshot = Snapshot(coordinator.get("global", {}), coordinator.get("scheme", {}),
@@ -229,6 +287,23 @@ def load(run_dir: Path, run_id: str) -> tuple[Progress, Snapshot] | None:
 def clear(run_dir: Path) -> None:
     """Drop a run directory's checkpoints: once complete its tables hold everything; a fresh run starts clean."""
     shutil.rmtree(Path(run_dir) / DIR, ignore_errors=True)
+
+
+def _read_rows(seg_dir: Path, kind: str) -> pd.DataFrame:
+    """A segment's rows of ``kind``: ``KIND.arrow`` (Arrow's file format), or ``KIND.parquet`` as older checkpoints
+    wrote them."""
+    arrow = seg_dir / f"{kind}.arrow"
+    return pd.read_feather(arrow) if arrow.is_file() else pd.read_parquet(seg_dir / f"{kind}.parquet")
+
+
+def _check_rows(seg_dir: Path, kind: str) -> None:
+    """Read a segment's file footer (raises what :data:`UNREADABLE` lists for a truncated or missing file)."""
+    arrow = seg_dir / f"{kind}.arrow"
+    if arrow.is_file():
+        with pa.memory_map(str(arrow)) as source:
+            pa.ipc.open_file(source).schema
+    else:
+        pq.read_metadata(seg_dir / f"{kind}.parquet")
 
 
 def _save_idle(seg_dir: Path, blocks: Sequence[tuple[dict, int, float, np.ndarray, float]]) -> None:

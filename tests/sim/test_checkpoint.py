@@ -55,6 +55,20 @@ def test_a_run_resumed_after_any_round_matches_an_uninterrupted_one(scheme, stop
     assert status(tmp_path)["state"] == "complete" and not (tmp_path / "checkpoints").exists()
 
 
+def test_a_checkpoint_of_an_older_collabsim_with_parquet_rows_still_resumes(small_cfg, reference, tmp_path):
+    # Prepare: a stopped run whose row segments are Parquet files, as checkpoints were written before Arrow files
+    cfg = small_cfg("rounds=3", "checkpoint_every=1", "scheme=fedavg", *FLAKY)
+    with pytest.raises(Stop):
+        run(cfg, tmp_path, backend="inprocess", on_round=stop_after(2))
+    for arrow in (tmp_path / "checkpoints").glob("rows-*/*.arrow"):
+        pd.read_feather(arrow).to_parquet(arrow.with_suffix(".parquet"), index=False)
+        arrow.unlink()
+    # Execute
+    run(compose("config", [f"resume={tmp_path}"]), backend="inprocess")
+    # Assert
+    assert pd.read_parquet(tmp_path / "metrics.parquet").equals(pd.read_parquet(reference("fedavg") / "metrics.parquet"))
+
+
 def test_without_a_checkpoint_resume_starts_over(small_cfg, reference, tmp_path):
     cfg = small_cfg("rounds=3", "checkpoint_every=1", "scheme=fedavg", *FLAKY)
     with pytest.raises(Stop):
@@ -95,7 +109,7 @@ def test_checkpoints_hold_no_pickles(small_cfg, tmp_path):
     # Results rows live in one segment per checkpoint, each holding only the rounds since the one before.
     segments = sorted(p.name for p in (tmp_path / "checkpoints").glob("rows-*"))
     assert segments == ["rows-00001", "rows-00002"]
-    rounds = [set(pd.read_parquet(tmp_path / "checkpoints" / s / "ledger.parquet")["round"]) for s in segments]
+    rounds = [set(pd.read_feather(tmp_path / "checkpoints" / s / "ledger.arrow")["round"]) for s in segments]
     assert rounds == [{1}, {2}]
 
 
