@@ -130,16 +130,21 @@ def run(
             if score:
                 summary = record.scores(r, runner.evaluate(ctx.plan, only), losses) | {"round": r}
             progress.rounds_done = r
-            # 8. Every checkpoint_every rounds, save all that persists: taken now, written while the next rounds run
-            #    (the status file says round r once it is on disk).
-            if out is not None and spec.checkpoint_every and r % spec.checkpoint_every == 0 and r < spec.rounds:
-                checkpoint.save(out, progress, runner.save(), spec.run_id, then=lambda r=r: mark("running", r))
             dropped = sum(row["status"] not in ("ok", "idle") for row in rows)
             scored = (f"global acc {summary['global_accuracy']:.3f}  mean institution acc {summary['mean_accuracy']:.3f}"
                       if summary.get("round") == r else "not scored (engine.eval_every)")
-            log.info("[%s] round %d/%d  %s  cohort %d%s  simulated %.1fs  wall %.1fs", spec.scheme_name, r, spec.rounds,
-                     scored, len(ctx.cohort), f" (dropped {dropped})" if dropped else "", progress.sim_time,
-                     time.perf_counter() - wall0)
+            line = ("[%s] round %d/%d  %s  cohort %d%s  simulated %.1fs  wall %.1fs", spec.scheme_name, r, spec.rounds,
+                    scored, len(ctx.cohort), f" (dropped {dropped})" if dropped else "", progress.sim_time,
+                    time.perf_counter() - wall0)
+            # 8. Every checkpoint_every rounds, save all that persists: taken now, written while the next round runs.
+            #    Its status and its progress line follow once it is on disk, and a later round's line waits for them:
+            #    a line on screen still means its round is safe.
+            if out is not None and spec.checkpoint_every and r % spec.checkpoint_every == 0 and r < spec.rounds:
+                checkpoint.save(out, progress, runner.save(), spec.run_id,
+                                then=lambda r=r, line=line: (mark("running", r), log.info(*line)))
+            else:
+                progress.wait()
+                log.info(*line)
             beat.touch()
             if on_round is not None and summary:
                 on_round(r, summary)

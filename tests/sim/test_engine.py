@@ -163,6 +163,7 @@ def test_progress_keeps_idle_rows_as_masks_and_a_checkpoint_brings_them_back(tmp
     play(first, range(1, 3))
     first.rounds_done = 2
     checkpoint.save(tmp_path, first, Snapshot({}, {}, {}), "r")
+    first.wait()  # written in a thread: on disk once waited for
     resumed, _ = checkpoint.load(tmp_path, "r")
     resumed.names = names
     play(resumed, range(3, 4))
