@@ -40,7 +40,6 @@ worker per CPU at once, so torch, the actors' code and torch's optimiser machine
 builds the data, not after it asks for its actors (about 1.5 s of a command's start on 2 cores)."""
 
 
-
 STARTED: list[bool] = []
 """Non-empty once :func:`connect` has started a local cluster in this process (which :func:`disconnect` ends)."""
 
