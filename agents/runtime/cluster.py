@@ -34,10 +34,15 @@ say = logging.getLogger("collabsim")  # the commands' own lines: joining the war
 LOOPBACK = "127.0.0.1"
 
 
-PRELOAD = ("agents.runtime.preload",)
+PRELOAD = ("agents.runtime.warm",)
 """Modules a local cluster's worker processes import as they start (Ray's ``preload_python_modules``): Ray starts a
-worker per CPU at once, so torch, the actors' code and torch's optimiser machinery are loaded while the driver still
-builds the data, not after it asks for its actors (about 1.5 s of a command's start on 2 cores)."""
+worker per CPU at once, so torch and the actors' code are imported while the driver still builds the data, not
+after it asks for its actors (about 1.5 s of a command's start on 2 cores)."""
+
+WARM_PRELOAD = ("agents.runtime.preload",)
+"""What the warm cluster's workers import: :data:`PRELOAD`'s modules and torch's optimiser machinery too. They load
+between commands; a command's own cluster keeps to :data:`PRELOAD`, whose workers load beside the driver on the same
+cores (the optimiser's 0.9 s more a worker made such a command's start 1 to 2 s slower on 2 cores)."""
 
 
 STARTED: list[bool] = []
@@ -150,7 +155,7 @@ def node_cpus() -> list[float] | None:
 
 def top_up(known_idle: set[int] | None = None, spare: int = 1) -> int:
     """Ask each node of the warm local cluster on this machine for workers owned by no job, so that one per CPU plus
-    ``spare`` (a coordinator's) stand idle with torch and the actors' code imported (:data:`PRELOAD`); returns how
+    ``spare`` (a coordinator's) stand idle with torch and the actors' code imported (:data:`WARM_PRELOAD`); returns how
     many were asked for. ``known_idle``: the pids of workers known to be idle and owned by no job (None: every idle
     worker counts).
 
@@ -251,7 +256,7 @@ def up(num_cpus: float | None = None, num_gpus: float | None = None, wait_s: flo
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
                COLLABSIM_WARM_CLUSTER="1")  # its workers top it up (agents.runtime.preload)
     temp, address = nodes.start_node(head=True, num_cpus=num_cpus, num_gpus=num_gpus, env=env,
-                                     system_config={"preload_python_modules": list(PRELOAD),
+                                     system_config={"preload_python_modules": list(WARM_PRELOAD),
                                                     "prestart_worker_first_driver": False,
                                                     "num_workers_soft_limit": int(cpus) + 1})
     nodes.write_record({"address": address, "temp_dir": temp, "nodes": [], "cpus": cpus, "code": code_version(),

@@ -94,8 +94,8 @@ def test_a_local_cluster_preloads_the_actors_code_and_a_joined_one_is_left_alone
     monkeypatch.delenv("RAY_ADDRESS")
     cluster.connect({"num_cpus": 2, "dashboard": True})
     # Assert: workers of a cluster started here import the actors' code; nothing is asked of one being joined
-    assert calls[0]["_system_config"] == {"preload_python_modules": ["agents.runtime.preload"]}
-    assert calls[1]["_system_config"] == {"preload_python_modules": ["sim.engine", "agents.runtime.preload"]}
+    assert calls[0]["_system_config"] == {"preload_python_modules": ["agents.runtime.warm"]}
+    assert calls[1]["_system_config"] == {"preload_python_modules": ["sim.engine", "agents.runtime.warm"]}
     assert "_system_config" not in calls[2] and "_system_config" not in calls[3]
     assert calls[0]["_node_ip_address"] == "127.0.0.1" and calls[0]["include_dashboard"] is False
     # ... and the dashboard runs only when asked for, on the loopback address
