@@ -9,9 +9,11 @@ In the run directory:
   ``meta.json`` (round, simulated clock, run id), ``coordinator.npz`` (global and scheme
   state), ``institutions.npz`` (what each institution carries between rounds) and
   ``segments.json``, the ``checkpoints/rows-KKKKK/`` folders whose ``metrics.arrow`` and
-  ``ledger.arrow`` (Arrow's file format; ``.parquet`` in older checkpoints, still read) hold the results rows so far, and whose ``idle.npz`` / ``idle.json`` hold
-  the rounds' masks of institutions not picked (see :class:`Progress`): each checkpoint writes
-  only what was added since the one before, so saving costs the same in round 5 as in round 500.
+  ``ledger.arrow`` (Arrow's file format; ``.parquet`` in older checkpoints, still read) hold the
+  results rows so far, and whose ``idle.npz`` / ``idle.json`` hold the rounds' masks of
+  institutions not picked (see :class:`Progress`): each checkpoint writes only what was added
+  since the one before, so saving costs the same in round 5 as in round 500. It is written in a
+  thread while the next rounds run (:func:`save`).
 
 A checkpoint directory is written under a temporary name and renamed into place, then
 the pointer is replaced the same way, so a crash at any moment leaves the previous
