@@ -172,9 +172,9 @@ def top_up(known_idle: set[int] | None = None, spare: int = 1) -> int:
         from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
     except ImportError:
         return 0
-    asked = 0
+    asked, record = 0, nodes.read_record() or {}
     for node in ray.nodes():
-        folder = _local_folder(node)
+        folder = _local_folder(node, record)
         if not node.get("Alive") or folder is None:  # nodes of this machine only: their workers can be counted
             continue
         idle = nodes.idle_workers(folder)
@@ -222,9 +222,8 @@ def settle(wait_s: float = 60.0, quiet_s: float = 0.5) -> bool:
     return False
 
 
-def _local_folder(node: dict[str, Any]) -> str | None:
-    """The Ray temp folder of ``node`` when it is one of the warm cluster's nodes on this machine, else None."""
-    record = nodes.read_record() or {}
+def _local_folder(node: dict[str, Any], record: dict[str, Any]) -> str | None:
+    """The Ray temp folder of ``node`` when it is one of the warm cluster's (``record``) nodes on this machine."""
     socket_path = str(node.get("ObjectStoreSocketName") or "")
     return next((t for t in [record.get("temp_dir"), *record.get("nodes", [])]
                  if t and socket_path.startswith(t.rstrip("/") + "/")), None)

@@ -111,12 +111,18 @@ def processes(temp_dir: str) -> list[tuple[int, str]]:
     return [(pid, args) for pid, _, args in rows if pid in found]
 
 
+def workers(temp_dir: str) -> list[tuple[int, str]]:
+    """(pid, command line) of the node's Python worker processes: idle (``ray::IDLE``), an actor's or a task's
+    (``ray::NAME``), or still starting (``default_worker.py``); not the raylet (whose command line names
+    ``default_worker.py`` too) nor Ray's agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``)."""
+    return [(pid, args) for pid, args in processes(temp_dir) if _stage(args) == 1
+            and ("default_worker.py" in args or (args.startswith("ray::") and not args.split()[0].endswith("Agent")))]
+
+
 def warm_workers(temp_dir: str) -> int:
     """Idle-or-busy Python worker processes of the node that have torch loaded (Linux; 0 where /proc is absent)."""
     count = 0
-    for pid, args in processes(temp_dir):
-        if not (args.startswith("ray::") or "default_worker.py" in args):
-            continue
+    for pid, _ in workers(temp_dir):
         try:
             count += "libtorch" in Path(f"/proc/{pid}/maps").read_text()
         except OSError:
@@ -127,21 +133,19 @@ def warm_workers(temp_dir: str) -> int:
 def busy_seconds(temp_dir: str) -> float:
     """CPU seconds the node's worker processes have used so far (Linux; 0 where /proc is absent)."""
     total = 0
-    for pid, args in processes(temp_dir):
-        if args.startswith("ray::") or "default_worker.py" in args:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(") ", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-            except (OSError, IndexError, ValueError):
-                pass
+    for pid, _ in workers(temp_dir):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+        except (OSError, IndexError, ValueError):
+            pass
     return total / os.sysconf("SC_CLK_TCK")
 
 
 def idle_workers(temp_dir: str) -> set[int]:
     """Process ids of the node's workers that no actor or task holds: idle (``ray::IDLE``) or still starting."""
-    return {pid for pid, args in processes(temp_dir)
-            if args.startswith("ray::IDLE") or ("default_worker.py" in args and _stage(args) == 1)}  # not the raylet
+    return {pid for pid, args in workers(temp_dir) if args.startswith("ray::IDLE") or "default_worker.py" in args}
 
 
 def stop_nodes(temp_dirs: list[str]) -> int:
