@@ -15,11 +15,14 @@ find them too.
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import gc
+import logging
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -68,18 +71,32 @@ def launch(main: Callable[[], None], config_name: str, check: Callable[..., None
     finish()
 
 
-def finish() -> None:
-    """End a command quickly once everything it writes is written and printed.
+def finish(code: int = 0) -> None:
+    """End a command quickly, with exit status ``code``, once everything it writes is written and printed.
 
-    The local Ray cluster the command started ends at once (Ray's exit hook waits half a
-    second first), and the interpreter's exit skips its last garbage collection over every
-    object torch and pandas made at import (``gc.freeze``; ~0.4 s of a command's exit here).
+    The local Ray cluster the command started ends at once (Ray's exit hook waits half a second
+    first); then the exit hooks run and the process ends without the interpreter's teardown, which
+    frees, one by one, every object torch, pandas and Ray made (0.15-0.3 s of a command's end, for
+    nothing the command still needs). Where a thread not the command's own is still working, Python
+    ends the process as usual, skipping only its last garbage collection over what start-up made
+    (``gc.freeze``; ~0.4 s here).
     """
     if "agents.runtime.cluster" in sys.modules:  # only a command that imported it can have started Ray
         from agents.runtime.cluster import disconnect
 
         disconnect()
+    if "sim.core.checkpoint" in sys.modules:
+        from sim.core.checkpoint import stop_writing
+
+        stop_writing()  # every checkpoint is written by now: its idle thread ends
     gc.freeze()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    atexit._run_exitfuncs()  # what registered an exit hook (Ray, tracking backends, temporary folders) still runs it
+    logging.shutdown()  # log files flushed and closed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def group_options(group: str) -> list[str]:

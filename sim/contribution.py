@@ -138,5 +138,5 @@ if __name__ == "__main__":
     from sim.cli import finish
 
     code = main()
-    finish()  # the coalitions ran on Ray: end it now
+    finish(code)  # the coalitions ran on Ray: end it now
     sys.exit(code)

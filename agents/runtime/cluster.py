@@ -39,6 +39,12 @@ PRELOAD = ("agents.runtime.warm",)
 worker per CPU at once, so torch and the actors' code are imported while the driver still builds the data, not
 after it asks for its actors (about 1.5 s of a command's start on 2 cores)."""
 
+NO_TASK_EVENTS = {"task_events_report_interval_ms": 0}
+"""Ray's system config that stops every process of a cluster recording its tasks' events. Only the dashboard's state
+API reads them (``ray list tasks``, the timeline), and a cluster collabsim starts has no dashboard unless asked
+(``cluster.dashboard=true``, which keeps them); with them on, each driver's ``ray.shutdown`` waits about 0.27 s to
+flush them, a tenth of a joined command's start-up and exit."""
+
 WARM_PRELOAD = ("agents.runtime.preload",)
 """What the warm cluster's workers import: :data:`PRELOAD`'s modules and torch's optimiser machinery too. They load
 between commands; a command's own cluster keeps to :data:`PRELOAD`, whose workers load beside the driver on the same
@@ -109,7 +115,7 @@ def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tupl
             if dashboard:  # asked for (cluster.dashboard=true): served on the loopback address only
                 kwargs["dashboard_host"] = LOOPBACK
             if preload and not os.environ.get("RAY_ADDRESS"):  # RAY_ADDRESS joins a running cluster: no system config
-                kwargs["_system_config"] = {"preload_python_modules": list(preload)}
+                kwargs["_system_config"] = {"preload_python_modules": list(preload), **({} if dashboard else NO_TASK_EVENTS)}
             if cluster.get("temp_dir"):
                 kwargs["_temp_dir"] = str(cluster["temp_dir"])
             cpus = cluster.get("num_cpus")
@@ -257,7 +263,7 @@ def up(num_cpus: float | None = None, num_gpus: float | None = None, wait_s: flo
     temp, address = nodes.start_node(head=True, num_cpus=num_cpus, num_gpus=num_gpus, env=env,
                                      system_config={"preload_python_modules": list(WARM_PRELOAD),
                                                     "prestart_worker_first_driver": False,
-                                                    "num_workers_soft_limit": int(cpus) + 1})
+                                                    "num_workers_soft_limit": int(cpus) + 1, **NO_TASK_EVENTS})
     nodes.write_record({"address": address, "temp_dir": temp, "nodes": [], "cpus": cpus, "code": code_version(),
                         "root": str(ROOT), "python": sys.executable, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     # Workers no job owns, one per CPU and a spare, each importing torch and the actors' code: the next command's.

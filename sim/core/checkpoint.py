@@ -243,6 +243,12 @@ def _writer() -> concurrent.futures.ThreadPoolExecutor:
     return _WRITER[0]
 
 
+def stop_writing() -> None:
+    """End the writer thread once what it was given is written (a command's end; a later checkpoint starts another)."""
+    if _WRITER:
+        _WRITER.pop().shutdown(wait=True)
+
+
 def _copied(groups: Mapping[str, Any]) -> dict[str, Any]:
     """Nested dicts of arrays, the arrays copied: the next round may change the originals while a checkpoint is
     written."""
