@@ -182,6 +182,20 @@ class Coordinator:
         } | ({} if end is None else {"round_end": end}))  # the engine's clock reads round_end and drops it
         return [_unshared(row) for row in rows]
 
+    def merge_and_begin(self, ctx: RoundContext, lost: dict[str, str], following: tuple[int, float, float | None] | None,
+                        *update_lists: Sequence[Update]) -> tuple[list[dict[str, Any]], State, Any]:
+        """:meth:`merge`, then, with ``following`` = (next round, this round's start, engine.round_deadline_s), begin
+        the next round at the simulated time the engine's clock will reach (:func:`sim.core.stragglers.round_end`): a
+        remote driver's next :meth:`begin_round` is then already answered. Returns (rows, the merged state, (next
+        round's context, its start time) or None)."""
+        rows = self.merge(ctx, lost, *update_lists)
+        ahead = None
+        if following is not None:
+            round, start, deadline = following
+            began = stragglers.round_end(rows, start, deadline)
+            ahead = (self.begin_round(round, began)[0], began)
+        return rows, self.state, ahead
+
     def snapshot(self) -> tuple[State, dict[str, np.ndarray]]:
         """The global state and the scheme's own state, for a checkpoint."""
         return self.state, self.scheme.state()

@@ -29,7 +29,7 @@ from sim.core.config import RunSpec
 from sim.core.data import build_federation
 from sim.core.models import build_model, model_flops
 from sim.core.results import frame, select_rounds, write_table, write_text
-from sim.core.stragglers import round_seconds
+from sim.core.stragglers import round_end
 from sim.core.types import GLOBAL, IDLE_ROWS, Federation, InstitutionSpec, RunFailed, Scores, Shard, Snapshot
 
 log = logging.getLogger("collabsim")
@@ -117,10 +117,10 @@ def run(
             rows = runner.train_and_merge(ctx, score, only)
             # 6. The round lasts as long as its slowest participant (synchronous rounds), at most engine.round_deadline_s;
             #    an asynchronous scheme's round ends when the update it merged arrived (round_end, on the coordinator's row).
-            end = next((row.pop("round_end") for row in rows if "round_end" in row), None)
+            progress.sim_time = round_end(rows, progress.sim_time, spec.engine.round_deadline_s)
+            for row in rows:
+                row.pop("round_end", None)
             idle, idle_epsilon = next((row.pop(IDLE_ROWS) for row in rows if IDLE_ROWS in row), ((), None))
-            progress.sim_time = end if end is not None else (
-                progress.sim_time + round_seconds(rows, spec.engine.round_deadline_s))
             losses = record.losses(r, rows)
             progress.add("ledger", [keys | {"round": r, "epsilon": math.nan, "staleness": math.nan} | row
                                     | {"sim_time": progress.sim_time} for row in rows])

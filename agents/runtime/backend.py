@@ -158,11 +158,20 @@ class RayBackend:
         loaded += [self._load(j) for j in range(len(self.hosts))]
         self.pids = self._get(loaded, "the actors did not start", START_TIMEOUT_S)[1:]
         self.state_ref = None
+        self.rounds, self.deadline = spec.rounds, spec.engine.round_deadline_s
+        self.began, self.ahead = 0.0, None  # the round's start (simulated); the next round as the last merge began it
         self.scoring = None  # (plan, only, refs) of scoring asked for with the last merge
         self.broken = False  # a run that failed leaves actors no later run should trust
 
     def begin_round(self, round: int, sim_time: float) -> RoundContext:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == round:  # begun by the last merge, at the time the engine's clock reached?
+            ctx, began = self._get(ahead[1], f"round {round}: the coordinator could not start the round")
+            if began == sim_time:
+                self.began, self.state_ref = sim_time, ahead[2]
+                return ctx
         ctx_ref, self.state_ref = self.coordinator.begin_round.options(num_returns=2).remote(round, sim_time)
+        self.began = sim_time
         return self._get(ctx_ref, f"round {round}: the coordinator could not start the round")
 
     def train_and_merge(self, ctx: RoundContext, score: bool = False, only: frozenset[str] | None = None
@@ -172,13 +181,13 @@ class RayBackend:
         # merge at once: if a host fails, its result errors, so that merge fails without running and is asked again.
         calls = {j: h.train.options(num_returns=2).remote(ctx, self.state_ref)
                  for j, (h, m) in enumerate(zip(self.hosts, self.members)) if m & cohort}
-        merged = self.coordinator.merge.remote(ctx, {}, *(c[0] for c in calls.values()))
+        merged = self._merge(ctx, {}, [c[0] for c in calls.values()])
         carried, failures = self._gather({j: c[1] for j, c in calls.items()})
         for saved in carried.values():
             self.carried.update(saved)
         lost = {}
         if failures:
-            self._discard([merged])  # failed on the lost host's result, before merging anything
+            self._discard(merged)  # failed on the lost host's result, before merging anything
         for j, (status, error) in failures.items():
             names = sorted(self.members[j] & cohort, key=self.order.get)
             log.warning("round %d: %s %s (%s); their updates are lost this round and their host restarts",
@@ -187,14 +196,22 @@ class RayBackend:
             self._restart(j, list(calls[j]))
         if failures:
             refs = [c[0] for j, c in calls.items() if j not in failures]
-            merged = self.coordinator.merge.remote(ctx, lost, *refs)
+            merged = self._merge(ctx, lost, refs)
+        self.ahead = (ctx.round + 1, merged[2], merged[1]) if ctx.round < self.rounds else None
+        self.state_ref = merged[1]  # what everybody ends the round with: scored now, sent out next round
         if score:  # ordered after the merge on every actor: scoring starts while the rows travel back
             self.scoring = (ctx.plan, only, self._score(ctx.plan, only))
-        return self._get(merged, f"round {ctx.round}: the coordinator failed to merge")
+        return self._get(merged[0], f"round {ctx.round}: the coordinator failed to merge")
+
+    def _merge(self, ctx: RoundContext, lost: dict[str, str], updates: list) -> list:
+        """Refs of the merge's rows and merged state, and of the next round, begun in the same call (one round trip
+        less a round; :meth:`begin_round` takes it if the engine's clock agrees)."""
+        following = (ctx.round + 1, self.began, self.deadline) if ctx.round < self.rounds else None
+        return self.coordinator.merge_and_begin.options(num_returns=3).remote(ctx, lost, following, *updates)
 
     def _score(self, plan: LocalPlan, only: frozenset[str] | None) -> tuple[Any, dict[int, Any]]:
         """Ask the coordinator and the hosts (those with someone in ``only``) to score the current global model."""
-        state = self.coordinator.current_state.remote()
+        state = self.state_ref  # the state now: after the last merge, or as the round began
         if self.pooled and only is None:
             glob = None  # pooled from the hosts' scores (evaluate), as the last scoring was
         elif self.scorer is None:
@@ -233,6 +250,7 @@ class RayBackend:
     def restore(self, snapshot: Snapshot) -> None:
         self.carried = dict(snapshot.institutions)
         self._get(self.coordinator.restore.remote(snapshot.global_state, snapshot.scheme), "restoring the coordinator failed")
+        self.ahead = None  # begun from the state before it
         self.pids = self._get([h.restore.remote(self._carried_by(j)) for j, h in enumerate(self.hosts)],
                               "restoring the hosts failed", START_TIMEOUT_S)
 

@@ -244,3 +244,11 @@ def round_seconds(rows: Sequence[Mapping[str, Any]], deadline: float | None) -> 
     if any(row["status"] == faults.LATE for row in rows):
         return deadline
     return min(deadline, longest)
+
+
+def round_end(rows: Sequence[Mapping[str, Any]], start: float, deadline: float | None) -> float:
+    """The simulated time a round that began at ``start`` ends: when the update an asynchronous scheme merged arrived
+    (``round_end``, on the coordinator's row), else ``start`` plus :func:`round_seconds`. The engine's clock; the
+    coordinator begins the next round with it (agents.runtime.backend), so both must read the rows alike."""
+    end = next((row["round_end"] for row in rows if "round_end" in row), None)
+    return end if end is not None else start + round_seconds(rows, deadline)
