@@ -121,7 +121,7 @@ class Coordinator:
         """This round's context (who trains, who drops out, the local plan) and the global state to send out."""
         everyone = RoundContext(round=round, seed=self.seed, cohort=tuple(self.specs))
         selected = tuple(self.scheme.select(everyone))
-        dropped = faults.dropped(self.specs.values(), selected, self.seed, round)
+        dropped = faults.dropped(self.specs, selected, self.seed, round)
         out = {name for name, _ in dropped}
         ctx = replace(everyone, cohort=tuple(n for n in selected if n not in out), plan=self.scheme.plan(round),
                       sim_time=sim_time, dropped=dropped,

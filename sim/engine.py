@@ -137,14 +137,13 @@ def run(
                     scored, len(ctx.cohort), f" (dropped {dropped})" if dropped else "", progress.sim_time,
                     time.perf_counter() - wall0)
             # 8. Every checkpoint_every rounds, save all that persists: taken now, written while the next round runs.
-            #    Its status and its progress line follow once it is on disk, and a later round's line waits for them:
+            #    Its status and its progress line follow once it is on disk, and a later round's line follows them:
             #    a line on screen still means its round is safe.
             if out is not None and spec.checkpoint_every and r % spec.checkpoint_every == 0 and r < spec.rounds:
                 checkpoint.save(out, progress, runner.save(), spec.run_id,
                                 then=lambda r=r, line=line: (mark("running", r), log.info(*line)))
-            else:
-                progress.wait()
-                log.info(*line)
+            else:  # behind a checkpoint still being written, the line waits for it; the next round does not
+                progress.after(lambda line=line: log.info(*line))
             beat.touch()
             if on_round is not None and summary:
                 on_round(r, summary)

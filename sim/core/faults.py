@@ -10,7 +10,7 @@ deadline) are not drawn here: the backend observes them and the ledger records t
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -40,11 +40,10 @@ def draw(spec: InstitutionSpec, seed: int, round: int) -> str:
     return FAILED if broken < spec.failure_rate else OK
 
 
-def dropped(specs: Iterable[InstitutionSpec], cohort: Iterable[str], seed: int, round: int) -> tuple[tuple[str, str], ...]:
-    """(name, fault) of every cohort member the fault model keeps from delivering, in scenario order."""
-    chosen = set(cohort)
-    out = []
-    for s in specs:
-        if s.name in chosen and (fault := draw(s, seed, round)) != OK:
-            out.append((s.name, fault))
-    return tuple(out)
+def dropped(specs: Mapping[str, InstitutionSpec], cohort: Iterable[str], seed: int, round: int
+            ) -> tuple[tuple[str, str], ...]:
+    """(name, fault) of every cohort member the fault model keeps from delivering, in scenario order. ``specs``:
+    every institution by name; only the cohort's are looked at (a round's cost follows the cohort, not the
+    population)."""
+    members = sorted((specs[name] for name in set(cohort)), key=lambda s: s.index)
+    return tuple((s.name, fault) for s in members if (fault := draw(s, seed, round)) != OK)

@@ -69,6 +69,29 @@ def test_a_checkpoint_of_an_older_collabsim_with_parquet_rows_still_resumes(smal
     assert pd.read_parquet(tmp_path / "metrics.parquet").equals(pd.read_parquet(reference("fedavg") / "metrics.parquet"))
 
 
+def test_metric_rows_kept_as_arrays_are_written_as_the_table_pandas_would_write():
+    # Prepare: two runs' blocks (keys differ), labels and disciplines as the engine keeps them
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    from sim.core.results import frame, metric_blocks, metric_blocks_arrow
+
+    labels = pd.array(["global", "a", "b", "c"], dtype="string")
+    disciplines = pd.array(["global", "medicine", "physics", "medicine"], dtype="string")
+    names = ("accuracy", "loss", "train_loss")
+    rng = np.random.default_rng(0)
+    blocks = [({"run_id": run, "scheme": "fedavg", "scenario": "s", "seed": seed}, r, rng.integers(0, 4, 7),
+               rng.integers(0, 3, 7), rng.random(7)) for run, seed in (("r1", 0), ("r2", 1)) for r in range(3)]
+    schema = pa.Schema.from_pandas(frame("metrics", []), preserve_index=False)
+    # Execute: built in Arrow, written and read back as a checkpoint segment is
+    table = metric_blocks_arrow(blocks, labels, disciplines, names, schema)
+    sink = pa.BufferOutputStream()
+    feather.write_feather(table, sink, compression="zstd")
+    back = feather.read_table(pa.BufferReader(sink.getvalue())).to_pandas()
+    # Assert: the rows, dtypes and values pandas' own table of the blocks has
+    pd.testing.assert_frame_equal(back, metric_blocks(blocks, labels, disciplines, names), check_exact=True)
+
+
 def test_without_a_checkpoint_resume_starts_over(small_cfg, reference, tmp_path):
     cfg = small_cfg("rounds=3", "checkpoint_every=1", "scheme=fedavg", *FLAKY)
     with pytest.raises(Stop):
