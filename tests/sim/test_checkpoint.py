@@ -92,6 +92,35 @@ def test_metric_rows_kept_as_arrays_are_written_as_the_table_pandas_would_write(
     pd.testing.assert_frame_equal(back, metric_blocks(blocks, labels, disciplines, names), check_exact=True)
 
 
+def test_a_line_behind_a_checkpoint_being_written_follows_it_without_holding_the_round_up():
+    # Prepare: a checkpoint whose writing is held until released, then one that fails
+    import threading
+
+    progress, said, release = checkpoint.Progress(), [], threading.Event()
+
+    def slow():
+        release.wait(10)
+        said.append("checkpoint written")
+
+    progress.writing = checkpoint._writer().submit(slow)
+    # Execute: two rounds' lines are handed over while the checkpoint is still being written
+    progress.after(lambda: said.append("round 6"))
+    progress.after(lambda: said.append("round 7"))
+    before = list(said)
+    release.set()
+    progress.wait()
+    # Assert: nothing waited for the writing; the lines came after the checkpoint's, in order
+    assert before == [] and said == ["checkpoint written", "round 6", "round 7"]
+    # ... and behind a failed writing no line is said, and wait() raises its error
+    failing = threading.Event()
+    progress.writing = checkpoint._writer().submit(lambda: failing.wait(10) and 1 / 0)
+    progress.after(lambda: said.append("round 8"))
+    failing.set()
+    with pytest.raises(ZeroDivisionError):
+        progress.wait()
+    assert said[-1] == "round 7"
+
+
 def test_without_a_checkpoint_resume_starts_over(small_cfg, reference, tmp_path):
     cfg = small_cfg("rounds=3", "checkpoint_every=1", "scheme=fedavg", *FLAKY)
     with pytest.raises(Stop):
