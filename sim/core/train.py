@@ -65,7 +65,8 @@ def rng_for(key: tuple[int, ...]) -> tuple[np.random.Generator, torch.Generator]
 
 def numpy_rng_for(key: tuple[int, ...]) -> np.random.Generator:
     """The numpy generator of :func:`rng_for` alone (the same stream), without making the torch one."""
-    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]).spawn(1)[0])
+    # SeedSequence(key).spawn(1)[0], made directly (a third faster: one generator per institution and round)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in key], spawn_key=(0,))))
 
 
 def deterministic_cuda() -> None:
