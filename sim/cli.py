@@ -16,6 +16,7 @@ find them too.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import difflib
 import gc
 import logging
@@ -94,8 +95,9 @@ def finish(code: int = 0) -> None:
         return
     atexit._run_exitfuncs()  # what registered an exit hook (Ray, tracking backends, temporary folders) still runs it
     logging.shutdown()  # log files flushed and closed
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (``| head``) or stream: nothing left to say
+            stream.flush()
     os._exit(code)
 
 
