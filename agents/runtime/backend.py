@@ -159,17 +159,21 @@ class RayBackend:
         self.pids = self._get(loaded, "the actors did not start", START_TIMEOUT_S)[1:]
         self.state_ref = None
         self.rounds, self.deadline = spec.rounds, spec.engine.round_deadline_s
-        self.began, self.ahead = 0.0, None  # the round's start (simulated); the next round as the last merge began it
+        # The round's start (simulated); the next round as the last merge began it, (round, (context, start), state);
+        # the hosts' training of that round, asked for already (host -> refs).
+        self.began, self.ahead, self.training_ahead = 0.0, None, None
         self.scoring = None  # (plan, only, refs) of scoring asked for with the last merge
         self.broken = False  # a run that failed leaves actors no later run should trust
 
     def begin_round(self, round: int, sim_time: float) -> RoundContext:
         ahead, self.ahead = self.ahead, None
-        if ahead is not None and ahead[0] == round:  # begun by the last merge, at the time the engine's clock reached?
-            ctx, began = self._get(ahead[1], f"round {round}: the coordinator could not start the round")
-            if began == sim_time:
-                self.began, self.state_ref = sim_time, ahead[2]
-                return ctx
+        # Begun by the last merge at the time the engine's clock reached? Then it is begun, and its hosts train it.
+        if ahead is not None and ahead[0] == round and ahead[1][1] == sim_time:
+            self.began, self.state_ref = sim_time, ahead[2]
+            return ahead[1][0]
+        if self.training_ahead is not None:  # the hosts train that round already: no other may begin
+            raise RuntimeError(f"round {round} at {sim_time!r}: the hosts already train round {ahead and ahead[0]} "
+                               f"as the coordinator began it, at {ahead and ahead[1][1]!r}")
         ctx_ref, self.state_ref = self.coordinator.begin_round.options(num_returns=2).remote(round, sim_time)
         self.began = sim_time
         return self._get(ctx_ref, f"round {round}: the coordinator could not start the round")
@@ -177,10 +181,13 @@ class RayBackend:
     def train_and_merge(self, ctx: RoundContext, score: bool = False, only: frozenset[str] | None = None
                         ) -> list[dict[str, Any]]:
         cohort = set(ctx.cohort)
-        # Fan out to every host with a cohort member; the coordinator resolves the updates itself, and is asked to
-        # merge at once: if a host fails, its result errors, so that merge fails without running and is asked again.
-        calls = {j: h.train.options(num_returns=2).remote(ctx, self.state_ref)
-                 for j, (h, m) in enumerate(zip(self.hosts, self.members)) if m & cohort}
+        # Fan out to every host with a cohort member (asked already, behind the last round's scoring, when that round
+        # began this one); the coordinator resolves the updates itself, and is asked to merge at once: if a host
+        # fails, its result errors, so that merge fails without running and is asked again.
+        ahead, self.training_ahead = self.training_ahead, None
+        if ahead is not None and ahead[0] is not ctx:
+            raise RuntimeError(f"round {ctx.round}: the hosts already train the round the last merge began")
+        calls = ahead[1] if ahead is not None else self._train(ctx)
         merged = self._merge(ctx, {}, [c[0] for c in calls.values()])
         carried, failures = self._gather({j: c[1] for j, c in calls.items()})
         for saved in carried.values():
@@ -197,11 +204,24 @@ class RayBackend:
         if failures:
             refs = [c[0] for j, c in calls.items() if j not in failures]
             merged = self._merge(ctx, lost, refs)
-        self.ahead = (ctx.round + 1, merged[2], merged[1]) if ctx.round < self.rounds else None
         self.state_ref = merged[1]  # what everybody ends the round with: scored now, sent out next round
         if score:  # ordered after the merge on every actor: scoring starts while the rows travel back
             self.scoring = (ctx.plan, only, self._score(ctx.plan, only))
-        return self._get(merged[0], f"round {ctx.round}: the coordinator failed to merge")
+        rows = self._get(merged[0], f"round {ctx.round}: the coordinator failed to merge")
+        if ctx.round < self.rounds:
+            # The next round, as this merge began it: its hosts are asked to train now, each behind its scoring of
+            # this round, so none waits for the driver to read this round's rows and scores.
+            self.ahead = (ctx.round + 1, self._get(merged[2], f"round {ctx.round + 1}: the coordinator could not "
+                                                               "start the round"), merged[1])
+            self.training_ahead = (self.ahead[1][0], self._train(self.ahead[1][0]))
+        return rows
+
+    def _train(self, ctx: RoundContext) -> dict[int, tuple[Any, Any]]:
+        """Ask every host with a member in ``ctx``'s cohort to train it from the current state: host -> (updates,
+        carried state) refs."""
+        cohort = set(ctx.cohort)
+        return {j: h.train.options(num_returns=2).remote(ctx, self.state_ref)
+                for j, (h, m) in enumerate(zip(self.hosts, self.members)) if m & cohort}
 
     def _merge(self, ctx: RoundContext, lost: dict[str, str], updates: list) -> list:
         """Refs of the merge's rows and merged state, and of the next round, begun in the same call (one round trip
@@ -223,14 +243,19 @@ class RayBackend:
 
     def evaluate(self, plan: LocalPlan, only: frozenset[str] | None = None):
         pending, self.scoring = self.scoring, None
+        if not (pending and pending[0] is plan and pending[1] == only) and self.training_ahead is not None:
+            raise RuntimeError("scoring asked for after the next round's training: it would score that round's models")
         glob, refs = pending[2] if pending and pending[0] is plan and pending[1] == only else self._score(plan, only)
         scores, failures = self._gather(refs)
         for j, (status, error) in failures.items():  # scoring changes nothing: restart and score again
             names = ", ".join(sorted(self.members[j], key=self.order.get))
             log.warning("scoring %s %s (%s); restarting their host", names, status, error)
-            self._restart(j, [refs[j]])
+            ahead = self.training_ahead[1] if self.training_ahead is not None else {}
+            self._restart(j, [refs[j], *ahead.get(j, ())])
             state = self.coordinator.current_state.remote()
             scores[j] = self._get(self.hosts[j].evaluate.remote(plan, state, only), "scoring on a restarted host failed")
+            if j in ahead:  # the next round's training had gone to the lost host: the new one trains it
+                ahead[j] = self.hosts[j].train.options(num_returns=2).remote(self.training_ahead[0], self.state_ref)
         every = Scores.concat([scores[j] for j in sorted(scores)])
         rows = every.in_scenario_order()
         pooled = rows.union() if self.whole and only is None else None
@@ -250,7 +275,7 @@ class RayBackend:
     def restore(self, snapshot: Snapshot) -> None:
         self.carried = dict(snapshot.institutions)
         self._get(self.coordinator.restore.remote(snapshot.global_state, snapshot.scheme), "restoring the coordinator failed")
-        self.ahead = None  # begun from the state before it
+        self.ahead = self.training_ahead = None  # begun from the state before it
         self.pids = self._get([h.restore.remote(self._carried_by(j)) for j, h in enumerate(self.hosts)],
                               "restoring the hosts failed", START_TIMEOUT_S)
 

@@ -53,19 +53,31 @@ def failing(monkeypatch, lost):
 
 
 def test_hosts_killed_frozen_or_broken_at_random_rounds_cost_their_institutions_that_round_only(
-        ray_cluster, backends, monkeypatch, caplog):
+        ray_cluster, monkeypatch, caplog):
     # Prepare: five rounds of isolated training (personal models must survive restarts) on two pooled hosts;
-    # after three random rounds a random host is SIGKILLed, SIGSTOPped (misses the deadline) or made to raise.
+    # after three random rounds a random host is SIGKILLed, SIGSTOPped (misses the deadline) or made to raise. A
+    # round's hosts are asked to train it as the round before ends, behind their scoring of that round: the strike
+    # lands once that scoring is done, just before they are asked.
+    from agents.runtime import backend
+
     rng = random.Random(SEED)
     strikes = dict(zip(sorted(rng.sample(range(1, 5), 3)), rng.sample(["kill", "freeze", "raise"], 3)))
     cfg = compose("config", [*BASE, "rounds=5", "scheme=isolated", "placement=pooled", "engine.pooled_hosts=2",
                              "engine.round_timeout_s=10"])
     hit, frozen = {}, []  # round -> (members of the host lost in it, their expected status)
+    real_train = backend.RayBackend._train
 
-    def strike(r, summary):
-        if r not in strikes:
-            return
-        b = backends[-1]
+    def train(b, ctx):
+        r = ctx.round - 1
+        if r in strikes and r + 1 not in hit:
+            scoring = list(b.scoring[2][1].values()) if b.scoring else []
+            ray_cluster.wait(scoring, num_returns=len(scoring))
+            strike(b, r)
+        return real_train(b, ctx)
+
+    monkeypatch.setattr(backend.RayBackend, "_train", train)
+
+    def strike(b, r):
         j = rng.randrange(len(b.hosts))
         members = sorted(b.members[j], key=b.order.get)  # scenario order, as the log names them
         if strikes[r] == "kill":
@@ -80,7 +92,7 @@ def test_hosts_killed_frozen_or_broken_at_random_rounds_cost_their_institutions_
 
     # Execute
     try:
-        chaos = run(cfg, on_round=strike)
+        chaos = run(cfg)
     finally:
         for pid in frozen:  # the backend gave up on it; make sure the frozen process goes
             try:
@@ -102,6 +114,46 @@ def test_hosts_killed_frozen_or_broken_at_random_rounds_cost_their_institutions_
     failing(monkeypatch, {(r, n) for r, (names, _) in hit.items() for n in names})
     reference = run(cfg, backend="inprocess")
     pd.testing.assert_frame_equal(values(chaos), values(reference), obj=plan)
+
+
+def test_a_host_lost_while_scoring_with_the_next_round_asked_of_it_costs_nothing(ray_cluster, monkeypatch, caplog):
+    # Prepare: isolated training (personal models) on two pooled hosts. In round 2 one host is stopped before it is
+    # asked to score, and killed once it has been asked to train round 3 too: both calls are lost with it.
+    from agents.runtime import backend
+
+    cfg = compose("config", [*BASE, "rounds=4", "scheme=isolated", "placement=pooled", "engine.pooled_hosts=2",
+                             "engine.round_timeout_s=10"])
+    seen: dict = {}
+    real = {name: getattr(backend.RayBackend, name) for name in ("train_and_merge", "_score", "_train")}
+
+    def train_and_merge(b, ctx, *args, **kwargs):
+        seen["round"] = ctx.round
+        return real["train_and_merge"](b, ctx, *args, **kwargs)
+
+    def score(b, plan, only):
+        if seen.get("round") == 2 and "pid" not in seen:
+            seen["pid"] = b.pids[1]
+            os.kill(seen["pid"], signal.SIGSTOP)
+        return real["_score"](b, plan, only)
+
+    def train(b, ctx):
+        calls = real["_train"](b, ctx)
+        if ctx.round == 3 and "pid" in seen and "killed" not in seen:
+            seen["killed"] = 1 in calls  # round 3's training was asked of the stopped host
+            os.kill(seen["pid"], signal.SIGKILL)
+        return calls
+
+    for name, method in (("train_and_merge", train_and_merge), ("_score", score), ("_train", train)):
+        monkeypatch.setattr(backend.RayBackend, name, method)
+    # Execute
+    struck = run(cfg)
+    # Assert: the host's scoring is redone on its replacement, which trains round 3 as asked: nobody's round is
+    # lost, and the numbers are an uninterrupted run's
+    assert seen.get("killed") is True
+    assert "scoring" in caplog.text and "restarting their host" in caplog.text
+    assert set(struck.ledger.status) <= {"ok", "idle"}
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(values(struck), values(run(cfg, backend="inprocess")))
 
 
 def test_a_lost_coordinator_stops_the_run_which_resumes_exactly(ray_cluster, backends, tmp_path):

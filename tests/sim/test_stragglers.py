@@ -116,12 +116,10 @@ def test_ray_placement_gives_the_inprocess_numbers_with_stragglers(small_cfg, ra
     assert pooled.ledger.work_done.tolist() == inprocess.ledger.work_done.tolist()
 
 
-def test_a_round_begun_with_the_last_merge_is_taken_only_at_the_engines_clock(small_cfg, ray_cluster, monkeypatch):
+def test_the_round_the_last_merge_began_is_taken_only_at_the_engines_clock(small_cfg, ray_cluster, monkeypatch):
     # Prepare: on Ray the coordinator begins round r+1 as it merges round r, at the simulated time it expects the
-    # engine's clock to reach (the deadline moves the clock unevenly here). After each round, ask the backend for the
-    # next round at another time (the coordinator is asked anew), then at that one (the begun round is taken).
-    import ray
-
+    # engine's clock to reach (the deadline moves the clock unevenly here), and the hosts are asked to train it at
+    # once. After each round, ask the backend for the next round at another time, then at that one.
     from sim import engine
 
     started, seen = [], []
@@ -135,19 +133,25 @@ def test_a_round_begun_with_the_last_merge_is_taken_only_at_the_engines_clock(sm
         runner = started[-1]
         if runner.ahead is None:
             return
-        ahead = runner.ahead
-        ctx, began = ray.get(ahead[1])
-        other = runner.begin_round(r + 1, began + 1.0)
+        ahead, training = runner.ahead, runner.training_ahead
+        ctx, began = ahead[1]
+        try:
+            runner.begin_round(r + 1, began + 1.0)
+            refused = False
+        except RuntimeError as e:
+            refused = "already train" in str(e)
         runner.ahead = ahead
         taken = runner.begin_round(r + 1, began)
-        seen.append((ctx.round, other.sim_time == began + 1.0, taken == ctx, runner.state_ref is ahead[2]))
+        seen.append((ctx.round, refused, taken is ctx and runner.state_ref is ahead[2],
+                     runner.training_ahead is training and training[0] is ctx))
+        runner.ahead = ahead  # the engine begins it next, as it would have
 
     monkeypatch.setattr(engine, "_start_backend", keep)
     overrides = ("scheme=fedprox", *SLOW, "rounds=4")
     # Execute
     result = run(small_cfg(*overrides, "placement=pooled", "engine.pooled_hosts=2"), on_round=probe)
-    # Assert: every round after the first was begun ahead; another time asked the coordinator, the same one took the begun round; the
-    # run (whose every later round was then begun anew: begin_round changes nothing) has the in-process numbers
+    # Assert: every round after the first was begun ahead and its training asked for; another time was refused (its
+    # hosts train it already), the same one took it; the run has the in-process numbers and clock
     assert seen == [(r, True, True, True) for r in range(2, int(result.metrics["round"].max()) + 1)] and len(seen) >= 2
     inprocess = run(small_cfg(*overrides), backend="inprocess")
     pd.testing.assert_frame_equal(values(result), values(inprocess))
