@@ -130,12 +130,18 @@ class RayBackend:
         self.pool = pool or ActorPool()
         common, coord = _kwargs(spec, fed, flops)
         coord["data_parallel"] = ray_train.in_trial(layout.workers, spec.scheme)  # pooled on Ray Train, or None
-        # Ship big arrays once through the object store; actors (and restarted ones) read them zero-copy.
-        for key in ("global_test", "global_val", "public"):
-            common[key] = coord[key] = ray.put(common[key])
+        # The actors first: Ray creates them (about 0.1 s, even on warm workers) while the data below is shipped.
         self.coordinator_cpus = layout.coordinator_cpus
         started = self.pool.started
         self.coordinator = self.pool.coordinator(layout.coordinator_cpus)
+        self.hosts = [self.pool.host(h.cpus, h.gpus) for h in layout.hosts]
+        if coord["data_parallel"] is not None or self.pool.started > started:
+            # Idle actors of another layout (pooled on Ray Train lays hosts out differently) would hold the room
+            # this run's new actors or its Ray Train workers need.
+            self.pool.end_idle()
+        # Ship big arrays once through the object store; actors (and restarted ones) read them zero-copy.
+        for key in ("global_test", "global_val", "public"):
+            common[key] = coord[key] = ray.put(common[key])
         loaded = [self.coordinator.load.remote(specs, **coord)]
         common["initial"] = self.coordinator.current_state.remote()  # every personal model starts here
         self.common = common
@@ -144,11 +150,6 @@ class RayBackend:
         # Kept for restarts: a replacement host gets the same institutions and shards from the object store.
         self.layout = [(h, ray.put([by_index[i] for i in h.indices]), ray.put([fed.shards[i] for i in h.indices]))
                        for h in layout.hosts]
-        self.hosts = [self.pool.host(h.cpus, h.gpus) for h, _, _ in self.layout]
-        if coord["data_parallel"] is not None or self.pool.started > started:
-            # Idle actors of another layout (pooled on Ray Train lays hosts out differently) would hold the room
-            # this run's new actors or its Ray Train workers need.
-            self.pool.end_idle()
         self.members = [{by_index[i].name for i in h.indices} for h in layout.hosts]
         # The global model is scored where there is a GPU: the coordinator reserves none, a GPU host scores it faster.
         self.scorer = next((j for j, h in enumerate(layout.hosts) if h.gpus > 0), None)
