@@ -182,7 +182,8 @@ class Coordinator:
         } | ({} if end is None else {"round_end": end}))  # the engine's clock reads round_end and drops it
         return [_unshared(row) for row in rows]
 
-    def merge_and_begin(self, ctx: RoundContext, lost: dict[str, str], following: tuple[int, float, float | None] | None,
+    def merge_and_begin(self, ctx: RoundContext, lost: dict[str, str],
+                        following: tuple[int, float, float | None] | None,
                         *update_lists: Sequence[Update]) -> tuple[list[dict[str, Any]], State, Any]:
         """:meth:`merge`, then, with ``following`` = (next round, this round's start, engine.round_deadline_s), begin
         the next round at the simulated time the engine's clock will reach (:func:`sim.core.stragglers.round_end`): a

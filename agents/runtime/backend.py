@@ -225,8 +225,8 @@ class RayBackend:
                 for j, (h, m) in enumerate(zip(self.hosts, self.members)) if m & cohort}
 
     def _merge(self, ctx: RoundContext, lost: dict[str, str], updates: list) -> list:
-        """Refs of the merge's rows and merged state, and of the next round, begun in the same call (one round trip
-        less a round; :meth:`begin_round` takes it if the engine's clock agrees)."""
+        """Refs of the merge's rows, the merged state and the next round, begun in the same call at the simulated
+        time the engine's clock will reach (one round trip with the coordinator a round, not two)."""
         following = (ctx.round + 1, self.began, self.deadline) if ctx.round < self.rounds else None
         return self.coordinator.merge_and_begin.options(num_returns=3).remote(ctx, lost, following, *updates)
 
