@@ -90,8 +90,8 @@ def finish(code: int = 0) -> None:
         from sim.core.checkpoint import stop_writing
 
         stop_writing()  # every checkpoint is written by now: its idle thread ends
-    gc.freeze()
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        gc.freeze()  # Python's own exit follows: its last collection skips what start-up made
         return
     atexit._run_exitfuncs()  # what registered an exit hook (Ray, tracking backends, temporary folders) still runs it
     logging.shutdown()  # log files flushed and closed

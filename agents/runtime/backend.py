@@ -253,8 +253,8 @@ class RayBackend:
             log.warning("scoring %s %s (%s); restarting their host", names, status, error)
             ahead = self.training_ahead[1] if self.training_ahead is not None else {}
             self._restart(j, [refs[j], *ahead.get(j, ())])
-            state = self.coordinator.current_state.remote()
-            scores[j] = self._get(self.hosts[j].evaluate.remote(plan, state, only), "scoring on a restarted host failed")
+            scores[j] = self._get(self.hosts[j].evaluate.remote(plan, self.state_ref, only),
+                                  "scoring on a restarted host failed")
             if j in ahead:  # the next round's training had gone to the lost host: the new one trains it
                 ahead[j] = self.hosts[j].train.options(num_returns=2).remote(self.training_ahead[0], self.state_ref)
         every = Scores.concat([scores[j] for j in sorted(scores)])
@@ -266,7 +266,7 @@ class RayBackend:
             return pooled, rows
         if glob is None:
             glob = self.coordinator.evaluate.remote() if self.scorer is None else \
-                self.hosts[self.scorer].score_global.remote(self.coordinator.current_state.remote(), self.backdoor)
+                self.hosts[self.scorer].score_global.remote(self.state_ref, self.backdoor)
         return self._get(glob, "the coordinator could not score"), rows
 
     def save(self) -> Snapshot:

@@ -205,8 +205,7 @@ def keep_warm(temp_dir: str, count: int, wait_s: float) -> None:
     seconds (a raylet starts one per CPU at a time)."""
     deadline = time.monotonic() + wait_s
     while nodes.warm_workers(temp_dir) < count and time.monotonic() < deadline:
-        if len(nodes.idle_workers(temp_dir)) < count:
-            top_up()
+        top_up()  # asks for nothing while the node has an idle worker per CPU and a spare
         time.sleep(0.2)
 
 
@@ -217,7 +216,7 @@ def settle(wait_s: float = 60.0, quiet_s: float = 0.5) -> bool:
     record = nodes.read_record()
     if record is None:
         return False
-    folders = [record["temp_dir"], *record.get("nodes", [])]
+    folders = nodes.folders(record)
     want = int(record.get("cpus", 1)) + 1
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -231,8 +230,7 @@ def settle(wait_s: float = 60.0, quiet_s: float = 0.5) -> bool:
 def _local_folder(node: dict[str, Any], record: dict[str, Any]) -> str | None:
     """The Ray temp folder of ``node`` when it is one of the warm cluster's (``record``) nodes on this machine."""
     socket_path = str(node.get("ObjectStoreSocketName") or "")
-    return next((t for t in [record.get("temp_dir"), *record.get("nodes", [])]
-                 if t and socket_path.startswith(t.rstrip("/") + "/")), None)
+    return next((t for t in nodes.folders(record) if socket_path.startswith(t.rstrip("/") + "/")), None)
 
 
 def code_version() -> str:
@@ -354,7 +352,7 @@ def _join_warm(ray: Any, record: dict[str, Any]) -> None:
         quiet.setLevel(level)
     JOINED[:] = [True]
     IDLE_AT_JOIN.clear()
-    for folder in [record["temp_dir"], *record.get("nodes", [])]:
+    for folder in nodes.folders(record):
         IDLE_AT_JOIN.update(nodes.idle_workers(folder))
     say.info("joined the warm local Ray cluster at %s (python -m sim.cluster up; it keeps running after this command)",
              record["address"])

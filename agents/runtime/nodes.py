@@ -55,6 +55,11 @@ def clear_record() -> None:
     record_path().unlink(missing_ok=True)
 
 
+def folders(record: dict[str, Any]) -> list[str]:
+    """The Ray temp folders of the warm cluster's nodes on this machine (``record``), the head's first."""
+    return [t for t in [record.get("temp_dir"), *record.get("nodes", [])] if t]
+
+
 def ray_cli() -> str:
     """The ``ray`` command of this Python environment."""
     here = Path(sys.executable).parent / "ray"

@@ -162,21 +162,10 @@ def metric_blocks(blocks: Sequence[tuple[Mapping, int, np.ndarray, np.ndarray, n
     ``labels``/``disciplines`` (pandas string arrays: the global row and the institutions), ``which`` indexing
     ``metrics``. A round of 10,000 institutions' scores is three small arrays, where dict rows cost more than the
     scoring; the table is built once, when asked for (a checkpoint, the end of the run)."""
-    keys = blocks[0][0]
-    if any(block[0] != keys for block in blocks[1:]):  # rows of several runs: one table per run's blocks
+    if not _one_run(blocks):  # rows of several runs: one table per run's blocks
         return pd.concat([metric_blocks([b], labels, disciplines, metrics) for b in blocks], ignore_index=True)
-    counts = [len(block[2]) for block in blocks]
-    n = sum(counts)
-    who = np.concatenate([block[2] for block in blocks]).astype(np.int64, copy=False)
-    which = np.concatenate([block[3] for block in blocks]).astype(np.int64, copy=False)
-    every = np.zeros(n, dtype=np.int64)
-    columns = {k: pd.array([v], dtype=METRICS_COLUMNS[k]).take(every) if METRICS_COLUMNS[k] == "string"
-               else np.full(n, v, dtype=METRICS_COLUMNS[k]) for k, v in keys.items()}
-    columns |= {"round": np.repeat(np.array([block[1] for block in blocks], dtype=np.int64), counts),
-                "institution": labels.take(who), "discipline": disciplines.take(who),
-                "metric": pd.array(list(metrics), dtype="string").take(which),
-                "value": np.concatenate([block[4] for block in blocks]).astype(np.float64, copy=False),
-                "selected": np.zeros(n, dtype=bool)}
+    columns = {k: pd.array(v[0], dtype="string").take(v[1]) if isinstance(v, tuple) else v
+               for k, v in _block_columns(blocks, labels, disciplines, metrics).items()}
     return pd.DataFrame(columns, columns=list(METRICS_COLUMNS))
 
 
@@ -186,23 +175,35 @@ def metric_blocks_arrow(blocks: Sequence[tuple[Mapping, int, np.ndarray, np.ndar
     """:func:`metric_blocks` built as an Arrow table of ``schema`` (a metrics table's, as pandas converts it): string
     columns are taken from their few distinct values by index in Arrow, never made one Python string per row (at
     10,000 institutions a checkpoint's 150,000 rows: pandas' conversion of them took most of its writing)."""
-    keys = blocks[0][0]
-    if any(block[0] != keys for block in blocks[1:]):  # rows of several runs: one table per run's blocks
+    if not _one_run(blocks):  # rows of several runs: one table per run's blocks
         return pa.concat_tables([metric_blocks_arrow([b], labels, disciplines, metrics, schema) for b in blocks])
+    columns = {k: pa.array(v[0], type=pa.string()).take(pa.array(v[1])) if isinstance(v, tuple) else pa.array(v)
+               for k, v in _block_columns(blocks, labels, disciplines, metrics).items()}
+    return pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
+
+
+def _one_run(blocks: Sequence[tuple[Mapping, int, np.ndarray, np.ndarray, np.ndarray]]) -> bool:
+    """Whether metric blocks all carry the same keys (run id, scheme, scenario, seed)."""
+    return all(block[0] == blocks[0][0] for block in blocks[1:])
+
+
+def _block_columns(blocks: Sequence[tuple[Mapping, int, np.ndarray, np.ndarray, np.ndarray]],
+                   labels: Sequence[str], disciplines: Sequence[str], metrics: Sequence[str]
+                   ) -> dict[str, np.ndarray | tuple[Sequence[str], np.ndarray]]:
+    """The metrics table's columns of one run's blocks (:func:`metric_blocks`): numbers as arrays, a string column as
+    (its values, each row's index into them), for the caller to take in pandas or in Arrow."""
+    keys = blocks[0][0]
     counts = [len(block[2]) for block in blocks]
     n = sum(counts)
-    who = pa.array(np.concatenate([block[2] for block in blocks]).astype(np.int64, copy=False))
-    which = pa.array(np.concatenate([block[3] for block in blocks]).astype(np.int64, copy=False))
-    every = pa.array(np.zeros(n, dtype=np.int64))
-    columns = {k: pa.array([v], type=pa.string()).take(every) if METRICS_COLUMNS[k] == "string"
-               else pa.array(np.full(n, v, dtype=METRICS_COLUMNS[k])) for k, v in keys.items()}
-    columns |= {"round": pa.array(np.repeat(np.array([block[1] for block in blocks], dtype=np.int64), counts)),
-                "institution": pa.array(labels, type=pa.string()).take(who),
-                "discipline": pa.array(disciplines, type=pa.string()).take(who),
-                "metric": pa.array(list(metrics), type=pa.string()).take(which),
-                "value": pa.array(np.concatenate([block[4] for block in blocks]).astype(np.float64, copy=False)),
-                "selected": pa.array(np.zeros(n, dtype=bool))}
-    return pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
+    who = np.concatenate([block[2] for block in blocks]).astype(np.int64, copy=False)
+    which = np.concatenate([block[3] for block in blocks]).astype(np.int64, copy=False)
+    every = np.zeros(n, dtype=np.int64)
+    columns = {k: ([v], every) if METRICS_COLUMNS[k] == "string" else np.full(n, v, dtype=METRICS_COLUMNS[k])
+               for k, v in keys.items()}
+    return columns | {"round": np.repeat(np.array([block[1] for block in blocks], dtype=np.int64), counts),
+                      "institution": (labels, who), "discipline": (disciplines, who), "metric": (list(metrics), which),
+                      "value": np.concatenate([block[4] for block in blocks]).astype(np.float64, copy=False),
+                      "selected": np.zeros(n, dtype=bool)}
 
 
 def select_rounds(metrics: pd.DataFrame, rule: str) -> pd.Series:
