@@ -32,7 +32,9 @@ forward passes over all their rows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import platform
 from typing import Sequence
 
 import numpy as np
@@ -383,6 +385,37 @@ def _train_chunk(
 
 EVAL_ROWS = 8192  # rows per forward pass when many institutions' sets are scored at once: bounds one pass's memory
 
+_VECTOR_BYTES = {"AVX512": 64, "AVX2": 32, "DEFAULT": 32}  # x86 CPU kernels' vector width, by ATen's capability
+_ROW_BLOCK = 64  # rows padded to a multiple of this: every row in a full vector whatever the width
+
+
+@functools.cache
+def _vector_bytes() -> int:
+    """The vector width (bytes) of ATen's CPU kernels here, 0 where :func:`cross_entropy_rows` has not been checked."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0
+    return _VECTOR_BYTES.get(torch.backends.cpu.get_cpu_capability(), 0)
+
+
+def cross_entropy_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(logits, y, reduction="none")``, bit for bit, about 8 times faster on a CPU for few classes.
+
+    For each row, ATen's CPU log-softmax over the last dimension takes the row's maximum, sums
+    ``exp(x - max)`` lane by lane in class order when the classes fit in one vector, takes the
+    log and subtracts; over the first dimension it does the same arithmetic with the same
+    vector exp and log, one row per lane, so thousands of rows cost a few vector operations
+    per class instead of a dozen per row. Rows are padded to whole vectors (a partial vector's
+    lanes fall back to the C library's exp). Elsewhere (more classes than one vector holds,
+    other dtypes and devices, other CPUs), the library's own call. ``tests/sim/test_batched.py``
+    checks the identity for every class count and row count that takes this path.
+    """
+    n, classes = logits.shape
+    lanes = _vector_bytes() // logits.element_size()
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64) or not classes < lanes:
+        return F.cross_entropy(logits, y, reduction="none")
+    by_class = F.pad(logits.T, (0, -n % _ROW_BLOCK))  # (classes, rows padded), contiguous
+    return -torch.log_softmax(by_class, 0).gather(0, y[None, :]).squeeze(0)
+
 
 def scorable(model: nn.Module, precision: str) -> bool:
     """Whether :func:`evaluate_many` can score this model (a float32 linear stack, fp32 forward passes)."""
@@ -431,7 +464,7 @@ class ScoringRows:
             for lo in range(0, len(y), EVAL_ROWS):
                 logits = model(x[lo : lo + EVAL_ROWS])
                 yb = y[lo : lo + EVAL_ROWS]
-                ce.append(F.cross_entropy(logits, yb, reduction="none"))
+                ce.append(cross_entropy_rows(logits, yb))
                 hit.append(logits.argmax(dim=1) == yb)
         ce_np = torch.cat(ce).double().cpu().numpy()
         right = np.bincount(owner, weights=torch.cat(hit).cpu().numpy(), minlength=k)

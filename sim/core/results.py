@@ -172,14 +172,27 @@ def metric_blocks(blocks: Sequence[tuple[Mapping, int, np.ndarray, np.ndarray, n
 def metric_blocks_arrow(blocks: Sequence[tuple[Mapping, int, np.ndarray, np.ndarray, np.ndarray]],
                         labels: pd.api.extensions.ExtensionArray, disciplines: pd.api.extensions.ExtensionArray,
                         metrics: Sequence[str], schema: pa.Schema) -> pa.Table:
-    """:func:`metric_blocks` built as an Arrow table of ``schema`` (a metrics table's, as pandas converts it): string
-    columns are taken from their few distinct values by index in Arrow, never made one Python string per row (at
-    10,000 institutions a checkpoint's 150,000 rows: pandas' conversion of them took most of its writing)."""
+    """:func:`metric_blocks` built as an Arrow table of ``schema`` (a metrics table's, as pandas converts it, or with
+    string columns dictionary-encoded): a string column is its few distinct values and each row's index into them,
+    never one Python string per row (at 10,000 institutions a checkpoint's 120,000 rows: pandas' conversion of them
+    took most of its writing)."""
     if not _one_run(blocks):  # rows of several runs: one table per run's blocks
         return pa.concat_tables([metric_blocks_arrow([b], labels, disciplines, metrics, schema) for b in blocks])
-    columns = {k: pa.array(v[0], type=pa.string()).take(pa.array(v[1])) if isinstance(v, tuple) else pa.array(v)
-               for k, v in _block_columns(blocks, labels, disciplines, metrics).items()}
-    return pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
+    columns = _block_columns(blocks, labels, disciplines, metrics)
+    return pa.table([_arrow_column(columns[f.name], f.type) for f in schema], schema=schema)
+
+
+def _arrow_column(column: np.ndarray | tuple[Sequence[str], np.ndarray], type: pa.DataType) -> pa.Array:
+    """One column of :func:`_block_columns` as an Arrow array of ``type``."""
+    if not isinstance(column, tuple):
+        return pa.array(column).cast(type)
+    values, index = column
+    if pa.types.is_dictionary(type):  # each value once in the dictionary (the disciplines repeat)
+        codes, distinct = pd.factorize(values if isinstance(values, pd.api.extensions.ExtensionArray)
+                                       else np.asarray(values, dtype=object))
+        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(type.index_type.to_pandas_dtype())[index]),
+                                              pa.array(distinct, type=type.value_type))
+    return pa.array(values, type=type).take(pa.array(index))
 
 
 def _one_run(blocks: Sequence[tuple[Mapping, int, np.ndarray, np.ndarray, np.ndarray]]) -> bool:

@@ -260,3 +260,37 @@ def test_scoring_rows_score_any_subset_in_its_order_and_pool_the_union_exactly()
     assert pooled["accuracy"] == union_acc and pooled["loss"] == pytest.approx(union_loss, rel=1e-6)
     assert set(pooled) == {"accuracy", "loss"}  # no validation rows: no validation scores
     assert Scores(names, {"accuracy": acc}).union() is None  # no sums (scored on their own): nothing pooled
+
+
+_CE_IDENTITY = """
+import sys, torch, torch.nn.functional as F
+from sim.core.batched import _vector_bytes, cross_entropy_rows
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+fast = 0
+for dtype in (torch.float32, torch.float64):
+    for classes in range(1, 20):
+        for n in (1, 5, 63, 64, 65, 1000, 3265, 8192, 10001):
+            for scale in (1e-3, 1.0, 40.0, 1e4):
+                x = torch.randn(n, classes, generator=g, dtype=dtype) * scale
+                y = torch.randint(0, classes, (n,), generator=g)
+                assert torch.equal(cross_entropy_rows(x, y), F.cross_entropy(x, y, reduction="none")), (dtype, classes, n)
+        fast += classes < _vector_bytes() // torch.empty((), dtype=dtype).element_size()
+print(torch.backends.cpu.get_cpu_capability(), fast)
+"""
+
+
+@pytest.mark.parametrize("capability", [None, "avx2"])
+def test_cross_entropy_rows_is_the_library_cross_entropy_bit_for_bit(capability) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # Prepare: this CPU's own kernels, and (where it has AVX-512) the AVX2 ones ATen would pick on an older CPU
+    env = dict(os.environ) | ({"ATEN_CPU_CAPABILITY": capability} if capability else {})
+    # Execute: every class count, row counts around the padding and the kernel's chunks, two threads
+    done = subprocess.run([sys.executable, "-c", _CE_IDENTITY], env=env, capture_output=True, text=True, timeout=300)
+    # Assert: identical everywhere, and the fast path was taken where the classes fit one vector
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, fast = done.stdout.split()
+    assert int(fast) > 0 or name not in ("AVX512", "AVX2", "DEFAULT")

@@ -61,7 +61,7 @@ def test_a_checkpoint_of_an_older_collabsim_with_parquet_rows_still_resumes(smal
     with pytest.raises(Stop):
         run(cfg, tmp_path, backend="inprocess", on_round=stop_after(2))
     for arrow in (tmp_path / "checkpoints").glob("rows-*/*.arrow"):
-        pd.read_feather(arrow).to_parquet(arrow.with_suffix(".parquet"), index=False)
+        checkpoint._read_rows(arrow.parent, arrow.stem).to_parquet(arrow.with_suffix(".parquet"), index=False)
         arrow.unlink()
     # Execute
     run(compose("config", [f"resume={tmp_path}"]), backend="inprocess")
@@ -69,8 +69,9 @@ def test_a_checkpoint_of_an_older_collabsim_with_parquet_rows_still_resumes(smal
     assert pd.read_parquet(tmp_path / "metrics.parquet").equals(pd.read_parquet(reference("fedavg") / "metrics.parquet"))
 
 
-def test_metric_rows_kept_as_arrays_are_written_as_the_table_pandas_would_write():
-    # Prepare: two runs' blocks (keys differ), labels and disciplines as the engine keeps them
+def test_metric_rows_kept_as_arrays_are_written_as_the_table_pandas_would_write(tmp_path):
+    # Prepare: two runs' blocks (keys differ), labels and disciplines as the engine keeps them (the disciplines
+    # repeat), and dict rows before them as a table
     import pyarrow as pa
     import pyarrow.feather as feather
 
@@ -82,14 +83,21 @@ def test_metric_rows_kept_as_arrays_are_written_as_the_table_pandas_would_write(
     rng = np.random.default_rng(0)
     blocks = [({"run_id": run, "scheme": "fedavg", "scenario": "s", "seed": seed}, r, rng.integers(0, 4, 7),
                rng.integers(0, 3, 7), rng.random(7)) for run, seed in (("r1", 0), ("r2", 1)) for r in range(3)]
-    schema = pa.Schema.from_pandas(frame("metrics", []), preserve_index=False)
-    # Execute: built in Arrow, written and read back as a checkpoint segment is
-    table = metric_blocks_arrow(blocks, labels, disciplines, names, schema)
+    before = metric_blocks(blocks[:1], labels, disciplines, names).assign(institution="z", discipline="law")
+    expected = pd.concat([before, metric_blocks(blocks, labels, disciplines, names)], ignore_index=True)
+    # Execute: built in Arrow with plain strings, and as a checkpoint segment writes and reads them
+    plain = metric_blocks_arrow(blocks, labels, disciplines, names,
+                                pa.Schema.from_pandas(frame("metrics", []), preserve_index=False))
     sink = pa.BufferOutputStream()
-    feather.write_feather(table, sink, compression="zstd")
-    back = feather.read_table(pa.BufferReader(sink.getvalue())).to_pandas()
-    # Assert: the rows, dtypes and values pandas' own table of the blocks has
-    pd.testing.assert_frame_equal(back, metric_blocks(blocks, labels, disciplines, names), check_exact=True)
+    feather.write_feather(plain, sink)
+    checkpoint._write_rows(tmp_path / "metrics.arrow", "metrics", [before], blocks, (labels, disciplines, names))
+    # Assert: the rows, dtypes and values pandas' own table has; the segment stores the strings as dictionaries
+    pd.testing.assert_frame_equal(feather.read_table(pa.BufferReader(sink.getvalue())).to_pandas(),
+                                  metric_blocks(blocks, labels, disciplines, names), check_exact=True)
+    pd.testing.assert_frame_equal(checkpoint._read_rows(tmp_path, "metrics"), expected, check_exact=True)
+    stored = feather.read_table(tmp_path / "metrics.arrow")
+    assert pa.types.is_dictionary(stored.schema.field("discipline").type)
+    assert stored.column("discipline").chunk(0).dictionary.to_pylist() == ["law", "global", "medicine", "physics"]
 
 
 def test_a_line_behind_a_checkpoint_being_written_follows_it_without_holding_the_round_up():
