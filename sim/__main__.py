@@ -13,7 +13,20 @@ from omegaconf import DictConfig
 from sim.core.checkpoint import resume_overrides
 from sim.cli import fail, launch
 from sim.checks import load_spec
+from sim.core.config import RunSpec
 from sim.core.types import ConfigError, RunFailed
+
+
+EARLY: list = []
+"""The run's data and actors, made while Hydra composes the config (:func:`start`), until the run takes them."""
+
+
+def start(spec: RunSpec) -> None:
+    """Right after the guard: build the run's data and ask the warm local cluster for its actors
+    (:func:`sim.engine.start_early`; nothing where none is up)."""
+    from sim.engine import start_early
+
+    EARLY[:] = [start_early(spec)]
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -22,8 +35,9 @@ def main(cfg: DictConfig) -> None:
     from sim.engine import Diverged, run
 
     out = cfg.get("resume") or HydraConfig.get().runtime.output_dir
+    early = EARLY.pop() if EARLY else None
     try:
-        result = run(cfg, out)
+        result = run(cfg, out, early=early)
     except ConfigError as e:
         fail(str(e))
     except RunFailed as e:  # the run directory says failed; its last checkpoint is kept
@@ -32,6 +46,9 @@ def main(cfg: DictConfig) -> None:
             raise SystemExit(1) from None
         print(f"error: {e}; continue with: python -m sim resume={out}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        if early is not None:
+            early.close()
     text = run_summary(result.metrics, result.ledger)
     print(text)
     for caveat in result.caveats():  # the warnings that change what the numbers mean, where the reader looks
@@ -74,4 +91,5 @@ def run_summary(metrics: pd.DataFrame, ledger: pd.DataFrame) -> str:
                       f"exchanged: {mb:.2f} MB ({up:.2f} up, {down:.2f} down)"])
 
 if __name__ == "__main__":
-    launch(main, "config", load_spec, more_argv=resume_overrides)  # resume=DIR: Hydra writes into DIR itself
+    # resume=DIR: Hydra writes into DIR itself; a warm cluster starts the run's actors while Hydra composes
+    launch(main, "config", load_spec, more_argv=resume_overrides, early=start)

@@ -25,13 +25,14 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig
 
 from sim.core.types import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MULTIRUN = {"-m", "--multirun"}
 PASSTHROUGH = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc", "--version"}
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 VALUE_FLAGS = (*CONFIG_DIR_FLAGS, "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
@@ -49,19 +50,22 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def launch(main: Callable[[], None], config_name: str, check: Callable[..., None], *, with_overrides: bool = False,
-           more_argv: Callable[[list[str]], list[str]] | None = None) -> None:
+def launch(main: Callable[[], None], config_name: str, check: Callable[..., Any], *, with_overrides: bool = False,
+           more_argv: Callable[[list[str]], list[str]] | None = None, early: Callable[[Any], None] | None = None) -> None:
     """A command from start to end: its config checked as Hydra will compose it (:func:`guard`), a used
     ``hydra.run.dir`` refused before Hydra writes into it, ``more_argv(overrides)`` appended to the command line
-    (``resume=DIR``'s own), Hydra's ``main`` run, then :func:`finish`. Bad input: one line, exit status 2."""
+    (``resume=DIR``'s own), ``early(what check returned)`` for a command of one config (not ``-m``), Hydra's
+    ``main`` run, then :func:`finish`. Bad input: one line, exit status 2."""
     from sim.core.rundir import check_argv
 
-    guard(config_name, sys.argv[1:], check, with_overrides=with_overrides)
+    checks = guard(config_name, sys.argv[1:], check, with_overrides=with_overrides)
     try:
         argv = without_flags(sys.argv[1:])  # --config-dir DIR's DIR is no override
         check_argv(argv)
         if more_argv is not None:
             sys.argv += more_argv(argv)
+        if early is not None and len(checks) == 1 and not MULTIRUN.intersection(sys.argv[1:]):
+            early(checks[0])
     except ConfigError as e:
         fail(str(e))
     # What start-up made (torch's, pandas', Ray's and Hydra's objects, millions of them) lives until exit: frozen, a
@@ -187,8 +191,9 @@ def _entry(where: str, key: str) -> str:
     return f"file://{path}"
 
 
-def guard(config_name: str, argv: list[str], check: Callable[..., None], *, with_overrides: bool = False) -> None:
-    """Compose ``config_name`` with the command's overrides and run ``check``; one line and exit 2 on error.
+def guard(config_name: str, argv: list[str], check: Callable[..., Any], *, with_overrides: bool = False) -> list[Any]:
+    """Compose ``config_name`` with the command's overrides and run ``check``; one line and exit 2 on error; return
+    what ``check`` returned for each combination (none for Hydra's own flags, ``--help`` and the like).
 
     Sets the user's search path (:func:`use_search_path`) from ``argv`` first. ``check`` gets the
     composed config, and with ``with_overrides`` also the overrides it was composed from (one
@@ -203,14 +208,20 @@ def guard(config_name: str, argv: list[str], check: Callable[..., None], *, with
         print(f"warning: {mine} is hidden by {builtin} (conf/ is searched first); give yours a name of its own",
               file=sys.stderr)
     if any(a.split("=")[0] in PASSTHROUGH for a in argv):
-        return
+        return []
+    results: list[Any] = []
+
+    def kept(*args: Any) -> None:
+        results.append(check(*args))
+
     try:
         for combo in _combinations(overrides):
-            checked(config_name, combo, check, with_overrides=with_overrides)
+            checked(config_name, combo, kept, with_overrides=with_overrides)
     except ConfigError as e:
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - a malformed override becomes one line
         fail(explain(e))
+    return results
 
 
 def checked(config_name: str, overrides: list[str], check: Callable[..., None], *,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,16 +65,19 @@ def run(
     institutions: tuple[str, ...] | None = None,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
     pool: Any = None,
+    early: Early | None = None,
 ) -> RunResult:
     """Run one simulation; write its run directory if ``out_dir`` is given (``resume=DIR`` continues DIR).
 
     ``backend`` overrides ``engine.backend``; ``pool`` (an :class:`agents.runtime.warm.ActorPool`) lends warm
-    actors, so a command that runs many simulations starts its processes once.
+    actors, so a command that runs many simulations starts its processes once; ``early`` (:func:`start_early`) lends
+    the data and the actors made for this run before its config was composed again.
     """
     # 1. Validate everything before any actor starts; a resumed run takes its saved config and checkpoint.
     spec, out = _prepare(cfg, out_dir, institutions)
-    members = set(spec.only or spec.scenario.names)
-    specs = tuple(s for s in spec.scenario.institutions if s.name in members)
+    specs = _members(spec)
+    if early is not None:
+        pool = pool or early.pool
     if spec.resume and checkpoint.read_status(out).get("state") == "complete":
         log.info("[%s] %s is complete; nothing to resume", spec.scheme_name, out)
         return _read_run(spec.run_id, out, spec.config)
@@ -84,10 +88,10 @@ def run(
         return run_views(spec, out)
     # 2. Data: every institution's shard and the global test set (the same whatever the coalition); built before the
     #    run directory is written, so a refusal of the data (a poisoner's target label, say) leaves nothing behind.
-    with Heartbeat(f"[{spec.scheme_name}]") as beat:  # a step over 10 s says so (tokenising, a corpus, ...)
-        beat.phase(f"building the data ({len(specs)} institutions)")
-        fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=spec.smoke, model=spec.model)
-        flops = model_flops(build_model(spec.model, fed.input_shape, fed.num_classes, seed=spec.seed), fed.input_shape)
+    if early is not None and _data_key(early.spec) == _data_key(spec):
+        fed, flops = early.fed, early.flops
+    else:
+        fed, flops = _build_data(spec, specs)
     progress, snapshot = _open(out, spec)
     mark = _status_writer(out, spec)
     mark("running", progress.rounds_done)
@@ -236,6 +240,69 @@ def _status_writer(out: Path | None, spec: RunSpec) -> Callable[..., None]:
             rundir.release(out)
 
     return mark
+
+
+def _members(spec: RunSpec) -> tuple[InstitutionSpec, ...]:
+    """The run's institutions (its coalition's, or the whole scenario's), in scenario order."""
+    members = set(spec.only or spec.scenario.names)
+    return tuple(s for s in spec.scenario.institutions if s.name in members)
+
+
+def _build_data(spec: RunSpec, specs: tuple[InstitutionSpec, ...]) -> tuple[Federation, int]:
+    """Every institution's shard and the global test set (the same whatever the coalition), and the model's FLOPs
+    per sample; raises ConfigError where the data refuse the config."""
+    with Heartbeat(f"[{spec.scheme_name}]") as beat:  # a step over 10 s says so (tokenising, a corpus, ...)
+        beat.phase(f"building the data ({len(specs)} institutions)")
+        fed = build_federation(spec.data, spec.scenario, spec.seed, smoke=spec.smoke, model=spec.model)
+        flops = model_flops(build_model(spec.model, fed.input_shape, fed.num_classes, seed=spec.seed), fed.input_shape)
+    return fed, flops
+
+
+def _data_key(spec: RunSpec) -> tuple:
+    """What the data and the FLOPs are built from."""
+    return (spec.data, spec.scenario, spec.seed, spec.smoke, spec.model)
+
+
+@dataclass
+class Early:
+    """A run's data and actors, made by :func:`start_early` before its command composed the config again."""
+
+    spec: RunSpec
+    fed: Federation
+    flops: int
+    pool: Any  # an agents.runtime.warm.ActorPool holding the run's actors, idle until the run borrows them
+
+    def close(self) -> None:
+        """End the actors (the run has given them back)."""
+        self.pool.close()
+
+
+def start_early(spec: RunSpec) -> Early | None:
+    """Build a run's data, join the warm local cluster and ask it for the run's actors, right after the command's
+    config was checked: Hydra then composes the config again (twice, about 0.2 s) while Ray starts them, where the
+    run would otherwise wait for them. None, with nothing started, where the run would not join a warm cluster (the
+    in-process backend, a cluster of its own or at an address, a resumed run); nothing here outlives the command.
+
+    The data come first, so a config the data refuse (ConfigError, one line) still stops the command before any
+    actor starts. The run lays its actors out again and borrows these where the requests match."""
+    from agents.runtime import cluster
+    from agents.runtime.placement import plan_layout
+    from agents.runtime.warm import ActorPool
+
+    wanted = dict(spec.cluster)
+    if (spec.engine.backend != "ray" or spec.resume or spec.data.get("views") or wanted.get("address")
+            or os.environ.get("RAY_ADDRESS") or cluster.nodes.read_record() is None):
+        return None
+    if cluster.joinable(wanted) is None:  # it does not answer, or the run asks for a cluster of its own: it says why
+        return None
+    specs = _members(spec)
+    fed, flops = _build_data(spec, specs)
+    cpus, gpus = cluster.connect(wanted, say_joined=False)  # said when the run connects, where its log begins
+    layout = plan_layout(spec, specs, cpus, gpus, cluster.node_cpus())
+    pool = ActorPool()
+    pool.give_back((layout.coordinator_cpus, pool.coordinator(layout.coordinator_cpus)),
+                   [((h.cpus, h.gpus), pool.host(h.cpus, h.gpus)) for h in layout.hosts])
+    return Early(spec, fed, flops, pool)
 
 
 def _read_run(run_id: str, out: Path, config: Mapping[str, Any]) -> RunResult:

@@ -57,6 +57,10 @@ STARTED: list[bool] = []
 JOINED: list[bool] = []
 """Non-empty once :func:`connect` has joined the warm local cluster (:func:`disconnect` leaves it running)."""
 
+UNSAID: list[str] = []
+"""The line that says this command joined the warm cluster, until :func:`connect` says it (a command that joins before
+its logging is set up, :func:`sim.engine.start_early`, says it where its log begins)."""
+
 IDLE_AT_JOIN: set[int] = set()
 """Process ids of the warm cluster's idle workers as this command joined it: owned by no job, they outlive it (idle
 workers Ray starts for the command's own job end with it)."""
@@ -93,10 +97,12 @@ def private_token() -> Path | None:
     return token
 
 
-def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tuple[float, float]:
+def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD, *, say_joined: bool = True
+            ) -> tuple[float, float]:
     """Start or join Ray per the ``cluster`` group; return the cluster's (CPUs, GPUs).
 
-    A cluster started here preloads ``preload`` in its workers; one joined is left as it is.
+    A cluster started here preloads ``preload`` in its workers; one joined is left as it is. With ``say_joined``
+    false, the line that says the warm cluster was joined waits for the next call.
     """
     import ray
 
@@ -129,6 +135,8 @@ def connect(cluster: dict[str, Any], preload: tuple[str, ...] = PRELOAD) -> tupl
         else:
             _join(ray, cluster["address"], float(cluster.get("connect_timeout_s") or 30.0),
                   {k: v for k, v in kwargs.items() if v is not None})
+    if say_joined and UNSAID:
+        say.info("%s", UNSAID.pop())
     _one_line_per_lost_node()
     res = _placement_group_resources() or ray.cluster_resources()
     return float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
@@ -146,6 +154,7 @@ def disconnect() -> None:
         ray.shutdown()
         STARTED.clear()
         JOINED.clear()
+        UNSAID.clear()
 
 
 def node_cpus() -> list[float] | None:
@@ -354,8 +363,8 @@ def _join_warm(ray: Any, record: dict[str, Any]) -> None:
     IDLE_AT_JOIN.clear()
     for folder in nodes.folders(record):
         IDLE_AT_JOIN.update(nodes.idle_workers(folder))
-    say.info("joined the warm local Ray cluster at %s (python -m sim.cluster up; it keeps running after this command)",
-             record["address"])
+    UNSAID[:] = [f"joined the warm local Ray cluster at {record['address']} (python -m sim.cluster up; it keeps "
+                 "running after this command)"]
 
 
 def _one_line_per_lost_node() -> None:

@@ -25,6 +25,16 @@ WARM_CLUSTER = "COLLABSIM_WARM_CLUSTER"
 torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # imports what every later optimiser needs
 
 
+def _serialization() -> None:
+    """Make the worker's serialization context now, as its first task would (Ray registers its serializers then, and
+    imports pydantic and its DAG classes for them: about 0.1 s of the first actor call a command waits for)."""
+    import ray
+
+    worker = ray._private.worker.global_worker
+    if worker.connected:
+        worker.get_serialization_context()
+
+
 def _top_up() -> None:
     """Ask this worker's node for the warm workers it still lacks, when this is a warm-cluster worker of no job."""
     import ray
@@ -41,6 +51,7 @@ def _top_up() -> None:
 
 
 try:
+    _serialization()
     _top_up()
 except Exception:  # noqa: BLE001 - a worker that cannot ask still serves; the next command may start one cold
     pass

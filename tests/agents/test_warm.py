@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from agents.runtime.warm import ActorPool
 from sim.engine import run
@@ -155,3 +156,61 @@ def test_an_error_raised_in_an_actor_reaches_the_user_as_its_own_line(ray_cluste
     assert str(failure.value) == "round 1: the coordinator failed to merge: Picky: code 7: no shard left"
     # and the real actor bodies carry the wrapping
     assert WarmCoordinator.merge.__wrapped__ and WarmHost.train.__wrapped__
+
+
+def test_a_run_borrows_the_data_and_actors_made_early_and_computes_the_same_numbers(small_cfg, ray_cluster):
+    # Prepare: what start_early makes on a warm cluster, made here on the session's cluster: the data, and the
+    # coordinator and hosts of the run's layout, idle in a pool
+    import ray
+
+    from agents.runtime.placement import plan_layout
+    from sim import engine
+    from sim.checks import load_spec
+
+    two_hosts = ["placement=pooled", "engine.pooled_hosts=2"]
+    spec = load_spec(small_cfg(*two_hosts))
+    specs = engine._members(spec)
+    fed, flops = engine._build_data(spec, specs)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    layout = plan_layout(spec, specs, cpus, 0.0, None)
+    pool = ActorPool()
+    pool.give_back((layout.coordinator_cpus, pool.coordinator(layout.coordinator_cpus)),
+                   [((h.cpus, h.gpus), pool.host(h.cpus, h.gpus)) for h in layout.hosts])
+    early = engine.Early(spec, fed, flops, pool)
+    try:
+        # Execute
+        result = run(small_cfg(*two_hosts), early=early)
+        started = pool.started
+    finally:
+        early.close()
+    # Assert: no actor started beyond the early ones, and the numbers of a run that made everything itself
+    assert started == 1 + len(layout.hosts) == 3
+    pd.testing.assert_frame_equal(values(result), values(run(small_cfg(*two_hosts), backend="inprocess")))
+
+
+def test_early_start_builds_the_data_before_any_actor_and_nothing_without_a_warm_cluster(small_cfg, monkeypatch):
+    # Prepare: a warm cluster on record that would be joined, data that refuse the config, connecting recorded
+    from agents.runtime import cluster
+    from sim import engine
+    from sim.checks import load_spec
+    from sim.core.types import ConfigError
+
+    spec = load_spec(small_cfg())
+    connected = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cluster.nodes, "read_record", lambda: {"address": "127.0.0.1:1"})
+    monkeypatch.setattr(cluster, "joinable", lambda wanted: {"address": "127.0.0.1:1"})
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: connected.append(a))
+
+    def refused(*args):
+        raise ConfigError("data.path", "refused")
+
+    monkeypatch.setattr(engine, "_build_data", refused)
+    # Execute / Assert: the data's refusal comes before any cluster is joined or actor asked for
+    with pytest.raises(ConfigError, match="refused"):
+        engine.start_early(spec)
+    assert connected == []
+    # ... and with no warm cluster, or a run that would not join one, nothing at all is built or started
+    assert engine.start_early(load_spec(small_cfg("engine.backend=inprocess"))) is None
+    monkeypatch.setattr(cluster.nodes, "read_record", lambda: None)
+    assert engine.start_early(spec) is None and connected == []

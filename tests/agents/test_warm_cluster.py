@@ -49,6 +49,8 @@ def test_a_command_joins_the_warm_cluster_leaves_it_up_and_computes_the_same_num
     # Assert: it joined (one line), the cluster outlived it, and its numbers equal a run on a cluster of its own
     said = done.stdout + done.stderr
     assert done.returncode == 0 and said.count("joined the warm local Ray cluster") == 1, said[-3000:]
+    # ... the line is in the run's own log too, though the command joined (to start its actors) before Hydra set it up
+    assert "joined the warm local Ray cluster" in (tmp_path / "run" / "__main__.log").read_text()
     assert after.stdout.startswith("up: "), after.stdout
     # ... and the next command finds warm workers again: one per CPU and the coordinator's spare, as after up
     assert (warm_at_up, warm_after) == (3, 3)
