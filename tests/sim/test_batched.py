@@ -294,3 +294,26 @@ def test_cross_entropy_rows_is_the_library_cross_entropy_bit_for_bit(capability)
     assert done.returncode == 0, done.stderr[-2000:]
     name, fast = done.stdout.split()
     assert int(fast) > 0 or name not in ("AVX512", "AVX2", "DEFAULT")
+
+
+@pytest.mark.parametrize("cfg", [LOGREG, MLP, CNN], ids=["logreg", "mlp", "cnn"])
+def test_a_large_shard_trains_in_a_call_of_its_own_with_the_same_numbers(cfg) -> None:
+    from sim.core.batched import PADDED_PER_STEP, _chunks
+
+    # Prepare: a power-law cohort in small: one shard of hundreds of steps beside a few of one or two
+    shape = (1, 8, 8)
+    training = TrainingSpec(local_epochs=1, batch_size=8, lr=0.1, momentum=0.9)
+    model, data = build_model(cfg, shape, 4, seed=0), shards((9, 2400, 5, 16, 12), shape, 4)
+    starts, keys = starts_for(cfg, len(data), shape, 4), [(3, i) for i in range(len(data))]
+    steps = [-(-len(y) // 8) for _, y in data]
+    order = sorted(range(len(data)), key=lambda i: steps[i])
+    # Execute
+    runs = _chunks(order, steps, 256)
+    together = train_many(model, starts, data, keys, training=training)
+    alone = [train_many(model, [s], [d], [k], training=training)[0] for s, d, k in zip(starts, data, keys)]
+    # Assert: the large shard is cut off (padding the four small ones to its 300 steps costs more than its own
+    # call), the small ones share one, a cap of two splits them, and every number is bit for bit its own
+    assert runs == [[2, 0, 3, 4], [1]] and 4 * (300 - 2) > PADDED_PER_STEP * 2
+    assert _chunks(order, steps, 2) == [[2, 0], [3, 4], [1]]
+    for got, own in zip(together, alone):
+        assert got[1:] == own[1:] and all(np.array_equal(got[0][k], own[0][k]) for k in got[0])
