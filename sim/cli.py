@@ -25,7 +25,7 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from omegaconf import DictConfig
 
@@ -33,6 +33,7 @@ from sim.core.types import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MULTIRUN = {"-m", "--multirun"}
+MODE_KEYS = {"hydra.mode", "hydra/sweeper", "hydra/launcher"}  # an override that may set Hydra's run mode
 PASSTHROUGH = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc", "--version"}
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 VALUE_FLAGS = (*CONFIG_DIR_FLAGS, "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
@@ -72,8 +73,31 @@ def launch(main: Callable[[], None], config_name: str, check: Callable[..., Any]
     # full garbage collection no longer walks it every time (at 10,000 institutions, 120-180 ms a collection,
     # several in a run).
     gc.freeze()
-    main()
+    with _known_mode(sys.argv[1:]):
+        main()
     finish()
+
+
+@contextlib.contextmanager
+def _known_mode(argv: list[str]) -> Iterator[None]:
+    """While Hydra runs the command: where its run mode is known, Hydra does not compose the config once more to read
+    it. Hydra composes a command's config, only to read ``hydra.mode``, before composing it again to run it
+    (``Hydra.get_mode``: about 0.1 s); when that says nothing it runs one job, or a sweep under ``-m``. No config of
+    conf/ sets ``hydra.mode``, so where neither the command line nor a config folder of the user's can, the answer
+    (nothing) is known. Elsewhere, or with a Hydra that probes otherwise, Hydra probes as it always does."""
+    try:
+        from hydra._internal.hydra import Hydra
+    except ImportError:
+        Hydra = None
+    probe = getattr(Hydra, "get_mode", None)
+    if probe is None or SEARCH_PATH or any(_key(a) in MODE_KEYS for a in argv):
+        yield
+        return
+    Hydra.get_mode = lambda self, config_name, overrides: None  # what the probe returns for conf/'s configs
+    try:
+        yield
+    finally:
+        Hydra.get_mode = probe
 
 
 def finish(code: int = 0) -> None:

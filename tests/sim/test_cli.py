@@ -53,3 +53,24 @@ def test_command_line_refuses_before_starting_anything(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "fedxx" in proc.stderr
     assert not out.exists()  # no run directory, so nothing half-written and no actor started
+
+
+def test_hydra_composes_no_extra_config_for_its_run_mode_where_nothing_can_set_it(monkeypatch):
+    from hydra._internal.hydra import Hydra
+
+    from sim import cli
+
+    # Prepare: Hydra's own probe (it composes the whole config to read hydra.mode)
+    probe = Hydra.get_mode
+    monkeypatch.setattr(cli, "SEARCH_PATH", [])
+    # Execute / Assert: a plain command's mode is known (nothing sets it), and the probe comes back afterwards
+    with cli._known_mode(["scheme=fedavg", "rounds=3"]):
+        assert Hydra.get_mode is not probe and Hydra.get_mode(None, "config", ["hydra.mode=MULTIRUN"]) is None
+    assert Hydra.get_mode is probe
+    # ... but an override that may set it, or a config folder of the user's, keeps Hydra's probe
+    for argv in (["hydra.mode=MULTIRUN"], ["hydra/sweeper=basic"], ["+hydra.mode=RUN"]):
+        with cli._known_mode(argv):
+            assert Hydra.get_mode is probe
+    monkeypatch.setattr(cli, "SEARCH_PATH", ["file:///somewhere/conf"])
+    with cli._known_mode(["rounds=3"]):
+        assert Hydra.get_mode is probe
