@@ -88,11 +88,12 @@ def test_metric_rows_kept_as_arrays_are_written_as_the_table_pandas_would_write(
     # Execute: built in Arrow with plain strings, and as a checkpoint segment writes and reads them
     plain = metric_blocks_arrow(blocks, labels, disciplines, names,
                                 pa.Schema.from_pandas(frame("metrics", []), preserve_index=False))
-    sink = pa.BufferOutputStream()
-    feather.write_feather(plain, sink)
+    (tmp_path / "previous").mkdir()
+    feather.write_feather(plain, tmp_path / "previous" / "metrics.arrow")  # as the previous version wrote segments
     checkpoint._write_rows(tmp_path / "metrics.arrow", "metrics", [before], blocks, (labels, disciplines, names))
-    # Assert: the rows, dtypes and values pandas' own table has; the segment stores the strings as dictionaries
-    pd.testing.assert_frame_equal(feather.read_table(pa.BufferReader(sink.getvalue())).to_pandas(),
+    # Assert: the rows, dtypes and values pandas' own table has, read back from either; the segment stores the
+    # strings as dictionaries
+    pd.testing.assert_frame_equal(checkpoint._read_rows(tmp_path / "previous", "metrics"),
                                   metric_blocks(blocks, labels, disciplines, names), check_exact=True)
     pd.testing.assert_frame_equal(checkpoint._read_rows(tmp_path, "metrics"), expected, check_exact=True)
     stored = feather.read_table(tmp_path / "metrics.arrow")
