@@ -297,11 +297,18 @@ def start_early(spec: RunSpec) -> Early | None:
         return None
     specs = _members(spec)
     fed, flops = _build_data(spec, specs)
-    cpus, gpus = cluster.connect(wanted, say_joined=False)  # said when the run connects, where its log begins
-    layout = plan_layout(spec, specs, cpus, gpus, cluster.node_cpus())
-    pool = ActorPool()
-    pool.give_back((layout.coordinator_cpus, pool.coordinator(layout.coordinator_cpus)),
-                   [((h.cpus, h.gpus), pool.host(h.cpus, h.gpus)) for h in layout.hosts])
+    pool = None
+    try:
+        cpus, gpus = cluster.connect(wanted, say_joined=False)  # said when the run connects, where its log begins
+        layout = plan_layout(spec, specs, cpus, gpus, cluster.node_cpus())
+        pool = ActorPool()
+        pool.give_back((layout.coordinator_cpus, pool.coordinator(layout.coordinator_cpus)),
+                       [((h.cpus, h.gpus), pool.host(h.cpus, h.gpus)) for h in layout.hosts])
+    except Exception as e:  # noqa: BLE001 - the run starts its actors itself and reports what fails there
+        log.debug("could not start the run's actors early: %s", e)
+        if pool is not None:
+            pool.close()
+        return None
     return Early(spec, fed, flops, pool)
 
 

@@ -210,6 +210,15 @@ def test_early_start_builds_the_data_before_any_actor_and_nothing_without_a_warm
     with pytest.raises(ConfigError, match="refused"):
         engine.start_early(spec)
     assert connected == []
+    # ... a cluster that fails as it is joined leaves the run to start its actors itself (and say what fails)
+    monkeypatch.setattr(engine, "_build_data", lambda spec, specs: (None, 0))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the raylet went away")
+
+    monkeypatch.setattr(cluster, "connect", broken)
+    assert engine.start_early(spec) is None
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: connected.append(a))
     # ... and with no warm cluster, or a run that would not join one, nothing at all is built or started
     assert engine.start_early(load_spec(small_cfg("engine.backend=inprocess"))) is None
     monkeypatch.setattr(cluster.nodes, "read_record", lambda: None)

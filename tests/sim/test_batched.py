@@ -280,13 +280,13 @@ print(torch.backends.cpu.get_cpu_capability(), fast)
 """
 
 
-@pytest.mark.parametrize("capability", [None, "avx2"])
+@pytest.mark.parametrize("capability", [None, "avx2", "default"])
 def test_cross_entropy_rows_is_the_library_cross_entropy_bit_for_bit(capability) -> None:
     import os
     import subprocess
     import sys
 
-    # Prepare: this CPU's own kernels, and (where it has AVX-512) the AVX2 ones ATen would pick on an older CPU
+    # Prepare: this CPU's own kernels, and the AVX2 and plain ones ATen would pick on an older CPU
     env = dict(os.environ) | ({"ATEN_CPU_CAPABILITY": capability} if capability else {})
     # Execute: every class count, row counts around the padding and the kernel's chunks, two threads
     done = subprocess.run([sys.executable, "-c", _CE_IDENTITY], env=env, capture_output=True, text=True, timeout=300)
