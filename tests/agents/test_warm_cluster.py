@@ -43,7 +43,13 @@ def test_a_command_joins_the_warm_cluster_leaves_it_up_and_computes_the_same_num
         deadline = time.monotonic() + 60  # the workers the command's end asked for load torch (seconds)
         while nodes.warm_workers(record["temp_dir"]) < 3 and time.monotonic() < deadline:
             time.sleep(0.5)
-        warm_after = nodes.warm_workers(record["temp_dir"])
+        # A worker that finished loading while another still loaded may have asked for one more: the raylet ends
+        # idle workers beyond its soft limit (one per CPU and the spare) within a second or two of idling
+        counts = [nodes.warm_workers(record["temp_dir"])]
+        while counts[-2:] != [3, 3] and time.monotonic() < deadline + 30:
+            time.sleep(0.5)
+            counts.append(nodes.warm_workers(record["temp_dir"]))
+        warm_after = counts[-1]
     finally:
         down = command("sim.cluster", "down")
     # Assert: it joined (one line), the cluster outlived it, and its numbers equal a run on a cluster of its own
@@ -53,7 +59,7 @@ def test_a_command_joins_the_warm_cluster_leaves_it_up_and_computes_the_same_num
     assert "joined the warm local Ray cluster" in (tmp_path / "run" / "__main__.log").read_text()
     assert after.stdout.startswith("up: "), after.stdout
     # ... and the next command finds warm workers again: one per CPU and the coordinator's spare, as after up
-    assert (warm_at_up, warm_after) == (3, 3)
+    assert (warm_at_up, warm_after) == (3, 3), counts
     own = run(small_cfg())  # Ray actors on the test session's own local cluster
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / "metrics.parquet"), own.metrics)
     # ... and down stopped every process of it, by id, and forgot it
