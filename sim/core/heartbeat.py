@@ -10,6 +10,7 @@ for a step begun within the silence) whenever nothing has been printed for ``eve
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 
@@ -60,5 +61,9 @@ class Heartbeat:
             now = time.monotonic()
             if now - self._quiet_since >= self.every:
                 took = now - self._began
-                log.info("%s %s %s (%.0f s)", self.label, "still" if took >= self.every else "now", self._what, took)
+                line = ("%s %s %s (%.0f s)", self.label, "still" if took >= self.every else "now", self._what, took)
+                if log.hasHandlers():
+                    log.info(*line)
+                else:  # before the command's logging is set up (its data built early, sim.engine.start_early)
+                    print(line[0] % line[1:], file=sys.stderr, flush=True)
                 self._quiet_since = now

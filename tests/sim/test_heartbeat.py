@@ -29,3 +29,17 @@ def test_a_long_quiet_step_is_named_and_a_quick_or_talkative_one_is_not(caplog):
     assert said[0].startswith(("[fedavg] now loading the model", "[fedavg] still loading the model"))
     assert 3 <= len(said) <= 5
     assert [r.getMessage() for r in caplog.records] == said
+
+
+def test_a_long_step_is_named_on_stderr_before_any_logging_is_set_up(capsys, monkeypatch):
+    # Prepare: no handler anywhere (a command builds its data early, before Hydra sets its logging up)
+    from sim.core import heartbeat
+
+    monkeypatch.setattr(heartbeat.log, "hasHandlers", lambda: False)
+    # Execute: a silent step longer than the heartbeat's silence
+    with Heartbeat("[fedavg]", every=0.3) as beat:
+        beat.phase("building the data (20 institutions)")
+        time.sleep(0.8)
+    # Assert: its lines reach stderr all the same
+    err = capsys.readouterr().err.splitlines()
+    assert err and all(line.startswith("[fedavg] ") and "building the data (20 institutions) (" in line for line in err), err
