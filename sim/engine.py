@@ -291,9 +291,9 @@ def start_early(spec: RunSpec) -> Early | None:
 
     wanted = dict(spec.cluster)
     if (spec.engine.backend != "ray" or spec.resume or spec.data.get("views") or wanted.get("address")
-            or os.environ.get("RAY_ADDRESS") or cluster.nodes.read_record() is None):
+            or os.environ.get("RAY_ADDRESS")):
         return None
-    if cluster.joinable(wanted) is None:  # it does not answer, or the run asks for a cluster of its own: it says why
+    if cluster.joinable(wanted) is None:  # none up, it does not answer, or the run asks for one of its own: it says why
         return None
     specs = _members(spec)
     fed, flops = _build_data(spec, specs)

@@ -196,7 +196,7 @@ def test_early_start_builds_the_data_before_any_actor_and_nothing_without_a_warm
     from sim.core.types import ConfigError
 
     spec = load_spec(small_cfg())
-    connected = []
+    connected, joinable = [], cluster.joinable
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(cluster.nodes, "read_record", lambda: {"address": "127.0.0.1:1"})
     monkeypatch.setattr(cluster, "joinable", lambda wanted: {"address": "127.0.0.1:1"})
@@ -221,5 +221,7 @@ def test_early_start_builds_the_data_before_any_actor_and_nothing_without_a_warm
     monkeypatch.setattr(cluster, "connect", lambda *a, **k: connected.append(a))
     # ... and with no warm cluster, or a run that would not join one, nothing at all is built or started
     assert engine.start_early(load_spec(small_cfg("engine.backend=inprocess"))) is None
+    monkeypatch.setattr(cluster, "joinable", joinable)  # the real one: it finds no warm cluster on record
     monkeypatch.setattr(cluster.nodes, "read_record", lambda: None)
+    monkeypatch.setattr(engine, "_build_data", refused)
     assert engine.start_early(spec) is None and connected == []
