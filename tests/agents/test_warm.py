@@ -97,13 +97,15 @@ def test_a_local_cluster_preloads_the_actors_code_and_a_joined_one_is_left_alone
     # Assert: workers of a cluster started here import the actors' code and, with no dashboard to read them, record no
     # task events; nothing is asked of one being joined
     off = {"task_events_report_interval_ms": 0}
-    assert calls[0]["_system_config"] == {"preload_python_modules": ["agents.runtime.warm"], **off}
-    assert calls[1]["_system_config"] == {"preload_python_modules": ["sim.engine", "agents.runtime.warm"], **off}
+    inline = {"max_direct_call_object_size": 1 << 20}  # a round's updates and scores return in the reply
+    assert calls[0]["_system_config"] == {"preload_python_modules": ["agents.runtime.warm"], **inline, **off}
+    assert calls[1]["_system_config"] == {"preload_python_modules": ["sim.engine", "agents.runtime.warm"], **inline,
+                                          **off}
     assert "_system_config" not in calls[2] and "_system_config" not in calls[3]
     assert calls[0]["_node_ip_address"] == "127.0.0.1" and calls[0]["include_dashboard"] is False
     # ... and the dashboard runs only when asked for, on the loopback address
     assert calls[4]["include_dashboard"] is True and calls[4]["dashboard_host"] == "127.0.0.1"
-    assert calls[4]["_system_config"] == {"preload_python_modules": ["agents.runtime.warm"]}  # its state API reads them
+    assert calls[4]["_system_config"] == {"preload_python_modules": ["agents.runtime.warm"], **inline}  # events kept
     assert "dashboard_host" not in calls[0]
 
 
