@@ -50,6 +50,11 @@ def test_a_command_joins_the_warm_cluster_leaves_it_up_and_computes_the_same_num
             time.sleep(0.5)
             counts.append(nodes.warm_workers(record["temp_dir"]))
         warm_after = counts[-1]
+        # What the cluster's processes were told, read back from its GCS: results up to 1 MiB return in the reply
+        probe = subprocess.run([sys.executable, "-c", "import json, ray; ray.init(address='auto', _temp_dir="
+                                f"{record['temp_dir']!r}, configure_logging=False, log_to_driver=False); "
+                                "print(json.dumps(ray._private.state.state.get_system_config()))"],
+                               env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     finally:
         down = command("sim.cluster", "down")
     # Assert: it joined (one line), the cluster outlived it, and its numbers equal a run on a cluster of its own
@@ -60,6 +65,8 @@ def test_a_command_joins_the_warm_cluster_leaves_it_up_and_computes_the_same_num
     assert after.stdout.startswith("up: "), after.stdout
     # ... and the next command finds warm workers again: one per CPU and the coordinator's spare, as after up
     assert (warm_at_up, warm_after) == (3, 3), counts
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert json.loads(probe.stdout.strip().splitlines()[-1]).items() >= cluster.INLINE_RESULTS.items(), probe.stdout
     own = run(small_cfg())  # Ray actors on the test session's own local cluster
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / "metrics.parquet"), own.metrics)
     # ... and down stopped every process of it, by id, and forgot it
