@@ -200,7 +200,6 @@ def test_early_start_builds_the_data_before_any_actor_and_nothing_without_a_warm
     spec = load_spec(small_cfg())
     connected, joinable = [], cluster.joinable
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(cluster.nodes, "read_record", lambda: {"address": "127.0.0.1:1"})
     monkeypatch.setattr(cluster, "joinable", lambda wanted: {"address": "127.0.0.1:1"})
     monkeypatch.setattr(cluster, "connect", lambda *a, **k: connected.append(a))
 
